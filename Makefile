@@ -1,0 +1,39 @@
+# caddy-llm-gateway: Caddy with the LLM gateway module.
+GO       ?= go
+BIN      := bin/caddy
+FUZZTIME ?= 10s
+
+.PHONY: build run test test-unit fuzz bench lint clean
+
+## build: Caddy with the gateway and the mock backends, as bin/caddy
+build:
+	$(GO) build -o $(BIN) ./cmd/caddy
+
+## run: the gateway on http://localhost:8080 with the embedded store (./data) and mock backends
+run: build
+	$(BIN) run --config Caddyfile.example --adapter caddyfile
+
+## test: everything CI runs: vet, formatting, the race-checked test suite, and a short fuzz of every parser
+test: lint test-unit fuzz
+
+test-unit:
+	$(GO) test -race -count=1 -timeout 30m ./...
+
+## fuzz: each fuzz target for FUZZTIME (seed corpora are also run by test-unit)
+fuzz:
+	@set -e; for pkg in $$($(GO) list ./...); do \
+	  for f in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz' || true); do \
+	    echo "fuzz $$pkg $$f"; $(GO) test -run '^$$' -fuzz "^$$f\$$" -fuzztime $(FUZZTIME) $$pkg; \
+	  done; \
+	done
+
+## bench: the gateway beside plain Caddy reverse_proxy and the mock backend directly (see README)
+bench: build
+	$(GO) run ./cmd/llmbench -caddy $(BIN)
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+
+clean:
+	rm -rf bin data

@@ -1,0 +1,410 @@
+package caddymodule
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/base32"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/mail"
+	"net/netip"
+	"strings"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/credits"
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/identity"
+)
+
+func init() {
+	caddy.RegisterModule(AdminAPI{})
+}
+
+// AdminAPI serves the operator routes under /llm_gateway/ on Caddy's admin endpoint: users,
+// credits (idempotent with an Idempotency-Key header), API keys and backends. It acts on the
+// store of the running gateway configuration.
+type AdminAPI struct{}
+
+// CaddyModule returns the Caddy module information.
+func (AdminAPI) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "admin.api.llm_gateway",
+		New: func() caddy.Module { return new(AdminAPI) },
+	}
+}
+
+// Routes returns the admin routes.
+func (AdminAPI) Routes() []caddy.AdminRoute {
+	return []caddy.AdminRoute{{Pattern: "/llm_gateway/", Handler: caddy.AdminHandlerFunc(serveAdmin)}}
+}
+
+// Admin errors beside those of the stores.
+var (
+	errNoGateway   = errors.New("no llm_gateway is configured")
+	errRouteAbsent = errors.New("no such route")
+)
+
+// serveAdmin routes an admin request.
+func serveAdmin(w http.ResponseWriter, r *http.Request) error {
+	g := activeGateways.current()
+	if g == nil {
+		writeError(w, &statusError{http.StatusServiceUnavailable, errNoGateway.Error()})
+		return nil
+	}
+	parts := strings.Split(strings.Trim(strings.TrimPrefix(r.URL.Path, "/llm_gateway/"), "/"), "/")
+	r.Body = http.MaxBytesReader(w, r.Body, 1<<20)
+	var (
+		status = http.StatusOK
+		out    any
+		err    error
+	)
+	switch {
+	case len(parts) == 1 && parts[0] == "users" && r.Method == http.MethodPost:
+		status = http.StatusCreated
+		out, err = g.adminCreateUser(r)
+	case len(parts) == 2 && parts[0] == "users" && r.Method == http.MethodGet:
+		out, err = g.adminUser(r.Context(), parts[1])
+	case len(parts) == 3 && parts[0] == "users" && parts[2] == "credits" && r.Method == http.MethodPost:
+		out, err = g.adminCredit(r, parts[1])
+	case len(parts) == 3 && parts[0] == "users" && parts[2] == "ledger" && r.Method == http.MethodGet:
+		out, err = g.adminLedger(r.Context(), parts[1])
+	case len(parts) == 3 && parts[0] == "users" && parts[2] == "keys" && r.Method == http.MethodPost:
+		status = http.StatusCreated
+		out, err = g.adminCreateKey(r, parts[1])
+	case len(parts) == 3 && parts[0] == "users" && parts[2] == "keys" && r.Method == http.MethodGet:
+		out, err = g.adminListKeys(r.Context(), parts[1])
+	case len(parts) == 2 && parts[0] == "keys" && r.Method == http.MethodDelete:
+		out, err = g.adminRevokeKey(r.Context(), parts[1])
+	case len(parts) == 1 && parts[0] == "backends" && r.Method == http.MethodGet:
+		out = g.adminBackends()
+	default:
+		err = errRouteAbsent
+	}
+	if err != nil {
+		writeError(w, err)
+		return nil
+	}
+	body, _ := json.MarshalIndent(out, "", "  ")
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(status)
+	_, _ = w.Write(append(body, '\n'))
+	return nil
+}
+
+// decodeJSON reads a JSON request body strictly: unknown fields are errors.
+func decodeJSON(r *http.Request, dst any) error {
+	dec := json.NewDecoder(r.Body)
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(dst); err != nil {
+		return invalid("", "the request body must be a JSON object of the documented fields: %v", err)
+	}
+	return nil
+}
+
+// userView is a user as the admin API shows it.
+type userView struct {
+	ID        string         `json:"id"`
+	Email     string         `json:"email"`
+	Tier      string         `json:"tier"`
+	Balance   credits.Amount `json:"balance"`
+	CreatedAt time.Time      `json:"created_at"`
+}
+
+func (g *Gateway) adminCreateUser(r *http.Request) (any, error) {
+	var in struct {
+		Email    string          `json:"email"`
+		Password string          `json:"password"`
+		Credits  *credits.Amount `json:"credits"`
+		Tier     string          `json:"tier"`
+	}
+	if err := decodeJSON(r, &in); err != nil {
+		return nil, err
+	}
+	addr, err := mail.ParseAddress(in.Email)
+	if err != nil || addr.Address != in.Email || len(in.Email) > 254 {
+		return nil, invalid("email", "email must be a plain e-mail address")
+	}
+	if in.Credits != nil && (*in.Credits < 0 || *in.Credits > credits.MaxAmount) {
+		return nil, invalid("credits", "credits must be between 0 and %s", credits.MaxAmount)
+	}
+	if len(in.Tier) > 64 {
+		return nil, invalid("tier", "tier name too long")
+	}
+	u := identity.User{ID: newID("usr"), Email: in.Email, Tier: in.Tier, CreatedAt: time.Now().UTC()}
+	if in.Password != "" {
+		if u.PasswordHash, err = identity.HashPassword(in.Password); err != nil {
+			return nil, invalid("password", "%v", err)
+		}
+	}
+	if err := g.store.users.CreateUser(r.Context(), u); err != nil {
+		return nil, err
+	}
+	var balance credits.Amount
+	if in.Credits != nil && *in.Credits > 0 {
+		_, _, err := g.store.ledger.Credit(r.Context(), credits.UserAccount(u.ID), *in.Credits, "initial credits", "")
+		if err != nil {
+			return nil, err
+		}
+		balance = *in.Credits
+	}
+	return userView{ID: u.ID, Email: u.Email, Tier: u.Tier, Balance: balance, CreatedAt: u.CreatedAt}, nil
+}
+
+func (g *Gateway) adminUser(ctx context.Context, id string) (any, error) {
+	u, err := g.store.users.UserByID(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	balance, err := g.store.ledger.Balance(ctx, credits.UserAccount(id))
+	if err != nil && !errors.Is(err, credits.ErrUnknownAccount) {
+		return nil, err
+	}
+	return userView{ID: u.ID, Email: u.Email, Tier: u.Tier, Balance: balance, CreatedAt: u.CreatedAt}, nil
+}
+
+func (g *Gateway) adminCredit(r *http.Request, userID string) (any, error) {
+	var in struct {
+		Amount *credits.Amount `json:"amount"`
+		Reason string          `json:"reason"`
+	}
+	if err := decodeJSON(r, &in); err != nil {
+		return nil, err
+	}
+	if in.Amount == nil || *in.Amount == 0 || *in.Amount > credits.MaxAmount || *in.Amount < -credits.MaxAmount {
+		return nil, invalid("amount", "amount must be a non-zero number of credits")
+	}
+	key := r.Header.Get("Idempotency-Key")
+	if len(key) > 255 || len(in.Reason) > 500 {
+		return nil, invalid("Idempotency-Key", "Idempotency-Key (255) or reason (500) too long")
+	}
+	if _, err := g.store.users.UserByID(r.Context(), userID); err != nil {
+		return nil, err
+	}
+	entry, replayed, err := g.store.ledger.Credit(r.Context(), credits.UserAccount(userID), *in.Amount, in.Reason, key)
+	if err != nil {
+		return nil, err
+	}
+	balance, err := g.store.ledger.Balance(r.Context(), credits.UserAccount(userID))
+	if err != nil {
+		return nil, err
+	}
+	return map[string]any{"entry": entry, "replayed": replayed, "balance": balance}, nil
+}
+
+func (g *Gateway) adminLedger(ctx context.Context, userID string) (any, error) {
+	if _, err := g.store.users.UserByID(ctx, userID); err != nil {
+		return nil, err
+	}
+	entries, err := g.store.ledger.Entries(ctx, credits.UserAccount(userID), 100)
+	if err != nil {
+		return nil, err
+	}
+	audit, err := g.store.ledger.Audit(ctx, credits.UserAccount(userID))
+	if err != nil && !errors.Is(err, credits.ErrUnknownAccount) {
+		return nil, err
+	}
+	if entries == nil {
+		entries = []credits.Entry{}
+	}
+	return map[string]any{"entries": entries, "audit": audit}, nil
+}
+
+// keyRequest is the body of a key creation (API.md §8).
+type keyRequest struct {
+	Name          string            `json:"name"`
+	Scopes        []string          `json:"scopes"`
+	ExpiresInDays *int              `json:"expires_in_days"`
+	AllowedIPs    []string          `json:"allowed_ips"`
+	Metadata      map[string]string `json:"metadata"`
+	Tier          string            `json:"rate_limit_tier"`
+	Models        []string          `json:"models"`
+}
+
+// defaultKeyScopes are granted to a key created without scopes.
+var defaultKeyScopes = []string{identity.ScopeChatWrite, identity.ScopeEmbeddingsWrite, identity.ScopeModelsRead,
+	identity.ScopeCreditsRead, identity.ScopeUsageRead}
+
+// keyView is a key as shown to its owner; Key is set only in the answer that creates it.
+type keyView struct {
+	ID         string            `json:"id"`
+	Key        string            `json:"key,omitempty"`
+	Prefix     string            `json:"prefix"`
+	Name       string            `json:"name"`
+	Scopes     []string          `json:"scopes"`
+	Tier       string            `json:"rate_limit_tier"`
+	AllowedIPs []string          `json:"allowed_ips"`
+	Metadata   map[string]string `json:"metadata"`
+	Models     []string          `json:"models,omitempty"`
+	ExpiresAt  *time.Time        `json:"expires_at"`
+	RevokedAt  *time.Time        `json:"revoked_at,omitempty"`
+	CreatedAt  time.Time         `json:"created_at"`
+	LastUsedAt *time.Time        `json:"last_used_at"`
+}
+
+func viewKey(k identity.Key) keyView {
+	v := keyView{ID: k.ID, Prefix: k.Prefix, Name: k.Name, Scopes: k.Scopes, Tier: k.Tier, AllowedIPs: k.AllowedIPs,
+		Metadata: k.Metadata, Models: k.Models, ExpiresAt: k.ExpiresAt, RevokedAt: k.RevokedAt, CreatedAt: k.CreatedAt,
+		LastUsedAt: k.LastUsedAt}
+	if v.AllowedIPs == nil {
+		v.AllowedIPs = []string{}
+	}
+	if v.Metadata == nil {
+		v.Metadata = map[string]string{}
+	}
+	return v
+}
+
+const keyWarning = "Store this key now: it is shown only once and cannot be recovered."
+
+func (g *Gateway) adminCreateKey(r *http.Request, userID string) (any, error) {
+	var in keyRequest
+	if err := decodeJSON(r, &in); err != nil {
+		return nil, err
+	}
+	if _, err := g.store.users.UserByID(r.Context(), userID); err != nil {
+		return nil, err
+	}
+	return g.createKey(r.Context(), userID, in)
+}
+
+// createKey checks a key request, stores the key's hash, and returns the key once.
+func (g *Gateway) createKey(ctx context.Context, userID string, in keyRequest) (any, error) {
+	if len(in.Name) > 200 {
+		return nil, invalid("name", "name too long (200)")
+	}
+	if in.Scopes == nil {
+		in.Scopes = defaultKeyScopes
+	}
+	if err := identity.ValidateScopes(in.Scopes); err != nil {
+		return nil, invalid("scopes", "%v", err)
+	}
+	for i, s := range in.AllowedIPs {
+		p, err := netip.ParsePrefix(s)
+		if err != nil {
+			a, aerr := netip.ParseAddr(s)
+			if aerr != nil {
+				return nil, invalid("allowed_ips", "allowed_ips[%d] is not an IP address or CIDR prefix", i)
+			}
+			p = netip.PrefixFrom(a.Unmap(), a.Unmap().BitLen())
+		}
+		in.AllowedIPs[i] = p.Masked().String()
+	}
+	if len(in.Metadata) > 32 {
+		return nil, invalid("metadata", "metadata holds at most 32 entries")
+	}
+	size := 0
+	for k, v := range in.Metadata {
+		size += len(k) + len(v)
+	}
+	if size > 4096 {
+		return nil, invalid("metadata", "metadata holds at most 4 KiB")
+	}
+	for _, m := range in.Models {
+		if !g.catalog.Known(m) {
+			return nil, invalid("models", "unknown model %q", m)
+		}
+	}
+	now := time.Now().UTC()
+	k := identity.Key{UserID: userID, Name: in.Name, Scopes: in.Scopes, AllowedIPs: in.AllowedIPs,
+		Metadata: in.Metadata, Tier: in.Tier, Models: in.Models, CreatedAt: now}
+	if in.ExpiresInDays != nil {
+		if *in.ExpiresInDays < 1 || *in.ExpiresInDays > 3650 {
+			return nil, invalid("expires_in_days", "expires_in_days must be from 1 to 3650")
+		}
+		t := now.Add(time.Duration(*in.ExpiresInDays) * 24 * time.Hour)
+		k.ExpiresAt = &t
+	}
+	nk, err := identity.NewKey(g.KeyPrefix)
+	if err != nil {
+		return nil, err
+	}
+	k.ID, k.Prefix, k.Hash = nk.ID, nk.Prefix, nk.Hash
+	if err := g.store.keys.CreateKey(ctx, k); err != nil {
+		return nil, err
+	}
+	v := viewKey(k)
+	v.Key = nk.Full
+	return map[string]any{"api_key": v, "warning": keyWarning}, nil
+}
+
+func (g *Gateway) adminListKeys(ctx context.Context, userID string) (any, error) {
+	if _, err := g.store.users.UserByID(ctx, userID); err != nil {
+		return nil, err
+	}
+	keys, err := g.store.keys.KeysByUser(ctx, userID)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]keyView, 0, len(keys))
+	for _, k := range keys {
+		out = append(out, viewKey(k))
+	}
+	return map[string]any{"keys": out}, nil
+}
+
+func (g *Gateway) adminRevokeKey(ctx context.Context, id string) (any, error) {
+	if err := g.store.keys.RevokeKey(ctx, id, time.Now().UTC()); err != nil {
+		return nil, err
+	}
+	k, err := g.store.keys.KeyByID(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	return map[string]any{"id": k.ID, "revoked_at": k.RevokedAt}, nil
+}
+
+func (g *Gateway) adminBackends() any {
+	type modelView struct {
+		Name        string         `json:"name"`
+		Upstream    string         `json:"upstream"`
+		Kind        string         `json:"kind"`
+		InputPrice  credits.Amount `json:"input_price"`
+		OutputPrice credits.Amount `json:"output_price"`
+	}
+	type backendView struct {
+		Name     string      `json:"name"`
+		URL      string      `json:"url"`
+		Style    string      `json:"style"`
+		Healthy  bool        `json:"healthy"`
+		InFlight int         `json:"in_flight"`
+		Models   []modelView `json:"models"`
+	}
+	out := []backendView{}
+	for i, b := range g.Backends {
+		v := backendView{Name: b.Name, URL: b.URL, Style: string(b.Style), Healthy: g.healthy(i)}
+		for _, u := range b.proxy.Upstreams {
+			if u.Host != nil {
+				v.InFlight += u.Host.NumRequests()
+			}
+		}
+		for _, m := range b.Models {
+			up := m.Upstream
+			if up == "" {
+				up = m.Name
+			}
+			kind := string(m.Kind)
+			if kind == "" {
+				kind = "chat"
+			}
+			v.Models = append(v.Models, modelView{m.Name, up, kind, m.InputPrice, m.OutputPrice})
+		}
+		out = append(out, v)
+	}
+	return map[string]any{"backends": out}
+}
+
+// newID returns a random identifier with a type prefix, e.g. "usr_k3j5...".
+func newID(prefix string) string {
+	var b [10]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		panic(fmt.Sprintf("crypto/rand: %v", err))
+	}
+	return prefix + "_" + strings.ToLower(base32.StdEncoding.WithPadding(base32.NoPadding).EncodeToString(b[:]))
+}
+
+// Interface guards
+var _ caddy.AdminRouter = AdminAPI{}

@@ -1,0 +1,351 @@
+package caddymodule
+
+import (
+	"strconv"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/dustin/go-humanize"
+
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/credits"
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/routing"
+)
+
+func init() {
+	httpcaddyfile.RegisterHandlerDirective("llm_gateway", parseCaddyfile)
+	// Inside encode, before respond and reverse_proxy.
+	httpcaddyfile.RegisterDirectiveOrder("llm_gateway", httpcaddyfile.Before, "invoke")
+}
+
+func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	g := new(Gateway)
+	err := g.UnmarshalCaddyfile(h.Dispenser)
+	return g, err
+}
+
+// UnmarshalCaddyfile sets up the gateway from Caddyfile tokens. Each subdirective is one JSON
+// field:
+//
+//	llm_gateway {
+//		store sqlite <path>
+//		key_prefix <prefix>
+//		max_request_body <size>
+//		max_tokens_default <n>
+//		max_tokens_cap <n>
+//		reservation_ttl <duration>
+//		drain_timeout <duration>
+//		failover <n>
+//		billing_url <url>
+//		allowed_origins <origin...>
+//		anonymous {
+//			credits <amount>
+//			period <duration>
+//			signin_url <url>
+//		}
+//		backend <name> {
+//			url <url>
+//			style openai|ollama
+//			header <field> <value>
+//			dial_timeout <duration>
+//			response_header_timeout <duration>
+//			timeout <duration>
+//			health_check {
+//				path <path>
+//				interval <duration>
+//				timeout <duration>
+//				disabled
+//			}
+//			model <name> {
+//				upstream <name>
+//				kind chat|embeddings
+//				input_price <credits per 1M tokens>
+//				output_price <credits per 1M tokens>
+//			}
+//		}
+//	}
+func (g *Gateway) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // directive name
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	for d.NextBlock(0) {
+		switch d.Val() {
+		case "store":
+			args := d.RemainingArgs()
+			if len(args) != 2 {
+				return d.ArgErr()
+			}
+			g.Store = StoreConfig{Driver: args[0], Path: args[1]}
+		case "key_prefix":
+			if err := oneString(d, &g.KeyPrefix); err != nil {
+				return err
+			}
+		case "billing_url":
+			if err := oneString(d, &g.BillingURL); err != nil {
+				return err
+			}
+		case "max_request_body":
+			var s string
+			if err := oneString(d, &s); err != nil {
+				return err
+			}
+			n, err := humanize.ParseBytes(s)
+			if err != nil {
+				return d.Errf("max_request_body: %v", err)
+			}
+			g.MaxRequestBody = int64(n)
+		case "max_tokens_default":
+			if err := oneInt64(d, &g.MaxTokensDefault); err != nil {
+				return err
+			}
+		case "max_tokens_cap":
+			if err := oneInt64(d, &g.MaxTokensCap); err != nil {
+				return err
+			}
+		case "reservation_ttl":
+			if err := oneDuration(d, &g.ReservationTTL); err != nil {
+				return err
+			}
+		case "drain_timeout":
+			if err := oneDuration(d, &g.DrainTimeout); err != nil {
+				return err
+			}
+		case "failover":
+			var n int64
+			if err := oneInt64(d, &n); err != nil {
+				return err
+			}
+			g.Failover = int(n)
+		case "allowed_origins":
+			args := d.RemainingArgs()
+			if len(args) == 0 {
+				return d.ArgErr()
+			}
+			g.AllowedOrigins = append(g.AllowedOrigins, args...)
+		case "anonymous":
+			a, err := unmarshalAnonymous(d)
+			if err != nil {
+				return err
+			}
+			g.Anonymous = a
+		case "backend":
+			b, err := unmarshalBackend(d)
+			if err != nil {
+				return err
+			}
+			g.Backends = append(g.Backends, b)
+		default:
+			return d.Errf("unrecognized llm_gateway subdirective %q", d.Val())
+		}
+	}
+	return nil
+}
+
+func unmarshalAnonymous(d *caddyfile.Dispenser) (*Anonymous, error) {
+	if d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	a := new(Anonymous)
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		switch d.Val() {
+		case "credits":
+			if err := oneAmount(d, &a.Credits); err != nil {
+				return nil, err
+			}
+		case "period":
+			if err := oneDuration(d, &a.Period); err != nil {
+				return nil, err
+			}
+		case "signin_url":
+			if err := oneString(d, &a.SigninURL); err != nil {
+				return nil, err
+			}
+		default:
+			return nil, d.Errf("unrecognized anonymous subdirective %q", d.Val())
+		}
+	}
+	return a, nil
+}
+
+func unmarshalBackend(d *caddyfile.Dispenser) (*Backend, error) {
+	b := new(Backend)
+	if !d.NextArg() {
+		return nil, d.Err("backend needs a name")
+	}
+	b.Name = d.Val()
+	if d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		switch d.Val() {
+		case "url":
+			if err := oneString(d, &b.URL); err != nil {
+				return nil, err
+			}
+		case "style":
+			var s string
+			if err := oneString(d, &s); err != nil {
+				return nil, err
+			}
+			b.Style = routing.Style(s)
+		case "header":
+			args := d.RemainingArgs()
+			if len(args) != 2 {
+				return nil, d.ArgErr()
+			}
+			if b.Headers == nil {
+				b.Headers = map[string]string{}
+			}
+			b.Headers[args[0]] = args[1]
+		case "dial_timeout":
+			if err := oneDuration(d, &b.DialTimeout); err != nil {
+				return nil, err
+			}
+		case "response_header_timeout":
+			if err := oneDuration(d, &b.ResponseHeaderTimeout); err != nil {
+				return nil, err
+			}
+		case "timeout":
+			if err := oneDuration(d, &b.Timeout); err != nil {
+				return nil, err
+			}
+		case "health_check":
+			hc, err := unmarshalHealthCheck(d)
+			if err != nil {
+				return nil, err
+			}
+			b.HealthCheck = hc
+		case "model":
+			m, err := unmarshalModel(d)
+			if err != nil {
+				return nil, err
+			}
+			b.Models = append(b.Models, m)
+		default:
+			return nil, d.Errf("unrecognized backend subdirective %q", d.Val())
+		}
+	}
+	return b, nil
+}
+
+func unmarshalHealthCheck(d *caddyfile.Dispenser) (*HealthCheck, error) {
+	if d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	hc := new(HealthCheck)
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		switch d.Val() {
+		case "path":
+			if err := oneString(d, &hc.Path); err != nil {
+				return nil, err
+			}
+		case "interval":
+			if err := oneDuration(d, &hc.Interval); err != nil {
+				return nil, err
+			}
+		case "timeout":
+			if err := oneDuration(d, &hc.Timeout); err != nil {
+				return nil, err
+			}
+		case "disabled":
+			if d.NextArg() {
+				return nil, d.ArgErr()
+			}
+			hc.Disabled = true
+		default:
+			return nil, d.Errf("unrecognized health_check subdirective %q", d.Val())
+		}
+	}
+	return hc, nil
+}
+
+func unmarshalModel(d *caddyfile.Dispenser) (*Model, error) {
+	m := new(Model)
+	if !d.NextArg() {
+		return nil, d.Err("model needs a name")
+	}
+	m.Name = d.Val()
+	if d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		switch d.Val() {
+		case "upstream":
+			if err := oneString(d, &m.Upstream); err != nil {
+				return nil, err
+			}
+		case "kind":
+			var s string
+			if err := oneString(d, &s); err != nil {
+				return nil, err
+			}
+			m.Kind = routing.Kind(s)
+		case "input_price":
+			if err := oneAmount(d, &m.InputPrice); err != nil {
+				return nil, err
+			}
+		case "output_price":
+			if err := oneAmount(d, &m.OutputPrice); err != nil {
+				return nil, err
+			}
+		default:
+			return nil, d.Errf("unrecognized model subdirective %q", d.Val())
+		}
+	}
+	return m, nil
+}
+
+func oneString(d *caddyfile.Dispenser, dst *string) error {
+	if !d.NextArg() {
+		return d.ArgErr()
+	}
+	*dst = d.Val()
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	return nil
+}
+
+func oneInt64(d *caddyfile.Dispenser, dst *int64) error {
+	var s string
+	if err := oneString(d, &s); err != nil {
+		return err
+	}
+	n, err := strconv.ParseInt(s, 10, 64)
+	if err != nil {
+		return d.Errf("%s: not a whole number: %s", d.Val(), s)
+	}
+	*dst = n
+	return nil
+}
+
+func oneDuration(d *caddyfile.Dispenser, dst *caddy.Duration) error {
+	var s string
+	if err := oneString(d, &s); err != nil {
+		return err
+	}
+	v, err := caddy.ParseDuration(s)
+	if err != nil {
+		return d.Errf("bad duration %q: %v", s, err)
+	}
+	*dst = caddy.Duration(v)
+	return nil
+}
+
+func oneAmount(d *caddyfile.Dispenser, dst *credits.Amount) error {
+	var s string
+	if err := oneString(d, &s); err != nil {
+		return err
+	}
+	v, err := credits.ParseAmount(s)
+	if err != nil {
+		return d.Errf("bad amount of credits %q: %v", s, err)
+	}
+	*dst = v
+	return nil
+}
+
+// Interface guard
+var _ caddyfile.Unmarshaler = (*Gateway)(nil)

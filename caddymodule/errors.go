@@ -1,0 +1,194 @@
+package caddymodule
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"strconv"
+	"strings"
+
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/credits"
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/identity"
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/routing"
+)
+
+// Errors of the request pipeline, beside those of the policies packages.
+var (
+	errMissingCredential = errors.New("no credentials: send an API key (Authorization: Bearer, X-API-Key or apikey)")
+	errUnknownKey        = errors.New("invalid api key")
+	errRevokedKey        = errors.New("api key revoked")
+	errTokenUnsupported  = errors.New("tokens are not accepted here")
+	errTooLarge          = errors.New("request body too large")
+	errNoOutput          = errors.New("backend failed before sending a response")
+	errUpstreamTimeout   = errors.New("backend did not answer in time")
+)
+
+// badRequest is a 400 invalid_request naming the parameter at fault.
+type badRequest struct {
+	param   string
+	message string
+}
+
+func (e *badRequest) Error() string { return e.message }
+
+func invalid(param, format string, args ...any) error {
+	return &badRequest{param: param, message: fmt.Sprintf(format, args...)}
+}
+
+// expiredKey is a 401 expired_api_key.
+type expiredKey struct{ at string }
+
+func (e *expiredKey) Error() string { return "api key expired at " + e.at }
+
+// missingScope is a 403 insufficient_scope naming the scope the route needs.
+type missingScope struct{ scope string }
+
+func (e *missingScope) Error() string { return "this credential lacks the scope " + e.scope }
+
+// outOfCredits is a 402 with where the caller should go.
+type outOfCredits struct {
+	balance, required credits.Amount
+	location          string
+}
+
+func (e *outOfCredits) Error() string { return credits.ErrInsufficientCredits.Error() }
+func (e *outOfCredits) Unwrap() error { return credits.ErrInsufficientCredits }
+
+// noRoute wraps a routing error with the request's model and price ceiling.
+type noRoute struct {
+	err      error
+	model    string
+	maxPrice credits.Amount
+}
+
+func (e *noRoute) Error() string { return e.err.Error() }
+func (e *noRoute) Unwrap() error { return e.err }
+
+// apiError is the JSON error of API.md §5.
+type apiError struct {
+	status  int
+	Code    string         `json:"code"`
+	Type    string         `json:"type"`
+	Message string         `json:"message"`
+	Param   *string        `json:"param"`
+	Details map[string]any `json:"details,omitempty"`
+	headers map[string]string
+}
+
+// errorResponse is the one place where domain errors become HTTP answers.
+func errorResponse(err error) *apiError {
+	e := &apiError{Message: err.Error()}
+	set := func(status int, code, typ string) { e.status, e.Code, e.Type = status, code, typ }
+	// RFC 6750 §3.1: every credential that is not accepted is an invalid_token.
+	bearer := func() {
+		e.headers = map[string]string{"WWW-Authenticate": `Bearer realm="llm_gateway", error="invalid_token"`}
+	}
+	var (
+		br *badRequest
+		ek *expiredKey
+		ms *missingScope
+		oc *outOfCredits
+		nr *noRoute
+		se *statusError
+	)
+	switch {
+	case errors.As(err, &br):
+		set(http.StatusBadRequest, "invalid_request", "invalid_request_error")
+		if br.param != "" {
+			e.Param = &br.param
+		}
+	case errors.Is(err, identity.ErrTwoCredentials):
+		set(http.StatusBadRequest, "invalid_request", "invalid_request_error")
+		e.Message = "send one credential per request"
+	case errors.Is(err, errTooLarge):
+		set(http.StatusRequestEntityTooLarge, "request_too_large", "invalid_request_error")
+	case errors.Is(err, errMissingCredential):
+		set(http.StatusUnauthorized, "missing_api_key", "authentication_error")
+		e.headers = map[string]string{"WWW-Authenticate": `Bearer realm="llm_gateway"`}
+	case errors.Is(err, identity.ErrMalformedCredential), errors.Is(err, identity.ErrMalformedKey), errors.Is(err, errUnknownKey):
+		set(http.StatusUnauthorized, "invalid_api_key", "authentication_error")
+		e.Message = "invalid api key"
+		bearer()
+	case errors.As(err, &ek):
+		set(http.StatusUnauthorized, "expired_api_key", "authentication_error")
+		e.Details = map[string]any{"expired_at": ek.at}
+		bearer()
+	case errors.Is(err, errRevokedKey):
+		set(http.StatusUnauthorized, "revoked_api_key", "authentication_error")
+		bearer()
+	case errors.Is(err, errTokenUnsupported):
+		set(http.StatusUnauthorized, "invalid_token", "authentication_error")
+		bearer()
+	case errors.As(err, &ms):
+		set(http.StatusForbidden, "insufficient_scope", "permission_error")
+		e.headers = map[string]string{"WWW-Authenticate": `Bearer realm="llm_gateway", error="insufficient_scope", scope="` + ms.scope + `"`}
+	case errors.As(err, &oc):
+		set(http.StatusPaymentRequired, "insufficient_credits", "insufficient_credits")
+		e.Details = map[string]any{"balance": oc.balance, "required": oc.required, "login_url": nil}
+		if oc.location != "" {
+			e.Details["login_url"] = oc.location
+			e.headers = map[string]string{"Location": oc.location}
+		}
+	case errors.As(err, &nr):
+		switch {
+		case errors.Is(nr.err, routing.ErrModelNotAllowed):
+			set(http.StatusForbidden, "model_not_allowed", "permission_error")
+			e.Message = "this credential may not use model " + strconv.Quote(nr.model)
+		case errors.Is(nr.err, routing.ErrNoBackend):
+			set(http.StatusServiceUnavailable, "no_backend_available", "api_error")
+			e.Message = "no healthy backend serves " + strconv.Quote(nr.model) + " now"
+		case errors.Is(nr.err, routing.ErrOverMaxPrice):
+			set(http.StatusNotFound, "model_not_found", "invalid_request_error")
+			e.Message = "no model serves this request within max_price"
+			e.Details = map[string]any{"max_price": nr.maxPrice}
+		default:
+			set(http.StatusNotFound, "model_not_found", "invalid_request_error")
+			e.Message = "the model " + strconv.Quote(nr.model) + " does not exist"
+		}
+		p := "model"
+		e.Param = &p
+	case errors.Is(err, identity.ErrNotFound), errors.Is(err, errRouteAbsent):
+		set(http.StatusNotFound, "not_found", "invalid_request_error")
+		e.Message = "not found"
+	case errors.Is(err, identity.ErrConflict):
+		set(http.StatusConflict, "conflict", "invalid_request_error")
+		e.Message = "already exists"
+	case errors.Is(err, credits.ErrIdempotencyConflict):
+		set(http.StatusUnprocessableEntity, "idempotency_conflict", "invalid_request_error")
+	case errors.As(err, &se):
+		e.status, e.Code, e.Type = se.status, strings.ToLower(strings.ReplaceAll(http.StatusText(se.status), " ", "_")), "invalid_request_error"
+	case errors.Is(err, credits.ErrStoreUnavailable):
+		set(http.StatusServiceUnavailable, "store_unavailable", "api_error")
+		e.Message = "the credit store is unavailable; nothing was forwarded"
+	case errors.Is(err, errUpstreamTimeout):
+		set(http.StatusGatewayTimeout, "upstream_timeout", "api_error")
+		e.Message = "the backend did not answer in time; no credits were charged"
+	case errors.Is(err, errNoOutput):
+		set(http.StatusBadGateway, "upstream_error", "api_error")
+		e.Message = "the backend failed; no credits were charged"
+	default:
+		set(http.StatusInternalServerError, "internal_error", "api_error")
+		e.Message = "internal error"
+	}
+	return e
+}
+
+// writeError writes err as the JSON error of API.md §5.
+func writeError(w http.ResponseWriter, err error) *apiError {
+	e := errorResponse(err)
+	h := w.Header()
+	for k, v := range e.headers {
+		h.Set(k, v)
+	}
+	h.Set("Content-Type", "application/json")
+	h.Set("Cache-Control", "no-store")
+	h.Del("Content-Length")
+	body, _ := json.Marshal(struct {
+		Success bool      `json:"success"`
+		Error   *apiError `json:"error"`
+	}{false, e})
+	w.WriteHeader(e.status)
+	_, _ = w.Write(append(body, '\n'))
+	return e
+}

@@ -1,0 +1,452 @@
+package caddymodule
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"net/http"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/credits"
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/metering"
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/routing"
+)
+
+// exchange is one inference request on its way through the gateway: who sent it, what was
+// reserved, which backend answered, and how the answer is metered and settled.
+type exchange struct {
+	g       *Gateway
+	ep      endpoint
+	w       http.ResponseWriter
+	r       *http.Request
+	start   time.Time
+	who     *caller
+	inf     *inference
+	choices []routing.Choice
+	res     credits.Reservation
+	outcome string
+
+	// Set once a backend answers.
+	choice    *routing.Choice
+	mode      responseMode
+	meter     *metering.StreamMeter
+	buf       bytes.Buffer
+	firstByte time.Time
+
+	mu        sync.Mutex // guards settled, gone, and writes to w after the client left
+	settled   bool
+	gone      bool
+	charged   credits.Amount
+	remaining credits.Amount
+	usage     metering.Usage
+}
+
+// responseMode is how a backend's answer travels to the client.
+type responseMode int
+
+const (
+	modeNone        responseMode = iota
+	modeStream                   // SSE or NDJSON: passed on as it comes, metered on the way
+	modeBuffer                   // one JSON document: held until complete to put the charge in the headers
+	modePassthrough              // an error answer of the backend: passed on, nothing charged
+)
+
+// maxBufferedResponse bounds a non-streaming answer held to read its usage.
+const maxBufferedResponse = 32 << 20
+
+// proxy tries the ranked backends in order until one answers, never re-sending the request
+// after a byte of an answer went to the client, and settles the reservation exactly once.
+func (ex *exchange) proxy() error {
+	g := ex.g
+	// The backend request outlives the client by at most DrainTimeout, so a stream cut by
+	// the client can still be read to its usage and charged for what was produced.
+	ctx, cancel := context.WithCancel(context.WithoutCancel(ex.r.Context()))
+	defer cancel()
+	stopWatch := context.AfterFunc(ex.r.Context(), func() {
+		ex.mu.Lock()
+		ex.gone = true
+		ex.mu.Unlock()
+		time.AfterFunc(time.Duration(g.DrainTimeout), cancel)
+	})
+	defer stopWatch()
+	stripCredentials(ex.r.Header)
+
+	var lastErr error
+	for i := range ex.choices {
+		c := &ex.choices[i]
+		b := g.Backends[c.Backend]
+		body, err := ex.inf.body(c.Model.Upstream)
+		if err != nil {
+			lastErr = err
+			break
+		}
+		aw := &attemptWriter{ex: ex, hdr: http.Header{}, failover: i < len(ex.choices)-1}
+		actx, acancel := context.WithTimeout(ctx, time.Duration(b.Timeout))
+		req := ex.r.WithContext(actx)
+		req.URL = cloneURL(ex.r.URL)
+		req.URL.Path = b.base + ex.r.URL.Path
+		req.URL.RawPath = ""
+		req.Body = readCloser{bytes.NewReader(body)}
+		req.ContentLength = int64(len(body))
+		req.Header = ex.r.Header.Clone()
+		req.Header.Set("Content-Length", strconv.Itoa(len(body)))
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Accept-Encoding", "identity")
+		ex.choice = c
+		g.metrics.inflight.WithLabelValues(b.Name).Inc()
+		err = b.proxy.ServeHTTP(aw, req, caddyhttp.HandlerFunc(func(http.ResponseWriter, *http.Request) error { return nil }))
+		g.metrics.inflight.WithLabelValues(b.Name).Dec()
+		acancel()
+		if ex.mode != modeNone {
+			// This backend answered: finish with it, whatever happened after.
+			ex.finish(err)
+			return nil
+		}
+		lastErr = classifyUpstream(err, aw)
+		g.metrics.upstreamErrors.WithLabelValues(b.Name, upstreamErrorKind(lastErr, aw)).Inc()
+		if i < len(ex.choices)-1 {
+			g.metrics.failovers.WithLabelValues(b.Name).Inc()
+		}
+	}
+	// No backend answered: everything is returned.
+	ex.release()
+	ex.choice = nil
+	if lastErr == nil {
+		lastErr = errNoOutput
+	}
+	if errors.Is(lastErr, errNoOutput) && !slices.ContainsFunc(ex.choices, func(c routing.Choice) bool { return g.healthy(c.Backend) }) {
+		// Every backend was already known to be down, and trying them anyway did not help.
+		return &noRoute{err: routing.ErrNoBackend, model: ex.inf.model}
+	}
+	return lastErr
+}
+
+// classifyUpstream names why an attempt produced no answer.
+func classifyUpstream(err error, aw *attemptWriter) error {
+	var he caddyhttp.HandlerError
+	if errors.As(err, &he) && he.StatusCode == http.StatusGatewayTimeout {
+		return errUpstreamTimeout
+	}
+	if errors.Is(err, context.DeadlineExceeded) {
+		return errUpstreamTimeout
+	}
+	return errNoOutput
+}
+
+func upstreamErrorKind(err error, aw *attemptWriter) string {
+	switch {
+	case aw.status >= 500:
+		return "status_5xx"
+	case errors.Is(err, errUpstreamTimeout):
+		return "timeout"
+	default:
+		return "connect"
+	}
+}
+
+// commit is called when a backend's answer is taken: its status and headers go to the client
+// (at once for streams and errors, after the body for single JSON documents).
+func (ex *exchange) commit(hdr http.Header, status int) {
+	c := ex.choice
+	h := ex.w.Header()
+	for k, v := range hdr {
+		switch k {
+		case "Set-Cookie", "Content-Length", "Alt-Svc", "Server":
+			continue
+		}
+		h[k] = v
+	}
+	h.Set("X-Gateway-Model", c.Model.Name)
+	h.Set("X-Gateway-Backend", c.BackendName)
+	ct := strings.ToLower(hdr.Get("Content-Type"))
+	switch {
+	case status < 200 || status > 299:
+		ex.mode = modePassthrough
+		if cl := hdr.Get("Content-Length"); cl != "" {
+			h.Set("Content-Length", cl)
+		}
+	case strings.HasPrefix(ct, "text/event-stream"):
+		ex.mode = modeStream
+		ex.meter = &metering.StreamMeter{Format: metering.SSE, HideUsage: !ex.inf.clientWantsUsage, OnUsage: ex.onUsage}
+	case strings.HasPrefix(ct, "application/x-ndjson"):
+		ex.mode = modeStream
+		ex.meter = &metering.StreamMeter{Format: metering.NDJSON, OnUsage: ex.onUsage}
+	default:
+		ex.mode = modeBuffer
+		return
+	}
+	if ex.mode == modeStream {
+		ex.g.metrics.activeStreams.Inc()
+		h.Set("Cache-Control", "no-cache")
+		h.Set("X-Accel-Buffering", "no")
+	}
+	ex.w.WriteHeader(status)
+	ex.outcome = outcomeOf(status)
+}
+
+// body takes bytes of the answer from the backend.
+func (ex *exchange) body(p []byte) {
+	switch ex.mode {
+	case modeStream:
+		if ex.firstByte.IsZero() {
+			ex.firstByte = time.Now()
+		}
+		_ = ex.meter.Write(clientWriter{ex}, p)
+	case modeBuffer:
+		if ex.buf.Len()+len(p) > maxBufferedResponse {
+			// Too large to hold: pass it on without the charge in the headers.
+			ex.mode = modeStream
+			ex.meter = &metering.StreamMeter{Format: metering.NDJSON}
+			ex.w.WriteHeader(http.StatusOK)
+			_, _ = clientWriter{ex}.Write(ex.buf.Bytes())
+			ex.buf = bytes.Buffer{}
+			_, _ = clientWriter{ex}.Write(p)
+			return
+		}
+		ex.buf.Write(p)
+	case modePassthrough:
+		_, _ = clientWriter{ex}.Write(p)
+	}
+}
+
+// finish completes an answered request: the rest of the stream, or the buffered document with
+// the charge in its headers, and the settlement if the usage message did not already make it.
+func (ex *exchange) finish(proxyErr error) {
+	switch ex.mode {
+	case modeStream:
+		_ = ex.meter.Flush(clientWriter{ex})
+		ex.g.metrics.activeStreams.Dec()
+		if u, ok := ex.meter.Usage(); ok {
+			ex.settle(u, true) // no-op when OnUsage already settled
+		} else {
+			p := ex.meter.Produced()
+			ex.settleProduced(p.Chunks, p.ContentBytes)
+		}
+		ex.flushClient()
+	case modeBuffer:
+		u, ok := metering.UsageFromJSON(ex.buf.Bytes())
+		if ok {
+			ex.settle(u, true)
+		} else {
+			ex.settleProduced(0, int64(ex.buf.Len()))
+		}
+		h := ex.w.Header()
+		h.Set("X-Credits-Charged", ex.charged.String())
+		h.Set("X-Credits-Remaining", ex.remaining.String())
+		h.Set("Content-Length", strconv.Itoa(ex.buf.Len()))
+		ex.w.WriteHeader(http.StatusOK)
+		ex.outcome = "ok"
+		_, _ = clientWriter{ex}.Write(ex.buf.Bytes())
+	case modePassthrough:
+		ex.release()
+	}
+	if ex.clientGone() && ex.outcome == "ok" {
+		ex.outcome = "client_gone"
+	}
+	if proxyErr != nil && ex.mode == modeStream {
+		ex.g.logger.Debug("backend stream ended with an error", zap.String("backend", ex.choice.BackendName), zap.Error(proxyErr))
+	}
+}
+
+// onUsage settles from a stream's usage message, and returns the fields added to it.
+func (ex *exchange) onUsage(u metering.Usage) []byte {
+	ex.settle(u, true)
+	return []byte(`"credits_charged":` + ex.charged.String() + `,"credits_remaining":` + ex.remaining.String())
+}
+
+// settleProduced settles a response that reported no usage: the prompt estimate and the
+// output produced (one token per content message, or one per four bytes, whichever is more),
+// never more than was reserved; nothing when nothing was produced.
+func (ex *exchange) settleProduced(chunks, contentBytes int64) {
+	out := max(chunks, (contentBytes+3)/4)
+	if out == 0 {
+		ex.release()
+		return
+	}
+	ex.settle(metering.Usage{InputTokens: ex.inf.inputEstimate, OutputTokens: min(out, ex.inf.outputBound)}, false)
+}
+
+// settle charges the reservation for what was used, exactly once.
+func (ex *exchange) settle(u metering.Usage, reported bool) {
+	ex.mu.Lock()
+	defer ex.mu.Unlock()
+	if ex.settled {
+		return
+	}
+	ex.settled = true
+	ex.usage = u
+	c := ex.choice
+	cost, err := c.Model.Price.Cost(u.InputTokens, u.OutputTokens)
+	if err != nil {
+		cost = ex.res.Amount // absurd usage: charge what was reserved, never more
+	}
+	if !reported {
+		cost = min(cost, ex.res.Amount)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), storeTimeout)
+	defer cancel()
+	balance, err := ex.g.store.ledger.Settle(ctx, ex.res.ID, cost, credits.Usage{
+		Model: c.Model.Name, Backend: c.BackendName, InputTokens: u.InputTokens, OutputTokens: u.OutputTokens,
+	})
+	if err != nil {
+		// The reservation stays open and expires: the caller is not charged. Logged once here.
+		ex.g.logger.Error("settling a reservation", zap.String("reservation", ex.res.ID), zap.Error(err))
+		return
+	}
+	ex.charged, ex.remaining = cost, balance
+	m := ex.g.metrics
+	m.credits.WithLabelValues("settled").Add(cost.Credits())
+	m.credits.WithLabelValues("refunded").Add(max(ex.res.Amount-cost, 0).Credits())
+	m.tokens.WithLabelValues(c.Model.Name, c.BackendName, "input").Add(float64(u.InputTokens))
+	m.tokens.WithLabelValues(c.Model.Name, c.BackendName, "output").Add(float64(u.OutputTokens))
+	m.charged.WithLabelValues(c.Model.Name, c.BackendName).Add(cost.Credits())
+}
+
+// release returns the whole reservation, exactly once.
+func (ex *exchange) release() {
+	ex.mu.Lock()
+	defer ex.mu.Unlock()
+	if ex.settled || ex.res.ID == "" {
+		return
+	}
+	ex.settled = true
+	ctx, cancel := context.WithTimeout(context.Background(), storeTimeout)
+	defer cancel()
+	balance, err := ex.g.store.ledger.Release(ctx, ex.res.ID)
+	if err != nil {
+		ex.g.logger.Error("releasing a reservation", zap.String("reservation", ex.res.ID), zap.Error(err))
+		return
+	}
+	ex.remaining = balance
+	ex.g.metrics.credits.WithLabelValues("refunded").Add(ex.res.Amount.Credits())
+}
+
+func (ex *exchange) clientGone() bool {
+	ex.mu.Lock()
+	defer ex.mu.Unlock()
+	return ex.gone
+}
+
+func (ex *exchange) flushClient() {
+	if !ex.clientGone() {
+		_ = http.NewResponseController(ex.w).Flush()
+	}
+}
+
+// authKind is the caller's kind for metric labels.
+func (ex *exchange) authKind() string {
+	if ex.who == nil {
+		return "none"
+	}
+	return ex.who.kind
+}
+
+// record counts the request in the metrics.
+func (ex *exchange) record() {
+	model, backend := "none", "none"
+	if ex.choice != nil {
+		model, backend = ex.choice.Model.Name, ex.choice.BackendName
+	}
+	if ex.outcome == "" {
+		ex.outcome = "ok"
+	}
+	m := ex.g.metrics
+	m.requests.WithLabelValues(ex.ep.String(), model, backend, ex.authKind(), ex.outcome).Inc()
+	m.duration.WithLabelValues(ex.ep.String(), ex.outcome).Observe(time.Since(ex.start).Seconds())
+	if !ex.firstByte.IsZero() {
+		m.ttft.WithLabelValues(model, backend).Observe(ex.firstByte.Sub(ex.start).Seconds())
+	}
+	ex.logFields()
+}
+
+func outcomeOf(status int) string {
+	if status >= 200 && status < 300 {
+		return "ok"
+	}
+	if status >= 500 {
+		return "upstream_error"
+	}
+	return "upstream_client_error"
+}
+
+// attemptWriter is the ResponseWriter one backend attempt writes to. A 5xx answer is held
+// back when another backend may still be tried; any other answer is committed to the client.
+type attemptWriter struct {
+	ex       *exchange
+	hdr      http.Header
+	status   int
+	failover bool // another backend may be tried after this one
+	failed   bool // the answer was a 5xx held back for failover
+}
+
+func (a *attemptWriter) Header() http.Header { return a.hdr }
+
+func (a *attemptWriter) WriteHeader(status int) {
+	if a.status != 0 || status < 200 {
+		return // informational answers are not passed on
+	}
+	a.status = status
+	if status >= 500 && a.failover {
+		a.failed = true
+		return
+	}
+	a.ex.commit(a.hdr, status)
+}
+
+func (a *attemptWriter) Write(p []byte) (int, error) {
+	if a.status == 0 {
+		a.WriteHeader(http.StatusOK)
+	}
+	if !a.failed {
+		a.ex.body(p)
+	}
+	return len(p), nil
+}
+
+// FlushError flushes a streamed answer to the client.
+func (a *attemptWriter) FlushError() error {
+	if a.ex.mode == modeStream || a.ex.mode == modePassthrough {
+		a.ex.flushClient()
+	}
+	return nil
+}
+
+// clientWriter writes to the client until it goes away, then discards, so the backend's
+// answer can still be read to its end (and its usage) after the client left.
+type clientWriter struct{ ex *exchange }
+
+func (c clientWriter) Write(p []byte) (int, error) {
+	ex := c.ex
+	ex.mu.Lock()
+	gone := ex.gone
+	ex.mu.Unlock()
+	if gone {
+		return len(p), nil
+	}
+	if _, err := ex.w.Write(p); err != nil {
+		ex.mu.Lock()
+		ex.gone = true
+		ex.mu.Unlock()
+	}
+	return len(p), nil
+}
+
+// credentialHeaders are never sent to a backend (its own credentials are set per backend).
+var credentialHeaders = []string{"Authorization", "X-Api-Key", "Apikey", "Cookie", "Redirect", "X-Max-Price", "Proxy-Authorization"}
+
+func stripCredentials(h http.Header) {
+	for _, k := range credentialHeaders {
+		h.Del(k)
+	}
+}
+
+type readCloser struct{ *bytes.Reader }
+
+func (readCloser) Close() error { return nil }

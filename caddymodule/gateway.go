@@ -1,0 +1,339 @@
+// Package caddymodule is the only package that imports Caddy: it registers the llm_gateway
+// HTTP handler, its Caddyfile directive, its admin API routes, its CLI verbs and its metrics,
+// and enforces what the Caddy-free packages under policies/ decide.
+package caddymodule
+
+import (
+	"errors"
+	"fmt"
+	"net/url"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+	"go.uber.org/zap"
+
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/credits"
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/identity"
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/routing"
+)
+
+func init() {
+	caddy.RegisterModule(Gateway{})
+}
+
+// Gateway is an HTTP handler that makes LLM backends a metered, paid service. Every inference
+// request (OpenAI /v1/chat/completions and /v1/embeddings, Ollama /api/chat and /api/generate)
+// is authenticated (API key, or an anonymous identity by client IP), admitted by a credit
+// reservation, routed to the cheapest healthy backend able to serve it, proxied through Caddy's
+// own reverse_proxy, metered while it streams, and settled to the exact micro-credit. The
+// catalog routes (GET /v1/models, GET /api/tags) list what the caller may use. Every other
+// request is passed to the next handler.
+type Gateway struct {
+	// Store is where users, API keys, balances and the ledger live. Default: an SQLite file
+	// "llm_gateway/gateway.db" under Caddy's data directory.
+	Store StoreConfig `json:"store,omitempty"`
+
+	// Backends are the model servers requests are routed to. At least one is required.
+	Backends []*Backend `json:"backends,omitempty"`
+
+	// Anonymous, when set, lets callers without credentials in, on a credit allowance per client
+	// address (IPv4 address, or IPv6 /64) refilled every period. When nil, a request without
+	// credentials is refused with 401 missing_api_key.
+	Anonymous *Anonymous `json:"anonymous,omitempty"`
+
+	// BillingURL is where a signed-in user who runs out of credits is sent (the Location of
+	// the 402). Empty: no Location.
+	BillingURL string `json:"billing_url,omitempty"`
+
+	// AllowedOrigins are the browser origins (scheme://host[:port]) that may call the gateway
+	// with CORS and be returned to after sign-in. "*" allows any origin. Empty: none.
+	AllowedOrigins []string `json:"allowed_origins,omitempty"`
+
+	// MaxRequestBody is the largest request body accepted, in bytes; larger ones get 413.
+	// Default: 10 MiB.
+	MaxRequestBody int64 `json:"max_request_body,omitempty"`
+
+	// MaxTokensDefault is the output bound used (and sent to the backend) when a request gives
+	// none. Default: 1024.
+	MaxTokensDefault int64 `json:"max_tokens_default,omitempty"`
+
+	// MaxTokensCap is the largest output bound a request may ask for; more is refused with 400.
+	// Default: 32768.
+	MaxTokensCap int64 `json:"max_tokens_cap,omitempty"`
+
+	// KeyPrefix is the prefix of the API keys this gateway issues (e.g. "sk_live", "sk_test").
+	// Default: "sk_live".
+	KeyPrefix string `json:"key_prefix,omitempty"`
+
+	// ReservationTTL is how long a reservation may stay open before it is released as orphaned
+	// (after a crash). Default: the longest backend timeout plus one minute.
+	ReservationTTL caddy.Duration `json:"reservation_ttl,omitempty"`
+
+	// DrainTimeout bounds how long the gateway keeps reading a backend's response after the
+	// client went away, to learn the usage it must charge. Default: 30s.
+	DrainTimeout caddy.Duration `json:"drain_timeout,omitempty"`
+
+	// Failover is how many backends one request may be tried on, in order of expected cost,
+	// before any response byte was sent. Default: 3.
+	Failover int `json:"failover,omitempty"`
+
+	catalog  *routing.Catalog
+	store    *storeHandle
+	storeKey string
+	origins  map[string]bool
+	anyOrig  bool
+	logger   *zap.Logger
+	metrics  *gatewayMetrics
+}
+
+// StoreConfig says which store holds the gateway's state.
+type StoreConfig struct {
+	// Driver is the store implementation: "sqlite" (the embedded store, one Caddy process per
+	// file). Default: "sqlite".
+	Driver string `json:"driver,omitempty"`
+	// Path is the SQLite file. Default: "llm_gateway/gateway.db" under Caddy's data directory.
+	Path string `json:"path,omitempty"`
+}
+
+// Backend is one model server.
+type Backend struct {
+	// Name identifies the backend in responses (X-Gateway-Backend), metrics and the admin API.
+	// Required, unique.
+	Name string `json:"name"`
+	// URL is the server's base address, e.g. "http://127.0.0.1:11434". A path, if any, is
+	// prepended to the request paths (/v1/..., /api/...).
+	URL string `json:"url"`
+	// Style is the API the server speaks: "openai" (default) or "ollama".
+	Style routing.Style `json:"style,omitempty"`
+	// Headers are set on every request to this backend, e.g. an upstream API key:
+	// {"Authorization": "Bearer {env.OPENAI_API_KEY}"}. Placeholders are expanded.
+	Headers map[string]string `json:"headers,omitempty"`
+	// Models are the models the backend serves, with their prices. Required.
+	Models []*Model `json:"models,omitempty"`
+	// HealthCheck configures active health checks. Default: GET /v1/models (openai) or
+	// /api/tags (ollama) every 10s with a 5s timeout.
+	HealthCheck *HealthCheck `json:"health_check,omitempty"`
+	// DialTimeout bounds connecting to the backend. Default: 3s.
+	DialTimeout caddy.Duration `json:"dial_timeout,omitempty"`
+	// ResponseHeaderTimeout bounds the wait for the response headers (time to first token for
+	// streams). Default: 60s.
+	ResponseHeaderTimeout caddy.Duration `json:"response_header_timeout,omitempty"`
+	// Timeout bounds a whole request to this backend. Default: 10m.
+	Timeout caddy.Duration `json:"timeout,omitempty"`
+
+	proxy *reverseproxy.Handler
+	base  string // URL path prefix
+}
+
+// Model is one model of a backend with its price.
+type Model struct {
+	// Name is the model name clients use. Required.
+	Name string `json:"name"`
+	// Upstream is the name sent to the backend. Default: Name.
+	Upstream string `json:"upstream,omitempty"`
+	// Kind is "chat" (default) or "embeddings".
+	Kind routing.Kind `json:"kind,omitempty"`
+	// InputPrice is credits per one million prompt tokens.
+	InputPrice credits.Amount `json:"input_price"`
+	// OutputPrice is credits per one million completion tokens.
+	OutputPrice credits.Amount `json:"output_price"`
+}
+
+// HealthCheck configures a backend's active health check.
+type HealthCheck struct {
+	// Path is requested with GET; a 2xx answer is healthy. Default per style.
+	Path string `json:"path,omitempty"`
+	// Interval between checks. Default: 10s.
+	Interval caddy.Duration `json:"interval,omitempty"`
+	// Timeout of one check. Default: 5s.
+	Timeout caddy.Duration `json:"timeout,omitempty"`
+	// Disabled turns active checks off (passive checks stay on).
+	Disabled bool `json:"disabled,omitempty"`
+}
+
+// Anonymous configures access without credentials.
+type Anonymous struct {
+	// Credits is the allowance per client address and period. Required.
+	Credits credits.Amount `json:"credits"`
+	// Period is how often the allowance is refilled (up to Credits, never above). Default: 24h.
+	Period caddy.Duration `json:"period,omitempty"`
+	// SigninURL is where an anonymous caller who ran out is sent (the 402's Location), with
+	// "redirect=" naming where to come back to. Required.
+	SigninURL string `json:"signin_url"`
+}
+
+// CaddyModule returns the Caddy module information.
+func (Gateway) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.handlers.llm_gateway",
+		New: func() caddy.Module { return new(Gateway) },
+	}
+}
+
+// Provision sets defaults, opens (or shares) the store, and loads one reverse_proxy handler per
+// backend.
+func (g *Gateway) Provision(ctx caddy.Context) error {
+	g.logger = ctx.Logger()
+	g.metrics = registerMetrics(ctx.GetMetricsRegistry(), g.logger)
+	if g.MaxRequestBody == 0 {
+		g.MaxRequestBody = 10 << 20
+	}
+	if g.MaxTokensDefault == 0 {
+		g.MaxTokensDefault = 1024
+	}
+	if g.MaxTokensCap == 0 {
+		g.MaxTokensCap = 32768
+	}
+	if g.KeyPrefix == "" {
+		g.KeyPrefix = "sk_live"
+	}
+	if g.DrainTimeout == 0 {
+		g.DrainTimeout = caddy.Duration(30 * time.Second)
+	}
+	if g.Failover == 0 {
+		g.Failover = 3
+	}
+	if g.Anonymous != nil && g.Anonymous.Period == 0 {
+		g.Anonymous.Period = caddy.Duration(24 * time.Hour)
+	}
+	g.origins = map[string]bool{}
+	for _, o := range g.AllowedOrigins {
+		if o == "*" {
+			g.anyOrig = true
+		}
+		g.origins[strings.TrimSuffix(o, "/")] = true
+	}
+
+	var longest time.Duration
+	var catalog []routing.Backend
+	for _, b := range g.Backends {
+		if err := b.provision(ctx); err != nil {
+			return fmt.Errorf("backend %s: %w", b.Name, err)
+		}
+		longest = max(longest, time.Duration(b.Timeout))
+		rb := routing.Backend{Name: b.Name, Style: b.Style}
+		for _, m := range b.Models {
+			rb.Models = append(rb.Models, routing.Model{Name: m.Name, Upstream: m.Upstream, Kind: m.Kind,
+				Price: credits.Price{Input: m.InputPrice, Output: m.OutputPrice}})
+		}
+		catalog = append(catalog, rb)
+	}
+	if g.ReservationTTL == 0 {
+		g.ReservationTTL = caddy.Duration(longest + time.Minute)
+	}
+	var err error
+	if g.catalog, err = routing.NewCatalog(catalog); err != nil {
+		return err
+	}
+
+	if g.Store.Driver == "" {
+		g.Store.Driver = "sqlite"
+	}
+	if g.Store.Path == "" {
+		g.Store.Path = filepath.Join(caddy.AppDataDir(), "llm_gateway", "gateway.db")
+	}
+	g.store, g.storeKey, err = openStore(ctx, g.Store, g.logger)
+	if err != nil {
+		return err
+	}
+	activeGateways.add(g)
+	return nil
+}
+
+func (b *Backend) provision(ctx caddy.Context) error {
+	if b.Style == "" {
+		b.Style = routing.StyleOpenAI
+	}
+	if b.DialTimeout == 0 {
+		b.DialTimeout = caddy.Duration(3 * time.Second)
+	}
+	if b.ResponseHeaderTimeout == 0 {
+		b.ResponseHeaderTimeout = caddy.Duration(60 * time.Second)
+	}
+	if b.Timeout == 0 {
+		b.Timeout = caddy.Duration(10 * time.Minute)
+	}
+	u, err := url.Parse(b.URL)
+	if err != nil {
+		return fmt.Errorf("url: %w", err)
+	}
+	b.base = strings.TrimSuffix(u.Path, "/")
+	raw, err := reverseProxyConfig(b, u)
+	if err != nil {
+		return err
+	}
+	mod, err := ctx.LoadModuleByID("http.handlers.reverse_proxy", raw)
+	if err != nil {
+		return fmt.Errorf("loading reverse_proxy: %w", err)
+	}
+	b.proxy = mod.(*reverseproxy.Handler)
+	return nil
+}
+
+// Validate checks the configuration.
+func (g *Gateway) Validate() error {
+	if len(g.Backends) == 0 {
+		return errors.New("at least one backend is required")
+	}
+	names := map[string]bool{}
+	for _, b := range g.Backends {
+		if b.Name == "" || names[b.Name] {
+			return fmt.Errorf("backend name %q: empty or used twice", b.Name)
+		}
+		names[b.Name] = true
+		if b.Style != routing.StyleOpenAI && b.Style != routing.StyleOllama {
+			return fmt.Errorf("backend %s: style must be openai or ollama, not %q", b.Name, b.Style)
+		}
+		if len(b.Models) == 0 {
+			return fmt.Errorf("backend %s: no models", b.Name)
+		}
+		for _, m := range b.Models {
+			if m.InputPrice < 0 || m.OutputPrice < 0 {
+				return fmt.Errorf("backend %s, model %s: negative price", b.Name, m.Name)
+			}
+			if m.Kind != "" && m.Kind != routing.KindChat && m.Kind != routing.KindEmbeddings {
+				return fmt.Errorf("backend %s, model %s: kind must be chat or embeddings", b.Name, m.Name)
+			}
+		}
+	}
+	if g.Anonymous != nil {
+		if g.Anonymous.Credits < 0 {
+			return errors.New("anonymous credits must not be negative")
+		}
+		if g.Anonymous.SigninURL == "" {
+			return errors.New("anonymous access needs a signin_url")
+		}
+	}
+	if !identity.ValidPrefix(g.KeyPrefix) {
+		return fmt.Errorf("key_prefix %q: lowercase letters and digits in parts joined by _", g.KeyPrefix)
+	}
+	if g.MaxTokensDefault < 0 || g.MaxTokensCap < g.MaxTokensDefault {
+		return errors.New("max_tokens_default must be between 0 and max_tokens_cap")
+	}
+	if g.Store.Driver != "sqlite" {
+		return fmt.Errorf("store driver %q: only sqlite is available", g.Store.Driver)
+	}
+	return nil
+}
+
+// Cleanup releases the store (closed when the last configuration using it is gone).
+func (g *Gateway) Cleanup() error {
+	activeGateways.remove(g)
+	if g.storeKey != "" {
+		_, err := stores.Delete(g.storeKey)
+		return err
+	}
+	return nil
+}
+
+// Interface guards
+var (
+	_ caddy.Provisioner           = (*Gateway)(nil)
+	_ caddy.Validator             = (*Gateway)(nil)
+	_ caddy.CleanerUpper          = (*Gateway)(nil)
+	_ caddyhttp.MiddlewareHandler = (*Gateway)(nil)
+)

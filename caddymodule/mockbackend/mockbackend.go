@@ -1,0 +1,496 @@
+// Package mockbackend is a MOCK model backend for tests and for the demo (`make run`). It is a
+// Caddy HTTP handler that answers like an OpenAI-compatible server and like Ollama, with
+// deterministic token counts, injectable faults and a per-path request counter. It runs no model:
+// the "generated" text is the words tok1, tok2, ... and every word is one token.
+//
+// The gateway's tests rely on the exact counts documented on MockBackend's fields.
+package mockbackend
+
+import (
+	"errors"
+	"fmt"
+	"net/http"
+	"strconv"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+)
+
+func init() {
+	caddy.RegisterModule(MockBackend{})
+	httpcaddyfile.RegisterHandlerDirective("llm_mock_backend", parseCaddyfile)
+	httpcaddyfile.RegisterDirectiveOrder("llm_mock_backend", httpcaddyfile.Before, "respond")
+}
+
+// Defaults and bounds of the configuration.
+const (
+	defaultName             = "mock"
+	defaultCompletionTokens = 16
+	defaultChunks           = 4
+	defaultDimensions       = 8
+
+	// maxCompletionTokens, maxChunks and maxDimensions bound what a config or an X-Mock-*
+	// header can ask for, so that a request cannot make the mock allocate without limit.
+	maxCompletionTokens = 100_000
+	maxChunks           = 10_000
+	maxDimensions       = 65_536
+
+	// maxBodyBytes is the largest request body the mock reads; larger bodies get 413.
+	maxBodyBytes = 10 << 20
+)
+
+// defaultModels are the models listed when Models is empty.
+var defaultModels = []string{"mock-small", "mock-large"}
+
+// Fault is a failure the mock injects on purpose.
+type Fault string
+
+// The faults a MockBackend can inject.
+const (
+	// FaultNone injects nothing. "none" is accepted as a synonym, so that an X-Mock-Fault
+	// header can switch off a fault set in the config.
+	FaultNone Fault = ""
+	// FaultRefuse closes the connection without any response.
+	FaultRefuse Fault = "refuse"
+	// FaultError answers 500 with a JSON error.
+	FaultError Fault = "error"
+	// FaultStall never sends headers: the handler blocks until the request's context is done.
+	FaultStall Fault = "stall"
+	// FaultCut starts the response and aborts the connection halfway: a stream gets the first
+	// chunks/2 (rounded down) content messages and neither the final message, the usage
+	// chunk nor [DONE]; a JSON answer gets its first half (of a correct Content-Length).
+	FaultCut Fault = "cut"
+
+	faultNoneAlias Fault = "none"
+)
+
+// MockBackend is a MOCK model backend, for tests and the demo only. It serves:
+//
+//	POST /v1/chat/completions   OpenAI chat completions, JSON or SSE (stream: true)
+//	POST /v1/embeddings         OpenAI embeddings
+//	GET  /v1/models             OpenAI model list
+//	POST /api/chat              Ollama chat, NDJSON unless stream: false
+//	POST /api/generate          Ollama generate, NDJSON unless stream: false
+//	GET  /api/tags              Ollama model list
+//	GET  /mock/stats            {"name": ..., "requests": {path: count}}; DELETE resets
+//
+// It is a terminal handler: it never calls the next handler, and answers 404 (JSON) for
+// other paths.
+//
+// Token counts are deterministic, and the gateway's tests rely on them:
+//
+//   - Prompt tokens are the number of whitespace-separated words in all message contents
+//     (chat; a content is a string or an array of parts, of which only {"type":"text"}
+//     parts count; roles do not count), in the prompt (generate), or in all inputs
+//     (embeddings); at least 1.
+//   - Completion tokens are CompletionTokens, capped by the request's max_tokens or
+//     max_completion_tokens (OpenAI; the smaller when both are given) or options.num_predict
+//     (Ollama) when that is positive. When the cap applies, finish_reason / done_reason is
+//     "length", else "stop".
+//   - The generated text is that many words, "tok1 tok2 ... tokN": one word is one token.
+//     A stream splits it over Chunks content messages as evenly as possible, the first
+//     messages taking one word more when it does not divide (10 words in 4 chunks: 3,3,2,2;
+//     2 words in 4 chunks: 1,1,0,0). The concatenated contents equal the non-stream text.
+//
+// Responses echo the request's model. Every request may override the config with headers
+// (a mock only; a real backend has nothing like them):
+//
+//	X-Mock-Fault              refuse, error, stall, cut, or none
+//	X-Mock-Latency            a duration, e.g. 250ms
+//	X-Mock-Chunks             a positive integer
+//	X-Mock-Completion-Tokens  a positive integer
+//	X-Mock-Chunk-Interval     a duration
+//
+// A header with a bad value answers 400. Faults and latency apply to the six model
+// endpoints, never to /mock/stats.
+type MockBackend struct {
+	// Name keys the request counter of GET /mock/stats. Counters live in the process, not
+	// in the config, so they survive config reloads; two mocks with the same name share
+	// them. Default: "mock".
+	Name string `json:"name,omitempty"`
+
+	// Models are the model names listed by GET /v1/models and GET /api/tags. When set, only
+	// these are accepted and any other model gets 404 model_not_found. When empty, the mock
+	// lists "mock-small" and "mock-large" and accepts any model name.
+	Models []string `json:"models,omitempty"`
+
+	// CompletionTokens is how many tokens (words) a completion has before the request's own
+	// limit caps it. At most 100000. Default: 16.
+	CompletionTokens int `json:"completion_tokens,omitempty"`
+
+	// Chunks is how many content messages a stream (SSE or NDJSON) carries, not counting
+	// Ollama's final done message, the OpenAI usage chunk and [DONE]. At most 10000.
+	// Default: 4.
+	Chunks int `json:"chunks,omitempty"`
+
+	// ChunkInterval is the pause before each stream message after the first (content
+	// messages, Ollama's done message and the OpenAI usage chunk; [DONE] follows the last
+	// message at once). Default: 0, no pause.
+	ChunkInterval caddy.Duration `json:"chunk_interval,omitempty"`
+
+	// Latency is how long the mock waits, after reading the request body, before it sends
+	// the response headers. Default: 0, no wait.
+	Latency caddy.Duration `json:"latency,omitempty"`
+
+	// Dimensions is the length of each embedding vector. Vectors are deterministic: the
+	// same input text always gives the same unit-length vector. At most 65536. Default: 8.
+	Dimensions int `json:"dimensions,omitempty"`
+
+	// Fault is the failure injected into every model request: "" (or "none") for none,
+	// "refuse", "error", "stall" or "cut"; see the Fault constants. Default: none.
+	Fault Fault `json:"fault,omitempty"`
+
+	listed   []string        // the models listed
+	accepted map[string]bool // the models accepted; nil accepts any
+	requests *requestCounter
+	logger   *zap.Logger
+}
+
+// CaddyModule returns the Caddy module information.
+func (MockBackend) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.handlers.llm_mock_backend",
+		New: func() caddy.Module { return new(MockBackend) },
+	}
+}
+
+// Provision sets the defaults and attaches the request counter of the mock's name.
+func (m *MockBackend) Provision(ctx caddy.Context) error {
+	m.logger = ctx.Logger()
+	if m.Name == "" {
+		m.Name = defaultName
+	}
+	if m.CompletionTokens == 0 {
+		m.CompletionTokens = defaultCompletionTokens
+	}
+	if m.Chunks == 0 {
+		m.Chunks = defaultChunks
+	}
+	if m.Dimensions == 0 {
+		m.Dimensions = defaultDimensions
+	}
+	if m.Fault == faultNoneAlias {
+		m.Fault = FaultNone
+	}
+	m.listed, m.accepted = defaultModels, nil
+	if len(m.Models) > 0 {
+		m.listed = m.Models
+		m.accepted = make(map[string]bool, len(m.Models))
+		for _, name := range m.Models {
+			m.accepted[name] = true
+		}
+	}
+	m.requests = requestCounterFor(m.Name)
+	return nil
+}
+
+// Validate rejects negative or oversized numbers and durations, empty model names and
+// unknown faults.
+func (m *MockBackend) Validate() error {
+	for _, check := range []error{
+		checkCount("completion_tokens", m.CompletionTokens, maxCompletionTokens),
+		checkCount("chunks", m.Chunks, maxChunks),
+		checkCount("dimensions", m.Dimensions, maxDimensions),
+		checkDuration("chunk_interval", time.Duration(m.ChunkInterval)),
+		checkDuration("latency", time.Duration(m.Latency)),
+		checkFault(m.Fault),
+	} {
+		if check != nil {
+			return check
+		}
+	}
+	for _, name := range m.Models {
+		if name == "" {
+			return errors.New("models: empty model name")
+		}
+	}
+	return nil
+}
+
+// ServeHTTP answers the request as the mock backend; it never calls next.
+func (m *MockBackend) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
+	start := time.Now()
+	if r.URL.Path == statsPath {
+		m.serveStats(w, r)
+		return nil
+	}
+	m.requests.add(r.URL.Path)
+
+	ep, ok := endpoints[r.URL.Path]
+	if !ok {
+		writeError(w, styleOpenAI, http.StatusNotFound, "not_found",
+			fmt.Sprintf("mock backend: no route for %s %s", r.Method, r.URL.Path))
+		return nil
+	}
+	if r.Method != ep.method {
+		w.Header().Set("Allow", ep.method)
+		writeError(w, ep.style, http.StatusMethodNotAllowed, "method_not_allowed",
+			fmt.Sprintf("mock backend: %s takes %s, not %s", r.URL.Path, ep.method, r.Method))
+		return nil
+	}
+	set, err := m.settingsFor(r.Header)
+	if err != nil {
+		writeError(w, ep.style, http.StatusBadRequest, "invalid_request", err.Error())
+		return nil
+	}
+	if set.fault != FaultNone {
+		m.logger.Debug("mock backend injects a fault",
+			zap.String("name", m.Name), zap.String("fault", string(set.fault)), zap.String("path", r.URL.Path))
+	}
+	if set.fault == FaultRefuse {
+		abortConnection()
+	}
+
+	var body []byte
+	if r.Method == http.MethodPost {
+		if body, err = readBody(w, r); err != nil {
+			var tooLarge *http.MaxBytesError
+			if errors.As(err, &tooLarge) {
+				writeError(w, ep.style, http.StatusRequestEntityTooLarge, "request_too_large",
+					fmt.Sprintf("mock backend: request body exceeds %d bytes", maxBodyBytes))
+			}
+			return nil // otherwise the client went away while sending
+		}
+	}
+	if !sleep(r.Context(), set.latency) {
+		return nil
+	}
+	switch set.fault {
+	case FaultStall:
+		<-r.Context().Done()
+		return nil
+	case FaultError:
+		writeError(w, ep.style, http.StatusInternalServerError, "mock_fault",
+			"mock backend: injected fault \"error\"")
+		return nil
+	}
+
+	ep.serve(&exchange{
+		mock:  m,
+		w:     w,
+		r:     r,
+		rc:    http.NewResponseController(w),
+		style: ep.style,
+		set:   set,
+		body:  body,
+		start: start,
+		ready: time.Now(),
+	})
+	return nil
+}
+
+// settings are a request's effective configuration: the config, overridden by X-Mock-*
+// headers.
+type settings struct {
+	fault            Fault
+	latency          time.Duration
+	chunkInterval    time.Duration
+	chunks           int
+	completionTokens int
+}
+
+// settingsFor applies the X-Mock-* headers of a request to the config.
+func (m *MockBackend) settingsFor(h http.Header) (settings, error) {
+	set := settings{
+		fault:            m.Fault,
+		latency:          time.Duration(m.Latency),
+		chunkInterval:    time.Duration(m.ChunkInterval),
+		chunks:           m.Chunks,
+		completionTokens: m.CompletionTokens,
+	}
+	if v := h.Get("X-Mock-Fault"); v != "" {
+		f := Fault(v)
+		if err := checkFault(f); err != nil {
+			return set, fmt.Errorf("header X-Mock-Fault: %w", err)
+		}
+		if f == faultNoneAlias {
+			f = FaultNone
+		}
+		set.fault = f
+	}
+	for _, o := range []struct {
+		header string
+		into   *time.Duration
+	}{
+		{"X-Mock-Latency", &set.latency},
+		{"X-Mock-Chunk-Interval", &set.chunkInterval},
+	} {
+		if v := h.Get(o.header); v != "" {
+			d, err := caddy.ParseDuration(v)
+			if err != nil {
+				return set, fmt.Errorf("header %s: %w", o.header, err)
+			}
+			if err := checkDuration("header "+o.header, d); err != nil {
+				return set, err
+			}
+			*o.into = d
+		}
+	}
+	for _, o := range []struct {
+		header string
+		max    int
+		into   *int
+	}{
+		{"X-Mock-Chunks", maxChunks, &set.chunks},
+		{"X-Mock-Completion-Tokens", maxCompletionTokens, &set.completionTokens},
+	} {
+		if v := h.Get(o.header); v != "" {
+			n, err := strconv.Atoi(v)
+			if err != nil {
+				return set, fmt.Errorf("header %s: %w", o.header, err)
+			}
+			if n < 1 {
+				return set, fmt.Errorf("header %s: %d is not positive", o.header, n)
+			}
+			if err := checkCount("header "+o.header, n, o.max); err != nil {
+				return set, err
+			}
+			*o.into = n
+		}
+	}
+	return set, nil
+}
+
+func checkCount(field string, n, limit int) error {
+	if n < 0 {
+		return fmt.Errorf("%s: %d is negative", field, n)
+	}
+	if n > limit {
+		return fmt.Errorf("%s: %d is more than %d", field, n, limit)
+	}
+	return nil
+}
+
+func checkDuration(field string, d time.Duration) error {
+	if d < 0 {
+		return fmt.Errorf("%s: %s is negative", field, d)
+	}
+	return nil
+}
+
+func checkFault(f Fault) error {
+	switch f {
+	case FaultNone, faultNoneAlias, FaultRefuse, FaultError, FaultStall, FaultCut:
+		return nil
+	}
+	return fmt.Errorf("fault: unknown fault %q (want refuse, error, stall, cut or none)", string(f))
+}
+
+func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	m := new(MockBackend)
+	if err := m.UnmarshalCaddyfile(h.Dispenser); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+// UnmarshalCaddyfile sets up the mock from Caddyfile tokens. Syntax:
+//
+//	llm_mock_backend [<matcher>] {
+//	    name              <name>
+//	    models            <names...>
+//	    completion_tokens <n>
+//	    chunks            <n>
+//	    chunk_interval    <duration>
+//	    latency           <duration>
+//	    dimensions        <n>
+//	    fault             refuse|error|stall|cut|none
+//	}
+//
+// Each subdirective sets the JSON field of the same name, at most once; the block may be
+// left out to take every default.
+func (m *MockBackend) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // consume directive name
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+
+	seen := make(map[string]bool)
+	for d.NextBlock(0) {
+		sub := d.Val()
+		if seen[sub] {
+			return d.Errf("%s already specified", sub)
+		}
+		seen[sub] = true
+
+		switch sub {
+		case "models":
+			m.Models = d.RemainingArgs()
+			if len(m.Models) == 0 {
+				return d.ArgErr()
+			}
+
+		case "name":
+			if !d.AllArgs(&m.Name) {
+				return d.ArgErr()
+			}
+
+		case "completion_tokens", "chunks", "dimensions":
+			var arg string
+			if !d.AllArgs(&arg) {
+				return d.ArgErr()
+			}
+			n, err := strconv.Atoi(arg)
+			if err != nil {
+				return d.Errf("bad %s number '%s': %v", sub, arg, err)
+			}
+			var limit int
+			switch sub {
+			case "completion_tokens":
+				m.CompletionTokens, limit = n, maxCompletionTokens
+			case "chunks":
+				m.Chunks, limit = n, maxChunks
+			case "dimensions":
+				m.Dimensions, limit = n, maxDimensions
+			}
+			if err := checkCount(sub, n, limit); err != nil {
+				return d.WrapErr(err)
+			}
+
+		case "chunk_interval", "latency":
+			var arg string
+			if !d.AllArgs(&arg) {
+				return d.ArgErr()
+			}
+			dur, err := caddy.ParseDuration(arg)
+			if err != nil {
+				return d.Errf("bad %s duration '%s': %v", sub, arg, err)
+			}
+			if err := checkDuration(sub, dur); err != nil {
+				return d.WrapErr(err)
+			}
+			if sub == "latency" {
+				m.Latency = caddy.Duration(dur)
+			} else {
+				m.ChunkInterval = caddy.Duration(dur)
+			}
+
+		case "fault":
+			var arg string
+			if !d.AllArgs(&arg) {
+				return d.ArgErr()
+			}
+			m.Fault = Fault(arg)
+			if err := checkFault(m.Fault); err != nil {
+				return d.WrapErr(err)
+			}
+
+		default:
+			return d.Errf("unrecognized subdirective '%s'", sub)
+		}
+	}
+	return nil
+}
+
+// Interface guards
+var (
+	_ caddy.Provisioner           = (*MockBackend)(nil)
+	_ caddy.Validator             = (*MockBackend)(nil)
+	_ caddyhttp.MiddlewareHandler = (*MockBackend)(nil)
+	_ caddyfile.Unmarshaler       = (*MockBackend)(nil)
+)

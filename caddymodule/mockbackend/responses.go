@@ -1,0 +1,728 @@
+package mockbackend
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/binary"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"io"
+	"math"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"time"
+)
+
+// apiStyle is the API a path speaks; it decides the shape of errors.
+type apiStyle int
+
+const (
+	styleOpenAI apiStyle = iota // {"error": {"message", "type", "param", "code"}}
+	styleOllama                 // {"error": "message"}
+)
+
+// endpoint is one path the mock serves.
+type endpoint struct {
+	method string
+	style  apiStyle
+	serve  func(*exchange)
+}
+
+var endpoints = map[string]endpoint{
+	"/v1/chat/completions": {http.MethodPost, styleOpenAI, serveChatCompletions},
+	"/v1/embeddings":       {http.MethodPost, styleOpenAI, serveEmbeddings},
+	"/v1/models":           {http.MethodGet, styleOpenAI, serveModels},
+	"/api/chat":            {http.MethodPost, styleOllama, serveOllamaChat},
+	"/api/generate":        {http.MethodPost, styleOllama, serveOllamaGenerate},
+	"/api/tags":            {http.MethodGet, styleOllama, serveOllamaTags},
+}
+
+// mockCreated is the creation time the mock reports for its models.
+var mockCreated = time.Date(2025, time.January, 1, 0, 0, 0, 0, time.UTC)
+
+// completionSeq numbers the completion ids.
+var completionSeq atomic.Int64
+
+// exchange is one model request past its faults and latency, being answered.
+type exchange struct {
+	mock  *MockBackend
+	w     http.ResponseWriter
+	r     *http.Request
+	rc    *http.ResponseController
+	style apiStyle
+	set   settings
+	body  []byte
+	start time.Time // when the request arrived
+	ready time.Time // when the latency wait ended
+	first time.Time // when the first stream message was sent
+	sent  int       // stream messages sent
+}
+
+// decode reads the JSON request body into v and checks the model; on failure it answers
+// 400 or 404 and returns false.
+func (x *exchange) decode(v any, model func() string) bool {
+	if err := json.Unmarshal(x.body, v); err != nil {
+		x.fail(http.StatusBadRequest, "invalid_request", "mock backend: invalid JSON body: "+err.Error())
+		return false
+	}
+	name := model()
+	if name == "" {
+		x.fail(http.StatusBadRequest, "invalid_request", "mock backend: model is required")
+		return false
+	}
+	if x.mock.accepted != nil && !x.mock.accepted[name] {
+		msg := fmt.Sprintf("The model '%s' does not exist", name)
+		if x.style == styleOllama {
+			msg = fmt.Sprintf("model %q not found, try pulling it first", name)
+		}
+		x.fail(http.StatusNotFound, "model_not_found", msg)
+		return false
+	}
+	return true
+}
+
+func (x *exchange) fail(status int, code, message string) {
+	writeError(x.w, x.style, status, code, message)
+}
+
+// reply sends v as the whole JSON answer; FaultCut sends only its first half.
+func (x *exchange) reply(v any) {
+	body, err := json.Marshal(v)
+	if err != nil {
+		x.fail(http.StatusInternalServerError, "server_error", "mock backend: encoding the response: "+err.Error())
+		return
+	}
+	body = append(body, '\n')
+	if x.set.fault != FaultCut {
+		writeBody(x.w, http.StatusOK, body)
+		return
+	}
+	x.w.Header().Set("Content-Type", "application/json")
+	x.w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+	x.w.WriteHeader(http.StatusOK)
+	_, _ = x.w.Write(body[:len(body)/2])
+	_ = x.rc.Flush()
+	abortConnection()
+}
+
+// startStream sends the headers of a stream at once.
+func (x *exchange) startStream(contentType string) bool {
+	h := x.w.Header()
+	h.Set("Content-Type", contentType)
+	h.Set("Cache-Control", "no-cache")
+	x.w.WriteHeader(http.StatusOK)
+	return x.flush()
+}
+
+// send writes one stream message and flushes it, after ChunkInterval when it is not the
+// first; it returns false when the client is gone.
+func (x *exchange) send(message []byte) bool {
+	if x.sent > 0 && !sleep(x.r.Context(), x.set.chunkInterval) {
+		return false
+	}
+	if _, err := x.w.Write(message); err != nil {
+		return false
+	}
+	if x.sent == 0 {
+		x.first = time.Now()
+	}
+	x.sent++
+	return x.flush()
+}
+
+func (x *exchange) flush() bool {
+	err := x.rc.Flush()
+	return err == nil || errors.Is(err, http.ErrNotSupported)
+}
+
+// sendJSON sends v as one stream message: an SSE event (OpenAI) or an NDJSON line (Ollama).
+func (x *exchange) sendJSON(v any) bool {
+	body, err := json.Marshal(v)
+	if err != nil {
+		return false // our types always marshal; a stream cannot report it anyway
+	}
+	if x.style == styleOpenAI {
+		return x.send(fmt.Appendf(nil, "data: %s\n\n", body))
+	}
+	return x.send(append(body, '\n'))
+}
+
+// cutHere aborts the connection when FaultCut is on and content message i of n is the
+// first one not to be sent.
+func (x *exchange) cutHere(i, n int) {
+	if x.set.fault == FaultCut && i == n/2 {
+		abortConnection()
+	}
+}
+
+// abortConnection closes the client connection without finishing the response, as Caddy's
+// abort does: net/http closes an HTTP/1 connection and resets an HTTP/2 stream. It does not
+// return.
+func abortConnection() {
+	panic(http.ErrAbortHandler)
+}
+
+// readBody reads at most maxBodyBytes of the request body.
+func readBody(w http.ResponseWriter, r *http.Request) ([]byte, error) {
+	if r.ContentLength > maxBodyBytes {
+		return nil, &http.MaxBytesError{Limit: maxBodyBytes}
+	}
+	return io.ReadAll(http.MaxBytesReader(w, r.Body, maxBodyBytes))
+}
+
+// sleep waits for d unless ctx ends first; it reports whether ctx is still live.
+func sleep(ctx context.Context, d time.Duration) bool {
+	if d <= 0 {
+		return ctx.Err() == nil
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+// writeBody sends a complete JSON answer.
+func writeBody(w http.ResponseWriter, status int, body []byte) {
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+	w.WriteHeader(status)
+	_, _ = w.Write(body)
+}
+
+// openAIError is OpenAI's error shape.
+type openAIError struct {
+	Error openAIErrorBody `json:"error"`
+}
+
+type openAIErrorBody struct {
+	Message string  `json:"message"`
+	Type    string  `json:"type"`
+	Param   *string `json:"param"`
+	Code    string  `json:"code"`
+}
+
+// ollamaError is Ollama's error shape.
+type ollamaError struct {
+	Error string `json:"error"`
+}
+
+// writeError answers with an error in the shape of the API.
+func writeError(w http.ResponseWriter, style apiStyle, status int, code, message string) {
+	var v any = ollamaError{Error: message}
+	if style == styleOpenAI {
+		typ := "invalid_request_error"
+		if status >= 500 {
+			typ = "server_error"
+		}
+		v = openAIError{Error: openAIErrorBody{Message: message, Type: typ, Code: code}}
+	}
+	body, _ := json.Marshal(v) // strings only: cannot fail
+	writeBody(w, status, append(body, '\n'))
+}
+
+// Token counting and generated text.
+
+// countWords is the mock's tokenizer: one whitespace-separated word is one token.
+func countWords(s string) int {
+	return len(strings.Fields(s))
+}
+
+// contentWords counts the words of a chat message content: a string, an array of parts of
+// which only {"type": "text"} ones count, or null.
+func contentWords(raw json.RawMessage) (int, error) {
+	switch {
+	case len(raw) == 0 || string(raw) == "null":
+		return 0, nil
+	case raw[0] == '"':
+		var s string
+		if err := json.Unmarshal(raw, &s); err != nil {
+			return 0, err
+		}
+		return countWords(s), nil
+	case raw[0] == '[':
+		var parts []struct {
+			Type string `json:"type"`
+			Text string `json:"text"`
+		}
+		if err := json.Unmarshal(raw, &parts); err != nil {
+			return 0, err
+		}
+		n := 0
+		for _, p := range parts {
+			if p.Type == "text" {
+				n += countWords(p.Text)
+			}
+		}
+		return n, nil
+	}
+	return 0, errors.New("content must be a string or an array of parts")
+}
+
+// chatMessage is a message of an OpenAI or Ollama chat request.
+type chatMessage struct {
+	Role    string          `json:"role"`
+	Content json.RawMessage `json:"content"`
+}
+
+// promptTokens counts the words of all message contents, at least 1.
+func promptTokens(messages []chatMessage) (int, error) {
+	n := 0
+	for i, msg := range messages {
+		words, err := contentWords(msg.Content)
+		if err != nil {
+			return 0, fmt.Errorf("messages[%d].content: %w", i, err)
+		}
+		n += words
+	}
+	return max(n, 1), nil
+}
+
+// completionTokens is the configured length capped by the request's positive limits; capped
+// reports whether a limit cut it short.
+func completionTokens(configured int, limits ...int) (n int, capped bool) {
+	n = configured
+	for _, limit := range limits {
+		if limit > 0 && limit < n {
+			n, capped = limit, true
+		}
+	}
+	return n, capped
+}
+
+// finishReason is "length" when the request's limit cut the completion short, else "stop".
+func finishReason(capped bool) string {
+	if capped {
+		return "length"
+	}
+	return "stop"
+}
+
+// generatedPieces is the text "tok1 tok2 ... tokN" of n words split into parts pieces as
+// evenly as possible, the first pieces one word longer when n does not divide; the pieces
+// concatenate to the whole text.
+func generatedPieces(n, parts int) []string {
+	parts = max(parts, 1)
+	out := make([]string, parts)
+	base, extra := n/parts, n%parts
+	word := 1
+	for i := range out {
+		size := base
+		if i < extra {
+			size++
+		}
+		var b strings.Builder
+		for range size {
+			if word > 1 {
+				b.WriteByte(' ')
+			}
+			b.WriteString("tok")
+			b.WriteString(strconv.Itoa(word))
+			word++
+		}
+		out[i] = b.String()
+	}
+	return out
+}
+
+// OpenAI chat completions.
+
+type chatCompletionRequest struct {
+	Model         string        `json:"model"`
+	Messages      []chatMessage `json:"messages"`
+	Stream        bool          `json:"stream"`
+	StreamOptions *struct {
+		IncludeUsage bool `json:"include_usage"`
+	} `json:"stream_options"`
+	MaxTokens           int `json:"max_tokens"`
+	MaxCompletionTokens int `json:"max_completion_tokens"`
+}
+
+type usage struct {
+	PromptTokens     int `json:"prompt_tokens"`
+	CompletionTokens int `json:"completion_tokens"`
+	TotalTokens      int `json:"total_tokens"`
+}
+
+type chatCompletion struct {
+	ID                string       `json:"id"`
+	Object            string       `json:"object"`
+	Created           int64        `json:"created"`
+	Model             string       `json:"model"`
+	SystemFingerprint string       `json:"system_fingerprint"`
+	Choices           []chatChoice `json:"choices"`
+	Usage             usage        `json:"usage"`
+}
+
+type chatChoice struct {
+	Index        int          `json:"index"`
+	Message      assistantMsg `json:"message"`
+	Logprobs     *struct{}    `json:"logprobs"`
+	FinishReason string       `json:"finish_reason"`
+}
+
+type assistantMsg struct {
+	Role    string `json:"role,omitempty"`
+	Content string `json:"content"`
+}
+
+type chatChunk struct {
+	ID                string        `json:"id"`
+	Object            string        `json:"object"`
+	Created           int64         `json:"created"`
+	Model             string        `json:"model"`
+	SystemFingerprint string        `json:"system_fingerprint"`
+	Choices           []chunkChoice `json:"choices"`
+	Usage             *usage        `json:"usage"`
+}
+
+type chunkChoice struct {
+	Index        int          `json:"index"`
+	Delta        assistantMsg `json:"delta"`
+	Logprobs     *struct{}    `json:"logprobs"`
+	FinishReason *string      `json:"finish_reason"`
+}
+
+const systemFingerprint = "fp_llm_mock_backend"
+
+func serveChatCompletions(x *exchange) {
+	var req chatCompletionRequest
+	if !x.decode(&req, func() string { return req.Model }) {
+		return
+	}
+	prompt, err := promptTokens(req.Messages)
+	if err != nil {
+		x.fail(http.StatusBadRequest, "invalid_request", "mock backend: "+err.Error())
+		return
+	}
+	completion, capped := completionTokens(x.set.completionTokens, req.MaxTokens, req.MaxCompletionTokens)
+	u := usage{PromptTokens: prompt, CompletionTokens: completion, TotalTokens: prompt + completion}
+	id := "chatcmpl-mock-" + strconv.FormatInt(completionSeq.Add(1), 10)
+	created := time.Now().Unix()
+	finish := finishReason(capped)
+
+	if !req.Stream {
+		x.reply(chatCompletion{
+			ID: id, Object: "chat.completion", Created: created, Model: req.Model,
+			SystemFingerprint: systemFingerprint,
+			Choices: []chatChoice{{
+				Message:      assistantMsg{Role: "assistant", Content: generatedPieces(completion, 1)[0]},
+				FinishReason: finish,
+			}},
+			Usage: u,
+		})
+		return
+	}
+
+	if !x.startStream("text/event-stream") {
+		return
+	}
+	pieces := generatedPieces(completion, x.set.chunks)
+	for i, piece := range pieces {
+		x.cutHere(i, len(pieces))
+		c := chunkChoice{Delta: assistantMsg{Content: piece}}
+		if i == 0 {
+			c.Delta.Role = "assistant"
+		}
+		if i == len(pieces)-1 {
+			c.FinishReason = &finish
+		}
+		if !x.sendJSON(chatChunk{
+			ID: id, Object: "chat.completion.chunk", Created: created, Model: req.Model,
+			SystemFingerprint: systemFingerprint, Choices: []chunkChoice{c},
+		}) {
+			return
+		}
+	}
+	if req.StreamOptions != nil && req.StreamOptions.IncludeUsage {
+		if !x.sendJSON(chatChunk{
+			ID: id, Object: "chat.completion.chunk", Created: created, Model: req.Model,
+			SystemFingerprint: systemFingerprint, Choices: []chunkChoice{}, Usage: &u,
+		}) {
+			return
+		}
+	}
+	if _, err := io.WriteString(x.w, "data: [DONE]\n\n"); err == nil {
+		x.flush()
+	}
+}
+
+// OpenAI embeddings.
+
+type embeddingsRequest struct {
+	Model          string          `json:"model"`
+	Input          json.RawMessage `json:"input"`
+	EncodingFormat string          `json:"encoding_format"`
+}
+
+type embeddingList struct {
+	Object string      `json:"object"`
+	Data   []embedding `json:"data"`
+	Model  string      `json:"model"`
+	Usage  struct {
+		PromptTokens int `json:"prompt_tokens"`
+		TotalTokens  int `json:"total_tokens"`
+	} `json:"usage"`
+}
+
+type embedding struct {
+	Object    string `json:"object"`
+	Index     int    `json:"index"`
+	Embedding any    `json:"embedding"` // []float32, or a base64 string of little-endian float32s
+}
+
+func serveEmbeddings(x *exchange) {
+	var req embeddingsRequest
+	if !x.decode(&req, func() string { return req.Model }) {
+		return
+	}
+	inputs, err := embeddingInputs(req.Input)
+	if err != nil {
+		x.fail(http.StatusBadRequest, "invalid_request", "mock backend: input: "+err.Error())
+		return
+	}
+	if f := req.EncodingFormat; f != "" && f != "float" && f != "base64" {
+		x.fail(http.StatusBadRequest, "invalid_request",
+			fmt.Sprintf("mock backend: encoding_format: %q is neither float nor base64", f))
+		return
+	}
+
+	out := embeddingList{Object: "list", Model: req.Model, Data: make([]embedding, len(inputs))}
+	words := 0
+	for i, in := range inputs {
+		words += countWords(in)
+		vec := embeddingVector(in, x.mock.Dimensions)
+		out.Data[i] = embedding{Object: "embedding", Index: i, Embedding: vec}
+		if req.EncodingFormat == "base64" {
+			buf := make([]byte, 0, 4*len(vec))
+			for _, f := range vec {
+				buf = binary.LittleEndian.AppendUint32(buf, math.Float32bits(f))
+			}
+			out.Data[i].Embedding = base64.StdEncoding.EncodeToString(buf)
+		}
+	}
+	out.Usage.PromptTokens = max(words, 1)
+	out.Usage.TotalTokens = out.Usage.PromptTokens
+	x.reply(out)
+}
+
+// embeddingInputs reads an embeddings input: a string or a non-empty array of strings.
+func embeddingInputs(raw json.RawMessage) ([]string, error) {
+	var one string
+	if err := json.Unmarshal(raw, &one); err == nil && len(raw) > 0 && raw[0] == '"' {
+		return []string{one}, nil
+	}
+	var many []string
+	if err := json.Unmarshal(raw, &many); err != nil || many == nil {
+		return nil, errors.New("must be a string or an array of strings")
+	}
+	if len(many) == 0 {
+		return nil, errors.New("must not be empty")
+	}
+	return many, nil
+}
+
+// embeddingVector is a deterministic unit vector of n components for text: the same text
+// always gives the same vector.
+func embeddingVector(text string, n int) []float32 {
+	h := fnv.New64a()
+	_, _ = io.WriteString(h, text)
+	state := h.Sum64()
+	raw := make([]float64, n)
+	norm := 0.0
+	for i := range raw {
+		state += 0x9e3779b97f4a7c15 // splitmix64
+		z := state
+		z = (z ^ z>>30) * 0xbf58476d1ce4e5b9
+		z = (z ^ z>>27) * 0x94d049bb133111eb
+		z ^= z >> 31
+		raw[i] = float64(z>>11)/(1<<53)*2 - 1
+		norm += raw[i] * raw[i]
+	}
+	norm = math.Sqrt(norm)
+	if norm == 0 {
+		norm = 1
+	}
+	vec := make([]float32, n)
+	for i, v := range raw {
+		vec[i] = float32(v / norm)
+	}
+	return vec
+}
+
+// OpenAI model list.
+
+type modelList struct {
+	Object string  `json:"object"`
+	Data   []model `json:"data"`
+}
+
+type model struct {
+	ID      string `json:"id"`
+	Object  string `json:"object"`
+	Created int64  `json:"created"`
+	OwnedBy string `json:"owned_by"`
+}
+
+func serveModels(x *exchange) {
+	out := modelList{Object: "list", Data: make([]model, len(x.mock.listed))}
+	for i, name := range x.mock.listed {
+		out.Data[i] = model{ID: name, Object: "model", Created: mockCreated.Unix(), OwnedBy: "llm-mock-backend"}
+	}
+	x.reply(out)
+}
+
+// Ollama chat and generate.
+
+type ollamaOptions struct {
+	NumPredict int `json:"num_predict"`
+}
+
+type ollamaChatRequest struct {
+	Model    string        `json:"model"`
+	Messages []chatMessage `json:"messages"`
+	Stream   *bool         `json:"stream"`
+	Options  ollamaOptions `json:"options"`
+}
+
+type ollamaGenerateRequest struct {
+	Model   string        `json:"model"`
+	Prompt  string        `json:"prompt"`
+	Stream  *bool         `json:"stream"`
+	Options ollamaOptions `json:"options"`
+}
+
+// ollamaMessage is one NDJSON message, or the whole answer when not streaming. Message is
+// set by /api/chat, Response by /api/generate; the counters only when Done.
+type ollamaMessage struct {
+	Model              string        `json:"model"`
+	CreatedAt          string        `json:"created_at"`
+	Message            *assistantMsg `json:"message,omitempty"`
+	Response           *string       `json:"response,omitempty"`
+	Done               bool          `json:"done"`
+	DoneReason         string        `json:"done_reason,omitempty"`
+	TotalDuration      int64         `json:"total_duration,omitempty"`
+	LoadDuration       int64         `json:"load_duration,omitempty"`
+	PromptEvalCount    int           `json:"prompt_eval_count,omitempty"`
+	PromptEvalDuration int64         `json:"prompt_eval_duration,omitempty"`
+	EvalCount          int           `json:"eval_count,omitempty"`
+	EvalDuration       int64         `json:"eval_duration,omitempty"`
+}
+
+func serveOllamaChat(x *exchange) {
+	var req ollamaChatRequest
+	if !x.decode(&req, func() string { return req.Model }) {
+		return
+	}
+	prompt, err := promptTokens(req.Messages)
+	if err != nil {
+		x.fail(http.StatusBadRequest, "invalid_request", "mock backend: "+err.Error())
+		return
+	}
+	x.ollamaAnswer(req.Model, true, prompt, req.Stream, req.Options.NumPredict)
+}
+
+func serveOllamaGenerate(x *exchange) {
+	var req ollamaGenerateRequest
+	if !x.decode(&req, func() string { return req.Model }) {
+		return
+	}
+	x.ollamaAnswer(req.Model, false, max(countWords(req.Prompt), 1), req.Stream, req.Options.NumPredict)
+}
+
+// ollamaAnswer answers /api/chat (chat) or /api/generate: NDJSON unless stream is false,
+// ending with the done message.
+func (x *exchange) ollamaAnswer(modelName string, chat bool, prompt int, stream *bool, numPredict int) {
+	completion, capped := completionTokens(x.set.completionTokens, numPredict)
+	message := func(text string) ollamaMessage {
+		m := ollamaMessage{Model: modelName, CreatedAt: time.Now().UTC().Format(time.RFC3339Nano)}
+		if chat {
+			m.Message = &assistantMsg{Role: "assistant", Content: text}
+		} else {
+			m.Response = &text
+		}
+		return m
+	}
+	done := func(text string) ollamaMessage {
+		m := message(text)
+		now := time.Now()
+		first := x.first
+		if first.IsZero() {
+			first = now
+		}
+		m.Done = true
+		m.DoneReason = finishReason(capped)
+		m.TotalDuration = max(now.Sub(x.start).Nanoseconds(), 1)
+		m.LoadDuration = max(x.ready.Sub(x.start).Nanoseconds(), 1)
+		m.PromptEvalCount = prompt
+		m.PromptEvalDuration = max(first.Sub(x.ready).Nanoseconds(), 1)
+		m.EvalCount = completion
+		m.EvalDuration = max(now.Sub(first).Nanoseconds(), 1)
+		return m
+	}
+
+	if stream != nil && !*stream {
+		x.reply(done(generatedPieces(completion, 1)[0]))
+		return
+	}
+	if !x.startStream("application/x-ndjson") {
+		return
+	}
+	pieces := generatedPieces(completion, x.set.chunks)
+	for i, piece := range pieces {
+		x.cutHere(i, len(pieces))
+		if !x.sendJSON(message(piece)) {
+			return
+		}
+	}
+	x.sendJSON(done(""))
+}
+
+// Ollama model list.
+
+type ollamaTags struct {
+	Models []ollamaModel `json:"models"`
+}
+
+type ollamaModel struct {
+	Name       string `json:"name"`
+	Model      string `json:"model"`
+	ModifiedAt string `json:"modified_at"`
+	Size       int64  `json:"size"`
+	Digest     string `json:"digest"`
+	Details    struct {
+		Format            string   `json:"format"`
+		Family            string   `json:"family"`
+		Families          []string `json:"families"`
+		ParameterSize     string   `json:"parameter_size"`
+		QuantizationLevel string   `json:"quantization_level"`
+	} `json:"details"`
+}
+
+func serveOllamaTags(x *exchange) {
+	out := ollamaTags{Models: make([]ollamaModel, len(x.mock.listed))}
+	for i, name := range x.mock.listed {
+		sum := sha256.Sum256([]byte(name))
+		m := ollamaModel{
+			Name: name, Model: name,
+			ModifiedAt: mockCreated.Format(time.RFC3339),
+			Digest:     hex.EncodeToString(sum[:]),
+		}
+		m.Details.Format = "gguf"
+		m.Details.Family = "mock"
+		m.Details.Families = []string{"mock"}
+		m.Details.ParameterSize = "0B"
+		m.Details.QuantizationLevel = "none"
+		out.Models[i] = m
+	}
+	x.reply(out)
+}

@@ -1,0 +1,161 @@
+// Package credits holds the money of the gateway: amounts in integer micro-credits, prices per
+// million tokens, and the Ledger that reserves, settles and releases them exactly once.
+//
+// No floating point touches an Amount: parsing and formatting are done on decimal strings.
+package credits
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"math/bits"
+	"strconv"
+	"strings"
+)
+
+// Amount is a quantity of credits in micro-credits: 1 credit = 1,000,000 micro-credits.
+// In JSON it is a number of credits with up to six decimals ("1.5" is 1,500,000 micro-credits).
+type Amount int64
+
+// Credit is one credit.
+const Credit Amount = 1_000_000
+
+// MaxAmount bounds every amount the gateway accepts from outside: one trillion credits.
+const MaxAmount Amount = 1_000_000_000_000 * Credit
+
+// ErrInvalidAmount reports text that is not a decimal amount of credits.
+var ErrInvalidAmount = errors.New("invalid amount")
+
+// ErrOverflow reports arithmetic on amounts or token counts that would leave int64 range.
+var ErrOverflow = errors.New("amount overflow")
+
+// ParseAmount reads a decimal number of credits ("12", "0.000001", "-3.5") into micro-credits.
+// It refuses exponents, more than six decimals, and values beyond MaxAmount.
+func ParseAmount(s string) (Amount, error) {
+	if s == "" || len(s) > 32 {
+		return 0, ErrInvalidAmount
+	}
+	neg := false
+	switch s[0] {
+	case '-':
+		neg, s = true, s[1:]
+	case '+':
+		s = s[1:]
+	}
+	whole, frac, hasDot := strings.Cut(s, ".")
+	if whole == "" && frac == "" || hasDot && frac == "" || len(frac) > 6 {
+		return 0, ErrInvalidAmount
+	}
+	if whole == "" {
+		whole = "0"
+	}
+	for _, part := range []string{whole, frac} {
+		for i := 0; i < len(part); i++ {
+			if part[i] < '0' || part[i] > '9' {
+				return 0, ErrInvalidAmount
+			}
+		}
+	}
+	w, err := strconv.ParseInt(whole, 10, 64)
+	if err != nil || w > int64(MaxAmount/Credit) {
+		return 0, ErrInvalidAmount
+	}
+	f := int64(0)
+	if frac != "" {
+		frac += strings.Repeat("0", 6-len(frac))
+		f, _ = strconv.ParseInt(frac, 10, 64)
+	}
+	a := Amount(w)*Credit + Amount(f)
+	if neg {
+		a = -a
+	}
+	return a, nil
+}
+
+// String formats the amount as decimal credits without trailing zeros: "1.5", "0.000001", "-2".
+func (a Amount) String() string {
+	if a == math.MinInt64 {
+		return "-9223372036854.775808"
+	}
+	sign := ""
+	if a < 0 {
+		sign, a = "-", -a
+	}
+	whole, frac := a/Credit, a%Credit
+	if frac == 0 {
+		return sign + strconv.FormatInt(int64(whole), 10)
+	}
+	f := strings.TrimRight(fmt.Sprintf("%06d", int64(frac)), "0")
+	return sign + strconv.FormatInt(int64(whole), 10) + "." + f
+}
+
+// MarshalJSON writes the amount as a JSON number of credits.
+func (a Amount) MarshalJSON() ([]byte, error) { return []byte(a.String()), nil }
+
+// UnmarshalJSON reads a JSON number (or a string holding one) of credits.
+func (a *Amount) UnmarshalJSON(b []byte) error {
+	s := string(b)
+	if len(s) >= 2 && s[0] == '"' && s[len(s)-1] == '"' {
+		s = s[1 : len(s)-1]
+	}
+	v, err := ParseAmount(s)
+	if err != nil {
+		return fmt.Errorf("amount %q: %w", truncate(s, 40), err)
+	}
+	*a = v
+	return nil
+}
+
+// Add returns a+b, or ErrOverflow.
+func (a Amount) Add(b Amount) (Amount, error) {
+	s := a + b
+	if (b > 0 && s < a) || (b < 0 && s > a) {
+		return 0, ErrOverflow
+	}
+	return s, nil
+}
+
+// Price is what a model costs: credits per one million input tokens and per one million output
+// tokens, each held as micro-credits per million tokens.
+type Price struct {
+	// Input is the price of one million prompt tokens.
+	Input Amount `json:"input"`
+	// Output is the price of one million completion tokens.
+	Output Amount `json:"output"`
+}
+
+// Cost is what inputTokens and outputTokens cost at this price, rounded up to the next
+// micro-credit. Negative counts or prices, or a product beyond int64, give ErrOverflow.
+func (p Price) Cost(inputTokens, outputTokens int64) (Amount, error) {
+	if inputTokens < 0 || outputTokens < 0 || p.Input < 0 || p.Output < 0 {
+		return 0, ErrOverflow
+	}
+	hi1, lo1 := bits.Mul64(uint64(inputTokens), uint64(p.Input))
+	hi2, lo2 := bits.Mul64(uint64(outputTokens), uint64(p.Output))
+	lo, carry := bits.Add64(lo1, lo2, 0)
+	hi, carry2 := bits.Add64(hi1, hi2, carry)
+	if carry2 != 0 {
+		return 0, ErrOverflow
+	}
+	// Round up: (x + 999999) / 1e6 on 128 bits.
+	lo, carry = bits.Add64(lo, 999_999, 0)
+	hi += carry
+	if hi >= 1_000_000 {
+		return 0, ErrOverflow
+	}
+	q, _ := bits.Div64(hi, lo, 1_000_000)
+	if q > math.MaxInt64 {
+		return 0, ErrOverflow
+	}
+	return Amount(q), nil
+}
+
+func truncate(s string, n int) string {
+	if len(s) > n {
+		return s[:n] + "…"
+	}
+	return s
+}
+
+// Credits is the amount as a float number of credits, for metrics only: never compute with it.
+func (a Amount) Credits() float64 { return float64(a) / float64(Credit) }

@@ -1,0 +1,241 @@
+package metering
+
+import (
+	"bytes"
+	"encoding/json"
+	"io"
+	"strconv"
+	"strings"
+	"testing"
+	"unicode/utf8"
+)
+
+// The committed seed corpora under testdata/fuzz/ hold realistic streams and bodies; the
+// targets add a few more here.
+
+func FuzzSSEUsage(f *testing.F) {
+	f.Add([]byte(sseRole+sseContent("Hi")+sseFinish+sseUsage+sseDone), []byte{}, true, false)
+	f.Add([]byte(strings.ReplaceAll(sseContent("Hi")+sseUsage, "\n", "\r\n")), []byte{3, 50, 7}, false, true)
+	f.Add([]byte("data: {\"choices\":[],\ndata: \"usage\":{\"prompt_tokens\":3}}\r\r\n: c\n\n"), []byte{1, 2}, true, true)
+	fuzzStream(f, SSE)
+}
+
+func FuzzNDJSONUsage(f *testing.F) {
+	f.Add([]byte(`{"message":{"content":"Hi"},"done":false}`+"\n"+`{"done":true,"prompt_eval_count":2,"eval_count":1}`+"\n"), []byte{}, false, false)
+	f.Add([]byte(`{"response":"a","done":false}`+"\r\n"+`{"done":true,"eval_count":0}`), []byte{9}, false, true)
+	fuzzStream(f, NDJSON)
+}
+
+// fuzzStream checks that a stream cut anywhere meters and writes exactly as the whole stream,
+// and that nothing but the usage message is ever changed.
+func fuzzStream(f *testing.F, format Format) {
+	fields := []byte(`"credits_charged":1`)
+	f.Fuzz(func(t *testing.T, stream, cuts []byte, hide, small bool) {
+		type result struct {
+			out      string
+			usage    Usage
+			hasUsage bool
+			calls    int
+			produced Produced
+			done     bool
+		}
+		run := func(parts [][]byte, hide bool, onUsage bool) result {
+			var r result
+			m := &StreamMeter{Format: format, HideUsage: hide}
+			limit := MaxMessage
+			if small {
+				m.limit, limit = 64, 64
+			}
+			if onUsage {
+				m.OnUsage = func(u Usage) []byte {
+					r.calls++
+					return fields
+				}
+			}
+			var out bytes.Buffer
+			for _, p := range parts {
+				if err := m.Write(&out, p); err != nil {
+					t.Fatal(err)
+				}
+				if len(m.buf) > limit {
+					t.Fatalf("held back %d bytes", len(m.buf))
+				}
+			}
+			if err := m.Flush(&out); err != nil {
+				t.Fatal(err)
+			}
+			r.out = out.String()
+			r.usage, r.hasUsage = m.Usage()
+			r.produced, r.done = m.Produced(), m.Done()
+			return r
+		}
+
+		split := cut(stream, cuts)
+		whole := run([][]byte{stream}, hide, true)
+		if got := run(split, hide, true); got != whole {
+			t.Fatalf("split into %d writes:\n%+v\nwhole:\n%+v", len(split), got, whole)
+		}
+		if whole.calls > 1 {
+			t.Fatalf("OnUsage called %d times", whole.calls)
+		}
+		if u := whole.usage; whole.hasUsage && (u.InputTokens < 0 || u.InputTokens > MaxTokens || u.OutputTokens < 0 || u.OutputTokens > MaxTokens) {
+			t.Fatalf("usage out of range: %+v", u)
+		}
+
+		// Without fields to add and nothing to hide, the output is the input.
+		plain := run(split, false, false)
+		if plain.out != string(stream) {
+			t.Fatalf("pass-through changed the stream:\n%q\nto\n%q", stream, plain.out)
+		}
+		if plain.usage != whole.usage || plain.hasUsage != whole.hasUsage || plain.produced != whole.produced || plain.done != whole.done {
+			t.Fatalf("metering depends on OnUsage or HideUsage: %+v vs %+v", plain, whole)
+		}
+
+		// With fields, the output is the input with the fields inserted once, if at all.
+		added := run(split, false, true)
+		if added.calls == 0 {
+			if added.out != string(stream) {
+				t.Fatalf("changed a stream without usage")
+			}
+			return
+		}
+		if !removesTo(added.out, ","+string(fields), string(stream)) && !removesTo(added.out, string(fields), string(stream)) {
+			t.Fatalf("usage message rewritten beyond the fields:\n%q\nto\n%q", stream, added.out)
+		}
+	})
+}
+
+// cut splits b into writes whose lengths come from cuts; no cuts means byte by byte.
+func cut(b, cuts []byte) [][]byte {
+	var parts [][]byte
+	for i := 0; len(b) > 0; i++ {
+		n := 1
+		if len(cuts) > 0 {
+			n = 1 + int(cuts[i%len(cuts)])%48
+		}
+		n = min(n, len(b))
+		parts = append(parts, b[:n])
+		b = b[n:]
+	}
+	return parts
+}
+
+// removesTo reports whether removing one occurrence of sub from s gives want.
+func removesTo(s, sub, want string) bool {
+	if len(s) != len(want)+len(sub) {
+		return false
+	}
+	for i := 0; i+len(sub) <= len(s); i++ {
+		if s[i:i+len(sub)] == sub && s[:i]+s[i+len(sub):] == want {
+			return true
+		}
+	}
+	return false
+}
+
+func FuzzJSONUsage(f *testing.F) {
+	f.Add([]byte(`{"usage":{"prompt_tokens":9,"completion_tokens":12,"total_tokens":21}}`))
+	f.Add([]byte(`{"done":true,"prompt_eval_count":26,"eval_count":290}`))
+	f.Add([]byte(`"\ud83d\ude00 caf\u00e9"`))
+	f.Fuzz(func(t *testing.T, body []byte) {
+		u, ok := UsageFromJSON(body)
+		if ok && (u.InputTokens < 0 || u.InputTokens > MaxTokens || u.OutputTokens < 0 || u.OutputTokens > MaxTokens) {
+			t.Fatalf("usage out of range: %+v", u)
+		}
+		if !ok && u != (Usage{}) {
+			t.Fatalf("usage %+v without ok", u)
+		}
+		if ok && !json.Valid(body) {
+			t.Fatalf("usage read from invalid JSON")
+		}
+		want, wantOK := referenceUsage(body)
+		if ok != wantOK && !(wantOK && nesting(body) >= maxDepth) || ok && u != want {
+			t.Fatalf("UsageFromJSON = %+v, %v; encoding/json reads %+v, %v", u, ok, want, wantOK)
+		}
+
+		// The walker accepts what encoding/json accepts, and counts text as it decodes it.
+		end := skipValue(body, skipSpace(body, 0), 0)
+		if (end >= 0 && skipSpace(body, end) == len(body)) != json.Valid(body) && nesting(body) < maxDepth {
+			t.Fatalf("walker and encoding/json disagree on validity")
+		}
+		var s string
+		if start := skipSpace(body, 0); end > start && body[start] == '"' && utf8.Valid(body) && json.Unmarshal(body, &s) == nil {
+			if n := textLen(body[start:end]); n != int64(len(s)) {
+				t.Fatalf("textLen = %d, decoded %d bytes", n, len(s))
+			}
+		}
+	})
+}
+
+// referenceUsage is UsageFromJSON written with encoding/json.
+func referenceUsage(body []byte) (Usage, bool) {
+	d := json.NewDecoder(bytes.NewReader(body))
+	d.UseNumber()
+	var top map[string]any
+	if d.Decode(&top) != nil || top == nil {
+		return Usage{}, false
+	}
+	if _, err := d.Token(); err != io.EOF {
+		return Usage{}, false
+	}
+	count := func(v any, present bool) (int64, bool) {
+		if !present || v == nil {
+			return 0, true
+		}
+		n, isNum := v.(json.Number)
+		if !isNum || strings.ContainsAny(string(n), "-.eE") {
+			return 0, false
+		}
+		i, err := strconv.ParseInt(string(n), 10, 64)
+		return i, err == nil && i <= MaxTokens
+	}
+	if usage, isObj := top["usage"].(map[string]any); isObj {
+		p, hasP := usage["prompt_tokens"]
+		c, hasC := usage["completion_tokens"]
+		in, ok1 := count(p, hasP)
+		out, ok2 := count(c, hasC)
+		if !ok1 || !ok2 || p == nil {
+			return Usage{}, false
+		}
+		return Usage{in, out}, true
+	}
+	p, hasP := top["prompt_eval_count"]
+	e, hasE := top["eval_count"]
+	if (!hasP || p == nil) && (!hasE || e == nil) {
+		return Usage{}, false
+	}
+	in, ok1 := count(p, hasP)
+	out, ok2 := count(e, hasE)
+	if !ok1 || !ok2 {
+		return Usage{}, false
+	}
+	return Usage{in, out}, true
+}
+
+// nesting returns the deepest nesting of arrays and objects in b, roughly.
+func nesting(b []byte) int {
+	depth, deepest, inString := 0, 0, false
+	for i := 0; i < len(b); i++ {
+		switch c := b[i]; {
+		case inString && c == '\\':
+			i++
+		case c == '"':
+			inString = !inString
+		case !inString && (c == '[' || c == '{'):
+			depth++
+			deepest = max(deepest, depth)
+		case !inString && (c == ']' || c == '}'):
+			depth--
+		}
+	}
+	return deepest
+}
+
+func TestFuzzHelpers(t *testing.T) {
+	if got := cut([]byte("abcdef"), []byte{1, 0}); len(got) != 4 {
+		t.Errorf("cut = %q", got)
+	}
+	if !removesTo(`{"a":1,"x":2}`, `,"x":2`, `{"a":1}`) || removesTo(`{"a":1}`, `,"x":2`, `{"a":1}`) {
+		t.Error("removesTo")
+	}
+}
