@@ -120,12 +120,17 @@ func (x *exchange) startStream(contentType string) bool {
 	return x.flush()
 }
 
-// send writes one stream message and flushes it, after ChunkInterval when it is not the
-// first; it returns false when the client is gone.
-func (x *exchange) send(message []byte) bool {
-	if x.sent > 0 && !sleep(x.r.Context(), x.set.chunkInterval) {
-		return false
+// pause waits ChunkInterval before every stream message but the first; it returns false
+// when the client is gone.
+func (x *exchange) pause() bool {
+	if x.sent == 0 {
+		return true
 	}
+	return sleep(x.r.Context(), x.set.chunkInterval)
+}
+
+// send writes one stream message and flushes it; it returns false when the client is gone.
+func (x *exchange) send(message []byte) bool {
 	if _, err := x.w.Write(message); err != nil {
 		return false
 	}
@@ -154,7 +159,8 @@ func (x *exchange) sendJSON(v any) bool {
 }
 
 // cutHere aborts the connection when FaultCut is on and content message i of n is the
-// first one not to be sent.
+// first one not to be sent (checked after the pause before it, as a connection that drops
+// mid-generation would).
 func (x *exchange) cutHere(i, n int) {
 	if x.set.fault == FaultCut && i == n/2 {
 		abortConnection()
@@ -428,6 +434,9 @@ func serveChatCompletions(x *exchange) {
 	}
 	pieces := generatedPieces(completion, x.set.chunks)
 	for i, piece := range pieces {
+		if !x.pause() {
+			return
+		}
 		x.cutHere(i, len(pieces))
 		c := chunkChoice{Delta: assistantMsg{Content: piece}}
 		if i == 0 {
@@ -444,7 +453,7 @@ func serveChatCompletions(x *exchange) {
 		}
 	}
 	if req.StreamOptions != nil && req.StreamOptions.IncludeUsage {
-		if !x.sendJSON(chatChunk{
+		if !x.pause() || !x.sendJSON(chatChunk{
 			ID: id, Object: "chat.completion.chunk", Created: created, Model: req.Model,
 			SystemFingerprint: systemFingerprint, Choices: []chunkChoice{}, Usage: &u,
 		}) {
@@ -679,12 +688,17 @@ func (x *exchange) ollamaAnswer(modelName string, chat bool, prompt int, stream 
 	}
 	pieces := generatedPieces(completion, x.set.chunks)
 	for i, piece := range pieces {
+		if !x.pause() {
+			return
+		}
 		x.cutHere(i, len(pieces))
 		if !x.sendJSON(message(piece)) {
 			return
 		}
 	}
-	x.sendJSON(done(""))
+	if x.pause() {
+		x.sendJSON(done(""))
+	}
 }
 
 // Ollama model list.

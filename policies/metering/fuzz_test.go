@@ -125,8 +125,16 @@ func removesTo(s, sub, want string) bool {
 	if len(s) != len(want)+len(sub) {
 		return false
 	}
-	for i := 0; i+len(sub) <= len(s); i++ {
-		if s[i:i+len(sub)] == sub && s[:i]+s[i+len(sub):] == want {
+	prefix := 0 // s and want agree on their first prefix bytes
+	for prefix < len(want) && s[prefix] == want[prefix] {
+		prefix++
+	}
+	suffix := 0 // and on their last suffix bytes
+	for suffix < len(want) && s[len(s)-1-suffix] == want[len(want)-1-suffix] {
+		suffix++
+	}
+	for i := max(0, len(want)-suffix); i <= prefix; i++ {
+		if s[i:i+len(sub)] == sub {
 			return true
 		}
 	}

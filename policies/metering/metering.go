@@ -17,7 +17,7 @@ type Usage struct {
 	InputTokens, OutputTokens int64
 }
 
-// Format is the shape of a backend response body.
+// Format is the shape of a backend response body. The zero Format is none of them.
 type Format int
 
 // The response formats.

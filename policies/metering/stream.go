@@ -106,14 +106,17 @@ func (m *StreamMeter) Write(dst io.Writer, p []byte) error {
 		}
 		p = p[n:]
 	}
-	if cap(m.buf) > 64<<10 && len(m.buf) == 0 {
-		m.buf = nil
+	if len(m.buf) == 0 && cap(m.buf) > 64<<10 {
+		m.buf = nil // do not keep a long message's memory for the rest of the stream
+	}
+	if cap(m.joined) > 64<<10 {
+		m.joined = nil
 	}
 	return w.err
 }
 
-// Flush ends the stream: it writes on the held-back bytes, metered as the last message (so a
-// final line without its line end still counts).
+// Flush ends the stream: it meters and writes on the held-back bytes as the last message, as if
+// it were complete, so that a final line or event without its line end still counts.
 func (m *StreamMeter) Flush(dst io.Writer) error {
 	w := sink{dst: dst}
 	if len(m.buf) > 0 {
@@ -186,17 +189,24 @@ func (m *StreamMeter) boundary(p []byte) (int, bool) {
 	return len(p), false
 }
 
-// lineEnd returns the index of the first CR or LF in b, or -1.
+// lineEnd returns the index of the first CR or LF in b, or -1. It looks through windows that
+// double in size, so that its cost stays proportional to the distance it finds, even when one
+// of the two bytes is far away or absent.
 func lineEnd(b []byte) int {
-	lf := bytes.IndexByte(b, '\n')
-	in := b
-	if lf >= 0 {
-		in = b[:lf]
+	for start, size := 0, 64; start < len(b); start, size = start+size, size*2 {
+		w := b[start:min(len(b), start+size)]
+		lf := bytes.IndexByte(w, '\n')
+		if lf >= 0 {
+			w = w[:lf]
+		}
+		if cr := bytes.IndexByte(w, '\r'); cr >= 0 {
+			return start + cr
+		}
+		if lf >= 0 {
+			return start + lf
+		}
 	}
-	if cr := bytes.IndexByte(in, '\r'); cr >= 0 {
-		return cr
-	}
-	return lf
+	return -1
 }
 
 // message meters one complete message and writes it on, rewritten or dropped as needed.

@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"strings"
 	"testing"
+	"time"
 )
 
 const testFields = `"credits_charged":0.12,"credits_remaining":3`
@@ -584,5 +585,32 @@ func BenchmarkStreamMeterNDJSON(b *testing.B) {
 			_ = m.Write(io.Discard, r)
 		}
 		_ = m.Flush(io.Discard)
+	}
+}
+
+func TestStreamMeterLinearTime(t *testing.T) {
+	// Inputs that would make a careless scanner quadratic; each must take well under a second.
+	for name, in := range map[string]string{
+		"cr lines":      strings.Repeat("a\r", MaxMessage/2),
+		"cr only":       strings.Repeat("\r", MaxMessage),
+		"one long line": "data: " + strings.Repeat("x", MaxMessage-10),
+		"deep json":     "data: " + strings.Repeat("[", MaxMessage/4) + "\n\n",
+		"many keys":     "data: {" + strings.Repeat(`"k":1,`, MaxMessage/8) + `"usage":{"prompt_tokens":1}}` + "\n\n",
+		"escaped keys":  "data: {" + strings.Repeat(`"\u006b":1,`, MaxMessage/16) + `"usage":{"prompt_tokens":1}}` + "\n\n",
+		"ndjson":        strings.Repeat(`{"response":"x","done":false}`+"\n", MaxMessage/32),
+	} {
+		for _, format := range []Format{SSE, NDJSON} {
+			for _, size := range []int{len(in), 4096} {
+				start := time.Now()
+				m := &StreamMeter{Format: format}
+				for _, p := range splitEvery(in, size) {
+					_ = m.Write(io.Discard, []byte(p))
+				}
+				_ = m.Flush(io.Discard)
+				if d := time.Since(start); d > 2*time.Second {
+					t.Errorf("%s, format %d, writes of %d: %v", name, format, size, d)
+				}
+			}
+		}
 	}
 }

@@ -46,7 +46,10 @@ CREATE TABLE accounts (
 ) STRICT, WITHOUT ROWID;
 
 -- reservations holds the open reservations only: closing one deletes its row, so a
--- reservation is closed at most once by whichever DELETE gets it.
+-- reservation is closed at most once by whichever DELETE gets it. It only ever holds the
+-- requests in flight, so it has no index besides its key: scanning it for expired reservations
+-- or an account's open total is cheaper than keeping indexes up to date on every reserve and
+-- settle.
 CREATE TABLE reservations (
     id         TEXT    NOT NULL PRIMARY KEY,
     account_id TEXT    NOT NULL REFERENCES accounts (id),
@@ -54,9 +57,6 @@ CREATE TABLE reservations (
     created_at INTEGER NOT NULL,
     expires_at INTEGER NOT NULL
 ) STRICT, WITHOUT ROWID;
-
-CREATE INDEX reservations_by_expiry ON reservations (expires_at);
-CREATE INDEX reservations_by_account ON reservations (account_id);
 
 -- ledger is append-only (see the triggers below): credits, grants and settlements.
 CREATE TABLE ledger (

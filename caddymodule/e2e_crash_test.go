@@ -1,0 +1,149 @@
+package caddymodule_test
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/credits"
+)
+
+// TestKill9DuringLoadThenRestart: a gateway process is killed with SIGKILL while it streams
+// for several users; restarted on the same store file it returns every reservation the crash
+// left open, and every account's books balance exactly.
+func TestKill9DuringLoadThenRestart(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts child processes")
+	}
+	const in, out = "1000", "2000"
+	s := setup{
+		gateway: `
+		backend slow {
+			url {mock.slow}
+			health_check {
+				disabled
+			}
+			model mock-small {
+				input_price ` + in + `
+				output_price ` + out + `
+			}
+		}
+		backend fast {
+			url {mock.fast}
+			health_check {
+				disabled
+			}
+			model fast-model {
+				input_price ` + in + `
+				output_price ` + out + `
+			}
+		}`,
+		mocks: []mockSpec{
+			{key: "slow", lines: "models mock-small\n\t\tchunks 50\n\t\tchunk_interval 100ms\n\t\tcompletion_tokens 50"},
+			{key: "fast", lines: "models fast-model"},
+		},
+	}
+	e := newEnv(t, s)
+	e.startChild(s)
+
+	type account struct {
+		user userView
+		key  keyView
+	}
+	var users []account
+	for i := range 3 {
+		u, k := e.userWithKey(fmt.Sprintf("crash%d@example.com", i), "20")
+		users = append(users, account{u, k})
+	}
+	// A few requests finish before the crash, so that there are settlements to keep.
+	for _, a := range users {
+		r := e.post("/v1/chat/completions", `{"model":"fast-model","messages":[{"role":"user","content":"quick one"}],"max_tokens":5}`, bearer(a.key.Key))
+		if r.status != http.StatusOK {
+			t.Fatalf("warm-up request: %s", r)
+		}
+	}
+
+	// The load: 30 slow streams (5 s each), 10 per user, and short requests beside them.
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	var wg sync.WaitGroup
+	streamBody := `{"model":"mock-small","messages":[{"role":"user","content":"a long answer please"}],"max_tokens":60,"stream":true}`
+	for i := range 30 {
+		a := users[i%len(users)]
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			resp, err := e.client.Do(e.newRequest(ctx, http.MethodPost, e.gw+"/v1/chat/completions", streamBody, bearer(a.key.Key)))
+			if err != nil {
+				return // the gateway died under it: expected
+			}
+			_, _ = io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+		}()
+	}
+	stopShort := make(chan struct{})
+	for _, a := range users {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case <-stopShort:
+					return
+				default:
+				}
+				resp, err := e.client.Do(e.newRequest(ctx, http.MethodPost, e.gw+"/v1/chat/completions",
+					`{"model":"fast-model","messages":[{"role":"user","content":"short"}],"max_tokens":3}`, bearer(a.key.Key)))
+				if err != nil {
+					return
+				}
+				_, _ = io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+			}
+		}()
+	}
+	// Wait until the streams are in flight: every one was reserved before it was forwarded.
+	poll(t, 60*time.Second, "30 streams reach the backend", func() (bool, string) {
+		n := e.mockCounts("slow")["/v1/chat/completions"]
+		return n >= 30, fmt.Sprintf("%d streams", n)
+	})
+	e.kill9()
+	close(stopShort)
+	wg.Wait()
+
+	// The crash left reservations open in the file.
+	var openBefore int
+	for _, a := range e.accounts() {
+		openBefore += a.reservations
+	}
+	if openBefore == 0 {
+		t.Fatalf("no reservation was open at the crash: the test proves nothing")
+	}
+	t.Logf("%d reservations open after kill -9", openBefore)
+
+	// Restart on the same file: every reservation is returned and the books balance.
+	e.startChild(s)
+	for _, a := range users {
+		au := e.settledAudit(a.user.ID)
+		if au.Credited != credits.Amount(micro(t, "20")) {
+			t.Errorf("user %s: credited %s, want 20", a.user.ID, au.Credited)
+		}
+		if au.Settled == 0 {
+			t.Errorf("user %s: the settlements before the crash were lost", a.user.ID)
+		}
+		// Still serving after the restart.
+		r := e.post("/v1/chat/completions", `{"model":"fast-model","messages":[{"role":"user","content":"after"}],"max_tokens":2}`, bearer(a.key.Key))
+		if r.status != http.StatusOK {
+			t.Errorf("after the restart: %s", r)
+		}
+		e.settledAudit(a.user.ID)
+	}
+	accs := e.checkAllAccounts(0)
+	if len(accs) != len(users) {
+		t.Errorf("%d accounts in the store, want %d", len(accs), len(users))
+	}
+}

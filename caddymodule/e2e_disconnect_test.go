@@ -1,0 +1,139 @@
+package caddymodule_test
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/credits"
+)
+
+// TestClientDisconnectMidStream: a client that goes away after 3 chunks of a slow stream is
+// still charged exactly the full usage the backend reports at the end (the gateway drains the
+// stream), the reservation is closed and the in-flight and stream gauges return to 0; a backend
+// that cuts its stream mid-way gets the request charged for what was produced, once.
+func TestClientDisconnectMidStream(t *testing.T) {
+	const in, out = "1000", "3000"
+	e := startGateway(t, setup{
+		gateway: `
+		drain_timeout 30s
+		backend slow {
+			url {mock.slow}
+			health_check {
+				disabled
+			}
+			model mock-small {
+				input_price ` + in + `
+				output_price ` + out + `
+			}
+		}`,
+		mocks: []mockSpec{{key: "slow", lines: "models mock-small"}},
+	})
+	const initial = "50"
+	u, k := e.userWithKey("leaver@example.com", initial)
+	const messages = `[{"role":"user","content":"tell me a long story"}]` // 5 words
+	body := `{"model":"mock-small","messages":` + messages + `,"max_tokens":100,"stream":true}`
+
+	// openStream starts a stream and reads n SSE events of it.
+	openStream := func(hdr map[string]string, n int) (*http.Response, *bufio.Reader, context.CancelFunc) {
+		t.Helper()
+		ctx, cancel := context.WithCancel(context.Background())
+		h := map[string]string{"Authorization": "Bearer " + k.Key}
+		for k, v := range hdr {
+			h[k] = v
+		}
+		resp, err := e.client.Do(e.newRequest(ctx, http.MethodPost, e.gw+"/v1/chat/completions", body, h))
+		if err != nil {
+			cancel()
+			t.Fatalf("stream: %v", err)
+		}
+		if resp.StatusCode != http.StatusOK {
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			cancel()
+			t.Fatalf("stream: %d %s", resp.StatusCode, b)
+		}
+		rd := bufio.NewReader(resp.Body)
+		for got := 0; got < n; {
+			line, err := rd.ReadString('\n')
+			if err != nil {
+				t.Fatalf("reading event %d: %v", got+1, err)
+			}
+			if strings.HasPrefix(line, "data: ") {
+				got++
+			}
+		}
+		return resp, rd, cancel
+	}
+	open := func() credits.Amount { return e.ledger(u.ID).Audit.Open }
+	reserved := cost(t, promptEstimate(messages), 100, in, out)
+
+	// 1. The client leaves after 3 of 40 chunks (50 ms apart).
+	resp, _, cancel := openStream(map[string]string{"X-Mock-Chunks": "40", "X-Mock-Chunk-Interval": "50ms",
+		"X-Mock-Completion-Tokens": "40"}, 3)
+	if got := open(); got != reserved {
+		t.Errorf("open reservation during the stream %s, want %s", got, reserved)
+	}
+	resp.Body.Close()
+	cancel()
+	full := cost(t, 5, 40, in, out)
+	a := e.settledAudit(u.ID)
+	st := e.settlements(u.ID)
+	if len(st) != 1 {
+		t.Fatalf("%d settlements after the disconnect, want 1: %+v", len(st), st)
+	}
+	if st[0].Amount != full || st[0].Usage == nil || st[0].Usage.InputTokens != 5 || st[0].Usage.OutputTokens != 40 {
+		t.Errorf("the left stream settled %s (usage %+v), want the full usage 5+40 = %s", st[0].Amount, st[0].Usage, full)
+	}
+	if want := credits.Amount(micro(t, initial)) - full; a.Balance != want {
+		t.Errorf("balance %s, want %s", a.Balance, want)
+	}
+	e.expectIdleGauges("slow")
+
+	// 2. The backend cuts its stream after half of its chunks.
+	before := credits.Amount(micro(t, initial)) - full
+	resp, rd, cancel := openStream(map[string]string{"X-Mock-Fault": "cut", "X-Mock-Chunks": "4",
+		"X-Mock-Chunk-Interval": "300ms", "X-Mock-Completion-Tokens": "16"}, 1)
+	if got := open(); got != reserved {
+		t.Errorf("open reservation during the cut stream %s, want %s", got, reserved)
+	}
+	rest, err := io.ReadAll(rd)
+	resp.Body.Close()
+	cancel()
+	t.Logf("after the cut the client read %q, err %v", truncate(string(rest), 200), err)
+	if strings.Contains(string(rest), "[DONE]") {
+		t.Errorf("a cut stream reached the client as complete")
+	}
+	a = e.settledAudit(u.ID)
+	st = e.settlements(u.ID)
+	if len(st) != 2 {
+		t.Fatalf("%d settlements, want 2 (the cut stream settled once): %+v", len(st), st)
+	}
+	charged := st[1].Amount
+	if charged <= 0 || charged > reserved {
+		t.Errorf("the cut stream was charged %s, want more than 0 and at most the reservation %s", charged, reserved)
+	}
+	if a.Balance != before-charged {
+		t.Errorf("balance %s, want %s - %s", a.Balance, before, charged)
+	}
+	e.expectIdleGauges("slow")
+	e.checkAllAccounts(0)
+}
+
+// expectIdleGauges waits until the admin metrics show nothing in flight to backend and no
+// active stream.
+func (e *env) expectIdleGauges(backend string) {
+	e.t.Helper()
+	poll(e.t, 10*time.Second, "gauges back to 0", func() (bool, string) {
+		s := e.scrape()
+		inflight, ok1 := metricSum(s, "llm_gateway_backend_inflight_requests", map[string]string{"backend": backend})
+		streams, ok2 := metricSum(s, "llm_gateway_active_streams", nil)
+		return ok1 && ok2 && inflight == 0 && streams == 0,
+			fmt.Sprintf("backend_inflight_requests{backend=%q} = %v (found %v), active_streams = %v (found %v)", backend, inflight, ok1, streams, ok2)
+	})
+}

@@ -1,0 +1,432 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// bench is one run: its temporary folder, its processes and what they measured.
+type bench struct {
+	cfg  config
+	root string // temporary folder, removed by close unless -keep-tmp
+	res  *results
+
+	hz      int64  // clock ticks per second of /proc stat times
+	key     string // the bench user's API key, in every store
+	baseDB  string // the seeded store (1 key) that the gateways' files are copies of
+	bigDB   string // the seeded store with -keys keys
+	spread  []string
+	mock    *proc
+	caddy   *proc
+	gateway *proc
+
+	start              time.Time
+	loadStart, loadEnd string
+	pprofTop           string
+}
+
+// Time bounds of the steps that are not bounded by -duration.
+const (
+	warmTime    = 10 * time.Second  // each warm-up
+	cpuMaxTime  = 120 * time.Second // one CPU-per-request measurement
+	openMaxTime = 30 * time.Second  // opening the slow streams
+)
+
+func (b *bench) close() {
+	stopAll()
+	if b.cfg.keepTmp {
+		logln("kept " + b.root)
+		return
+	}
+	os.RemoveAll(b.root)
+}
+
+func (b *bench) run(ctx context.Context) error {
+	cfg := b.cfg
+	b.start = time.Now()
+	b.loadStart = loadAvg()
+	bin, err := filepath.Abs(cfg.caddyBin)
+	if err != nil {
+		return err
+	}
+	if st, err := os.Stat(bin); err != nil || st.IsDir() || st.Mode()&0o111 == 0 {
+		return fmt.Errorf("-caddy %s: not an executable file (make build)", cfg.caddyBin)
+	}
+	b.cfg.caddyBin = bin
+	b.hz = clockTicks()
+
+	// The stores, before any server runs, so that seeding costs no measurement anything.
+	b.baseDB = filepath.Join(b.root, "base.db")
+	if b.key, err = seedBase(ctx, b.baseDB); err != nil {
+		return fmt.Errorf("seeding the store: %w", err)
+	}
+	b.bigDB = filepath.Join(b.root, "big.db")
+	if err := copyDB(b.baseDB, b.bigDB); err != nil {
+		return err
+	}
+	t0 := time.Now()
+	if b.spread, err = addKeys(ctx, b.bigDB, cfg.keys-1, cfg.spreadKeys); err != nil {
+		return fmt.Errorf("adding %d keys: %w", cfg.keys-1, err)
+	}
+	logln(fmt.Sprintf("seeded %d keys in %s", cfg.keys, time.Since(t0).Round(time.Millisecond)))
+
+	if b.mock, err = startCaddy(ctx, bin, b.root, "mock", false, func(addr, _, dir string) string {
+		return mockCaddyfile(addr, dir, cfg.ttftChunks, cfg.ttftInterval)
+	}); err != nil {
+		return err
+	}
+	if b.caddy, err = b.startPlainCaddy(ctx, "caddy"); err != nil {
+		return err
+	}
+	if b.gateway, err = b.startGateway(ctx, "gateway", ""); err != nil {
+		return err
+	}
+
+	direct := &target{name: "direct", url: b.mock.baseURL() + "/v1/chat/completions", keys: []string{b.key}, proc: b.mock}
+	caddy := &target{name: "caddy", url: b.caddy.baseURL() + "/v1/chat/completions", keys: []string{b.key}, proc: b.caddy}
+	gateway := &target{name: "gateway", url: b.gateway.baseURL() + "/v1/chat/completions", keys: []string{b.key}, proc: b.gateway}
+	for _, t := range []*target{direct, caddy, gateway} {
+		if err := smoke(ctx, t); err != nil {
+			return err
+		}
+	}
+
+	if err := b.proxying(ctx, []*target{direct, caddy, gateway}); err != nil {
+		return err
+	}
+	if cfg.pprofFile != "" {
+		if err := b.profile(ctx, gateway); err != nil {
+			return fmt.Errorf("profile: %w", err)
+		}
+	}
+	if err := b.cpu(ctx, caddy); err != nil {
+		return err
+	}
+	if err := b.memory(ctx); err != nil {
+		return err
+	}
+	b.loadEnd = loadAvg()
+
+	report := b.report()
+	fmt.Print(report)
+	if cfg.out != "" {
+		if err := os.WriteFile(cfg.out, []byte(report), 0o644); err != nil {
+			return err
+		}
+		logln("report written to " + cfg.out)
+	}
+	return nil
+}
+
+func (b *bench) startPlainCaddy(ctx context.Context, name string) (*proc, error) {
+	return startCaddy(ctx, b.cfg.caddyBin, b.root, name, false, func(addr, _, dir string) string {
+		return caddyCaddyfile(addr, dir, b.mock.addr)
+	})
+}
+
+// startGateway starts a gateway on db, or on a fresh copy of the seeded store when db is "".
+func (b *bench) startGateway(ctx context.Context, name, db string) (*proc, error) {
+	if db == "" {
+		f, err := os.CreateTemp(b.root, name+"-*.db")
+		if err != nil {
+			return nil, err
+		}
+		db = f.Name()
+		f.Close()
+		os.Remove(db)
+		if err := copyDB(b.baseDB, db); err != nil {
+			return nil, err
+		}
+	}
+	return startCaddy(ctx, b.cfg.caddyBin, b.root, name, true, func(addr, admin, dir string) string {
+		return gatewayCaddyfile(addr, admin, dir, b.mock.addr, db)
+	})
+}
+
+// smoke checks that a target answers a chat completion and a whole stream.
+func smoke(ctx context.Context, t *target) error {
+	cl := newClient(2, 30*time.Second)
+	defer cl.CloseIdleConnections()
+	if err := doChat(ctx, cl, t, 0); err != nil {
+		return fmt.Errorf("smoke test: %w\n%s", err, t.proc.logTail(20))
+	}
+	if _, _, err := doStream(ctx, cl, t, 0); err != nil {
+		return fmt.Errorf("smoke test: %w\n%s", err, t.proc.logTail(20))
+	}
+	return nil
+}
+
+// proxying measures, in interleaved rounds: throughput at c=conc, latency at c=1 and time to
+// first token at c=1 of each target.
+func (b *bench) proxying(ctx context.Context, targets []*target) error {
+	cfg, res := b.cfg, b.res
+	clients := map[string]*http.Client{}
+	for _, t := range targets {
+		clients[t.name] = newClient(2*cfg.conc, 60*time.Second)
+		defer clients[t.name].CloseIdleConnections()
+	}
+	ttftMax := max(30*time.Second, 4*cfg.duration)
+	logln("warming up")
+	for _, t := range targets {
+		runLoad(ctx, clients[t.name], t, cfg.conc, min(time.Second, cfg.duration), cfg.maxRequests, false)
+		runTTFT(ctx, clients[t.name], t, 10, warmTime)
+	}
+	for r := 0; r < cfg.rounds; r++ {
+		for _, t := range rotate(targets, r) {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			cl := clients[t.name]
+			tp := runLoad(ctx, cl, t, cfg.conc, cfg.duration, cfg.maxRequests, false)
+			res.add("rps", t.name, nanIf(tp.ok == 0, tp.rps()))
+			res.fail(t.name, tp.errs, tp.firstErr)
+
+			lat := runLoad(ctx, cl, t, 1, cfg.duration, cfg.maxRequests, true)
+			res.add("p50", t.name, nanIf(lat.ok == 0, ms(pct(lat.lat, .50))))
+			res.add("p99", t.name, nanIf(lat.ok == 0, ms(pct(lat.lat, .99))))
+			res.fail(t.name, lat.errs, lat.firstErr)
+
+			tt := runTTFT(ctx, cl, t, cfg.ttftN, ttftMax)
+			n := len(tt.ttft)
+			res.add("ttft50", t.name, nanIf(n == 0, ms(pct(tt.ttft, .50))))
+			res.add("ttft99", t.name, nanIf(n == 0, ms(pct(tt.ttft, .99))))
+			res.add("stream50", t.name, nanIf(n == 0, ms(pct(tt.total, .50))))
+			res.fail(t.name, tt.errs, tt.firstErr)
+			if n < cfg.ttftN && tt.errs == 0 {
+				res.notes = append(res.notes, fmt.Sprintf("round %d, %s: %d of %d TTFT streams within the time bound", r+1, t.name, n, cfg.ttftN))
+			}
+
+			logln(fmt.Sprintf("round %d %-8s %8.0f req/s (c=%d)  p50 %.3f ms  p99 %.3f ms (c=1)  TTFT p50 %.3f ms (%d streams)  errors %d",
+				r+1, t.name, tp.rps(), cfg.conc, ms(pct(lat.lat, .5)), ms(pct(lat.lat, .99)), ms(pct(tt.ttft, .5)), n,
+				tp.errs+lat.errs+tt.errs))
+		}
+	}
+	return nil
+}
+
+// profile takes a CPU profile of the gateway from its admin endpoint during an extra c=conc
+// run, which is not reported, so that the profiler costs no reported figure anything.
+func (b *bench) profile(ctx context.Context, gateway *target) error {
+	cfg := b.cfg
+	secs := cfg.pprofSeconds
+	logln(fmt.Sprintf("profiling the gateway for %ds at c=%d", secs, cfg.conc))
+	cl := newClient(2*cfg.conc, 60*time.Second)
+	defer cl.CloseIdleConnections()
+	loadDone := make(chan loadResult, 1)
+	go func() {
+		loadDone <- runLoad(ctx, cl, gateway, cfg.conc, time.Duration(secs)*time.Second+1500*time.Millisecond, cfg.maxRequests, false)
+	}()
+	time.Sleep(300 * time.Millisecond) // let the load reach its pace
+	err := fetchProfile(ctx, "http://"+b.gateway.admin+"/debug/pprof/profile?seconds="+strconv.Itoa(secs), cfg.pprofFile,
+		time.Duration(secs)*time.Second+30*time.Second)
+	lr := <-loadDone
+	if err != nil {
+		return err
+	}
+	logln(fmt.Sprintf("profile written to %s (%.0f req/s, %d errors during it)", cfg.pprofFile, lr.rps(), lr.errs))
+	b.res.fail("gateway (profiled run)", lr.errs, lr.firstErr)
+
+	// Its top, when the go tool is at hand.
+	tctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(tctx, "go", "tool", "pprof", "-top", "-nodecount=15", cfg.pprofFile).Output()
+	if err != nil {
+		b.res.notes = append(b.res.notes, "go tool pprof -top failed ("+err.Error()+"): no profile summary in this report")
+		return nil
+	}
+	b.pprofTop = strings.TrimSpace(string(out))
+	return nil
+}
+
+func fetchProfile(ctx context.Context, url, file string, timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 300))
+		return fmt.Errorf("%s: status %d: %s", url, resp.StatusCode, msg)
+	}
+	data, err := io.ReadAll(io.LimitReader(resp.Body, 256<<20))
+	if err != nil {
+		return err
+	}
+	if len(data) == 0 {
+		return errors.New("empty profile")
+	}
+	return os.WriteFile(file, data, 0o644)
+}
+
+// cpu measures CPU time per request: plain Caddy, a gateway on a store with 1 key and a gateway
+// on a store with -keys keys (the same key used, and, with -spread-keys, requests spread over
+// many keys). The two gateways are fresh processes started together, warmed alike and sent the
+// same requests, so that they differ in their store only.
+func (b *bench) cpu(ctx context.Context, caddy *target) error {
+	cfg, res := b.cfg, b.res
+	small, err := b.startGateway(ctx, "gateway-1key", "")
+	if err != nil {
+		return err
+	}
+	defer small.stop()
+	big, err := b.startGateway(ctx, "gateway-bigstore", b.bigDB)
+	if err != nil {
+		return err
+	}
+	defer big.stop()
+	url := "/v1/chat/completions"
+	targets := []*target{
+		caddy,
+		{name: "gateway-1key", url: small.baseURL() + url, keys: []string{b.key}, proc: small},
+		{name: "gateway-bigstore", url: big.baseURL() + url, keys: []string{b.key}, proc: big},
+	}
+	if len(b.spread) > 0 {
+		targets = append(targets, &target{name: "gateway-bigstore-spread", url: big.baseURL() + url, keys: b.spread, proc: big})
+	}
+	clients := map[string]*http.Client{}
+	for _, t := range targets {
+		if err := smoke(ctx, t); err != nil {
+			return err
+		}
+		clients[t.name] = newClient(2*cfg.cpuConc, 60*time.Second)
+		defer clients[t.name].CloseIdleConnections()
+	}
+	logln("warming up")
+	for _, t := range targets {
+		runLoad(ctx, clients[t.name], t, cfg.cpuConc, warmTime, int64(min(1000, cfg.cpuRequests)), false)
+	}
+	for r := 0; r < cfg.rounds; r++ {
+		for _, t := range rotate(targets, r) {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			pid := t.proc.pid()
+			t0, err := cpuTicks(pid)
+			if err != nil {
+				return fmt.Errorf("%s: %w", t.name, err)
+			}
+			lr := runLoad(ctx, clients[t.name], t, cfg.cpuConc, cpuMaxTime, int64(cfg.cpuRequests), false)
+			t1, err := cpuTicks(pid)
+			if err != nil {
+				return fmt.Errorf("%s: %w", t.name, err)
+			}
+			n := lr.ok + lr.errs
+			us := float64(t1-t0) * 1e6 / float64(b.hz) / float64(n)
+			res.add("cpu", t.name, nanIf(n == 0, us))
+			res.add("cpurps", t.name, nanIf(lr.ok == 0, lr.rps()))
+			res.fail(t.name, lr.errs, lr.firstErr)
+			if n < int64(cfg.cpuRequests) {
+				res.notes = append(res.notes, fmt.Sprintf("round %d, %s: %d of %d requests within %s", r+1, t.name, n, cfg.cpuRequests, cpuMaxTime))
+			}
+			logln(fmt.Sprintf("round %d %-24s %6.1f µs CPU/request (%d ticks, %d requests, %.0f req/s, %d errors)",
+				r+1, t.name, us, t1-t0, n, lr.rps(), lr.errs))
+		}
+	}
+	return nil
+}
+
+// memory measures the resident memory an open stream costs a freshly started gateway and a
+// freshly started plain Caddy: VmRSS with -streams slow streams open, minus VmRSS when idle,
+// divided by the streams open when it was read.
+func (b *bench) memory(ctx context.Context) error {
+	cfg, res := b.cfg, b.res
+	hdr := http.Header{
+		"X-Mock-Chunks":         {strconv.Itoa(cfg.streamChunks)},
+		"X-Mock-Chunk-Interval": {cfg.streamInterval.String()},
+	}
+	life := time.Duration(cfg.streamChunks) * cfg.streamInterval
+	for r := 0; r < cfg.rounds; r++ {
+		for _, kind := range rotate([]string{"caddy", "gateway"}, r) {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			var (
+				p   *proc
+				err error
+			)
+			if kind == "caddy" {
+				p, err = b.startPlainCaddy(ctx, "caddy-mem")
+			} else {
+				p, err = b.startGateway(ctx, "gateway-mem", "")
+			}
+			if err != nil {
+				return err
+			}
+			kb, err := b.memoryOnce(ctx, r, kind, p, hdr, life)
+			p.stop()
+			if err != nil {
+				return err
+			}
+			res.add("kbps", kind, kb)
+		}
+	}
+	return nil
+}
+
+func (b *bench) memoryOnce(ctx context.Context, r int, kind string, p *proc, hdr http.Header, life time.Duration) (float64, error) {
+	cfg, res := b.cfg, b.res
+	t := &target{name: kind, url: p.baseURL() + "/v1/chat/completions", keys: []string{b.key}, proc: p}
+	if err := smoke(ctx, t); err != nil {
+		return 0, err
+	}
+	// Warm the code paths, then leave it idle with no connection open.
+	cl := newClient(16, 60*time.Second)
+	runLoad(ctx, cl, t, 8, warmTime, 200, false)
+	runTTFT(ctx, cl, t, 10, warmTime)
+	cl.CloseIdleConnections()
+	time.Sleep(time.Second)
+	idle, err := rssKB(p.pid())
+	if err != nil {
+		return 0, err
+	}
+
+	opening := time.Now()
+	h := holdStreams(ctx, t, cfg.streams, hdr)
+	defer h.close()
+	allOpen := h.waitOpen(ctx, cfg.streams, min(openMaxTime, life))
+	took := time.Since(opening)
+	time.Sleep(cfg.memSettle)
+	rss, err := rssKB(p.pid())
+	if err != nil {
+		return 0, err
+	}
+	open := h.opened.Load() - h.ended.Load()
+	res.fail(kind+" (memory)", h.failed.Load(), h.firstErr)
+	if !allOpen || h.ended.Load() > 0 {
+		res.notes = append(res.notes, fmt.Sprintf("round %d, %s memory: %d of %d streams open when VmRSS was read (%d failed, %d ended early)",
+			r+1, kind, open, cfg.streams, h.failed.Load(), h.ended.Load()))
+	}
+	if open <= 0 {
+		return math.NaN(), nil
+	}
+	kb := float64(rss-idle) / float64(open)
+	res.add("rssidle", kind, float64(idle)/1024)
+	res.add("rssopen", kind, float64(rss)/1024)
+	res.add("streamsopen", kind, float64(open))
+	logln(fmt.Sprintf("round %d %-8s idle %d KB, %d streams open (in %s) %d KB: %.1f KB per open stream",
+		r+1, kind, idle, open, took.Round(time.Millisecond), rss, kb))
+	return kb, nil
+}
+
+func nanIf(cond bool, v float64) float64 {
+	if cond {
+		return math.NaN()
+	}
+	return v
+}

@@ -1,0 +1,329 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// proc is one Caddy process started by the benchmark, in its own process group.
+type proc struct {
+	name    string
+	addr    string // the site's 127.0.0.1:port
+	admin   string // the admin endpoint's 127.0.0.1:port, "" when admin is off
+	dir     string // its folder: Caddyfile, log, XDG data and config
+	logPath string
+	cmd     *exec.Cmd
+	done    chan struct{} // closed when the process has exited
+	waitErr error
+}
+
+func (p *proc) pid() int { return p.cmd.Process.Pid }
+
+// baseURL is the site's http://127.0.0.1:port.
+func (p *proc) baseURL() string { return "http://" + p.addr }
+
+// children are the processes still to stop; stopAll stops them all.
+var children struct {
+	mu   sync.Mutex
+	list []*proc
+}
+
+// freePort returns a TCP port on 127.0.0.1 that was free a moment ago.
+func freePort() (string, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", err
+	}
+	defer l.Close()
+	return l.Addr().String(), nil
+}
+
+// globalOptions is the Caddyfile global block: loopback admin (or none), no HTTPS, no saved
+// config, Caddy's storage inside dir, and a short grace period so stopping never hangs.
+func globalOptions(admin, dir string) string {
+	a := "off"
+	if admin != "" {
+		a = admin
+	}
+	return fmt.Sprintf(`{
+	admin %s
+	auto_https off
+	persist_config off
+	grace_period 1s
+	storage file_system %s
+}
+`, a, filepath.Join(dir, "storage"))
+}
+
+// mockCaddyfile: the mock backend alone. Streams carry chunks content messages chunkInterval
+// apart unless a request's X-Mock-* headers say otherwise.
+func mockCaddyfile(addr, dir string, chunks int, chunkInterval time.Duration) string {
+	return globalOptions("", dir) + fmt.Sprintf(`
+http://%s {
+	bind 127.0.0.1
+	llm_mock_backend {
+		name bench-mock
+		models %s
+		chunks %d
+		chunk_interval %s
+	}
+}
+`, addr, benchModel, chunks, chunkInterval)
+}
+
+// caddyCaddyfile: plain reverse_proxy to the mock, Caddy's defaults otherwise (no access log).
+func caddyCaddyfile(addr, dir, mock string) string {
+	return globalOptions("", dir) + fmt.Sprintf(`
+http://%s {
+	bind 127.0.0.1
+	reverse_proxy %s
+}
+`, addr, mock)
+}
+
+// gatewayCaddyfile: the gateway on its SQLite file with one OpenAI-style backend, the mock; the
+// admin endpoint on loopback for pprof. No access log, like plain Caddy.
+func gatewayCaddyfile(addr, admin, dir, mock, db string) string {
+	return globalOptions(admin, dir) + fmt.Sprintf(`
+http://%s {
+	bind 127.0.0.1
+	llm_gateway {
+		store sqlite %s
+		backend bench-mock {
+			url http://%s
+			style openai
+			health_check {
+				disabled
+			}
+			model %s {
+				input_price 1
+				output_price 2
+			}
+		}
+	}
+	respond "Not found" 404
+}
+`, addr, db, mock, benchModel)
+}
+
+// startCaddy writes the Caddyfile that makeConfig returns for the given ports into a folder of
+// its own under root, starts caddyBin on it in a new process group, and waits until the site
+// accepts connections.
+func startCaddy(ctx context.Context, caddyBin, root, name string, withAdmin bool,
+	makeConfig func(addr, admin, dir string) string) (*proc, error) {
+	addr, err := freePort()
+	if err != nil {
+		return nil, err
+	}
+	admin := ""
+	if withAdmin {
+		if admin, err = freePort(); err != nil {
+			return nil, err
+		}
+	}
+	dir, err := os.MkdirTemp(root, name+"-")
+	if err != nil {
+		return nil, err
+	}
+	cfg := filepath.Join(dir, "Caddyfile")
+	if err := os.WriteFile(cfg, []byte(makeConfig(addr, admin, dir)), 0o600); err != nil {
+		return nil, err
+	}
+	logPath := filepath.Join(dir, "caddy.log")
+	logf, err := os.Create(logPath)
+	if err != nil {
+		return nil, err
+	}
+	defer logf.Close() // the child has its own descriptor
+
+	cmd := exec.Command(caddyBin, "run", "--config", cfg, "--adapter", "caddyfile")
+	cmd.Dir = dir
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.Env = append(os.Environ(),
+		"XDG_DATA_HOME="+filepath.Join(dir, "xdg-data"),
+		"XDG_CONFIG_HOME="+filepath.Join(dir, "xdg-config"))
+	// Own process group, so that stopping kills whatever it started too; and killed with
+	// this process should it die without cleaning up.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	p := &proc{name: name, addr: addr, admin: admin, dir: dir, logPath: logPath, cmd: cmd, done: make(chan struct{})}
+	children.mu.Lock()
+	if err := cmd.Start(); err != nil {
+		children.mu.Unlock()
+		return nil, fmt.Errorf("starting %s: %w", name, err)
+	}
+	children.list = append(children.list, p)
+	children.mu.Unlock()
+	go func() {
+		p.waitErr = cmd.Wait()
+		close(p.done)
+	}()
+
+	if err := p.waitListening(ctx, 20*time.Second); err != nil {
+		p.stop()
+		return nil, fmt.Errorf("%s: %w\n%s", name, err, p.logTail(20))
+	}
+	logf2 := fmt.Sprintf("started %s pid %d on %s", name, p.pid(), addr)
+	if admin != "" {
+		logf2 += " (admin " + admin + ")"
+	}
+	logln(logf2)
+	return p, nil
+}
+
+// waitListening waits until the site accepts TCP connections, the process exits, or timeout.
+func (p *proc) waitListening(ctx context.Context, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		select {
+		case <-p.done:
+			return fmt.Errorf("exited during start: %v", p.waitErr)
+		case <-ctx.Done():
+			return ctx.Err()
+		default:
+		}
+		c, err := net.DialTimeout("tcp", p.addr, 200*time.Millisecond)
+		if err == nil {
+			c.Close()
+			return nil
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return fmt.Errorf("not listening on %s after %s", p.addr, timeout)
+}
+
+// stop ends the process group: SIGTERM, then SIGKILL after 5s; signals go to the group only
+// while its leader, our child, has not been reaped. Safe to call twice.
+func (p *proc) stop() {
+	select {
+	case <-p.done:
+	default:
+		_ = syscall.Kill(-p.pid(), syscall.SIGTERM)
+		select {
+		case <-p.done:
+		case <-time.After(5 * time.Second):
+			_ = syscall.Kill(-p.pid(), syscall.SIGKILL)
+			select {
+			case <-p.done:
+			case <-time.After(5 * time.Second):
+			}
+		}
+	}
+	children.mu.Lock()
+	for i, c := range children.list {
+		if c == p {
+			children.list = append(children.list[:i], children.list[i+1:]...)
+			break
+		}
+	}
+	children.mu.Unlock()
+}
+
+// stopAll stops every process still running, the most recently started first.
+func stopAll() {
+	children.mu.Lock()
+	list := append([]*proc(nil), children.list...)
+	children.mu.Unlock()
+	for i := len(list) - 1; i >= 0; i-- {
+		list[i].stop()
+	}
+}
+
+// alive reports whether the process is still running.
+func (p *proc) alive() bool {
+	select {
+	case <-p.done:
+		return false
+	default:
+		return true
+	}
+}
+
+// logTail is the end of the process's log, for error messages.
+func (p *proc) logTail(lines int) string {
+	b, err := os.ReadFile(p.logPath)
+	if err != nil {
+		return ""
+	}
+	ls := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	if len(ls) > lines {
+		ls = ls[len(ls)-lines:]
+	}
+	return "--- " + p.name + " log (last lines) ---\n" + strings.Join(ls, "\n")
+}
+
+// rssKB reads VmRSS of the process, in KiB.
+func rssKB(pid int) (int64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			f := strings.Fields(v)
+			if len(f) < 1 {
+				break
+			}
+			return strconv.ParseInt(f[0], 10, 64)
+		}
+	}
+	return 0, errors.New("no VmRSS in /proc status")
+}
+
+// cpuTicks reads utime+stime of the process (all its threads), in clock ticks.
+func cpuTicks(pid int) (int64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	// The command name, field 2, is in parentheses and may hold spaces: count after it.
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return 0, errors.New("malformed /proc stat")
+	}
+	f := strings.Fields(string(b[i+1:]))
+	// f[0] is field 3 (state); utime and stime are fields 14 and 15.
+	if len(f) < 13 {
+		return 0, errors.New("short /proc stat")
+	}
+	ut, err1 := strconv.ParseInt(f[11], 10, 64)
+	st, err2 := strconv.ParseInt(f[12], 10, 64)
+	if err1 != nil || err2 != nil {
+		return 0, errors.New("malformed utime/stime in /proc stat")
+	}
+	return ut + st, nil
+}
+
+// clockTicks is the kernel's USER_HZ (getconf CLK_TCK), 100 when getconf is unavailable.
+func clockTicks() int64 {
+	out, err := exec.Command("getconf", "CLK_TCK").Output()
+	if err == nil {
+		if n, err := strconv.ParseInt(strings.TrimSpace(string(out)), 10, 64); err == nil && n > 0 {
+			return n
+		}
+	}
+	return 100
+}
+
+// loadAvg is the first three fields of /proc/loadavg.
+func loadAvg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "?"
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return "?"
+	}
+	return strings.Join(f[:3], " ")
+}

@@ -1,0 +1,234 @@
+package main
+
+import (
+	"fmt"
+	"math"
+	"os/exec"
+	"runtime"
+	"slices"
+	"strings"
+)
+
+// Targets of the gateway, as the report checks them.
+const (
+	wantThroughputRatio = 0.85  // gateway/caddy req/s at c=32, at least
+	wantAddedP50ms      = 0.1   // gateway − caddy p50 at c=1, at most
+	wantAddedTTFTms     = 0.2   // gateway − caddy TTFT p50, at most
+	wantKBPerStream     = 120.0 // gateway, at most
+	wantKeysCPUGrowth   = 0.10  // CPU/request with the big store vs 1 key, at most +10%
+)
+
+// report renders the run as markdown.
+func (b *bench) report() string {
+	cfg, r := b.cfg, b.res
+	var s strings.Builder
+	w := func(format string, a ...any) { fmt.Fprintf(&s, format, a...) }
+
+	w("# llmbench: gateway vs plain Caddy vs the mock backend\n\n")
+	mode := ""
+	if cfg.quick {
+		mode = " **(-quick: rough figures)**"
+	}
+	w("%s, %d CPUs, load average %s at start and %s at end; %s; `%s` (%s).%s\n\n",
+		b.start.UTC().Format("2006-01-02 15:04 MST"), runtime.NumCPU(), b.loadStart, b.loadEnd, runtime.Version(),
+		cfg.caddyBin, caddyVersion(cfg.caddyBin), mode)
+	w("Medians over %d interleaved round(s); ratios and differences are taken within each round, then their median. "+
+		"Throughput: %s per target and round, closed loop at c=%d; latency: %s at c=1; TTFT: %d streams at c=1 "+
+		"(mock: %d chunks, %s apart).\n\n",
+		cfg.rounds, cfg.duration, cfg.conc, cfg.duration, cfg.ttftN, cfg.ttftChunks, cfg.ttftInterval)
+
+	// The targets.
+	thr := r.pairwise("rps", "gateway", "caddy", ratio)
+	dp50 := r.pairwise("p50", "gateway", "caddy", diff)
+	dttft := r.pairwise("ttft50", "gateway", "caddy", diff)
+	kb := r.med("kbps", "gateway")
+	growth := r.pairwise("cpu", "gateway-bigstore", "gateway-1key", ratio) - 1
+	w("## Targets\n\n")
+	w("| check | measured | plain Caddy (reference) | target | verdict |\n|---|---:|---:|---:|:---:|\n")
+	w("| throughput gateway / caddy, c=%d | %s | 1 | ≥ %.2f | %s |\n", cfg.conc, f2(thr), wantThroughputRatio, verdict(thr >= wantThroughputRatio, thr))
+	w("| added p50 latency gateway − caddy, c=1 | %s ms | caddy − direct: %s ms | ≤ %.1f ms | %s |\n",
+		fsigned(dp50, 3), fsigned(r.pairwise("p50", "caddy", "direct", diff), 3), wantAddedP50ms, verdict(dp50 <= wantAddedP50ms, dp50))
+	w("| added TTFT gateway − caddy, c=1 | %s ms | caddy − direct: %s ms | ≤ %.1f ms | %s |\n",
+		fsigned(dttft, 3), fsigned(r.pairwise("ttft50", "caddy", "direct", diff), 3), wantAddedTTFTms, verdict(dttft <= wantAddedTTFTms, dttft))
+	w("| memory per open stream (%d streams) | %s KB | %s KB | ≤ %.0f KB | %s |\n",
+		cfg.streams, f1(kb), f1(r.med("kbps", "caddy")), wantKBPerStream, verdict(kb <= wantKBPerStream, kb))
+	w("| CPU/request, %s keys vs 1 key in the store | %s | – | ≤ +%.0f%% | %s |\n\n",
+		thousands(cfg.keys), fpct(growth), wantKeysCPUGrowth*100, verdict(growth <= wantKeysCPUGrowth, growth))
+
+	// Non-streaming and TTFT.
+	w("## Non-streaming chat completions and time to first token\n\n")
+	w("| target | req/s, c=%d | p50 ms, c=1 | p99 ms, c=1 | TTFT p50 ms | TTFT p99 ms | whole stream p50 ms | failed requests |\n", cfg.conc)
+	w("|---|---:|---:|---:|---:|---:|---:|---:|\n")
+	for _, t := range []struct{ name, label string }{{"direct", "mock, direct"}, {"caddy", "plain Caddy reverse_proxy"}, {"gateway", "gateway"}} {
+		w("| %s | %s | %s | %s | %s | %s | %s | %d |\n", t.label, f0(r.med("rps", t.name)), f3(r.med("p50", t.name)),
+			f3(r.med("p99", t.name)), f3(r.med("ttft50", t.name)), f3(r.med("ttft99", t.name)), f3(r.med("stream50", t.name)), r.errs[t.name])
+	}
+	for _, p := range [][2]string{{"caddy", "direct"}, {"gateway", "caddy"}, {"gateway", "direct"}} {
+		w("| *%s vs %s* | ×%s | %s | %s | %s | %s | %s | |\n", p[0], p[1],
+			f2(r.pairwise("rps", p[0], p[1], ratio)), fsigned(r.pairwise("p50", p[0], p[1], diff), 3),
+			fsigned(r.pairwise("p99", p[0], p[1], diff), 3), fsigned(r.pairwise("ttft50", p[0], p[1], diff), 3),
+			fsigned(r.pairwise("ttft99", p[0], p[1], diff), 3), fsigned(r.pairwise("stream50", p[0], p[1], diff), 3))
+	}
+	w("\n")
+
+	// Memory.
+	w("## Memory per open stream\n\n")
+	w("%d concurrent streams (mock: %d chunks, %s apart), on a freshly started process warmed with 200 requests and 10 streams; "+
+		"VmRSS %s after the last stream opened, minus VmRSS idle with no connection open, divided by the streams open.\n\n",
+		cfg.streams, cfg.streamChunks, cfg.streamInterval, cfg.memSettle)
+	w("| target | idle VmRSS MB | VmRSS with streams open MB | streams open | KB per open stream |\n|---|---:|---:|---:|---:|\n")
+	for _, t := range []struct{ name, label string }{{"caddy", "plain Caddy reverse_proxy"}, {"gateway", "gateway"}} {
+		w("| %s | %s | %s | %s | %s |\n", t.label, f1(r.med("rssidle", t.name)), f1(r.med("rssopen", t.name)),
+			f0(r.med("streamsopen", t.name)), f1(r.med("kbps", t.name)))
+	}
+	w("\n")
+
+	// CPU.
+	w("## CPU per request\n\n")
+	w("utime+stime of the serving process (/proc/<pid>/stat, CLK_TCK=%d) over %d non-streaming requests at c=%d, per target and round. "+
+		"The two gateways are separate fresh processes on their own SQLite files, warmed and loaded alike.\n\n", b.hz, cfg.cpuRequests, cfg.cpuConc)
+	w("| target | API keys in the store | µs CPU per request | vs gateway, 1 key | req/s during the measurement |\n|---|---:|---:|---:|---:|\n")
+	rows := []struct{ name, label, keys string }{
+		{"caddy", "plain Caddy reverse_proxy", "–"},
+		{"gateway-1key", "gateway", "1"},
+		{"gateway-bigstore", "gateway, the same key", thousands(cfg.keys)},
+	}
+	if len(b.spread) > 0 {
+		rows = append(rows, struct{ name, label, keys string }{"gateway-bigstore-spread",
+			fmt.Sprintf("gateway, requests spread over %s keys", thousands(len(b.spread))), thousands(cfg.keys)})
+	}
+	for _, t := range rows {
+		vs := "–"
+		if t.name != "caddy" && t.name != "gateway-1key" {
+			vs = fpct(r.pairwise("cpu", t.name, "gateway-1key", ratio) - 1)
+		}
+		if t.name == "caddy" {
+			vs = "×" + f2(r.pairwise("cpu", t.name, "gateway-1key", ratio))
+		}
+		w("| %s | %s | %s | %s | %s |\n", t.label, t.keys, f1(r.med("cpu", t.name)), vs, f0(r.med("cpurps", t.name)))
+	}
+	w("\n")
+
+	if b.pprofTop != "" {
+		w("## Gateway CPU profile under load\n\n")
+		w("`go tool pprof -top -nodecount=15 %s`, %ds taken during an extra (unreported) c=%d non-streaming run:\n\n```\n%s\n```\n\n",
+			cfg.pprofFile, cfg.pprofSeconds, cfg.conc, b.pprofTop)
+	}
+
+	// Failures and notes.
+	if len(r.errs) > 0 || len(r.notes) > 0 {
+		w("## Failures and notes\n\n")
+		names := make([]string, 0, len(r.errs))
+		for k := range r.errs {
+			names = append(names, k)
+		}
+		slices.Sort(names)
+		for _, k := range names {
+			w("- %s: %d failed requests; first: %s\n", k, r.errs[k], r.firstErr[k])
+		}
+		for _, n := range r.notes {
+			w("- %s\n", n)
+		}
+		w("\n")
+	}
+
+	// Every round.
+	w("## Every round\n\n")
+	w("| metric | target |")
+	for i := 1; i <= cfg.rounds; i++ {
+		w(" round %d |", i)
+	}
+	w("\n|---|---|%s\n", strings.Repeat("---:|", cfg.rounds))
+	keys := make([]string, 0, len(r.vals))
+	for k := range r.vals {
+		keys = append(keys, k)
+	}
+	order := map[string]int{"rps": 0, "p50": 1, "p99": 2, "ttft50": 3, "ttft99": 4, "stream50": 5, "cpu": 6, "cpurps": 7,
+		"rssidle": 8, "rssopen": 9, "streamsopen": 10, "kbps": 11}
+	slices.SortFunc(keys, func(a, b string) int {
+		ma, ta, _ := strings.Cut(a, "/")
+		mb, tb, _ := strings.Cut(b, "/")
+		if order[ma] != order[mb] {
+			return order[ma] - order[mb]
+		}
+		return strings.Compare(ta, tb)
+	})
+	labels := map[string]string{"rps": "req/s c=" + fmt.Sprint(cfg.conc), "p50": "p50 ms c=1", "p99": "p99 ms c=1",
+		"ttft50": "TTFT p50 ms", "ttft99": "TTFT p99 ms", "stream50": "whole stream p50 ms", "cpu": "µs CPU/request",
+		"cpurps": "req/s in CPU run", "rssidle": "idle VmRSS MB", "rssopen": "VmRSS streams open MB",
+		"streamsopen": "streams open", "kbps": "KB per open stream"}
+	for _, k := range keys {
+		m, t, _ := strings.Cut(k, "/")
+		w("| %s | %s |", labels[m], t)
+		for _, v := range r.vals[k] {
+			w(" %s |", fnum(v))
+		}
+		w("\n")
+	}
+	w("\nThe load generator is this Go process, on the same %d CPUs as the servers (and as anything else running): "+
+		"absolute figures move with the machine's load, the within-round comparisons much less.\n", runtime.NumCPU())
+	return s.String()
+}
+
+// caddyVersion is the first word of `caddy version`.
+func caddyVersion(bin string) string {
+	out, err := exec.Command(bin, "version").Output()
+	if err != nil {
+		return "version unknown"
+	}
+	f := strings.Fields(string(out))
+	if len(f) == 0 {
+		return "version unknown"
+	}
+	return "Caddy " + f[0]
+}
+
+func verdict(ok bool, v float64) string {
+	switch {
+	case math.IsNaN(v):
+		return "n/a"
+	case ok:
+		return "PASS"
+	}
+	return "**FAIL**"
+}
+
+func fmtOr(v float64, format string) string {
+	if math.IsNaN(v) || math.IsInf(v, 0) {
+		return "n/a"
+	}
+	return fmt.Sprintf(format, v)
+}
+
+func f0(v float64) string { return fmtOr(v, "%.0f") }
+func f1(v float64) string { return fmtOr(v, "%.1f") }
+func f2(v float64) string { return fmtOr(v, "%.2f") }
+func f3(v float64) string { return fmtOr(v, "%.3f") }
+
+func fsigned(v float64, digits int) string { return fmtOr(v, fmt.Sprintf("%%+.%df", digits)) }
+
+func fpct(v float64) string { return fmtOr(v*100, "%+.1f%%") }
+
+// fnum prints a per-round value with a precision that suits its size.
+func fnum(v float64) string {
+	switch a := math.Abs(v); {
+	case math.IsNaN(v):
+		return "n/a"
+	case a >= 1000:
+		return fmt.Sprintf("%.0f", v)
+	case a >= 10:
+		return fmt.Sprintf("%.1f", v)
+	default:
+		return fmt.Sprintf("%.3f", v)
+	}
+}
+
+func thousands(n int) string {
+	s := fmt.Sprint(n)
+	var out []string
+	for len(s) > 3 {
+		out = append([]string{s[len(s)-3:]}, out...)
+		s = s[:len(s)-3]
+	}
+	return strings.Join(append([]string{s}, out...), ",")
+}
