@@ -323,7 +323,7 @@ func (g *Gateway) createKey(ctx context.Context, userID string, in keyRequest) (
 		return nil, err
 	}
 	k.ID, k.Prefix, k.Hash = nk.ID, nk.Prefix, nk.Hash
-	if err := g.store.keys.CreateKey(ctx, k); err != nil {
+	if err := g.keys.CreateKey(ctx, k); err != nil {
 		return nil, err
 	}
 	v := viewKey(k)
@@ -347,7 +347,7 @@ func (g *Gateway) adminListKeys(ctx context.Context, userID string) (any, error)
 }
 
 func (g *Gateway) adminRevokeKey(ctx context.Context, id string) (any, error) {
-	if err := g.store.keys.RevokeKey(ctx, id, time.Now().UTC()); err != nil {
+	if err := g.keys.RevokeKey(ctx, id, time.Now().UTC()); err != nil {
 		return nil, err
 	}
 	k, err := g.store.keys.KeyByID(ctx, id)

@@ -37,6 +37,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		reservation_ttl <duration>
 //		drain_timeout <duration>
 //		failover <n>
+//		key_cache_ttl <duration>
 //		billing_url <url>
 //		allowed_origins <origin...>
 //		anonymous {
@@ -110,6 +111,10 @@ func (g *Gateway) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 		case "drain_timeout":
 			if err := oneDuration(d, &g.DrainTimeout); err != nil {
+				return err
+			}
+		case "key_cache_ttl":
+			if err := oneDuration(d, &g.KeyCacheTTL); err != nil {
 				return err
 			}
 		case "failover":

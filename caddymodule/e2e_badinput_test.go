@@ -38,9 +38,6 @@ func TestBadInputChangesNothing(t *testing.T) {
 	modelsOnly := e.createKey(u.ID, map[string]any{"name": "catalog", "scopes": []string{"models:read"}})
 	chatOnly := e.createKey(u.ID, map[string]any{"name": "chat", "scopes": []string{"chat:write"}})
 
-	// A well-formed key of this gateway's shape that the store does not know (its checksum is
-	// right: only the secret was changed, and the checksum recomputed by minting a new key and
-	// keeping its shape is not possible from outside, so use another gateway's prefix).
 	good := `{"model":"mock-small","messages":[{"role":"user","content":"hi"}]}`
 	withMax := func(v string) string {
 		return `{"model":"mock-small","messages":[{"role":"user","content":"hi"}],"max_tokens":` + v + `}`

@@ -116,8 +116,10 @@ func TestKill9DuringLoadThenRestart(t *testing.T) {
 	wg.Wait()
 
 	// The crash left reservations open in the file.
+	atCrash := map[string]dbAccount{}
 	var openBefore int
 	for _, a := range e.accounts() {
+		atCrash[a.id] = a
 		openBefore += a.reservations
 	}
 	if openBefore == 0 {
@@ -125,8 +127,22 @@ func TestKill9DuringLoadThenRestart(t *testing.T) {
 	}
 	t.Logf("%d reservations open after kill -9", openBefore)
 
-	// Restart on the same file: every reservation is returned and the books balance.
+	// Restart on the same file: every reservation is returned (nothing charged for them, no
+	// settlement lost or doubled) and the books balance.
 	e.startChild(s)
+	after := e.checkAllAccounts(0)
+	if len(after) != len(users) {
+		t.Errorf("%d accounts in the store, want %d", len(after), len(users))
+	}
+	for _, a := range after {
+		c := atCrash[a.id]
+		if a.credited != c.credited || a.settled != c.settled || a.settleEntries != c.settleEntries {
+			t.Errorf("account %s changed at the restart: %+v, at the crash %+v", a.id, a, c)
+		}
+		if a.balance != c.balance+c.opened {
+			t.Errorf("account %s: balance %s after the restart, want %s + the %s left open", a.id, a.balance, c.balance, c.opened)
+		}
+	}
 	for _, a := range users {
 		au := e.settledAudit(a.user.ID)
 		if au.Credited != credits.Amount(micro(t, "20")) {
@@ -142,8 +158,5 @@ func TestKill9DuringLoadThenRestart(t *testing.T) {
 		}
 		e.settledAudit(a.user.ID)
 	}
-	accs := e.checkAllAccounts(0)
-	if len(accs) != len(users) {
-		t.Errorf("%d accounts in the store, want %d", len(accs), len(users))
-	}
+	e.checkAllAccounts(0)
 }

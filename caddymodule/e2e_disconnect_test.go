@@ -109,7 +109,16 @@ func TestClientDisconnectMidStream(t *testing.T) {
 	if strings.Contains(string(rest), "[DONE]") {
 		t.Errorf("a cut stream reached the client as complete")
 	}
-	a = e.settledAudit(u.ID)
+	// Settled (not left open until the reservation expires), exactly once.
+	if ok, last := waitFor(10*time.Second, func() (bool, string) {
+		a := e.ledger(u.ID).Audit
+		return a.Open == 0, fmt.Sprintf("%+v", a)
+	}); !ok {
+		t.Errorf("the cut stream's reservation is still open 10s after the cut: %s", last)
+	}
+	if ok, last := e.idleGauges("slow"); !ok {
+		t.Errorf("after the cut stream: %s", last)
+	}
 	st = e.settlements(u.ID)
 	if len(st) != 2 {
 		t.Fatalf("%d settlements, want 2 (the cut stream settled once): %+v", len(st), st)
@@ -118,10 +127,10 @@ func TestClientDisconnectMidStream(t *testing.T) {
 	if charged <= 0 || charged > reserved {
 		t.Errorf("the cut stream was charged %s, want more than 0 and at most the reservation %s", charged, reserved)
 	}
+	a = e.settledAudit(u.ID)
 	if a.Balance != before-charged {
 		t.Errorf("balance %s, want %s - %s", a.Balance, before, charged)
 	}
-	e.expectIdleGauges("slow")
 	e.checkAllAccounts(0)
 }
 
@@ -129,7 +138,15 @@ func TestClientDisconnectMidStream(t *testing.T) {
 // active stream.
 func (e *env) expectIdleGauges(backend string) {
 	e.t.Helper()
-	poll(e.t, 10*time.Second, "gauges back to 0", func() (bool, string) {
+	if ok, last := e.idleGauges(backend); !ok {
+		e.t.Fatalf("gauges not back to 0: %s", last)
+	}
+}
+
+// idleGauges waits (10s at most) until nothing is in flight to backend and no stream is active.
+func (e *env) idleGauges(backend string) (bool, string) {
+	e.t.Helper()
+	return waitFor(10*time.Second, func() (bool, string) {
 		s := e.scrape()
 		inflight, ok1 := metricSum(s, "llm_gateway_backend_inflight_requests", map[string]string{"backend": backend})
 		streams, ok2 := metricSum(s, "llm_gateway_active_streams", nil)

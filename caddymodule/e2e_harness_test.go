@@ -77,7 +77,8 @@ type mockSpec struct {
 // setup describes one gateway configuration.
 type setup struct {
 	// gateway is the body of the llm_gateway block without the store line. Placeholders:
-	// {mock.KEY} (a mock's base URL), {closed} (a URL on a port nobody listens on), {dir}.
+	// {mock.KEY} (a mock's base URL), {closed} and {closed2} (URLs on ports nobody listens
+	// on), {dir}.
 	gateway string
 	mocks   []mockSpec
 	// logLevel of Caddy's default logger (written to {dir}/caddy.log). Default INFO.
@@ -93,7 +94,8 @@ type env struct {
 	gwPort    int
 	gw        string // http://127.0.0.1:port
 	mockPorts map[string]int
-	closed    int
+	closed    int // a port nobody listens on
+	closed2   int // another one
 	dbPath    string
 	client    *http.Client
 	child     *exec.Cmd // set for a child-process gateway
@@ -113,6 +115,7 @@ func newEnv(t testing.TB, s setup) *env {
 		e.mockPorts[m.key] = freePort(t)
 	}
 	e.closed = freePort(t)
+	e.closed2 = freePort(t)
 	e.dbPath = filepath.Join(e.dir, "gateway.db")
 	e.client = &http.Client{
 		Timeout: 60 * time.Second,
@@ -194,6 +197,7 @@ func (e *env) expand(s string) string {
 		return e.mockURL(placeholder.FindStringSubmatch(m)[1])
 	})
 	s = strings.ReplaceAll(s, "{closed}", fmt.Sprintf("http://127.0.0.1:%d", e.closed))
+	s = strings.ReplaceAll(s, "{closed2}", fmt.Sprintf("http://127.0.0.1:%d", e.closed2))
 	return strings.ReplaceAll(s, "{dir}", e.dir)
 }
 
@@ -209,6 +213,9 @@ func adapt(t testing.TB, caddyfile string) []byte {
 		t.Fatalf("adapting the Caddyfile: %v\n%s", err, caddyfile)
 	}
 	for _, w := range warnings {
+		if strings.Contains(w.Message, "not formatted") {
+			continue
+		}
 		t.Logf("caddyfile warning: %s", w.String())
 	}
 	return cfg
@@ -322,17 +329,23 @@ func runCLI(t testing.TB, dir string, args ...string) (stdout, stderr string, er
 // said last.
 func poll(t testing.TB, within time.Duration, what string, f func() (bool, string)) {
 	t.Helper()
+	if ok, last := waitFor(within, f); !ok {
+		t.Fatalf("waited %s for %s; last: %s", within, what, last)
+	}
+}
+
+// waitFor calls f until it reports true or the deadline passes; it reports whether f did, and
+// what f said last.
+func waitFor(within time.Duration, f func() (bool, string)) (bool, string) {
 	deadline := time.Now().Add(within)
 	delay := 5 * time.Millisecond
-	var last string
 	for {
 		ok, msg := f()
 		if ok {
-			return
+			return true, msg
 		}
-		last = msg
 		if time.Now().After(deadline) {
-			t.Fatalf("waited %s for %s; last: %s", within, what, last)
+			return false, msg
 		}
 		time.Sleep(delay) // bounded polling
 		delay = min(delay*2, 200*time.Millisecond)

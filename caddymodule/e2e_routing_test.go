@@ -29,7 +29,7 @@ func TestCheapestRoutingAndFailover(t *testing.T) {
 		failover 3
 		backend dear {
 			url {mock.dear}
-` + noHC + dearModel("m1") + dearModel("m-fail") + dearModel("m-closed") + dearModel("m-stall") + `
+` + noHC + dearModel("m1") + dearModel("m-fail") + dearModel("m-closed") + dearModel("m-capped") + dearModel("m-stall") + `
 		}
 		backend cheap {
 			url {mock.cheap}
@@ -43,6 +43,11 @@ func TestCheapestRoutingAndFailover(t *testing.T) {
 			url {closed}
 			dial_timeout 1s
 ` + noHC + cheapModel("m-closed") + `
+		}
+		backend closed2 {
+			url {closed2}
+			dial_timeout 1s
+` + noHC + cheapModel("m-capped") + `
 		}
 		backend staller {
 			url {mock.staller}
@@ -121,8 +126,10 @@ func TestCheapestRoutingAndFailover(t *testing.T) {
 	expectOK("m-closed", e.post("/v1/chat/completions", chat("m-closed", ""), bearer(k.Key)), "dear", dearIn, dearOut)
 	expectStats("m-closed", s, map[string]int64{"dear": 1})
 
-	// max_price in the body, or X-Max-Price, rules the dear backend out: only the closed one is
-	// left, it fails, the request fails, and nothing is charged.
+	// max_price in the body, or X-Max-Price, rules the dear backend out: only a closed one is
+	// left (another address than above, so that passive health checks, which mark an address
+	// down after 2 failures, do not change the answer), it fails, the request fails, and
+	// nothing is charged.
 	between := cost(t, promptEstimate(messages), 10, cheapIn, cheapOut) + 1 // above the cheap reservation, below the dear one
 	if dear := cost(t, promptEstimate(messages), 10, dearIn, dearOut); between >= dear {
 		t.Fatalf("test setup: max price %s not below the dear cost %s", between, dear)
@@ -136,7 +143,7 @@ func TestCheapestRoutingAndFailover(t *testing.T) {
 	} {
 		s = stats()
 		before := e.balance(u.ID)
-		r := e.post("/v1/chat/completions", chat("m-closed", c.extra), c.hdr)
+		r := e.post("/v1/chat/completions", chat("m-capped", c.extra), c.hdr)
 		if r.status != http.StatusBadGateway && r.status != http.StatusServiceUnavailable {
 			t.Errorf("%s: %s, want 502 upstream_error or 503 no_backend_available", c.name, r)
 		} else if r.status == http.StatusBadGateway {

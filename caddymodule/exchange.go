@@ -203,7 +203,7 @@ func (ex *exchange) body(p []byte) {
 		if ex.buf.Len()+len(p) > maxBufferedResponse {
 			// Too large to hold: pass it on without the charge in the headers.
 			ex.mode = modeStream
-			ex.meter = &metering.StreamMeter{Format: metering.NDJSON}
+			ex.meter = &metering.StreamMeter{Format: metering.JSON} // passed through, not parsed
 			ex.w.WriteHeader(http.StatusOK)
 			_, _ = clientWriter{ex}.Write(ex.buf.Bytes())
 			ex.buf = bytes.Buffer{}

@@ -81,7 +81,13 @@ type Gateway struct {
 	// before any response byte was sent. Default: 3.
 	Failover int `json:"failover,omitempty"`
 
+	// KeyCacheTTL is how long a looked-up API key (or an unknown key id) is remembered: a key
+	// revoked on another instance stops working here within this time; revoked through this
+	// instance, at once. Default: 5s.
+	KeyCacheTTL caddy.Duration `json:"key_cache_ttl,omitempty"`
+
 	catalog  *routing.Catalog
+	keys     *identity.KeyCache
 	store    *storeHandle
 	storeKey string
 	origins  map[string]bool
@@ -197,6 +203,9 @@ func (g *Gateway) Provision(ctx caddy.Context) error {
 	if g.Failover == 0 {
 		g.Failover = 3
 	}
+	if g.KeyCacheTTL == 0 {
+		g.KeyCacheTTL = caddy.Duration(5 * time.Second)
+	}
 	if g.Anonymous != nil && g.Anonymous.Period == 0 {
 		g.Anonymous.Period = caddy.Duration(24 * time.Hour)
 	}
@@ -237,6 +246,10 @@ func (g *Gateway) Provision(ctx caddy.Context) error {
 		g.Store.Path = filepath.Join(caddy.AppDataDir(), "llm_gateway", "gateway.db")
 	}
 	g.store, g.storeKey, err = openStore(ctx, g.Store, g.logger)
+	if err != nil {
+		return err
+	}
+	g.keys, err = identity.NewKeyCache(g.store.keys, time.Duration(g.KeyCacheTTL), 1<<20, g.metrics.observeKeyCache)
 	if err != nil {
 		return err
 	}
@@ -323,6 +336,9 @@ func (g *Gateway) Validate() error {
 // Cleanup releases the store (closed when the last configuration using it is gone).
 func (g *Gateway) Cleanup() error {
 	activeGateways.remove(g)
+	if g.keys != nil {
+		g.keys.Close()
+	}
 	if g.storeKey != "" {
 		_, err := stores.Delete(g.storeKey)
 		return err

@@ -58,6 +58,10 @@ var (
 		Namespace: "llm_gateway", Name: "backend_inflight_requests",
 		Help: "Requests in flight to each backend.",
 	}, []string{"backend"})
+	metricKeyCache = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "llm_gateway", Name: "key_cache_requests_total",
+		Help: "API key lookups, by result: hit (answered from memory) or miss (asked the store).",
+	}, []string{"result"})
 	metricActiveStreams = prometheus.NewGauge(prometheus.GaugeOpts{
 		Namespace: "llm_gateway", Name: "active_streams",
 		Help: "Streamed answers being passed to clients now.",
@@ -80,17 +84,18 @@ type gatewayMetrics struct {
 	failovers      *prometheus.CounterVec
 	inflight       *prometheus.GaugeVec
 	activeStreams  prometheus.Gauge
+	keyCache       *prometheus.CounterVec
 }
 
 var allMetrics = gatewayMetrics{metricRequests, metricDuration, metricTTFT, metricTokens, metricCredits,
-	metricCharged, metricInsufficient, metricUpstreamErrors, metricFailovers, metricInflight, metricActiveStreams}
+	metricCharged, metricInsufficient, metricUpstreamErrors, metricFailovers, metricInflight, metricActiveStreams, metricKeyCache}
 
 // registerMetrics registers the gateway's collectors in a configuration's registry.
 func registerMetrics(reg prometheus.Registerer, logger *zap.Logger) *gatewayMetrics {
 	m := &allMetrics
 	for _, c := range []prometheus.Collector{metricRequests, metricDuration, metricTTFT, metricTokens, metricCredits,
 		metricCreditsReleasedExpired, metricCharged, metricInsufficient, metricUpstreamErrors, metricFailovers,
-		metricInflight, metricActiveStreams} {
+		metricInflight, metricActiveStreams, metricKeyCache} {
 		if err := reg.Register(c); err != nil {
 			var already prometheus.AlreadyRegisteredError
 			if !errors.As(err, &already) {
@@ -100,3 +105,17 @@ func registerMetrics(reg prometheus.Registerer, logger *zap.Logger) *gatewayMetr
 	}
 	return m
 }
+
+// observeKeyCache counts a key cache lookup.
+func (m *gatewayMetrics) observeKeyCache(hit bool) {
+	if hit {
+		keyCacheHits.Inc()
+	} else {
+		keyCacheMisses.Inc()
+	}
+}
+
+var (
+	keyCacheHits   = metricKeyCache.WithLabelValues("hit")
+	keyCacheMisses = metricKeyCache.WithLabelValues("miss")
+)

@@ -103,7 +103,7 @@ func (g *Gateway) identifyKey(ctx context.Context, presented string) (*caller, e
 	if err != nil {
 		return nil, err
 	}
-	k, err := g.store.keys.KeyByID(ctx, pk.ID)
+	k, err := g.keys.KeyByID(ctx, pk.ID)
 	if errors.Is(err, identity.ErrNotFound) {
 		return nil, errUnknownKey
 	}

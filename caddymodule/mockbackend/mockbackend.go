@@ -77,10 +77,12 @@ const (
 //	POST /api/chat              Ollama chat, NDJSON unless stream: false
 //	POST /api/generate          Ollama generate, NDJSON unless stream: false
 //	GET  /api/tags              Ollama model list
-//	GET  /mock/stats            {"name": ..., "requests": {path: count}}; DELETE resets
+//	GET  /mock/stats            {"name": ..., "requests": {path: count}}; DELETE resets (204)
 //
 // It is a terminal handler: it never calls the next handler, and answers 404 (JSON) for
-// other paths.
+// other paths. The stats count every request received, whatever its answer (a refused
+// one too), under its path for the six model paths and under "other" for the rest;
+// requests to /mock/stats are not counted.
 //
 // Token counts are deterministic, and the gateway's tests rely on them:
 //
@@ -107,7 +109,8 @@ const (
 //	X-Mock-Chunk-Interval     a duration
 //
 // A header with a bad value answers 400. Faults and latency apply to the six model
-// endpoints, never to /mock/stats.
+// endpoints, never to /mock/stats. A request body over 10 MiB answers 413
+// request_too_large. Errors have OpenAI's shape on /v1 paths and Ollama's on /api paths.
 type MockBackend struct {
 	// Name keys the request counter of GET /mock/stats. Counters live in the process, not
 	// in the config, so they survive config reloads; two mocks with the same name share
@@ -119,22 +122,26 @@ type MockBackend struct {
 	// lists "mock-small" and "mock-large" and accepts any model name.
 	Models []string `json:"models,omitempty"`
 
-	// CompletionTokens is how many tokens (words) a completion has before the request's own
-	// limit caps it. At most 100000. Default: 16.
+	// CompletionTokens is how many tokens a completion has: the words "tok1 tok2 ... tokN",
+	// one word one token. The request's max_tokens or max_completion_tokens (OpenAI) or
+	// options.num_predict (Ollama) caps it when positive, and the answer then says
+	// "length" instead of "stop". X-Mock-Completion-Tokens overrides it. At most 100000.
+	// Default: 16.
 	CompletionTokens int `json:"completion_tokens,omitempty"`
 
 	// Chunks is how many content messages a stream (SSE or NDJSON) carries, not counting
-	// Ollama's final done message, the OpenAI usage chunk and [DONE]. At most 10000.
-	// Default: 4.
+	// Ollama's final done message, the OpenAI usage chunk and [DONE]. The words are split
+	// as evenly as possible, the first messages one word longer. X-Mock-Chunks overrides
+	// it. At most 10000. Default: 4.
 	Chunks int `json:"chunks,omitempty"`
 
 	// ChunkInterval is the pause before each stream message after the first (content
 	// messages, Ollama's done message and the OpenAI usage chunk; [DONE] follows the last
-	// message at once). Default: 0, no pause.
+	// message at once). X-Mock-Chunk-Interval overrides it. Default: 0, no pause.
 	ChunkInterval caddy.Duration `json:"chunk_interval,omitempty"`
 
 	// Latency is how long the mock waits, after reading the request body, before it sends
-	// the response headers. Default: 0, no wait.
+	// the response headers. X-Mock-Latency overrides it. Default: 0, no wait.
 	Latency caddy.Duration `json:"latency,omitempty"`
 
 	// Dimensions is the length of each embedding vector. Vectors are deterministic: the
@@ -142,7 +149,8 @@ type MockBackend struct {
 	Dimensions int `json:"dimensions,omitempty"`
 
 	// Fault is the failure injected into every model request: "" (or "none") for none,
-	// "refuse", "error", "stall" or "cut"; see the Fault constants. Default: none.
+	// "refuse", "error", "stall" or "cut"; see the Fault constants. X-Mock-Fault overrides
+	// it. Default: none.
 	Fault Fault `json:"fault,omitempty"`
 
 	listed   []string        // the models listed
@@ -210,6 +218,31 @@ func (m *MockBackend) Validate() error {
 		}
 	}
 	return nil
+}
+
+func checkCount(field string, n, limit int) error {
+	if n < 0 {
+		return fmt.Errorf("%s: %d is negative", field, n)
+	}
+	if n > limit {
+		return fmt.Errorf("%s: %d is more than %d", field, n, limit)
+	}
+	return nil
+}
+
+func checkDuration(field string, d time.Duration) error {
+	if d < 0 {
+		return fmt.Errorf("%s: %s is negative", field, d)
+	}
+	return nil
+}
+
+func checkFault(f Fault) error {
+	switch f {
+	case FaultNone, faultNoneAlias, FaultRefuse, FaultError, FaultStall, FaultCut:
+		return nil
+	}
+	return fmt.Errorf("fault: unknown fault %q (want refuse, error, stall, cut or none)", string(f))
 }
 
 // ServeHTTP answers the request as the mock backend; it never calls next.
@@ -282,103 +315,6 @@ func (m *MockBackend) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyh
 		ready: time.Now(),
 	})
 	return nil
-}
-
-// settings are a request's effective configuration: the config, overridden by X-Mock-*
-// headers.
-type settings struct {
-	fault            Fault
-	latency          time.Duration
-	chunkInterval    time.Duration
-	chunks           int
-	completionTokens int
-}
-
-// settingsFor applies the X-Mock-* headers of a request to the config.
-func (m *MockBackend) settingsFor(h http.Header) (settings, error) {
-	set := settings{
-		fault:            m.Fault,
-		latency:          time.Duration(m.Latency),
-		chunkInterval:    time.Duration(m.ChunkInterval),
-		chunks:           m.Chunks,
-		completionTokens: m.CompletionTokens,
-	}
-	if v := h.Get("X-Mock-Fault"); v != "" {
-		f := Fault(v)
-		if err := checkFault(f); err != nil {
-			return set, fmt.Errorf("header X-Mock-Fault: %w", err)
-		}
-		if f == faultNoneAlias {
-			f = FaultNone
-		}
-		set.fault = f
-	}
-	for _, o := range []struct {
-		header string
-		into   *time.Duration
-	}{
-		{"X-Mock-Latency", &set.latency},
-		{"X-Mock-Chunk-Interval", &set.chunkInterval},
-	} {
-		if v := h.Get(o.header); v != "" {
-			d, err := caddy.ParseDuration(v)
-			if err != nil {
-				return set, fmt.Errorf("header %s: %w", o.header, err)
-			}
-			if err := checkDuration("header "+o.header, d); err != nil {
-				return set, err
-			}
-			*o.into = d
-		}
-	}
-	for _, o := range []struct {
-		header string
-		max    int
-		into   *int
-	}{
-		{"X-Mock-Chunks", maxChunks, &set.chunks},
-		{"X-Mock-Completion-Tokens", maxCompletionTokens, &set.completionTokens},
-	} {
-		if v := h.Get(o.header); v != "" {
-			n, err := strconv.Atoi(v)
-			if err != nil {
-				return set, fmt.Errorf("header %s: %w", o.header, err)
-			}
-			if n < 1 {
-				return set, fmt.Errorf("header %s: %d is not positive", o.header, n)
-			}
-			if err := checkCount("header "+o.header, n, o.max); err != nil {
-				return set, err
-			}
-			*o.into = n
-		}
-	}
-	return set, nil
-}
-
-func checkCount(field string, n, limit int) error {
-	if n < 0 {
-		return fmt.Errorf("%s: %d is negative", field, n)
-	}
-	if n > limit {
-		return fmt.Errorf("%s: %d is more than %d", field, n, limit)
-	}
-	return nil
-}
-
-func checkDuration(field string, d time.Duration) error {
-	if d < 0 {
-		return fmt.Errorf("%s: %s is negative", field, d)
-	}
-	return nil
-}
-
-func checkFault(f Fault) error {
-	switch f {
-	case FaultNone, faultNoneAlias, FaultRefuse, FaultError, FaultStall, FaultCut:
-		return nil
-	}
-	return fmt.Errorf("fault: unknown fault %q (want refuse, error, stall, cut or none)", string(f))
 }
 
 func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {

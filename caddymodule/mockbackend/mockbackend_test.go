@@ -25,12 +25,13 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 )
 
-// provisioned provisions and validates m; an empty Name becomes the test's name, so that
-// tests do not share request counters.
+// provisioned provisions and validates m; an empty Name becomes the test's name, its
+// counters reset, so that tests (and -count runs) do not share request counters.
 func provisioned(t *testing.T, m *MockBackend) *MockBackend {
 	t.Helper()
 	if m.Name == "" {
 		m.Name = t.Name()
+		ResetRequestCounts(m.Name)
 	}
 	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
 	t.Cleanup(cancel)
@@ -839,8 +840,8 @@ func TestBodyTooLarge(t *testing.T) {
 		})
 	}
 	// exactly the limit is accepted
-	body := `{"model":"m","input":"` + strings.Repeat("a", maxBodyBytes-len(`{"model":"m","input":""}`)) + `"}`
-	if rec, _ := serve(t, m, request("POST", "/v1/embeddings", body)); rec.Code != http.StatusOK {
+	body := `{"model":"m"}` + strings.Repeat(" ", maxBodyBytes-len(`{"model":"m"}`))
+	if rec, _ := serve(t, m, request("POST", "/v1/chat/completions", body)); rec.Code != http.StatusOK {
 		t.Errorf("a body of exactly %d bytes: status %d", len(body), rec.Code)
 	}
 }
@@ -1059,6 +1060,7 @@ func TestOllamaDurations(t *testing.T) {
 
 func TestStats(t *testing.T) {
 	name := t.Name()
+	ResetRequestCounts(name)
 	m := provisioned(t, &MockBackend{Name: name})
 	stats := func(m *MockBackend) map[string]int64 {
 		t.Helper()

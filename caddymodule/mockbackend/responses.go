@@ -17,6 +17,8 @@ import (
 	"strings"
 	"sync/atomic"
 	"time"
+
+	"github.com/caddyserver/caddy/v2"
 )
 
 // apiStyle is the API a path speaks; it decides the shape of errors.
@@ -41,6 +43,78 @@ var endpoints = map[string]endpoint{
 	"/api/chat":            {http.MethodPost, styleOllama, serveOllamaChat},
 	"/api/generate":        {http.MethodPost, styleOllama, serveOllamaGenerate},
 	"/api/tags":            {http.MethodGet, styleOllama, serveOllamaTags},
+}
+
+// settings are a request's effective configuration: the config, overridden by X-Mock-*
+// headers.
+type settings struct {
+	fault            Fault
+	latency          time.Duration
+	chunkInterval    time.Duration
+	chunks           int
+	completionTokens int
+}
+
+// settingsFor applies the X-Mock-* headers of a request to the config.
+func (m *MockBackend) settingsFor(h http.Header) (settings, error) {
+	set := settings{
+		fault:            m.Fault,
+		latency:          time.Duration(m.Latency),
+		chunkInterval:    time.Duration(m.ChunkInterval),
+		chunks:           m.Chunks,
+		completionTokens: m.CompletionTokens,
+	}
+	if v := h.Get("X-Mock-Fault"); v != "" {
+		f := Fault(v)
+		if err := checkFault(f); err != nil {
+			return set, fmt.Errorf("header X-Mock-Fault: %w", err)
+		}
+		if f == faultNoneAlias {
+			f = FaultNone
+		}
+		set.fault = f
+	}
+	for _, o := range []struct {
+		header string
+		into   *time.Duration
+	}{
+		{"X-Mock-Latency", &set.latency},
+		{"X-Mock-Chunk-Interval", &set.chunkInterval},
+	} {
+		if v := h.Get(o.header); v != "" {
+			d, err := caddy.ParseDuration(v)
+			if err != nil {
+				return set, fmt.Errorf("header %s: %w", o.header, err)
+			}
+			if err := checkDuration("header "+o.header, d); err != nil {
+				return set, err
+			}
+			*o.into = d
+		}
+	}
+	for _, o := range []struct {
+		header string
+		max    int
+		into   *int
+	}{
+		{"X-Mock-Chunks", maxChunks, &set.chunks},
+		{"X-Mock-Completion-Tokens", maxCompletionTokens, &set.completionTokens},
+	} {
+		if v := h.Get(o.header); v != "" {
+			n, err := strconv.Atoi(v)
+			if err != nil {
+				return set, fmt.Errorf("header %s: %w", o.header, err)
+			}
+			if n < 1 {
+				return set, fmt.Errorf("header %s: %d is not positive", o.header, n)
+			}
+			if err := checkCount("header "+o.header, n, o.max); err != nil {
+				return set, err
+			}
+			*o.into = n
+		}
+	}
+	return set, nil
 }
 
 // mockCreated is the creation time the mock reports for its models.

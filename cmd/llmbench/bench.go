@@ -38,7 +38,7 @@ type bench struct {
 // Time bounds of the steps that are not bounded by -duration.
 const (
 	warmTime    = 10 * time.Second  // each warm-up
-	cpuMaxTime  = 120 * time.Second // one CPU-per-request measurement
+	cpuMaxTime  = 120 * time.Second // one slice of a CPU-per-request measurement
 	openMaxTime = 30 * time.Second  // opening the slow streams
 )
 
@@ -85,7 +85,7 @@ func (b *bench) run(ctx context.Context) error {
 	}); err != nil {
 		return err
 	}
-	if b.caddy, err = b.startPlainCaddy(ctx, "caddy"); err != nil {
+	if b.caddy, err = b.startPlainCaddy(ctx, "caddy", false); err != nil {
 		return err
 	}
 	if b.gateway, err = b.startGateway(ctx, "gateway", ""); err != nil {
@@ -128,9 +128,11 @@ func (b *bench) run(ctx context.Context) error {
 	return nil
 }
 
-func (b *bench) startPlainCaddy(ctx context.Context, name string) (*proc, error) {
-	return startCaddy(ctx, b.cfg.caddyBin, b.root, name, false, func(addr, _, dir string) string {
-		return caddyCaddyfile(addr, dir, b.mock.addr)
+// startPlainCaddy starts plain Caddy reverse_proxy to the mock, with a loopback admin
+// endpoint when withAdmin (for /debug/vars).
+func (b *bench) startPlainCaddy(ctx context.Context, name string, withAdmin bool) (*proc, error) {
+	return startCaddy(ctx, b.cfg.caddyBin, b.root, name, withAdmin, func(addr, admin, dir string) string {
+		return caddyCaddyfile(addr, admin, dir, b.mock.addr)
 	})
 }
 
@@ -187,8 +189,11 @@ func (b *bench) proxying(ctx context.Context, targets []*target) error {
 				return err
 			}
 			cl := clients[t.name]
+			c0, err0 := cpuTicks(t.proc.pid())
 			tp := runLoad(ctx, cl, t, cfg.conc, cfg.duration, cfg.maxRequests, false)
+			c1, err1 := cpuTicks(t.proc.pid())
 			res.add("rps", t.name, nanIf(tp.ok == 0, tp.rps()))
+			res.add("cores", t.name, nanIf(err0 != nil || err1 != nil, float64(c1-c0)/float64(b.hz)/tp.elapsed.Seconds()))
 			res.fail(t.name, tp.errs, tp.firstErr)
 
 			lat := runLoad(ctx, cl, t, 1, cfg.duration, cfg.maxRequests, true)
@@ -311,31 +316,60 @@ func (b *bench) cpu(ctx context.Context, caddy *target) error {
 	for _, t := range targets {
 		runLoad(ctx, clients[t.name], t, cfg.cpuConc, warmTime, int64(min(1000, cfg.cpuRequests)), false)
 	}
+	// Each round's count is sent in -cpu-slices slices, the targets taking turns slice by slice,
+	// so that the machine's load, which drifts over seconds here, falls on all of them alike.
+	type acc struct {
+		ticks, sent, ok, errs int64
+		elapsed               time.Duration
+		firstErr              string
+	}
 	for r := 0; r < cfg.rounds; r++ {
-		for _, t := range rotate(targets, r) {
-			if err := ctx.Err(); err != nil {
-				return err
+		sums := map[string]*acc{}
+		for _, t := range targets {
+			sums[t.name] = &acc{}
+		}
+		for k := 0; k < cfg.cpuSlices; k++ {
+			n := cfg.cpuRequests / cfg.cpuSlices
+			if k == cfg.cpuSlices-1 {
+				n = cfg.cpuRequests - n*(cfg.cpuSlices-1)
 			}
-			pid := t.proc.pid()
-			t0, err := cpuTicks(pid)
-			if err != nil {
-				return fmt.Errorf("%s: %w", t.name, err)
+			for _, t := range rotate(targets, r+k) {
+				if err := ctx.Err(); err != nil {
+					return err
+				}
+				pid := t.proc.pid()
+				t0, err := cpuTicks(pid)
+				if err != nil {
+					return fmt.Errorf("%s: %w", t.name, err)
+				}
+				lr := runLoad(ctx, clients[t.name], t, cfg.cpuConc, cpuMaxTime, int64(n), false)
+				t1, err := cpuTicks(pid)
+				if err != nil {
+					return fmt.Errorf("%s: %w", t.name, err)
+				}
+				a := sums[t.name]
+				a.ticks += t1 - t0
+				a.sent += lr.ok + lr.errs
+				a.ok += lr.ok
+				a.errs += lr.errs
+				a.elapsed += lr.elapsed
+				if a.firstErr == "" {
+					a.firstErr = lr.firstErr
+				}
 			}
-			lr := runLoad(ctx, clients[t.name], t, cfg.cpuConc, cpuMaxTime, int64(cfg.cpuRequests), false)
-			t1, err := cpuTicks(pid)
-			if err != nil {
-				return fmt.Errorf("%s: %w", t.name, err)
-			}
-			n := lr.ok + lr.errs
-			us := float64(t1-t0) * 1e6 / float64(b.hz) / float64(n)
-			res.add("cpu", t.name, nanIf(n == 0, us))
-			res.add("cpurps", t.name, nanIf(lr.ok == 0, lr.rps()))
-			res.fail(t.name, lr.errs, lr.firstErr)
-			if n < int64(cfg.cpuRequests) {
-				res.notes = append(res.notes, fmt.Sprintf("round %d, %s: %d of %d requests within %s", r+1, t.name, n, cfg.cpuRequests, cpuMaxTime))
+		}
+		for _, t := range targets {
+			a := sums[t.name]
+			us := float64(a.ticks) * 1e6 / float64(b.hz) / float64(a.sent)
+			rps := float64(a.ok) / a.elapsed.Seconds()
+			res.add("cpu", t.name, nanIf(a.sent == 0, us))
+			res.add("cpurps", t.name, nanIf(a.ok == 0, rps))
+			res.fail(t.name, a.errs, a.firstErr)
+			if a.sent < int64(cfg.cpuRequests) {
+				res.notes = append(res.notes, fmt.Sprintf("round %d, %s: %d of %d requests within the time bounds", r+1, t.name, a.sent, cfg.cpuRequests))
 			}
 			logln(fmt.Sprintf("round %d %-24s %6.1f µs CPU/request (%d ticks, %d requests, %.0f req/s, %d errors)",
-				r+1, t.name, us, t1-t0, n, lr.rps(), lr.errs))
+				r+1, t.name, us, a.ticks, a.sent, rps, a.errs))
 		}
 	}
 	return nil
@@ -361,7 +395,7 @@ func (b *bench) memory(ctx context.Context) error {
 				err error
 			)
 			if kind == "caddy" {
-				p, err = b.startPlainCaddy(ctx, "caddy-mem")
+				p, err = b.startPlainCaddy(ctx, "caddy-mem", true)
 			} else {
 				p, err = b.startGateway(ctx, "gateway-mem", "")
 			}
@@ -395,6 +429,10 @@ func (b *bench) memoryOnce(ctx context.Context, r int, kind string, p *proc, hdr
 	if err != nil {
 		return 0, err
 	}
+	liveIdle, err := p.goLiveKB(ctx)
+	if err != nil {
+		return 0, err
+	}
 
 	opening := time.Now()
 	h := holdStreams(ctx, t, cfg.streams, hdr)
@@ -407,6 +445,11 @@ func (b *bench) memoryOnce(ctx context.Context, r int, kind string, p *proc, hdr
 		return 0, err
 	}
 	open := h.opened.Load() - h.ended.Load()
+	// After VmRSS, as the collection it forces may change what follows.
+	liveOpen, err := p.goLiveKB(ctx)
+	if err != nil {
+		return 0, err
+	}
 	res.fail(kind+" (memory)", h.failed.Load(), h.firstErr)
 	if !allOpen || h.ended.Load() > 0 {
 		res.notes = append(res.notes, fmt.Sprintf("round %d, %s memory: %d of %d streams open when VmRSS was read (%d failed, %d ended early)",
@@ -419,8 +462,9 @@ func (b *bench) memoryOnce(ctx context.Context, r int, kind string, p *proc, hdr
 	res.add("rssidle", kind, float64(idle)/1024)
 	res.add("rssopen", kind, float64(rss)/1024)
 	res.add("streamsopen", kind, float64(open))
-	logln(fmt.Sprintf("round %d %-8s idle %d KB, %d streams open (in %s) %d KB: %.1f KB per open stream",
-		r+1, kind, idle, open, took.Round(time.Millisecond), rss, kb))
+	res.add("livekbps", kind, float64(liveOpen-liveIdle)/float64(open))
+	logln(fmt.Sprintf("round %d %-8s idle %d KB, %d streams open (in %s) %d KB: %.1f KB per open stream (Go live heap+stacks: %.1f KB)",
+		r+1, kind, idle, open, took.Round(time.Millisecond), rss, kb, float64(liveOpen-liveIdle)/float64(open)))
 	return kb, nil
 }
 

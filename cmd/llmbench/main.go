@@ -8,9 +8,10 @@
 //  4. CPU per request (utime+stime) of the gateway with 1 key and with 100,000 keys in its
 //     store, and of plain Caddy.
 //
-// Measurements 1, 2 and 4 run in interleaved rounds and the report gives medians over rounds;
-// the ratios and differences are taken within each round and their median reported. The
-// report, a markdown table, is printed and written to -out. Run with -h for the flags.
+// Every measurement runs in rounds, the targets interleaved (memory on fresh processes each
+// round), and the report gives medians over rounds; ratios and differences are taken within
+// each round and their median reported. The report, in markdown, is printed and written to
+// -out. Run with -h for the flags.
 package main
 
 import (
@@ -43,6 +44,7 @@ type config struct {
 	memSettle      time.Duration
 	cpuRequests    int
 	cpuConc        int
+	cpuSlices      int
 	keys           int
 	spreadKeys     int
 	tmpDir         string
@@ -70,6 +72,7 @@ func parseFlags() config {
 	fs.DurationVar(&c.memSettle, "mem-settle", time.Second, "wait between the last stream opening and reading VmRSS")
 	fs.IntVar(&c.cpuRequests, "cpu-requests", 5000, "non-streaming requests per CPU-per-request measurement (per target and round); CPU time is counted\nin clock ticks (10 ms at CLK_TCK=100), so fewer requests mean coarser figures")
 	fs.IntVar(&c.cpuConc, "cpu-conc", 8, "concurrency of the CPU-per-request measurement")
+	fs.IntVar(&c.cpuSlices, "cpu-slices", 5, "slices each target's -cpu-requests are sent in per round, the targets taking turns slice by slice\n(so that the machine's drifting load falls on all of them alike)")
 	fs.IntVar(&c.keys, "keys", 100_000, "API keys in the large store of the CPU-per-request measurement (all of the bench user; the small store has 1)")
 	fs.IntVar(&c.spreadKeys, "spread-keys", 1000, "also measure CPU per request on the large store with requests spread over this many different keys\n(informative: each lookup then reads a different row of the big table, not the same hot one); 0: skip")
 	fs.StringVar(&c.tmpDir, "tmpdir", "", "where the run's temporary folder (Caddyfiles, SQLite files, logs) is made; default: the system's")
@@ -129,8 +132,8 @@ func (c config) validate() error {
 		return fmt.Errorf("-ttft-n and -ttft-chunks (up to 10000) must be at least 1, -ttft-interval not negative")
 	case c.streams < 1 || c.streamChunks < 1 || c.streamChunks > 10000 || c.streamInterval <= 0:
 		return fmt.Errorf("-streams and -stream-chunks (up to 10000) must be at least 1, -stream-interval positive")
-	case c.cpuRequests < 1:
-		return fmt.Errorf("-cpu-requests must be at least 1")
+	case c.cpuRequests < 1 || c.cpuSlices < 1 || c.cpuSlices > c.cpuRequests:
+		return fmt.Errorf("-cpu-requests and -cpu-slices must be at least 1, -cpu-slices at most -cpu-requests")
 	case c.keys < 1:
 		return fmt.Errorf("-keys must be at least 1")
 	case c.spreadKeys < 0 || c.spreadKeys > c.keys-1:

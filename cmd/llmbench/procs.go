@@ -3,9 +3,12 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -82,9 +85,10 @@ http://%s {
 `, addr, benchModel, chunks, chunkInterval)
 }
 
-// caddyCaddyfile: plain reverse_proxy to the mock, Caddy's defaults otherwise (no access log).
-func caddyCaddyfile(addr, dir, mock string) string {
-	return globalOptions("", dir) + fmt.Sprintf(`
+// caddyCaddyfile: plain reverse_proxy to the mock, Caddy's defaults otherwise (no access log);
+// admin off unless admin is set.
+func caddyCaddyfile(addr, admin, dir, mock string) string {
+	return globalOptions(admin, dir) + fmt.Sprintf(`
 http://%s {
 	bind 127.0.0.1
 	reverse_proxy %s
@@ -326,4 +330,48 @@ func loadAvg() string {
 		return "?"
 	}
 	return strings.Join(f[:3], " ")
+}
+
+// goLiveKB forces a garbage collection in the process (its admin endpoint's
+// /debug/pprof/heap?gc=1) and then reads its memstats (/debug/vars): the live heap plus the
+// goroutine stacks, in KiB.
+func (p *proc) goLiveKB(ctx context.Context) (int64, error) {
+	if p.admin == "" {
+		return 0, errors.New(p.name + ": no admin endpoint")
+	}
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	get := func(path string) ([]byte, error) {
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+p.admin+path, nil)
+		if err != nil {
+			return nil, err
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			return nil, err
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+		if err == nil && resp.StatusCode != http.StatusOK {
+			err = fmt.Errorf("%s%s: status %d", p.admin, path, resp.StatusCode)
+		}
+		return b, err
+	}
+	if _, err := get("/debug/pprof/heap?gc=1"); err != nil {
+		return 0, err
+	}
+	b, err := get("/debug/vars")
+	if err != nil {
+		return 0, err
+	}
+	var vars struct {
+		Memstats struct {
+			HeapAlloc  int64
+			StackInuse int64
+		} `json:"memstats"`
+	}
+	if err := json.Unmarshal(b, &vars); err != nil {
+		return 0, fmt.Errorf("%s /debug/vars: %w", p.name, err)
+	}
+	return (vars.Memstats.HeapAlloc + vars.Memstats.StackInuse) / 1024, nil
 }

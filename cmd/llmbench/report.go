@@ -57,36 +57,41 @@ func (b *bench) report() string {
 
 	// Non-streaming and TTFT.
 	w("## Non-streaming chat completions and time to first token\n\n")
-	w("| target | req/s, c=%d | p50 ms, c=1 | p99 ms, c=1 | TTFT p50 ms | TTFT p99 ms | whole stream p50 ms | failed requests |\n", cfg.conc)
-	w("|---|---:|---:|---:|---:|---:|---:|---:|\n")
+	w("| target | req/s, c=%d | CPU cores used, c=%d | p50 ms, c=1 | p99 ms, c=1 | TTFT p50 ms | TTFT p99 ms | whole stream p50 ms | failed requests |\n", cfg.conc, cfg.conc)
+	w("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 	for _, t := range []struct{ name, label string }{{"direct", "mock, direct"}, {"caddy", "plain Caddy reverse_proxy"}, {"gateway", "gateway"}} {
-		w("| %s | %s | %s | %s | %s | %s | %s | %d |\n", t.label, f0(r.med("rps", t.name)), f3(r.med("p50", t.name)),
+		w("| %s | %s | %s | %s | %s | %s | %s | %s | %d |\n", t.label, f0(r.med("rps", t.name)), f2(r.med("cores", t.name)), f3(r.med("p50", t.name)),
 			f3(r.med("p99", t.name)), f3(r.med("ttft50", t.name)), f3(r.med("ttft99", t.name)), f3(r.med("stream50", t.name)), r.errs[t.name])
 	}
 	for _, p := range [][2]string{{"caddy", "direct"}, {"gateway", "caddy"}, {"gateway", "direct"}} {
-		w("| *%s vs %s* | ×%s | %s | %s | %s | %s | %s | |\n", p[0], p[1],
+		w("| *%s vs %s* | ×%s | | %s | %s | %s | %s | %s | |\n", p[0], p[1],
 			f2(r.pairwise("rps", p[0], p[1], ratio)), fsigned(r.pairwise("p50", p[0], p[1], diff), 3),
 			fsigned(r.pairwise("p99", p[0], p[1], diff), 3), fsigned(r.pairwise("ttft50", p[0], p[1], diff), 3),
 			fsigned(r.pairwise("ttft99", p[0], p[1], diff), 3), fsigned(r.pairwise("stream50", p[0], p[1], diff), 3))
 	}
-	w("\n")
+	w("\nCPU cores used: utime+stime of the serving process alone (for the mock, the mock; for Caddy and the gateway, not the mock "+
+		"behind them) during the c=%d run, divided by its length.\n\n", cfg.conc)
 
 	// Memory.
 	w("## Memory per open stream\n\n")
 	w("%d concurrent streams (mock: %d chunks, %s apart), on a freshly started process warmed with 200 requests and 10 streams; "+
-		"VmRSS %s after the last stream opened, minus VmRSS idle with no connection open, divided by the streams open.\n\n",
+		"VmRSS %s after the last stream opened, minus VmRSS idle with no connection open, divided by the streams open. "+
+		"The last column is the same difference in Go's live heap plus goroutine stacks, read from /debug/vars after a forced "+
+		"collection (VmRSS growth can be smaller: the idle process may hold freed heap pages that the streams reuse).\n\n",
 		cfg.streams, cfg.streamChunks, cfg.streamInterval, cfg.memSettle)
-	w("| target | idle VmRSS MB | VmRSS with streams open MB | streams open | KB per open stream |\n|---|---:|---:|---:|---:|\n")
+	w("| target | idle VmRSS MB | VmRSS with streams open MB | streams open | KB per open stream (VmRSS) | KB per open stream (Go live heap+stacks) |\n|---|---:|---:|---:|---:|---:|\n")
 	for _, t := range []struct{ name, label string }{{"caddy", "plain Caddy reverse_proxy"}, {"gateway", "gateway"}} {
-		w("| %s | %s | %s | %s | %s |\n", t.label, f1(r.med("rssidle", t.name)), f1(r.med("rssopen", t.name)),
-			f0(r.med("streamsopen", t.name)), f1(r.med("kbps", t.name)))
+		w("| %s | %s | %s | %s | %s | %s |\n", t.label, f1(r.med("rssidle", t.name)), f1(r.med("rssopen", t.name)),
+			f0(r.med("streamsopen", t.name)), f1(r.med("kbps", t.name)), f1(r.med("livekbps", t.name)))
 	}
 	w("\n")
 
 	// CPU.
 	w("## CPU per request\n\n")
-	w("utime+stime of the serving process (/proc/<pid>/stat, CLK_TCK=%d) over %d non-streaming requests at c=%d, per target and round. "+
-		"The two gateways are separate fresh processes on their own SQLite files, warmed and loaded alike.\n\n", b.hz, cfg.cpuRequests, cfg.cpuConc)
+	w("utime+stime of the serving process (/proc/<pid>/stat, CLK_TCK=%d) over %d non-streaming requests at c=%d per target and round, "+
+		"sent in %d slices with the targets taking turns. The two gateways are separate fresh processes, the same configuration on "+
+		"their own SQLite files (same user, key and balance; one with %s keys), warmed and loaded alike.\n\n",
+		b.hz, cfg.cpuRequests, cfg.cpuConc, cfg.cpuSlices, thousands(cfg.keys))
 	w("| target | API keys in the store | µs CPU per request | vs gateway, 1 key | req/s during the measurement |\n|---|---:|---:|---:|---:|\n")
 	rows := []struct{ name, label, keys string }{
 		{"caddy", "plain Caddy reverse_proxy", "–"},
@@ -143,8 +148,8 @@ func (b *bench) report() string {
 	for k := range r.vals {
 		keys = append(keys, k)
 	}
-	order := map[string]int{"rps": 0, "p50": 1, "p99": 2, "ttft50": 3, "ttft99": 4, "stream50": 5, "cpu": 6, "cpurps": 7,
-		"rssidle": 8, "rssopen": 9, "streamsopen": 10, "kbps": 11}
+	order := map[string]int{"rps": 0, "cores": 1, "p50": 2, "p99": 3, "ttft50": 4, "ttft99": 5, "stream50": 6, "cpu": 7,
+		"cpurps": 8, "rssidle": 9, "rssopen": 10, "streamsopen": 11, "kbps": 12, "livekbps": 13}
 	slices.SortFunc(keys, func(a, b string) int {
 		ma, ta, _ := strings.Cut(a, "/")
 		mb, tb, _ := strings.Cut(b, "/")
@@ -153,10 +158,11 @@ func (b *bench) report() string {
 		}
 		return strings.Compare(ta, tb)
 	})
-	labels := map[string]string{"rps": "req/s c=" + fmt.Sprint(cfg.conc), "p50": "p50 ms c=1", "p99": "p99 ms c=1",
+	labels := map[string]string{"rps": "req/s c=" + fmt.Sprint(cfg.conc), "cores": "CPU cores used c=" + fmt.Sprint(cfg.conc), "p50": "p50 ms c=1", "p99": "p99 ms c=1",
 		"ttft50": "TTFT p50 ms", "ttft99": "TTFT p99 ms", "stream50": "whole stream p50 ms", "cpu": "µs CPU/request",
 		"cpurps": "req/s in CPU run", "rssidle": "idle VmRSS MB", "rssopen": "VmRSS streams open MB",
-		"streamsopen": "streams open", "kbps": "KB per open stream"}
+		"streamsopen": "streams open", "kbps": "KB per open stream (VmRSS)",
+		"livekbps": "KB per open stream (Go live)"}
 	for _, k := range keys {
 		m, t, _ := strings.Cut(k, "/")
 		w("| %s | %s |", labels[m], t)

@@ -29,80 +29,85 @@ func FuzzNDJSONUsage(f *testing.F) {
 // fuzzStream checks that a stream cut anywhere meters and writes exactly as the whole stream,
 // and that nothing but the usage message is ever changed.
 func fuzzStream(f *testing.F, format Format) {
-	fields := []byte(`"credits_charged":1`)
 	f.Fuzz(func(t *testing.T, stream, cuts []byte, hide, small bool) {
-		type result struct {
-			out      string
-			usage    Usage
-			hasUsage bool
-			calls    int
-			produced Produced
-			done     bool
+		checkStream(t, format, stream, cuts, hide, small)
+	})
+}
+
+// checkStream is the property of fuzzStream.
+func checkStream(t *testing.T, format Format, stream, cuts []byte, hide, small bool) {
+	fields := []byte(`"credits_charged":1`)
+	type result struct {
+		out      string
+		usage    Usage
+		hasUsage bool
+		calls    int
+		produced Produced
+		done     bool
+	}
+	run := func(parts [][]byte, hide bool, onUsage bool) result {
+		var r result
+		m := &StreamMeter{Format: format, HideUsage: hide}
+		limit := MaxMessage
+		if small {
+			m.limit, limit = 64, 64
 		}
-		run := func(parts [][]byte, hide bool, onUsage bool) result {
-			var r result
-			m := &StreamMeter{Format: format, HideUsage: hide}
-			limit := MaxMessage
-			if small {
-				m.limit, limit = 64, 64
+		if onUsage {
+			m.OnUsage = func(u Usage) []byte {
+				r.calls++
+				return fields
 			}
-			if onUsage {
-				m.OnUsage = func(u Usage) []byte {
-					r.calls++
-					return fields
-				}
-			}
-			var out bytes.Buffer
-			for _, p := range parts {
-				if err := m.Write(&out, p); err != nil {
-					t.Fatal(err)
-				}
-				if len(m.buf) > limit {
-					t.Fatalf("held back %d bytes", len(m.buf))
-				}
-			}
-			if err := m.Flush(&out); err != nil {
+		}
+		var out bytes.Buffer
+		for _, p := range parts {
+			if err := m.Write(&out, p); err != nil {
 				t.Fatal(err)
 			}
-			r.out = out.String()
-			r.usage, r.hasUsage = m.Usage()
-			r.produced, r.done = m.Produced(), m.Done()
-			return r
-		}
-
-		split := cut(stream, cuts)
-		whole := run([][]byte{stream}, hide, true)
-		if got := run(split, hide, true); got != whole {
-			t.Fatalf("split into %d writes:\n%+v\nwhole:\n%+v", len(split), got, whole)
-		}
-		if whole.calls > 1 {
-			t.Fatalf("OnUsage called %d times", whole.calls)
-		}
-		if u := whole.usage; whole.hasUsage && (u.InputTokens < 0 || u.InputTokens > MaxTokens || u.OutputTokens < 0 || u.OutputTokens > MaxTokens) {
-			t.Fatalf("usage out of range: %+v", u)
-		}
-
-		// Without fields to add and nothing to hide, the output is the input.
-		plain := run(split, false, false)
-		if plain.out != string(stream) {
-			t.Fatalf("pass-through changed the stream:\n%q\nto\n%q", stream, plain.out)
-		}
-		if plain.usage != whole.usage || plain.hasUsage != whole.hasUsage || plain.produced != whole.produced || plain.done != whole.done {
-			t.Fatalf("metering depends on OnUsage or HideUsage: %+v vs %+v", plain, whole)
-		}
-
-		// With fields, the output is the input with the fields inserted once, if at all.
-		added := run(split, false, true)
-		if added.calls == 0 {
-			if added.out != string(stream) {
-				t.Fatalf("changed a stream without usage")
+			if len(m.buf) > limit {
+				t.Fatalf("held back %d bytes", len(m.buf))
 			}
-			return
 		}
-		if !removesTo(added.out, ","+string(fields), string(stream)) && !removesTo(added.out, string(fields), string(stream)) {
-			t.Fatalf("usage message rewritten beyond the fields:\n%q\nto\n%q", stream, added.out)
+		if err := m.Flush(&out); err != nil {
+			t.Fatal(err)
 		}
-	})
+		r.out = out.String()
+		r.usage, r.hasUsage = m.Usage()
+		r.produced, r.done = m.Produced(), m.Done()
+		return r
+	}
+
+	split := cut(stream, cuts)
+	whole := run([][]byte{stream}, hide, true)
+	if got := run(split, hide, true); got != whole {
+		t.Fatalf("split into %d writes:\n%+v\nwhole:\n%+v", len(split), got, whole)
+	}
+	if whole.calls > 1 {
+		t.Fatalf("OnUsage called %d times", whole.calls)
+	}
+	if u := whole.usage; whole.hasUsage && (u.InputTokens < 0 || u.InputTokens > MaxTokens || u.OutputTokens < 0 || u.OutputTokens > MaxTokens) {
+		t.Fatalf("usage out of range: %+v", u)
+	}
+
+	// Without fields to add and nothing to hide, the output is the input.
+	plain := run(split, false, false)
+	if plain.out != string(stream) {
+		t.Fatalf("pass-through changed the stream:\n%q\nto\n%q", stream, plain.out)
+	}
+	if plain.usage != whole.usage || plain.hasUsage != whole.hasUsage || plain.produced != whole.produced || plain.done != whole.done {
+		t.Fatalf("metering depends on OnUsage or HideUsage: %+v vs %+v", plain, whole)
+	}
+
+	// With fields, the output is the input with the fields inserted once, if at all.
+	added := run(split, false, true)
+	if added.calls == 0 {
+		if added.out != string(stream) {
+			t.Fatalf("changed a stream without usage")
+		}
+		return
+	}
+	if !removesTo(added.out, ","+string(fields), string(stream)) && !removesTo(added.out, string(fields), string(stream)) {
+		t.Fatalf("usage message rewritten beyond the fields:\n%q\nto\n%q", stream, added.out)
+	}
 }
 
 // cut splits b into writes whose lengths come from cuts; no cuts means byte by byte.

@@ -59,7 +59,8 @@ func (s *Store) Reserve(ctx context.Context, account credits.AccountID, amount c
 		err := tx.StmtContext(ctx, s.stmts.takeBalance).QueryRowContext(ctx, amount, account).Scan(&balance)
 		if errors.Is(err, sql.ErrNoRows) {
 			// Either the balance is short or there is no account.
-			err = tx.QueryRowContext(ctx, `SELECT balance FROM accounts WHERE id = ?`, account).Scan(&balance)
+			var period sql.NullInt64
+			err = tx.StmtContext(ctx, s.stmts.accountState).QueryRowContext(ctx, account).Scan(&balance, &period)
 			switch {
 			case err == nil:
 				short = true
@@ -98,7 +99,7 @@ func (s *Store) refill(ctx context.Context, tx *sql.Tx, account credits.AccountI
 		period  sql.NullInt64
 		grant   credits.Amount
 	)
-	err := tx.StmtContext(ctx, s.stmts.refillState).QueryRowContext(ctx, account).Scan(&balance, &period)
+	err := tx.StmtContext(ctx, s.stmts.accountState).QueryRowContext(ctx, account).Scan(&balance, &period)
 	switch {
 	case errors.Is(err, sql.ErrNoRows):
 		grant = r.Cap

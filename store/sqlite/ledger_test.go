@@ -117,9 +117,9 @@ func checkErr(tb testing.TB, err, want error) {
 func TestReserveIDsAreUnique(t *testing.T) {
 	s, _ := openTestStore(t, nil)
 	account := credits.UserAccount("u")
-	credit(t, s, account, 1000)
+	credit(t, s, account, 300)
 	seen := make(map[string]bool)
-	for range 1000 {
+	for range 300 {
 		r := reserve(t, s, account, 1, time.Minute)
 		if seen[r.ID] {
 			t.Fatalf("reservation id %s twice", r.ID)
@@ -244,7 +244,7 @@ func TestSettle(t *testing.T) {
 	for _, tc := range []struct {
 		name        string
 		before      func(t *testing.T, s *Store, r credits.Reservation) // closes it first, for instance
-		id          string                                // the reservation made when empty
+		id          string                                              // the reservation made when empty
 		cost        credits.Amount
 		usage       credits.Usage
 		wantBalance credits.Amount
@@ -403,10 +403,10 @@ func TestReleaseExpired(t *testing.T) {
 	credit(t, s, b, 100)
 
 	start := clock.Now()
-	reserve(t, s, a, 1, 10*time.Second)  // expires start+10s
-	reserve(t, s, a, 2, 20*time.Second)  // start+20s
-	reserve(t, s, b, 4, 10*time.Second)  // start+10s
-	reserve(t, s, b, 8, 30*time.Second)  // start+30s
+	reserve(t, s, a, 1, 10*time.Second) // expires start+10s
+	reserve(t, s, a, 2, 20*time.Second) // start+20s
+	reserve(t, s, b, 4, 10*time.Second) // start+10s
+	reserve(t, s, b, 8, 30*time.Second) // start+30s
 	settled := reserve(t, s, a, 16, 5*time.Second)
 	if _, err := s.Settle(ctx, settled.ID, 16, credits.Usage{}); err != nil {
 		t.Fatal(err)
@@ -669,5 +669,40 @@ func TestLedgerIsAppendOnly(t *testing.T) {
 	}
 	if _, err := s.Settle(ctx, r.ID, 1, credits.Usage{}); !errors.Is(err, credits.ErrStoreUnavailable) {
 		t.Errorf("second settle entry for one reservation: %v", err)
+	}
+}
+
+// TestBalanceOverflowIsRefused pushes a balance past int64 through Settle and Release: SQLite
+// would turn the sum into a REAL, which the STRICT table refuses; the store reports
+// ErrOverflow and changes nothing. (Through the API alone a balance this large cannot be
+// reached without the audit's sums overflowing first, so the balance is set directly.)
+func TestBalanceOverflowIsRefused(t *testing.T) {
+	ctx := context.Background()
+	s, _ := openTestStore(t, nil)
+	account := credits.UserAccount("rich")
+	credit(t, s, account, credits.MaxAmount)
+	r := reserve(t, s, account, credits.MaxAmount, time.Minute)
+	const huge = credits.Amount(math.MaxInt64 - 10)
+	if _, err := s.write.ExecContext(ctx, `UPDATE accounts SET balance = ? WHERE id = ?`, huge, account); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name  string
+		close func() error
+	}{
+		{"settle", func() error { _, err := s.Settle(ctx, r.ID, 0, credits.Usage{}); return err }},
+		{"release", func() error { _, err := s.Release(ctx, r.ID); return err }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if err := tc.close(); !errors.Is(err, credits.ErrOverflow) || errors.Is(err, credits.ErrStoreUnavailable) {
+				t.Fatalf("error = %v, want ErrOverflow", err)
+			}
+			if b, err := s.Balance(ctx, account); err != nil || b != huge {
+				t.Errorf("balance now %d, %v", b, err)
+			}
+			if a, err := s.Audit(ctx, account); err != nil || a.Open != credits.MaxAmount {
+				t.Errorf("reservation no longer open: %+v, %v", a, err)
+			}
+		})
 	}
 }

@@ -60,7 +60,7 @@ type Store struct {
 // statements are the prepared statements of the hot paths.
 type statements struct {
 	// on the writer
-	refillState       *sql.Stmt
+	accountState      *sql.Stmt
 	takeBalance       *sql.Stmt
 	insertReservation *sql.Stmt
 	closeReservation  *sql.Stmt
@@ -163,7 +163,7 @@ func (s *Store) prepare(ctx context.Context) error {
 		stmt **sql.Stmt
 		sql  string
 	}{
-		{s.write, &s.stmts.refillState, `SELECT balance, refill_period FROM accounts WHERE id = ?`},
+		{s.write, &s.stmts.accountState, `SELECT balance, refill_period FROM accounts WHERE id = ?`},
 		{s.write, &s.stmts.takeBalance, `UPDATE accounts SET balance = balance - ?1
 			WHERE id = ?2 AND balance >= ?1 RETURNING balance`},
 		{s.write, &s.stmts.insertReservation, `INSERT INTO reservations
@@ -192,7 +192,7 @@ func (s *Store) Close() error {
 	s.closeOnce.Do(func() {
 		var errs []error
 		for _, stmt := range []*sql.Stmt{
-			s.stmts.refillState, s.stmts.takeBalance, s.stmts.insertReservation,
+			s.stmts.accountState, s.stmts.takeBalance, s.stmts.insertReservation,
 			s.stmts.closeReservation, s.stmts.addBalance, s.stmts.insertSettlement,
 			s.stmts.keyByID,
 		} {
