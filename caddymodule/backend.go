@@ -58,7 +58,9 @@ func reverseProxyConfig(b *Backend, u *url.URL) (json.RawMessage, error) {
 		"passive": map[string]any{"fail_duration": caddy.Duration(10 * time.Second), "max_fails": 2},
 	}
 	if !hc.Disabled {
-		active := map[string]any{"uri": b.base + hc.Path, "interval": hc.Interval, "timeout": hc.Timeout}
+		// Two failed checks in a row mark the backend down: the first check runs while Caddy
+		// is still starting, possibly before a backend in the same process listens.
+		active := map[string]any{"uri": b.base + hc.Path, "interval": hc.Interval, "timeout": hc.Timeout, "fails": 2}
 		if len(b.Headers) > 0 {
 			hdr := map[string][]string{}
 			for k, v := range b.Headers {

@@ -2,6 +2,7 @@ package caddymodule_test
 
 import (
 	"encoding/json"
+	"io"
 	"net/http"
 	"strings"
 	"sync"
@@ -69,16 +70,32 @@ func TestAdminAPIAndCLI(t *testing.T) {
 	}
 	var wg sync.WaitGroup
 	answers := make([]*response, 5)
+	errs := make([]error, 5)
+	start := make(chan struct{})
 	for i := range answers {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			answers[i] = credit("2.25", "pay-123")
+			<-start
+			req := e.newRequest(t.Context(), http.MethodPost, e.admin+"/llm_gateway/users/"+u.ID+"/credits",
+				`{"amount":2.25,"reason":"top-up"}`, map[string]string{"Idempotency-Key": "pay-123"})
+			resp, err := e.client.Do(req)
+			if err != nil {
+				errs[i] = err
+				return
+			}
+			defer resp.Body.Close()
+			b, err := io.ReadAll(resp.Body)
+			answers[i], errs[i] = &response{status: resp.StatusCode, header: resp.Header, body: b}, err
 		}()
 	}
+	close(start)
 	wg.Wait()
 	replays := 0
-	for _, r := range answers {
+	for i, r := range answers {
+		if errs[i] != nil {
+			t.Fatalf("idempotent credit %d: %v", i, errs[i])
+		}
 		if r.status != http.StatusOK {
 			t.Fatalf("idempotent credit: %s", r)
 		}

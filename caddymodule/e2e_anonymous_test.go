@@ -1,10 +1,12 @@
 package caddymodule_test
 
 import (
+	"fmt"
 	"net/http"
 	"net/url"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/credits"
 )
@@ -203,14 +205,16 @@ func TestAnonymousChatUntil402(t *testing.T) {
 		t.Errorf("dear backend got %d requests, want 0", got)
 	}
 
-	// The anonymous account's books: one grant of the allowance, wantOK settlements.
+	// The anonymous account's books, read from the store file: one grant of the allowance,
+	// wantOK settlements (given a moment, for a store that commits asynchronously).
 	accs := e.checkAllAccounts(0)
-	if len(accs) != 1 || accs[0].id != "anon:127.0.0.1" {
-		t.Fatalf("accounts %+v, want only anon:127.0.0.1", accs)
-	}
-	a := accs[0]
-	if a.credited != allowance || a.balance != balance || a.settled != credits.Amount(wantOK)*charge || a.settleEntries != wantOK {
-		t.Errorf("anonymous books %+v, want credited %s, balance %s, %d settlements of %s", a, allowance, balance, wantOK, charge)
+	want := dbAccount{id: "anon:127.0.0.1", balance: balance, credited: allowance,
+		settled: credits.Amount(wantOK) * charge, settleEntries: wantOK}
+	if ok, last := waitFor(10*time.Second, func() (bool, string) {
+		accs = e.accounts()
+		return len(accs) == 1 && accs[0] == want, fmt.Sprintf("%+v", accs)
+	}); !ok {
+		t.Errorf("accounts in the store %s, want only %+v", last, want)
 	}
 }
 

@@ -1,6 +1,7 @@
 package caddymodule_test
 
 import (
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"os"
@@ -35,7 +36,9 @@ func TestMakeRunNewcomerCurl(t *testing.T) {
 		return fmt.Sprintf("%s:%d", host, ports[port])
 	})
 	text = strings.ReplaceAll(text, "./data/", dir+"/")
-	text = regexp.MustCompile(`(?m)^(\s*)log$`).ReplaceAllString(text, "${1}log {\n${1}\toutput file "+filepath.Join(dir, "access.log")+"\n${1}}")
+	accessLog := filepath.Join(dir, "access.log")
+	text = regexp.MustCompile(`(?m)^(\s*)log \{$`).ReplaceAllString(text, "${1}log {\n${1}\toutput file "+accessLog)
+	text = regexp.MustCompile(`(?m)^(\s*)log$`).ReplaceAllString(text, "${1}log {\n${1}\toutput file "+accessLog+"\n${1}}")
 	text = strings.Replace(text, "{\n", "{\n\tlog {\n\t\toutput file "+filepath.Join(dir, "caddy.log")+"\n\t}\n\tpersist_config off\n", 1)
 	gwPort, ok := ports["8080"]
 	if !ok {
@@ -49,9 +52,15 @@ func TestMakeRunNewcomerCurl(t *testing.T) {
 		t.Fatalf("loading Caddyfile.example: %v\n%s", err, text)
 	}
 	t.Cleanup(func() { _ = caddy.Stop() })
-	e := &env{t: t, dir: dir, admin: fmt.Sprintf("http://localhost:%d", adminPort), gw: fmt.Sprintf("http://localhost:%d", gwPort),
+	e := &env{t: t, dir: dir, mockPorts: map[string]int{}, admin: fmt.Sprintf("http://localhost:%d", adminPort), gw: fmt.Sprintf("http://localhost:%d", gwPort),
 		client: &http.Client{Timeout: 30 * time.Second}, dbPath: filepath.Join(dir, "gateway.db")}
 	e.waitAdmin()
+	// The example's mock backends (their sites are the ones answering /mock/stats).
+	for port, p := range ports {
+		if port != "8080" && port != "2019" && port != "3000" {
+			e.mockPorts[port] = p
+		}
+	}
 
 	// The newcomer's curl, as API.md §1 gives it.
 	curl := `{"model":"cheapest","messages":[{"role":"user","content":"hi"}]}`
@@ -89,4 +98,64 @@ func TestMakeRunNewcomerCurl(t *testing.T) {
 		t.Errorf("402 Location %q, want the sign-in page", loc)
 	}
 	e.checkAllAccounts(0)
+
+	// Request headers over 16 KiB are refused before anything else (RELIABILITY.md row 50 and
+	// its numeric target: 431).
+	before := e.mockTotal()
+	r = e.post("/v1/chat/completions", curl, map[string]string{"X-Padding": strings.Repeat("p", 24<<10)})
+	if r.status != http.StatusRequestHeaderFieldsTooLarge {
+		t.Errorf("a request with 24 KiB of headers: %s, want 431", r)
+	}
+	if after := e.mockTotal(); after != before {
+		t.Errorf("a request with 24 KiB of headers reached a backend")
+	}
+
+	// A user's key, sent in each accepted header, never lands in the access log of the
+	// shipped configuration.
+	_, k := e.userWithKey("newcomer@example.com", "1")
+	for _, h := range []map[string]string{{"X-API-Key": k.Key}, {"apikey": k.Key}, bearer(k.Key)} {
+		if r := e.post("/v1/chat/completions", curl, h); r.status != http.StatusOK {
+			t.Errorf("keyed curl %v: %s", h, r)
+		}
+	}
+	if err := caddy.Stop(); err != nil {
+		t.Logf("stopping caddy: %v", err)
+	}
+	for _, name := range []string{"access.log", "caddy.log"} {
+		b, err := os.ReadFile(filepath.Join(dir, name))
+		if err != nil {
+			t.Errorf("reading %s: %v", name, err)
+			continue
+		}
+		if name == "access.log" && !strings.Contains(string(b), "handled request") {
+			t.Errorf("the shipped configuration's access log was not captured: the check would prove nothing")
+		}
+		if n := strings.Count(string(b), k.Key[strings.LastIndexByte(k.Key, '_')+1:]); n > 0 {
+			t.Errorf("%s of the shipped configuration holds the API key's secret %d times", name, n)
+		}
+	}
+}
+
+// mockTotal is how many model requests the example's mock backends got, together.
+func (e *env) mockTotal() int64 {
+	e.t.Helper()
+	var n int64
+	for port := range e.mockPorts {
+		r := e.request(http.MethodGet, e.mockURL(port)+"/mock/stats", nil, nil)
+		if r.status != http.StatusOK {
+			e.t.Fatalf("mock stats on port %s: %s", port, r)
+		}
+		var st struct {
+			Requests map[string]int64 `json:"requests"`
+		}
+		if err := json.Unmarshal(r.body, &st); err != nil {
+			e.t.Fatal(err)
+		}
+		for path, c := range st.Requests {
+			if path != "/v1/models" && path != "/api/tags" {
+				n += c
+			}
+		}
+	}
+	return n
 }

@@ -21,7 +21,9 @@ func TestCheapestRoutingAndFailover(t *testing.T) {
 	price := func(in, out string) string {
 		return "\t\t\t\tinput_price " + in + "\n\t\t\t\toutput_price " + out + "\n"
 	}
-	cheapModel := func(name string) string { return "\t\t\tmodel " + name + " {\n" + price(cheapIn, cheapOut) + "\t\t\t}\n" }
+	cheapModel := func(name string) string {
+		return "\t\t\tmodel " + name + " {\n" + price(cheapIn, cheapOut) + "\t\t\t}\n"
+	}
 	dearModel := func(name string) string { return "\t\t\tmodel " + name + " {\n" + price(dearIn, dearOut) + "\t\t\t}\n" }
 	noHC := "\t\t\thealth_check {\n\t\t\t\tdisabled\n\t\t\t}\n"
 	e := startGateway(t, setup{

@@ -32,6 +32,9 @@ type exchange struct {
 	choices []routing.Choice
 	res     credits.Reservation
 	outcome string
+	// aborted: the backend's response broke mid-way; the client connection is aborted after
+	// settlement.
+	aborted bool
 
 	// Set once a backend answers.
 	choice    *routing.Choice
@@ -87,7 +90,7 @@ func (ex *exchange) proxy() error {
 			lastErr = err
 			break
 		}
-		aw := &attemptWriter{ex: ex, hdr: http.Header{}, failover: i < len(ex.choices)-1}
+		aw := &attemptWriter{ex: ex, hdr: http.Header{}}
 		actx, acancel := context.WithTimeout(ctx, time.Duration(b.Timeout))
 		req := ex.r.WithContext(actx)
 		req.URL = cloneURL(ex.r.URL)
@@ -100,10 +103,11 @@ func (ex *exchange) proxy() error {
 		req.Header.Set("Content-Type", "application/json")
 		req.Header.Set("Accept-Encoding", "identity")
 		ex.choice = c
-		g.metrics.inflight.WithLabelValues(b.Name).Inc()
-		err = b.proxy.ServeHTTP(aw, req, caddyhttp.HandlerFunc(func(http.ResponseWriter, *http.Request) error { return nil }))
-		g.metrics.inflight.WithLabelValues(b.Name).Dec()
+		err = ex.attempt(b, aw, req)
 		acancel()
+		if ex.mode == modeNone {
+			ex.aborted = false // nothing reached the client: the next backend may still answer
+		}
 		if ex.mode != modeNone {
 			// This backend answered: finish with it, whatever happened after.
 			ex.finish(err)
@@ -126,6 +130,32 @@ func (ex *exchange) proxy() error {
 		return &noRoute{err: routing.ErrNoBackend, model: ex.inf.model}
 	}
 	return lastErr
+}
+
+// errAborted: the reverse proxy aborted the response (the backend's stream broke after its
+// headers were passed on). The client's connection is aborted too, once the request is settled.
+var errAborted = errors.New("backend response aborted")
+
+// noNext is the next handler given to a backend's reverse_proxy: it has none.
+var noNext = caddyhttp.HandlerFunc(func(http.ResponseWriter, *http.Request) error { return nil })
+
+// attempt proxies the request to one backend. Caddy's reverse proxy panics with
+// http.ErrAbortHandler when a response breaks after its headers were written; that is turned
+// into errAborted so the exchange can settle what was produced before the connection is aborted.
+func (ex *exchange) attempt(b *Backend, aw *attemptWriter, req *http.Request) (err error) {
+	inflight := ex.g.metrics.inflight.WithLabelValues(b.Name)
+	inflight.Inc()
+	defer inflight.Dec()
+	defer func() {
+		if p := recover(); p != nil {
+			if p != http.ErrAbortHandler {
+				panic(p)
+			}
+			ex.aborted = true
+			err = errAborted
+		}
+	}()
+	return b.proxy.ServeHTTP(aw, req, noNext)
 }
 
 // classifyUpstream names why an attempt produced no answer.
@@ -377,12 +407,11 @@ func outcomeOf(status int) string {
 }
 
 // attemptWriter is the ResponseWriter one backend attempt writes to. A 5xx answer is held
-// back when another backend may still be tried; any other answer is committed to the client.
+// back (another backend may be tried); any other answer is committed to the client.
 type attemptWriter struct {
 	ex       *exchange
 	hdr      http.Header
 	status   int
-	failover bool // another backend may be tried after this one
 	failed   bool // the answer was a 5xx held back for failover
 }
 
@@ -393,7 +422,9 @@ func (a *attemptWriter) WriteHeader(status int) {
 		return // informational answers are not passed on
 	}
 	a.status = status
-	if status >= 500 && a.failover {
+	if status >= 500 {
+		// Held back: the next backend is tried, or, after the last, the gateway answers
+		// 502 upstream_error itself (with everything reserved returned).
 		a.failed = true
 		return
 	}

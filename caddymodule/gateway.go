@@ -279,7 +279,12 @@ func (b *Backend) provision(ctx caddy.Context) error {
 	if err != nil {
 		return err
 	}
-	mod, err := ctx.LoadModuleByID("http.handlers.reverse_proxy", raw)
+	// Each backend's handler gets a context of its own: Caddy's module ancestry is a slice
+	// appended to in place, so siblings loaded from one context would share (and race on) its
+	// last element, which the health checker reads when it emits events. The handler is
+	// cleaned up by the gateway's Cleanup; the context ends with the configuration's.
+	bctx, _ := caddy.NewContext(ctx)
+	mod, err := bctx.LoadModuleByID("http.handlers.reverse_proxy", raw)
 	if err != nil {
 		return fmt.Errorf("loading reverse_proxy: %w", err)
 	}
@@ -338,6 +343,11 @@ func (g *Gateway) Cleanup() error {
 	activeGateways.remove(g)
 	if g.keys != nil {
 		g.keys.Close()
+	}
+	for _, b := range g.Backends {
+		if b.proxy != nil {
+			_ = b.proxy.Cleanup()
+		}
 	}
 	if g.storeKey != "" {
 		_, err := stores.Delete(g.storeKey)

@@ -34,6 +34,8 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return nil
 	}
 	ex := &exchange{g: g, ep: ep, w: w, r: r, start: time.Now()}
+	// Whatever happens (a panic included), nothing stays reserved past the request.
+	defer ex.release()
 	err := ex.run()
 	if err != nil {
 		e := writeError(w, err)
@@ -43,6 +45,9 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		}
 	}
 	ex.record()
+	if ex.aborted {
+		panic(http.ErrAbortHandler) // the backend's stream broke: so does the client's
+	}
 	return nil
 }
 
@@ -202,7 +207,7 @@ func (ex *exchange) reserve(choices []routing.Choice) error {
 		res, balance, err = g.store.ledger.Reserve(ctx, who.account, amount, ttl, who.refill)
 	}
 	if errors.Is(err, credits.ErrInsufficientCredits) {
-		return &outOfCredits{balance: balance, required: amount, location: g.topUpLocation(ex.r, who)}
+		return &outOfCredits{balance: balance, required: choices[0].Cost, location: g.topUpLocation(ex.r, who)}
 	}
 	if err != nil {
 		return fmt.Errorf("reserving credits: %w", errors.Join(credits.ErrStoreUnavailable, err))
