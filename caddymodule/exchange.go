@@ -409,10 +409,10 @@ func outcomeOf(status int) string {
 // attemptWriter is the ResponseWriter one backend attempt writes to. A 5xx answer is held
 // back (another backend may be tried); any other answer is committed to the client.
 type attemptWriter struct {
-	ex       *exchange
-	hdr      http.Header
-	status   int
-	failed   bool // the answer was a 5xx held back for failover
+	ex     *exchange
+	hdr    http.Header
+	status int
+	failed bool // the answer was a 5xx held back for failover
 }
 
 func (a *attemptWriter) Header() http.Header { return a.hdr }

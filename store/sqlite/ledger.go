@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"math"
-	"slices"
 	"strconv"
 	"time"
 
@@ -19,9 +18,34 @@ import (
 // refillReason is the reason recorded on the grant entries of refills.
 const refillReason = "refill"
 
+// sortable is the base32hex alphabet, whose order is the order of its ASCII bytes.
+const sortable = "0123456789ABCDEFGHIJKLMNOPQRSTUV"
+
+// newReservationID is 11 characters telling the time in unix microseconds, so that the ids of
+// new settle entries land at the end of the ledger's unique index on reservation_id (random
+// ids would dirty a random index page each, on every batch), then 26 characters of 128
+// random bits: the id cannot be guessed.
+func newReservationID(now time.Time) string {
+	var id [11 + 26]byte
+	t := uint64(now.UnixMicro())
+	for i := 10; i >= 0; i-- {
+		id[i] = sortable[t&31]
+		t >>= 5
+	}
+	var random [17]byte // 128 bits, and 8 zero bits to pad the last character
+	rand.Read(random[:16])
+	for i := range 26 {
+		bit := i * 5
+		v := (uint16(random[bit/8])<<8 | uint16(random[bit/8+1])) >> (11 - bit%8) & 31
+		id[11+i] = sortable[v]
+	}
+	return string(id[:])
+}
+
 // Reserve moves amount from the account's balance into a new open reservation that expires
-// after ttl, in one write transaction: the refill (when refill is not nil), then a conditional
-// decrement that only succeeds when the balance covers amount, then the reservation.
+// after ttl, in memory, under the account's lock: the refill first (when refill is not nil),
+// then the reservation if the balance covers amount. Only the refill reaches the database,
+// through the queue.
 //
 // An account that does not exist has a balance of zero: reserving from it is
 // ErrInsufficientCredits with balance 0 (a zero amount creates it empty). With refill, a missing
@@ -37,110 +61,99 @@ func (s *Store) Reserve(ctx context.Context, account credits.AccountID, amount c
 	if refill != nil && (refill.Cap < 0 || refill.Cap > credits.MaxAmount) {
 		return credits.Reservation{}, 0, fmt.Errorf("reserve: refill cap %s: %w", refill.Cap, credits.ErrInvalidAmount)
 	}
+	if err := s.usable(ctx); err != nil {
+		return credits.Reservation{}, 0, fmt.Errorf("reserve from %s: %w", account, err)
+	}
+	if err := s.queue.waitForRoom(ctx); err != nil {
+		return credits.Reservation{}, 0, fmt.Errorf("reserve from %s: %w", account, err)
+	}
 	now := s.now()
 	r := credits.Reservation{
-		ID:        rand.Text(),
+		ID:        newReservationID(now),
 		Account:   account,
 		Amount:    amount,
 		CreatedAt: fromMicros(micros(now)),
 		ExpiresAt: fromMicros(micros(now.Add(ttl))),
 	}
-	var (
-		balance credits.Amount
-		short   bool // the balance did not cover amount: commit the refill alone
-	)
-	err := s.inWriteTx(ctx, func(tx *sql.Tx) error {
-		balance, short = 0, false
-		if refill != nil {
-			if err := s.refill(ctx, tx, account, *refill, now); err != nil {
-				return err
-			}
-		}
-		err := tx.StmtContext(ctx, s.stmts.takeBalance).QueryRowContext(ctx, amount, account).Scan(&balance)
-		if errors.Is(err, sql.ErrNoRows) {
-			// Either the balance is short or there is no account.
-			var period sql.NullInt64
-			err = tx.StmtContext(ctx, s.stmts.accountState).QueryRowContext(ctx, account).Scan(&balance, &period)
-			switch {
-			case err == nil:
-				short = true
-				return nil
-			case !errors.Is(err, sql.ErrNoRows):
-				return err
-			case amount > 0:
-				balance, short = 0, true
-				return nil
-			}
-			// Nothing reserved from nothing: the reservation still needs its account.
-			balance = 0
-			if err := insertAccount(ctx, tx, account, 0, sql.NullInt64{}, now); err != nil {
-				return err
-			}
-		} else if err != nil {
-			return err
-		}
-		_, err = tx.StmtContext(ctx, s.stmts.insertReservation).ExecContext(ctx,
-			r.ID, account, amount, micros(r.CreatedAt), micros(r.ExpiresAt))
-		return err
-	})
+	at := micros(now)
+
+	a, err := s.acquire(ctx, account)
 	if err != nil {
-		return credits.Reservation{}, 0, fail("reserve", err)
+		return credits.Reservation{}, 0, fail("reserve from "+string(account), err)
+	}
+	defer a.mu.Unlock()
+	a.lastUsed = now.UnixNano()
+
+	// What the account becomes; applied once its ops are queued.
+	var (
+		ops          [2]pendingOp
+		nops         int
+		exists       = a.exists
+		durable      = a.durable
+		refilled     = a.refilled
+		refillPeriod = a.refillPeriod
+	)
+	if refill != nil && !(exists && refilled && refillPeriod >= refill.Period) {
+		grant := refill.Cap
+		if !exists {
+			ops[nops] = pendingOp{kind: opCreateAccount, account: a, at: at}
+			nops++
+			exists = true
+		} else if spendable := a.spendable(); spendable < refill.Cap {
+			if spendable < refill.Cap-math.MaxInt64 { // Cap - spendable would leave int64
+				return credits.Reservation{}, 0, fmt.Errorf("reserve: refilling %s: %w", account, credits.ErrOverflow)
+			}
+			grant = refill.Cap - spendable
+		} else {
+			grant = 0
+		}
+		if durable, err = durable.Add(grant); err != nil {
+			return credits.Reservation{}, 0, fmt.Errorf("reserve: refilling %s: %w", account, err)
+		}
+		ops[nops] = pendingOp{kind: opGrant, account: a, amount: grant, period: refill.Period, at: at}
+		nops++
+		refilled, refillPeriod = true, refill.Period
+	}
+	short := false
+	switch {
+	case !exists && amount > 0:
+		short = true // no account, no credits: nothing to create
+	case !exists:
+		// Nothing reserved from nothing: the reservation still needs its account.
+		ops[nops] = pendingOp{kind: opCreateAccount, account: a, at: at}
+		nops++
+		exists = true
+	case durable-a.open < amount:
+		short = true
+	}
+	if nops > 0 {
+		if err := s.queue.enqueue(ops[:nops]...); err != nil {
+			return credits.Reservation{}, 0, fmt.Errorf("reserve from %s: %w", account, err)
+		}
+		a.exists, a.durable, a.refilled, a.refillPeriod = exists, durable, refilled, refillPeriod
 	}
 	if short {
-		return credits.Reservation{}, balance, credits.ErrInsufficientCredits
+		return credits.Reservation{}, a.spendable(), credits.ErrInsufficientCredits
 	}
-	return r, balance, nil
+	open, err := a.open.Add(amount)
+	if err != nil {
+		return credits.Reservation{}, 0, fmt.Errorf("reserve: open reservations of %s: %w", account, err)
+	}
+
+	sh := s.reservations.shard(r.ID)
+	sh.mu.Lock()
+	sh.open[r.ID] = openReservation{account: a, amount: amount, expiresAt: micros(r.ExpiresAt)}
+	sh.mu.Unlock()
+	a.open = open
+	a.openCount++
+	return r, a.spendable(), nil
 }
 
-// refill fills the account up for the period r.Period inside tx, at most once per period.
-func (s *Store) refill(ctx context.Context, tx *sql.Tx, account credits.AccountID, r credits.Refill, now time.Time) error {
-	var (
-		balance credits.Amount
-		period  sql.NullInt64
-		grant   credits.Amount
-	)
-	err := tx.StmtContext(ctx, s.stmts.accountState).QueryRowContext(ctx, account).Scan(&balance, &period)
-	switch {
-	case errors.Is(err, sql.ErrNoRows):
-		grant = r.Cap
-		if err := insertAccount(ctx, tx, account, r.Cap, sql.NullInt64{Int64: r.Period, Valid: true}, now); err != nil {
-			return err
-		}
-	case err != nil:
-		return err
-	case period.Valid && period.Int64 >= r.Period:
-		return nil // already refilled in this period
-	default:
-		if balance < r.Cap {
-			if balance < r.Cap-math.MaxInt64 { // Cap - balance would leave int64
-				return fmt.Errorf("refilling %s: %w", account, credits.ErrOverflow)
-			}
-			grant = r.Cap - balance
-		}
-		if _, err := tx.ExecContext(ctx, `UPDATE accounts SET balance = balance + ?, refill_period = ? WHERE id = ?`,
-			grant, r.Period, account); err != nil {
-			return err
-		}
-	}
-	if grant == 0 {
-		return nil
-	}
-	_, err = tx.ExecContext(ctx, `INSERT INTO ledger (account_id, kind, amount, reason, created_at)
-		VALUES (?, 'grant', ?, ?, ?)`, account, grant, refillReason, micros(now))
-	return err
-}
-
-// insertAccount creates an account.
-func insertAccount(ctx context.Context, tx *sql.Tx, account credits.AccountID, balance credits.Amount, refillPeriod sql.NullInt64, now time.Time) error {
-	_, err := tx.ExecContext(ctx, `INSERT INTO accounts (id, balance, refill_period, created_at) VALUES (?, ?, ?, ?)`,
-		account, balance, refillPeriod, micros(now))
-	return err
-}
-
-// Settle closes the reservation in one write transaction: it deletes it (which only one closer
-// can do: the others find no row and get ErrReservationClosed), returns reserved - cost to the
-// balance and appends a settle entry of cost with the usage. A reservation past its expiry can
-// still be settled until ReleaseExpired closes it.
+// Settle closes the reservation in memory, charging cost (the difference from the reserved
+// amount goes back to, or comes from, the balance), and queues its settle entry: the balance
+// it reports is already the new one, and the entry is committed within FlushInterval. Only one
+// closer of a reservation wins, the others get ErrReservationClosed. A reservation past its
+// expiry can still be settled until ReleaseExpired closes it.
 func (s *Store) Settle(ctx context.Context, reservationID string, cost credits.Amount, usage credits.Usage) (credits.Amount, error) {
 	if cost < 0 || cost > credits.MaxAmount {
 		return 0, fmt.Errorf("settle %s: cost %s: %w", reservationID, cost, credits.ErrInvalidAmount)
@@ -148,58 +161,245 @@ func (s *Store) Settle(ctx context.Context, reservationID string, cost credits.A
 	if usage.InputTokens < 0 || usage.OutputTokens < 0 {
 		return 0, fmt.Errorf("settle %s: negative token counts %d, %d", reservationID, usage.InputTokens, usage.OutputTokens)
 	}
-	now := micros(s.now())
-	var balance credits.Amount
-	err := s.inWriteTx(ctx, func(tx *sql.Tx) error {
-		account, reserved, err := s.closeReservation(ctx, tx, reservationID)
-		if err != nil {
-			return err
-		}
-		if err := tx.StmtContext(ctx, s.stmts.addBalance).QueryRowContext(ctx, reserved-cost, account).Scan(&balance); err != nil {
-			return balanceError(account, err)
-		}
-		_, err = tx.StmtContext(ctx, s.stmts.insertSettlement).ExecContext(ctx,
-			account, cost, reservationID, usage.Model, usage.Backend, usage.InputTokens, usage.OutputTokens, now)
-		return err
-	})
+	if err := s.usable(ctx); err != nil {
+		return 0, fmt.Errorf("settle %s: %w", reservationID, err)
+	}
+	if err := s.queue.waitForRoom(ctx); err != nil {
+		return 0, fmt.Errorf("settle %s: %w", reservationID, err)
+	}
+	now := s.now()
+	settle := pendingOp{kind: opSettle, amount: cost, reservationID: reservationID, usage: usage, at: micros(now)}
+	balance, _, err := s.closeReservation(ctx, reservationID, now, &settle)
 	if err != nil {
 		return 0, fail("settle "+reservationID, err)
 	}
 	return balance, nil
 }
 
-// Release closes the reservation returning all of it to the balance; no entry is written, as
-// the credits only move back from the open reservations to the balance.
+// Release closes the reservation returning all of it to the balance, in memory only: no entry
+// is written, as the credits only move back from the open reservations to the balance.
 func (s *Store) Release(ctx context.Context, reservationID string) (credits.Amount, error) {
-	var balance credits.Amount
-	err := s.inWriteTx(ctx, func(tx *sql.Tx) error {
-		account, reserved, err := s.closeReservation(ctx, tx, reservationID)
-		if err != nil {
-			return err
-		}
-		if err := tx.StmtContext(ctx, s.stmts.addBalance).QueryRowContext(ctx, reserved, account).Scan(&balance); err != nil {
-			return balanceError(account, err)
-		}
-		return nil
-	})
+	if err := s.usable(ctx); err != nil {
+		return 0, fmt.Errorf("release %s: %w", reservationID, err)
+	}
+	balance, _, err := s.closeReservation(ctx, reservationID, s.now(), nil)
 	if err != nil {
 		return 0, fail("release "+reservationID, err)
 	}
 	return balance, nil
 }
 
-// closeReservation deletes the open reservation and reports its account and amount, or
+// closeReservation closes the open reservation id, queuing settle (whose account it fills in)
+// when it is not nil, and reports the balance after and the amount that was reserved;
 // ErrReservationClosed when it is not open.
-func (s *Store) closeReservation(ctx context.Context, tx *sql.Tx, id string) (credits.AccountID, credits.Amount, error) {
-	var (
-		account  credits.AccountID
-		reserved credits.Amount
-	)
-	err := tx.StmtContext(ctx, s.stmts.closeReservation).QueryRowContext(ctx, id).Scan(&account, &reserved)
-	if errors.Is(err, sql.ErrNoRows) {
-		return "", 0, credits.ErrReservationClosed
+func (s *Store) closeReservation(ctx context.Context, id string, now time.Time, settle *pendingOp) (credits.Amount, credits.Amount, error) {
+	sh := s.reservations.shard(id)
+	sh.mu.Lock()
+	r, ok := sh.open[id]
+	sh.mu.Unlock()
+	if !ok {
+		return 0, 0, credits.ErrReservationClosed
 	}
-	return account, reserved, err
+	// Lock order: account, then reservation shard, then queue.
+	a := r.account // cached for as long as the reservation is open
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if !a.loaded { // see Credit
+		if err := s.load(ctx, a); err != nil {
+			return 0, 0, err
+		}
+	}
+	sh.mu.Lock()
+	if _, ok := sh.open[id]; !ok {
+		sh.mu.Unlock()
+		return 0, 0, credits.ErrReservationClosed // another closer was first
+	}
+	durable := a.durable
+	if settle != nil {
+		// The balance after is a.spendable() + r.amount - cost: check it and the durable
+		// balance stay within int64 (the spendable one then does too, as open stays >= 0).
+		var errDurable, errSpendable error
+		durable, errDurable = durable.Add(-settle.amount)
+		_, errSpendable = a.spendable().Add(-settle.amount)
+		if errDurable != nil || errSpendable != nil {
+			sh.mu.Unlock()
+			return 0, 0, fmt.Errorf("balance of %s: %w", a.id, credits.ErrOverflow)
+		}
+		settle.account = a
+		if err := s.queue.enqueue(*settle); err != nil {
+			sh.mu.Unlock()
+			return 0, 0, err
+		}
+	}
+	delete(sh.open, id)
+	sh.mu.Unlock()
+	a.durable = durable
+	a.open -= r.amount
+	a.openCount--
+	a.lastUsed = now.UnixNano()
+	return a.spendable(), r.amount, nil
+}
+
+// ReleaseExpired releases every open reservation that expired before now, in memory, and
+// reports how many it released and their total. A reservation settled or released meanwhile
+// is not counted.
+func (s *Store) ReleaseExpired(ctx context.Context, now time.Time) (int, credits.Amount, error) {
+	if err := s.usable(ctx); err != nil {
+		return 0, 0, fmt.Errorf("release expired reservations: %w", err)
+	}
+	cutoff := micros(now)
+	var expired []string
+	for i := range s.reservations.shards {
+		sh := &s.reservations.shards[i]
+		sh.mu.Lock()
+		for id, r := range sh.open {
+			if r.expiresAt < cutoff {
+				expired = append(expired, id)
+			}
+		}
+		sh.mu.Unlock()
+	}
+	var (
+		count    int
+		total    credits.Amount
+		overflow error
+	)
+	at := s.now()
+	for _, id := range expired {
+		_, amount, err := s.closeReservation(ctx, id, at, nil)
+		if errors.Is(err, credits.ErrReservationClosed) {
+			continue
+		}
+		if err != nil {
+			return count, total, fail("release expired reservations", err)
+		}
+		count++
+		if overflow == nil {
+			total, overflow = total.Add(amount)
+		}
+	}
+	if overflow != nil {
+		return count, 0, fmt.Errorf("release expired reservations: total of %d: %w", count, overflow)
+	}
+	return count, total, nil
+}
+
+// Credit adds amount to the account, creating it if needed, and returns once the credit is
+// committed and synced to disk. Everything queued before, the account's settlements included,
+// is committed first, so that the ledger keeps the order of the calls. With an idempotency key,
+// the key is looked up first in the same transaction: a credit of the same amount and reason
+// under that key is a replay (its first entry is returned and nothing is credited again), any
+// other is ErrIdempotencyConflict.
+func (s *Store) Credit(ctx context.Context, account credits.AccountID, amount credits.Amount, reason, idempotencyKey string) (credits.Entry, bool, error) {
+	if amount < -credits.MaxAmount || amount > credits.MaxAmount {
+		return credits.Entry{}, false, fmt.Errorf("credit %s: %w", amount, credits.ErrInvalidAmount)
+	}
+	if err := s.usable(ctx); err != nil {
+		return credits.Entry{}, false, fmt.Errorf("credit %s: %w", account, err)
+	}
+	now := s.now()
+	a, err := s.acquire(ctx, account)
+	if err != nil {
+		return credits.Entry{}, false, fail("credit "+string(account), err)
+	}
+	defer a.mu.Unlock()
+	a.lastUsed = now.UnixNano()
+	// While the account is locked, nothing more of it can be queued.
+	if err := s.flush(ctx); err != nil {
+		return credits.Entry{}, false, fmt.Errorf("credit %s: %w", account, err)
+	}
+	entry, replayed, err := s.commitCredit(ctx, a, amount, reason, idempotencyKey, now)
+	if err != nil {
+		err = fail("credit "+string(account), err)
+		if errors.Is(err, credits.ErrStoreUnavailable) {
+			// Whether the credit was committed is not known for sure: read the balance again
+			// before the account is next used (nothing of it is queued: the queue was
+			// committed while it was locked).
+			a.loaded = false
+		}
+		return credits.Entry{}, false, err
+	}
+	if !replayed {
+		a.exists = true
+		a.durable += amount // checked by commitCredit
+	}
+	return entry, replayed, nil
+}
+
+// commitCredit writes the credit of the locked account a in one transaction, on the writer
+// connection switched to synchronous=FULL for it, so that the commit is on disk when it
+// returns.
+func (s *Store) commitCredit(ctx context.Context, a *account, amount credits.Amount, reason, idempotencyKey string, now time.Time) (entry credits.Entry, replayed bool, err error) {
+	conn, err := s.write.Conn(ctx)
+	if err != nil {
+		return credits.Entry{}, false, err
+	}
+	defer conn.Close()
+	if _, err := conn.ExecContext(ctx, `PRAGMA synchronous = FULL`); err != nil {
+		return credits.Entry{}, false, err
+	}
+	defer func() {
+		// The credit stands either way: a connection left in FULL is only slower.
+		_, _ = conn.ExecContext(context.Background(), `PRAGMA synchronous = NORMAL`)
+	}()
+	tx, err := conn.BeginTx(ctx, nil)
+	if err != nil {
+		return credits.Entry{}, false, err
+	}
+	defer func() {
+		if err != nil {
+			_ = tx.Rollback()
+		}
+	}()
+
+	fingerprint := creditFingerprint(amount, reason)
+	if idempotencyKey != "" {
+		var hash []byte
+		entry, err = scanEntry(tx.QueryRowContext(ctx, `SELECT `+entryColumns+`, request_hash FROM ledger
+			WHERE account_id = ? AND idempotency_key = ?`, a.id, idempotencyKey), &hash)
+		switch {
+		case err == nil:
+			if !bytes.Equal(hash, fingerprint) {
+				return credits.Entry{}, false, credits.ErrIdempotencyConflict
+			}
+			return entry, true, tx.Commit()
+		case !errors.Is(err, sql.ErrNoRows):
+			return credits.Entry{}, false, err
+		}
+	}
+
+	// The balance in memory is the one the database will hold once the queue is committed:
+	// it must stay within int64, and so must the spendable one.
+	_, errDurable := a.durable.Add(amount)
+	_, errSpendable := a.spendable().Add(amount)
+	if errDurable != nil || errSpendable != nil {
+		return credits.Entry{}, false, fmt.Errorf("balance of %s: %w", a.id, credits.ErrOverflow)
+	}
+	if _, err := tx.ExecContext(ctx, `INSERT INTO accounts (id, balance, refill_period, created_at)
+		VALUES (?1, ?2, NULL, ?3) ON CONFLICT (id) DO UPDATE SET balance = balance + excluded.balance`,
+		a.id, amount, micros(now)); err != nil {
+		return credits.Entry{}, false, balanceError(a.id, err)
+	}
+
+	entry = credits.Entry{
+		Account:        a.id,
+		Kind:           credits.EntryCredit,
+		Amount:         amount,
+		Reason:         reason,
+		IdempotencyKey: idempotencyKey,
+		CreatedAt:      fromMicros(micros(now)),
+	}
+	var key, hash any // NULL without an idempotency key
+	if idempotencyKey != "" {
+		key, hash = idempotencyKey, fingerprint
+	}
+	if err := tx.QueryRowContext(ctx, `INSERT INTO ledger
+		(account_id, kind, amount, reason, idempotency_key, request_hash, created_at)
+		VALUES (?, 'credit', ?, ?, ?, ?, ?) RETURNING seq`,
+		a.id, amount, reason, key, hash, micros(now)).Scan(&entry.Seq); err != nil {
+		return credits.Entry{}, false, err
+	}
+	return entry, false, tx.Commit()
 }
 
 // balanceError tells an update of the balance that left int64 from other failures.
@@ -208,140 +408,6 @@ func balanceError(account credits.AccountID, err error) error {
 		return fmt.Errorf("balance of %s: %w", account, credits.ErrOverflow)
 	}
 	return err
-}
-
-// ReleaseExpired releases, in one write transaction, every open reservation that expired
-// before now, and reports how many it released and their total.
-func (s *Store) ReleaseExpired(ctx context.Context, now time.Time) (int, credits.Amount, error) {
-	var (
-		count int
-		total credits.Amount
-	)
-	err := s.inWriteTx(ctx, func(tx *sql.Tx) error {
-		count, total = 0, 0
-		rows, err := tx.QueryContext(ctx, `DELETE FROM reservations WHERE expires_at < ? RETURNING account_id, amount`, micros(now))
-		if err != nil {
-			return err
-		}
-		perAccount := make(map[credits.AccountID]credits.Amount)
-		for rows.Next() {
-			var (
-				account credits.AccountID
-				amount  credits.Amount
-			)
-			if err := rows.Scan(&account, &amount); err != nil {
-				rows.Close()
-				return err
-			}
-			if perAccount[account], err = perAccount[account].Add(amount); err != nil {
-				rows.Close()
-				return err
-			}
-			if total, err = total.Add(amount); err != nil {
-				rows.Close()
-				return err
-			}
-			count++
-		}
-		if err := rows.Close(); err != nil {
-			return err
-		}
-		if err := rows.Err(); err != nil {
-			return err
-		}
-		accounts := make([]credits.AccountID, 0, len(perAccount))
-		for account := range perAccount {
-			accounts = append(accounts, account)
-		}
-		slices.Sort(accounts)
-		add := tx.StmtContext(ctx, s.stmts.addBalance)
-		for _, account := range accounts {
-			var balance credits.Amount
-			if err := add.QueryRowContext(ctx, perAccount[account], account).Scan(&balance); err != nil {
-				return balanceError(account, err)
-			}
-		}
-		return nil
-	})
-	if err != nil {
-		return 0, 0, fail("release expired reservations", err)
-	}
-	return count, total, nil
-}
-
-// Credit adds amount to the account in one write transaction, creating the account if needed.
-// With an idempotency key, the key is looked up first in the same transaction: a credit of the
-// same amount and reason under that key is a replay (its first entry is returned and nothing
-// is credited again), any other is ErrIdempotencyConflict.
-func (s *Store) Credit(ctx context.Context, account credits.AccountID, amount credits.Amount, reason, idempotencyKey string) (credits.Entry, bool, error) {
-	if amount < -credits.MaxAmount || amount > credits.MaxAmount {
-		return credits.Entry{}, false, fmt.Errorf("credit %s: %w", amount, credits.ErrInvalidAmount)
-	}
-	now := s.now()
-	fingerprint := creditFingerprint(amount, reason)
-	var (
-		entry    credits.Entry
-		replayed bool
-	)
-	err := s.inWriteTx(ctx, func(tx *sql.Tx) error {
-		if idempotencyKey != "" {
-			var (
-				hash []byte
-				err  error
-			)
-			entry, err = scanEntry(tx.QueryRowContext(ctx, `SELECT `+entryColumns+`, request_hash FROM ledger
-				WHERE account_id = ? AND idempotency_key = ?`, account, idempotencyKey), &hash)
-			switch {
-			case err == nil:
-				if !bytes.Equal(hash, fingerprint) {
-					return credits.ErrIdempotencyConflict
-				}
-				replayed = true
-				return nil
-			case !errors.Is(err, sql.ErrNoRows):
-				return err
-			}
-		}
-
-		var balance credits.Amount
-		err := tx.QueryRowContext(ctx, `SELECT balance FROM accounts WHERE id = ?`, account).Scan(&balance)
-		switch {
-		case errors.Is(err, sql.ErrNoRows):
-			if err := insertAccount(ctx, tx, account, amount, sql.NullInt64{}, now); err != nil {
-				return err
-			}
-		case err != nil:
-			return err
-		default:
-			if balance, err = balance.Add(amount); err != nil {
-				return fmt.Errorf("balance of %s: %w", account, err)
-			}
-			if _, err := tx.ExecContext(ctx, `UPDATE accounts SET balance = ? WHERE id = ?`, balance, account); err != nil {
-				return err
-			}
-		}
-
-		entry = credits.Entry{
-			Account:        account,
-			Kind:           credits.EntryCredit,
-			Amount:         amount,
-			Reason:         reason,
-			IdempotencyKey: idempotencyKey,
-			CreatedAt:      fromMicros(micros(now)),
-		}
-		var key, hash any // NULL without an idempotency key
-		if idempotencyKey != "" {
-			key, hash = idempotencyKey, fingerprint
-		}
-		return tx.QueryRowContext(ctx, `INSERT INTO ledger
-			(account_id, kind, amount, reason, idempotency_key, request_hash, created_at)
-			VALUES (?, 'credit', ?, ?, ?, ?, ?) RETURNING seq`,
-			account, amount, reason, key, hash, micros(now)).Scan(&entry.Seq)
-	})
-	if err != nil {
-		return credits.Entry{}, false, fail("credit "+string(account), err)
-	}
-	return entry, replayed, nil
 }
 
 // creditFingerprint identifies the parameters of a credit, to tell a replay of an idempotent
@@ -355,18 +421,22 @@ func creditFingerprint(amount credits.Amount, reason string) []byte {
 	return h.Sum(nil)
 }
 
-// Balance is the account's spendable balance (open reservations excluded), or
-// ErrUnknownAccount.
+// Balance is the account's spendable balance (open reservations excluded), read from memory,
+// or ErrUnknownAccount.
 func (s *Store) Balance(ctx context.Context, account credits.AccountID) (credits.Amount, error) {
-	var balance credits.Amount
-	err := s.read.QueryRowContext(ctx, `SELECT balance FROM accounts WHERE id = ?`, account).Scan(&balance)
-	if errors.Is(err, sql.ErrNoRows) {
-		return 0, credits.ErrUnknownAccount
+	if err := s.usable(ctx); err != nil {
+		return 0, fmt.Errorf("balance of %s: %w", account, err)
 	}
+	a, err := s.acquire(ctx, account)
 	if err != nil {
 		return 0, fail("balance of "+string(account), err)
 	}
-	return balance, nil
+	defer a.mu.Unlock()
+	a.lastUsed = s.now().UnixNano()
+	if !a.exists {
+		return 0, credits.ErrUnknownAccount
+	}
+	return a.spendable(), nil
 }
 
 // entryColumns are the columns scanEntry reads.
@@ -405,10 +475,17 @@ func scanEntry(row rowScanner, extra ...any) (credits.Entry, error) {
 	return e, nil
 }
 
-// Entries lists the account's newest entries first, at most limit (none when limit <= 0).
+// Entries lists the account's newest entries first, at most limit (none when limit <= 0),
+// once everything queued before the call is committed.
 func (s *Store) Entries(ctx context.Context, account credits.AccountID, limit int) ([]credits.Entry, error) {
+	if err := s.usable(ctx); err != nil {
+		return nil, fmt.Errorf("entries of %s: %w", account, err)
+	}
 	if limit <= 0 {
 		return nil, nil
+	}
+	if err := s.flush(ctx); err != nil {
+		return nil, fmt.Errorf("entries of %s: %w", account, err)
 	}
 	rows, err := s.read.QueryContext(ctx, `SELECT `+entryColumns+` FROM ledger
 		WHERE account_id = ? ORDER BY seq DESC LIMIT ?`, account, limit)
@@ -430,21 +507,42 @@ func (s *Store) Entries(ctx context.Context, account credits.AccountID, limit in
 	return entries, nil
 }
 
-// Audit returns the account's books, read in one statement so that they come from one
-// snapshot; ErrUnknownAccount when there is no such account.
+// Audit returns the account's books, or ErrUnknownAccount. With the account locked, so that
+// nothing of it can change meanwhile, it waits until the queue is committed, then reads the
+// sums of its entries and its balance from the database in one statement; Open is the sum of
+// its open reservations, in memory, and Balance the database's less Open.
 func (s *Store) Audit(ctx context.Context, account credits.AccountID) (credits.Audit, error) {
-	var a credits.Audit
-	err := s.read.QueryRowContext(ctx, `SELECT
+	if err := s.usable(ctx); err != nil {
+		return credits.Audit{}, fmt.Errorf("audit of %s: %w", account, err)
+	}
+	a, err := s.acquire(ctx, account)
+	if err != nil {
+		return credits.Audit{}, fail("audit of "+string(account), err)
+	}
+	defer a.mu.Unlock()
+	a.lastUsed = s.now().UnixNano()
+	if !a.exists {
+		return credits.Audit{}, credits.ErrUnknownAccount
+	}
+	if err := s.flush(ctx); err != nil {
+		return credits.Audit{}, fmt.Errorf("audit of %s: %w", account, err)
+	}
+	var (
+		books   credits.Audit
+		balance credits.Amount
+	)
+	err = s.read.QueryRowContext(ctx, `SELECT
 		(SELECT coalesce(sum(amount), 0) FROM ledger WHERE account_id = a.id AND kind IN ('credit', 'grant')),
 		(SELECT coalesce(sum(amount), 0) FROM ledger WHERE account_id = a.id AND kind = 'settle'),
-		(SELECT coalesce(sum(amount), 0) FROM reservations WHERE account_id = a.id),
 		a.balance
-		FROM accounts AS a WHERE a.id = ?`, account).Scan(&a.Credited, &a.Settled, &a.Open, &a.Balance)
+		FROM accounts AS a WHERE a.id = ?`, account).Scan(&books.Credited, &books.Settled, &balance)
 	if errors.Is(err, sql.ErrNoRows) {
-		return credits.Audit{}, credits.ErrUnknownAccount
+		err = errors.New("account is in memory but not in the database")
 	}
 	if err != nil {
 		return credits.Audit{}, fail("audit of "+string(account), err)
 	}
-	return a, nil
+	books.Open = a.open
+	books.Balance = balance - a.open
+	return books, nil
 }

@@ -127,6 +127,24 @@ func (m *ledgerModel) releaseExpired(now time.Time) (int, credits.Amount) {
 	return n, total
 }
 
+// restart is what opening the store again does: every open reservation is released.
+func (m *ledgerModel) restart() {
+	for id := range m.reservations {
+		m.release(id)
+	}
+}
+
+// openOf is the sum of the account's open reservations.
+func (m *ledgerModel) openOf(account credits.AccountID) credits.Amount {
+	var open credits.Amount
+	for _, r := range m.reservations {
+		if r.account == account {
+			open += r.amount
+		}
+	}
+	return open
+}
+
 func (m *ledgerModel) credit(account credits.AccountID, amount credits.Amount, reason, key string, now time.Time) (credits.Entry, bool, error) {
 	if key != "" {
 		for _, e := range m.entries {
@@ -149,9 +167,9 @@ func (m *ledgerModel) credit(account credits.AccountID, amount credits.Amount, r
 }
 
 // TestLedgerAgainstModel runs random, seeded sequences of reserve, settle, release, credit,
-// refill, expiry and reopening against the store and against ledgerModel, and checks after
-// every step that both answered the same and hold the same state. A failure prints its seed;
-// rerun it with -ledger.seed.
+// refill, expiry, reopening and crashing against the store and against ledgerModel, and checks
+// after every step that both answered the same and hold the same state (the durable part once
+// the queue is committed). A failure prints its seed; rerun it with -ledger.seed.
 func TestLedgerAgainstModel(t *testing.T) {
 	seeds := []uint64{1, 2, 3, uint64(time.Now().UnixNano())}
 	if *modelSeed != 0 {
@@ -281,14 +299,23 @@ func runLedgerModel(t *testing.T, seed uint64, steps int) {
 			if err != nil || n != wantN || total != wantTotal {
 				t.Fatalf("step %d: %s: got %d, %s, %v; model: %d, %s", step, op, n, total, err, wantN, wantTotal)
 			}
-		default: // restart
-			op = "reopen"
-			if err := s.Close(); err != nil {
-				t.Fatalf("step %d: close: %v", step, err)
+		default: // restart, or crash: the queue is committed after every step, so both lose
+			// nothing but the open reservations
+			if rng.IntN(2) == 0 {
+				op = "reopen"
+				if err := s.Close(); err != nil {
+					t.Fatalf("step %d: close: %v", step, err)
+				}
+			} else {
+				op = "crash"
+				if err := s.shutdown(false); err != nil {
+					t.Fatalf("step %d: crash: %v", step, err)
+				}
 			}
 			if s, err = Open(ctx, path, Options{Clock: clock.Now}); err != nil {
 				t.Fatalf("step %d: reopen: %v", step, err)
 			}
+			m.restart()
 		}
 		compareWithModel(t, s, m, accounts, fmt.Sprintf("step %d, after %s", step, op), step%50 == 0 || step == steps-1)
 	}
@@ -300,7 +327,12 @@ func compareWithModel(t *testing.T, s *Store, m *ledgerModel, accounts []credits
 	t.Helper()
 	ctx := context.Background()
 
-	// Accounts.
+	if err := s.Flush(ctx); err != nil {
+		t.Fatalf("%s: flush: %v", where, err)
+	}
+
+	// Accounts. The database holds credited - settled: the model's balance plus its open
+	// reservations.
 	got := make(map[credits.AccountID]modelAccount)
 	rows, err := s.read.QueryContext(ctx, `SELECT id, balance, refill_period FROM accounts`)
 	if err != nil {
@@ -323,32 +355,20 @@ func compareWithModel(t *testing.T, s *Store, m *ledgerModel, accounts []credits
 	}
 	want := make(map[credits.AccountID]modelAccount)
 	for id, a := range m.accounts {
-		want[id] = *a
+		w := *a
+		w.balance += m.openOf(id)
+		want[id] = w
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("%s: accounts\n got %+v\nwant %+v", where, got, want)
 	}
+	checkMemoryAgainstDatabase(t, s, where)
 
-	// Open reservations.
-	gotRes := make(map[string]modelReservation)
-	rows, err = s.read.QueryContext(ctx, `SELECT id, account_id, amount, expires_at FROM reservations`)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for rows.Next() {
-		var (
-			id      string
-			r       modelReservation
-			expires int64
-		)
-		if err := rows.Scan(&id, &r.account, &r.amount, &expires); err != nil {
-			t.Fatal(err)
-		}
-		r.expiresAt = fromMicros(expires)
-		gotRes[id] = r
-	}
-	if err := errors.Join(rows.Err(), rows.Close()); err != nil {
-		t.Fatal(err)
+	// Open reservations: in memory only.
+	gotRes := openReservations(s)
+	var stored int
+	if err := s.read.QueryRowContext(ctx, `SELECT count(*) FROM reservations`).Scan(&stored); err != nil || stored != 0 {
+		t.Fatalf("%s: %d reservation rows stored (%v)", where, stored, err)
 	}
 	if len(gotRes) != len(m.reservations) {
 		t.Fatalf("%s: %d open reservations, model %d", where, len(gotRes), len(m.reservations))
@@ -432,11 +452,65 @@ func compareWithModel(t *testing.T, s *Store, m *ledgerModel, accounts []credits
 		if books != wantBooks || books.Credited != books.Balance+books.Settled+books.Open {
 			t.Fatalf("%s: books of %s %+v, model %+v", where, account, books, wantBooks)
 		}
-		if !full {
-			continue
-		}
 		if balance, err := s.Balance(ctx, account); err != nil || balance != a.balance {
 			t.Fatalf("%s: balance of %s %s, %v; model %s", where, account, balance, err, a.balance)
+		}
+	}
+}
+
+// openReservations are the store's open reservations, read from memory.
+func openReservations(s *Store) map[string]modelReservation {
+	open := make(map[string]modelReservation)
+	for i := range s.reservations.shards {
+		sh := &s.reservations.shards[i]
+		sh.mu.Lock()
+		for id, r := range sh.open {
+			open[id] = modelReservation{account: r.account.id, amount: r.amount, expiresAt: fromMicros(r.expiresAt)}
+		}
+		sh.mu.Unlock()
+	}
+	return open
+}
+
+// checkMemoryAgainstDatabase fails the test unless every account in memory with nothing
+// waiting to be committed holds the balance the database holds, and its open reservations add
+// up to its open sum. The caller flushed the queue and makes no concurrent calls.
+func checkMemoryAgainstDatabase(tb testing.TB, s *Store, where string) {
+	tb.Helper()
+	ctx := context.Background()
+	open := make(map[credits.AccountID]credits.Amount)
+	count := make(map[credits.AccountID]int)
+	for _, r := range openReservations(s) {
+		open[r.account] += r.amount
+		count[r.account]++
+	}
+	for i := range s.accounts.shards {
+		sh := &s.accounts.shards[i]
+		sh.mu.Lock()
+		accounts := make([]*account, 0, len(sh.accounts))
+		for _, a := range sh.accounts {
+			accounts = append(accounts, a)
+		}
+		sh.mu.Unlock()
+		for _, a := range accounts {
+			a.mu.Lock()
+			id, loaded, exists, durable, aopen, n, pending := a.id, a.loaded, a.exists, a.durable, a.open, a.openCount, a.pending.Load()
+			a.mu.Unlock()
+			if !loaded || pending != 0 {
+				continue
+			}
+			if aopen != open[id] || n != count[id] {
+				tb.Fatalf("%s: %s: open %s in %d reservations in memory, reservations add up to %s in %d", where, id, aopen, n, open[id], count[id])
+			}
+			var stored credits.Amount
+			err := s.read.QueryRowContext(ctx, `SELECT balance FROM accounts WHERE id = ?`, id).Scan(&stored)
+			switch {
+			case errors.Is(err, sql.ErrNoRows) && !exists:
+			case err != nil:
+				tb.Fatalf("%s: %s: exists in memory %v, in the database: %v", where, id, exists, err)
+			case !exists || stored != durable:
+				tb.Fatalf("%s: %s: balance in memory %s (exists %v), in the database %s", where, id, durable, exists, stored)
+			}
 		}
 	}
 }

@@ -659,50 +659,67 @@ func TestLedgerIsAppendOnly(t *testing.T) {
 			t.Errorf("%s succeeded", stmt)
 		}
 	}
-	// A reservation settles at most once even if the reservation row came back.
+	// Open reservations are not stored: the table that held them refuses rows.
+	if _, err := s.write.ExecContext(ctx, `INSERT INTO reservations VALUES ('r', 'user:u', 1, 0, 0)`); err == nil {
+		t.Error("a reservation row was stored")
+	}
+	// A reservation has at most one settle entry, whatever writes it.
 	r := reserve(t, s, credits.UserAccount("u"), 1, time.Minute)
 	if _, err := s.Settle(ctx, r.ID, 1, credits.Usage{}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.write.ExecContext(ctx, `INSERT INTO reservations VALUES (?, ?, 1, 0, 0)`, r.ID, r.Account); err != nil {
+	if err := s.Flush(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.Settle(ctx, r.ID, 1, credits.Usage{}); !errors.Is(err, credits.ErrStoreUnavailable) {
+	if _, err := s.write.ExecContext(ctx, `INSERT INTO ledger (account_id, kind, amount, reservation_id, created_at)
+		VALUES ('user:u', 'settle', 1, ?, 0)`, r.ID); !isUniqueViolation(err) {
 		t.Errorf("second settle entry for one reservation: %v", err)
 	}
 }
 
-// TestBalanceOverflowIsRefused pushes a balance past int64 through Settle and Release: SQLite
-// would turn the sum into a REAL, which the STRICT table refuses; the store reports
-// ErrOverflow and changes nothing. (Through the API alone a balance this large cannot be
-// reached without the audit's sums overflowing first, so the balance is set directly.)
+// TestBalanceOverflowIsRefused pushes a balance past int64 through Settle and Credit: the store
+// reports ErrOverflow and changes nothing, in memory or in the database. (Through the API alone
+// a balance this low cannot be reached without the audit's sums overflowing first, so the
+// balance in memory is set directly.) Release cannot overflow: it only moves credits back from
+// the open reservations, within the balance the database holds.
 func TestBalanceOverflowIsRefused(t *testing.T) {
 	ctx := context.Background()
 	s, _ := openTestStore(t, nil)
-	account := credits.UserAccount("rich")
+	account := credits.UserAccount("poor")
 	credit(t, s, account, credits.MaxAmount)
 	r := reserve(t, s, account, credits.MaxAmount, time.Minute)
-	const huge = credits.Amount(math.MaxInt64 - 10)
-	if _, err := s.write.ExecContext(ctx, `UPDATE accounts SET balance = ? WHERE id = ?`, huge, account); err != nil {
+	other := reserve(t, s, account, 0, time.Minute)
+	const spendable = credits.Amount(math.MinInt64 + 10)
+	a, err := s.acquire(ctx, account)
+	if err != nil {
 		t.Fatal(err)
 	}
+	a.durable = spendable + a.open
+	a.mu.Unlock()
+
 	for _, tc := range []struct {
-		name  string
-		close func() error
+		name string
+		call func() error
 	}{
-		{"settle", func() error { _, err := s.Settle(ctx, r.ID, 0, credits.Usage{}); return err }},
-		{"release", func() error { _, err := s.Release(ctx, r.ID); return err }},
+		{"settle", func() error { _, err := s.Settle(ctx, other.ID, 11, credits.Usage{}); return err }},
+		{"credit", func() error { _, _, err := s.Credit(ctx, account, -11, "", ""); return err }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			if err := tc.close(); !errors.Is(err, credits.ErrOverflow) || errors.Is(err, credits.ErrStoreUnavailable) {
+			if err := tc.call(); !errors.Is(err, credits.ErrOverflow) || errors.Is(err, credits.ErrStoreUnavailable) {
 				t.Fatalf("error = %v, want ErrOverflow", err)
 			}
-			if b, err := s.Balance(ctx, account); err != nil || b != huge {
+			if b, err := s.Balance(ctx, account); err != nil || b != spendable {
 				t.Errorf("balance now %d, %v", b, err)
 			}
-			if a, err := s.Audit(ctx, account); err != nil || a.Open != credits.MaxAmount {
-				t.Errorf("reservation no longer open: %+v, %v", a, err)
+			if a, err := s.Audit(ctx, account); err != nil || a.Open != credits.MaxAmount || a.Settled != 0 || a.Credited != credits.MaxAmount {
+				t.Errorf("books changed: %+v, %v", a, err)
 			}
 		})
+	}
+	if b, err := s.Release(ctx, r.ID); err != nil || b != spendable+credits.MaxAmount {
+		t.Errorf("release: balance %d, %v", b, err)
+	}
+	if _, err := s.Settle(ctx, other.ID, 10, credits.Usage{}); err != nil {
+		t.Errorf("settle down to the floor: %v", err)
 	}
 }

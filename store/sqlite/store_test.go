@@ -154,6 +154,9 @@ func TestOpenErrors(t *testing.T) {
 	}
 }
 
+// TestReopenKeepsDataAndMigrationsAreIdempotent reopens a store: users, credits and settled
+// entries stay, migrations are not applied again, and a reservation left open is released (open
+// reservations live in memory only).
 func TestReopenKeepsDataAndMigrationsAreIdempotent(t *testing.T) {
 	ctx := context.Background()
 	path := filepath.Join(t.TempDir(), "gateway.db")
@@ -169,11 +172,18 @@ func TestReopenKeepsDataAndMigrationsAreIdempotent(t *testing.T) {
 	if _, _, err := s.Credit(ctx, account, 10*credits.Credit, "seed", "k1"); err != nil {
 		t.Fatal(err)
 	}
+	settled, _, err := s.Reserve(ctx, account, 2*credits.Credit, time.Hour, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Settle(ctx, settled.ID, credits.Credit, credits.Usage{}); err != nil {
+		t.Fatal(err)
+	}
 	r, _, err := s.Reserve(ctx, account, 3*credits.Credit, time.Hour, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := s.Close(); err != nil {
+	if err := s.Close(); err != nil { // commits the settlement; r stays open until then
 		t.Fatal(err)
 	}
 
@@ -197,7 +207,7 @@ func TestReopenKeepsDataAndMigrationsAreIdempotent(t *testing.T) {
 			t.Errorf("reopen %d: user: %v", i, err)
 		}
 		a := checkBooks(t, s, account)
-		if a != (credits.Audit{Credited: 10 * credits.Credit, Open: 3 * credits.Credit, Balance: 7 * credits.Credit}) {
+		if a != (credits.Audit{Credited: 10 * credits.Credit, Settled: credits.Credit, Balance: 9 * credits.Credit}) {
 			t.Errorf("reopen %d: audit %+v", i, a)
 		}
 		if _, replayed, err := s.Credit(ctx, account, 10*credits.Credit, "seed", "k1"); err != nil || !replayed {
@@ -213,8 +223,8 @@ func TestReopenKeepsDataAndMigrationsAreIdempotent(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	if _, err := s.Settle(ctx, r.ID, credits.Credit, credits.Usage{}); err != nil {
-		t.Errorf("settle a reservation made before reopening: %v", err)
+	if _, err := s.Settle(ctx, r.ID, credits.Credit, credits.Usage{}); err != credits.ErrReservationClosed {
+		t.Errorf("settle a reservation made before reopening: %v, want ErrReservationClosed", err)
 	}
 }
 
