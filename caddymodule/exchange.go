@@ -210,6 +210,9 @@ func (ex *exchange) commit(hdr http.Header, status int) {
 		ex.meter = &metering.StreamMeter{Format: metering.NDJSON, OnUsage: ex.onUsage}
 	default:
 		ex.mode = modeBuffer
+		if n, err := strconv.Atoi(hdr.Get("Content-Length")); err == nil && n > 0 && n <= maxBufferedResponse {
+			ex.buf.Grow(n)
+		}
 		return
 	}
 	if ex.mode == modeStream {

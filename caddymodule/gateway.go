@@ -94,6 +94,8 @@ type Gateway struct {
 	anyOrig  bool
 	logger   *zap.Logger
 	metrics  *gatewayMetrics
+	// now is the gateway's clock for key expiry and rotation; nil means time.Now.
+	now func() time.Time
 }
 
 // StoreConfig says which store holds the gateway's state.
@@ -324,6 +326,9 @@ func (g *Gateway) Validate() error {
 		}
 		if g.Anonymous.SigninURL == "" {
 			return errors.New("anonymous access needs a signin_url")
+		}
+		if time.Duration(g.Anonymous.Period) < time.Second {
+			return errors.New("anonymous period must be at least 1s")
 		}
 	}
 	if !identity.ValidPrefix(g.KeyPrefix) {
