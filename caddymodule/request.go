@@ -23,6 +23,11 @@ const (
 	epOllamaGenerate
 	epModels
 	epTags
+	// The self-service API (selfservice.go).
+	epAuthKeys // /v1/auth/keys
+	epAuthKey  // /v1/auth/keys/{id}[/rotate]
+	epCredits
+	epUsage
 )
 
 var endpoints = map[string]endpoint{
@@ -32,10 +37,14 @@ var endpoints = map[string]endpoint{
 	"/api/generate":        epOllamaGenerate,
 	"/v1/models":           epModels,
 	"/api/tags":            epTags,
+	"/v1/auth/keys":        epAuthKeys,
+	"/v1/credits":          epCredits,
+	"/v1/usage":            epUsage,
 }
 
 // endpointNames are the endpoint metric label values.
-var endpointNames = [...]string{"", "chat", "embeddings", "ollama_chat", "ollama_generate", "models", "tags"}
+var endpointNames = [...]string{"", "chat", "embeddings", "ollama_chat", "ollama_generate", "models", "tags",
+	"auth_keys", "auth_key", "credits", "usage"}
 
 func (e endpoint) String() string { return endpointNames[e] }
 
@@ -115,16 +124,13 @@ func parseInference(format routing.Format, body []byte, maxPriceHeader string, l
 	var prompt json.RawMessage
 	switch format {
 	case routing.FormatOpenAIChat, routing.FormatOllamaChat:
-		var msgs []json.RawMessage
-		if err := json.Unmarshal(f["messages"], &msgs); err != nil || len(msgs) == 0 {
-			return nil, invalid("messages", "messages is required and must be a non-empty array")
+		// The body is valid JSON already: an array whose first element is an object will do
+		// here; the backend judges the messages themselves.
+		msgs := bytes.TrimSpace(f["messages"])
+		if len(msgs) < 2 || msgs[0] != '[' || bytes.TrimSpace(msgs[1:])[0] != '{' {
+			return nil, invalid("messages", "messages is required and must be a non-empty array of objects")
 		}
-		for _, m := range msgs {
-			if len(m) == 0 || m[0] != '{' {
-				return nil, invalid("messages", "each message must be an object")
-			}
-		}
-		prompt = f["messages"]
+		prompt = msgs
 	case routing.FormatOllamaGenerate:
 		var p string
 		if err := json.Unmarshal(f["prompt"], &p); err != nil {
@@ -154,16 +160,29 @@ func parseInference(format routing.Format, body []byte, maxPriceHeader string, l
 	// The output bound, given or defaulted, always sent on to the backend.
 	switch format {
 	case routing.FormatOpenAIChat:
-		field := "max_tokens"
-		if _, ok := f["max_completion_tokens"]; ok {
-			field = "max_completion_tokens"
+		// max_completion_tokens (newer) or max_tokens: the tighter of those given bounds the
+		// output, and every one given is sent as that bound, so no backend reads a larger one.
+		inf.outputBound = 0
+		for _, field := range []string{"max_tokens", "max_completion_tokens"} {
+			if raw, ok := f[field]; ok && !isNull(raw) {
+				n, err := outputBound(raw, field, lim)
+				if err != nil {
+					return nil, err
+				}
+				if inf.outputBound == 0 || n < inf.outputBound {
+					inf.outputBound = n
+				}
+			}
 		}
-		n, err := outputBound(f[field], field, lim)
-		if err != nil {
-			return nil, err
+		if inf.outputBound == 0 {
+			inf.outputBound = lim.maxTokensDefault
+			f["max_tokens"] = jsonInt(inf.outputBound)
 		}
-		inf.outputBound = n
-		f[field] = jsonInt(n)
+		for _, field := range []string{"max_tokens", "max_completion_tokens"} {
+			if raw, ok := f[field]; ok && !isNull(raw) {
+				f[field] = jsonInt(inf.outputBound)
+			}
+		}
 		if inf.stream {
 			var so map[string]json.RawMessage
 			if raw, ok := f["stream_options"]; ok && !isNull(raw) {
@@ -251,10 +270,43 @@ func checkModelName(name string) error {
 	return nil
 }
 
-// body encodes the request for one backend, with the model renamed for it.
+// body encodes the request for one backend, with the model renamed for it. The members are
+// written as they were decoded (one per name: a name sent twice was collapsed by the decoder,
+// so the backend cannot read another model than the one billed).
 func (inf *inference) body(upstreamModel string) ([]byte, error) {
-	inf.fields["model"], _ = json.Marshal(upstreamModel)
-	return json.Marshal(inf.fields)
+	model, err := json.Marshal(upstreamModel)
+	if err != nil {
+		return nil, err
+	}
+	inf.fields["model"] = model
+	size := 2
+	for k, v := range inf.fields {
+		size += len(k) + len(v) + 4
+	}
+	out := make([]byte, 0, size)
+	out = append(out, '{')
+	for k, v := range inf.fields {
+		if len(out) > 1 {
+			out = append(out, ',')
+		}
+		out = appendJSONString(out, k)
+		out = append(out, ':')
+		out = append(out, v...)
+	}
+	return append(out, '}'), nil
+}
+
+// appendJSONString appends s as a JSON string.
+func appendJSONString(dst []byte, s string) []byte {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c < 0x20 || c == '"' || c == '\\' || c >= 0x7f {
+			b, _ := json.Marshal(s)
+			return append(dst, b...)
+		}
+	}
+	dst = append(dst, '"')
+	dst = append(dst, s...)
+	return append(dst, '"')
 }
 
 func isNull(raw json.RawMessage) bool { return string(bytes.TrimSpace(raw)) == "null" }

@@ -1,0 +1,172 @@
+package caddymodule
+
+import (
+	"encoding/json"
+	"errors"
+	"testing"
+
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/routing"
+)
+
+var testLimits = requestLimits{maxTokensDefault: 100, maxTokensCap: 1000}
+
+func TestParseInference(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		format routing.Format
+		body   string
+		header string
+		param  string // "" = accepted
+		check  func(t *testing.T, inf *inference, sent map[string]any)
+	}{
+		{name: "defaults the output bound and keeps unknown fields", format: routing.FormatOpenAIChat,
+			body: `{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":0.5,"x_custom":{"a":[1,2]}}`,
+			check: func(t *testing.T, inf *inference, sent map[string]any) {
+				if inf.outputBound != 100 || sent["max_tokens"] != 100.0 || sent["temperature"] != 0.5 || sent["x_custom"] == nil {
+					t.Fatalf("sent %v", sent)
+				}
+			}},
+		{name: "streams get include_usage; the client did not ask", format: routing.FormatOpenAIChat,
+			body: `{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}],"max_completion_tokens":7}`,
+			check: func(t *testing.T, inf *inference, sent map[string]any) {
+				so, _ := sent["stream_options"].(map[string]any)
+				if !inf.stream || inf.clientWantsUsage || so["include_usage"] != true || sent["max_completion_tokens"] != 7.0 || sent["max_tokens"] != nil {
+					t.Fatalf("inf %+v sent %v", inf, sent)
+				}
+			}},
+		{name: "the client asked for usage", format: routing.FormatOpenAIChat,
+			body: `{"model":"m","stream":true,"stream_options":{"include_usage":true},"messages":[{}]}`,
+			check: func(t *testing.T, inf *inference, _ map[string]any) {
+				if !inf.clientWantsUsage {
+					t.Fatal("clientWantsUsage false")
+				}
+			}},
+		{name: "both output bounds: the tighter is sent in both", format: routing.FormatOpenAIChat,
+			body: `{"model":"m","messages":[{}],"max_tokens":900,"max_completion_tokens":20}`,
+			check: func(t *testing.T, inf *inference, sent map[string]any) {
+				if inf.outputBound != 20 || sent["max_tokens"] != 20.0 || sent["max_completion_tokens"] != 20.0 {
+					t.Fatalf("bound %d sent %v", inf.outputBound, sent)
+				}
+			}},
+		{name: "a model named twice is billed and sent as one", format: routing.FormatOpenAIChat,
+			body: `{"model":"cheap","model":"dear","messages":[{}]}`,
+			check: func(t *testing.T, inf *inference, sent map[string]any) {
+				if inf.model != "dear" {
+					t.Fatalf("billed %q", inf.model)
+				}
+			}},
+		{name: "ollama streams by default; num_predict set", format: routing.FormatOllamaChat,
+			body: `{"model":"m","messages":[{"role":"user","content":"hi"}],"options":{"temperature":0}}`,
+			check: func(t *testing.T, inf *inference, sent map[string]any) {
+				opts := sent["options"].(map[string]any)
+				if !inf.stream || opts["num_predict"] != 100.0 || opts["temperature"] != 0.0 {
+					t.Fatalf("sent %v", sent)
+				}
+			}},
+		{name: "max_price is not sent on; the header takes the lower", format: routing.FormatOpenAIChat,
+			body: `{"model":"m","messages":[{}],"max_price":2}`, header: "1.5",
+			check: func(t *testing.T, inf *inference, sent map[string]any) {
+				if inf.maxPrice != 1_500_000 || sent["max_price"] != nil {
+					t.Fatalf("maxPrice %d sent %v", inf.maxPrice, sent)
+				}
+			}},
+		{name: "embeddings", format: routing.FormatOpenAIEmbeddings, body: `{"model":"e","input":["a","b"]}`},
+		{name: "generate", format: routing.FormatOllamaGenerate, body: `{"model":"m","prompt":"hi","stream":false}`},
+		{name: "not an object", format: routing.FormatOpenAIChat, body: `[1]`, param: "-"},
+		{name: "broken JSON", format: routing.FormatOpenAIChat, body: `{"model":`, param: "-"},
+		{name: "no model", format: routing.FormatOpenAIChat, body: `{"messages":[{}]}`, param: "model"},
+		{name: "model not a string", format: routing.FormatOpenAIChat, body: `{"model":1,"messages":[{}]}`, param: "model"},
+		{name: "model is a URL", format: routing.FormatOpenAIChat, body: `{"model":"http://evil/x","messages":[{}]}`, param: "model"},
+		{name: "model is a path", format: routing.FormatOpenAIChat, body: `{"model":"../etc","messages":[{}]}`, param: "model"},
+		{name: "model with a control byte", format: routing.FormatOpenAIChat, body: `{"model":"a\u0001","messages":[{}]}`, param: "model"},
+		{name: "no messages", format: routing.FormatOpenAIChat, body: `{"model":"m"}`, param: "messages"},
+		{name: "empty messages", format: routing.FormatOpenAIChat, body: `{"model":"m","messages":[ ]}`, param: "messages"},
+		{name: "messages not objects", format: routing.FormatOpenAIChat, body: `{"model":"m","messages":["hi"]}`, param: "messages"},
+		{name: "negative max_tokens", format: routing.FormatOpenAIChat, body: `{"model":"m","messages":[{}],"max_tokens":-1}`, param: "max_tokens"},
+		{name: "zero max_tokens", format: routing.FormatOpenAIChat, body: `{"model":"m","messages":[{}],"max_tokens":0}`, param: "max_tokens"},
+		{name: "fractional max_tokens", format: routing.FormatOpenAIChat, body: `{"model":"m","messages":[{}],"max_tokens":1.5}`, param: "max_tokens"},
+		{name: "absurd max_tokens", format: routing.FormatOpenAIChat, body: `{"model":"m","messages":[{}],"max_tokens":1e12}`, param: "max_tokens"},
+		{name: "max_tokens over the cap", format: routing.FormatOpenAIChat, body: `{"model":"m","messages":[{}],"max_tokens":1001}`, param: "max_tokens"},
+		{name: "num_predict over the cap", format: routing.FormatOllamaChat, body: `{"model":"m","messages":[{}],"options":{"num_predict":5000}}`, param: "options.num_predict"},
+		{name: "stream not a boolean", format: routing.FormatOpenAIChat, body: `{"model":"m","messages":[{}],"stream":"yes"}`, param: "stream"},
+		{name: "negative max_price", format: routing.FormatOpenAIChat, body: `{"model":"m","messages":[{}],"max_price":-1}`, param: "max_price"},
+		{name: "bad X-Max-Price", format: routing.FormatOpenAIChat, body: `{"model":"m","messages":[{}]}`, header: "1e3", param: "X-Max-Price"},
+		{name: "embeddings without input", format: routing.FormatOpenAIEmbeddings, body: `{"model":"e","input":[]}`, param: "input"},
+		{name: "generate without prompt", format: routing.FormatOllamaGenerate, body: `{"model":"m"}`, param: "prompt"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			inf, err := parseInference(tc.format, []byte(tc.body), tc.header, testLimits)
+			if tc.param != "" {
+				var br *badRequest
+				if !errors.As(err, &br) {
+					t.Fatalf("err = %v, want a bad request", err)
+				}
+				if want := tc.param; want != "-" && br.param != want {
+					t.Fatalf("param = %q, want %q", br.param, want)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, err := inf.body("upstream/name")
+			if err != nil {
+				t.Fatal(err)
+			}
+			var sent map[string]any
+			if err := json.Unmarshal(body, &sent); err != nil {
+				t.Fatalf("sent body is not JSON: %v: %s", err, body)
+			}
+			if sent["model"] != "upstream/name" {
+				t.Fatalf("model sent: %v", sent["model"])
+			}
+			if tc.check != nil {
+				tc.check(t, inf, sent)
+			}
+		})
+	}
+}
+
+// FuzzParseInference: whatever the body, parsing never panics, and an accepted body is sent on
+// as one JSON object with the backend's model name and the output bound that was reserved for.
+func FuzzParseInference(f *testing.F) {
+	f.Add(`{"model":"m","messages":[{"role":"user","content":"hi"}]}`, "")
+	f.Add(`{"model":"m","stream":true,"messages":[{}],"max_tokens":5,"x":{"y":[1,"\u0000"]}}`, "1")
+	f.Add(`{"model":"a","model":"b","messages":[{}],"max_completion_tokens":3}`, "")
+	f.Add(`{"model":"m","messages":[{}],"max_price":0.5,"weird \"key\"":1}`, "0.1")
+	f.Fuzz(func(t *testing.T, body, header string) {
+		inf, err := parseInference(routing.FormatOpenAIChat, []byte(body), header, testLimits)
+		if err != nil {
+			return
+		}
+		out, err := inf.body("up")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var sent map[string]json.RawMessage
+		if err := json.Unmarshal(out, &sent); err != nil {
+			t.Fatalf("sent body is not JSON: %v: %s", err, out)
+		}
+		if string(sent["model"]) != `"up"` {
+			t.Fatalf("model sent: %s", sent["model"])
+		}
+		if _, ok := sent["max_price"]; ok {
+			t.Fatal("max_price sent on")
+		}
+		sawBound := false
+		for _, field := range []string{"max_tokens", "max_completion_tokens"} {
+			bound, ok := sent[field]
+			if !ok || string(bound) == "null" {
+				continue
+			}
+			sawBound = true
+			var n int64
+			if err := json.Unmarshal(bound, &n); err != nil || n != inf.outputBound || n < 1 || n > testLimits.maxTokensCap {
+				t.Fatalf("%s sent %s, reserved for %d", field, bound, inf.outputBound)
+			}
+		}
+		if !sawBound {
+			t.Fatal("no output bound sent")
+		}
+	})
+}
