@@ -7,9 +7,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"net/mail"
-	"net/netip"
 	"strings"
 	"time"
 
@@ -78,6 +78,10 @@ func serveAdmin(w http.ResponseWriter, r *http.Request) error {
 		out, err = g.adminListKeys(r.Context(), parts[1])
 	case len(parts) == 2 && parts[0] == "keys" && r.Method == http.MethodDelete:
 		out, err = g.adminRevokeKey(r.Context(), parts[1])
+	case len(parts) == 2 && parts[0] == "keys" && r.Method == http.MethodGet:
+		out, err = g.adminKey(r.Context(), parts[1])
+	case len(parts) == 3 && parts[0] == "keys" && parts[2] == "rotate" && r.Method == http.MethodPost:
+		out, err = g.adminRotateKey(r, parts[1])
 	case len(parts) == 1 && parts[0] == "backends" && r.Method == http.MethodGet:
 		out = g.adminBackends()
 	default:
@@ -100,6 +104,16 @@ func decodeJSON(r *http.Request, dst any) error {
 	dec := json.NewDecoder(r.Body)
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(dst); err != nil {
+		return invalid("", "the request body must be a JSON object of the documented fields: %v", err)
+	}
+	return nil
+}
+
+// decodeOptionalJSON is decodeJSON for a body that may be empty.
+func decodeOptionalJSON(r *http.Request, dst any) error {
+	dec := json.NewDecoder(r.Body)
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(dst); err != nil && !errors.Is(err, io.EOF) {
 		return invalid("", "the request body must be a JSON object of the documented fields: %v", err)
 	}
 	return nil
@@ -213,15 +227,22 @@ func (g *Gateway) adminLedger(ctx context.Context, userID string) (any, error) {
 	return map[string]any{"entries": entries, "audit": audit}, nil
 }
 
-// keyRequest is the body of a key creation (API.md §8).
+// keyRequest is the body of a key creation (API.md §8). The expiry is given as
+// expires_in_days or as expires_at (RFC 3339), not both. credit_cap (credits) bounds what the
+// key may spend of its owner's credits: over its whole life, or per credit_cap_period when set
+// ("day" and "month" are UTC calendar periods, a Go duration such as "12h" periods aligned on
+// the Unix epoch).
 type keyRequest struct {
-	Name          string            `json:"name"`
-	Scopes        []string          `json:"scopes"`
-	ExpiresInDays *int              `json:"expires_in_days"`
-	AllowedIPs    []string          `json:"allowed_ips"`
-	Metadata      map[string]string `json:"metadata"`
-	Tier          string            `json:"rate_limit_tier"`
-	Models        []string          `json:"models"`
+	Name            string            `json:"name"`
+	Scopes          []string          `json:"scopes"`
+	ExpiresInDays   *int              `json:"expires_in_days"`
+	ExpiresAt       *time.Time        `json:"expires_at"`
+	AllowedIPs      []string          `json:"allowed_ips"`
+	Metadata        map[string]string `json:"metadata"`
+	Tier            string            `json:"rate_limit_tier"`
+	Models          []string          `json:"models"`
+	CreditCap       *credits.Amount   `json:"credit_cap"`
+	CreditCapPeriod string            `json:"credit_cap_period"`
 }
 
 // defaultKeyScopes are granted to a key created without scopes.
@@ -239,16 +260,25 @@ type keyView struct {
 	AllowedIPs []string          `json:"allowed_ips"`
 	Metadata   map[string]string `json:"metadata"`
 	Models     []string          `json:"models,omitempty"`
+	CreditCap  *credits.Amount   `json:"credit_cap,omitempty"`
+	CapPeriod  string            `json:"credit_cap_period,omitempty"`
 	ExpiresAt  *time.Time        `json:"expires_at"`
 	RevokedAt  *time.Time        `json:"revoked_at,omitempty"`
 	CreatedAt  time.Time         `json:"created_at"`
 	LastUsedAt *time.Time        `json:"last_used_at"`
+	// RotatedTo and DeprecatedAt: the key was replaced, and works until ExpiresAt.
+	RotatedTo    string     `json:"rotated_to,omitempty"`
+	DeprecatedAt *time.Time `json:"deprecated_at,omitempty"`
 }
 
 func viewKey(k identity.Key) keyView {
 	v := keyView{ID: k.ID, Prefix: k.Prefix, Name: k.Name, Scopes: k.Scopes, Tier: k.Tier, AllowedIPs: k.AllowedIPs,
-		Metadata: k.Metadata, Models: k.Models, ExpiresAt: k.ExpiresAt, RevokedAt: k.RevokedAt, CreatedAt: k.CreatedAt,
-		LastUsedAt: k.LastUsedAt}
+		Metadata: k.Metadata, Models: k.Models, CapPeriod: k.CreditCapPeriod, ExpiresAt: k.ExpiresAt,
+		RevokedAt: k.RevokedAt, CreatedAt: k.CreatedAt, LastUsedAt: k.LastUsedAt, RotatedTo: k.RotatedTo,
+		DeprecatedAt: k.DeprecatedAt}
+	if k.CreditCap > 0 {
+		v.CreditCap = &k.CreditCap
+	}
 	if v.AllowedIPs == nil {
 		v.AllowedIPs = []string{}
 	}
@@ -282,17 +312,11 @@ func (g *Gateway) createKey(ctx context.Context, userID string, in keyRequest) (
 	if err := identity.ValidateScopes(in.Scopes); err != nil {
 		return nil, invalid("scopes", "%v", err)
 	}
-	for i, s := range in.AllowedIPs {
-		p, err := netip.ParsePrefix(s)
-		if err != nil {
-			a, aerr := netip.ParseAddr(s)
-			if aerr != nil {
-				return nil, invalid("allowed_ips", "allowed_ips[%d] is not an IP address or CIDR prefix", i)
-			}
-			p = netip.PrefixFrom(a.Unmap(), a.Unmap().BitLen())
-		}
-		in.AllowedIPs[i] = p.Masked().String()
+	ips, err := identity.NormalizeAllowlist(in.AllowedIPs)
+	if err != nil {
+		return nil, invalid("allowed_ips", "allowed_ips: %v", err)
 	}
+	in.AllowedIPs = ips
 	if len(in.Metadata) > 32 {
 		return nil, invalid("metadata", "metadata holds at most 32 entries")
 	}
@@ -308,14 +332,35 @@ func (g *Gateway) createKey(ctx context.Context, userID string, in keyRequest) (
 			return nil, invalid("models", "unknown model %q", m)
 		}
 	}
-	now := time.Now().UTC()
+	if len(in.Tier) > 64 {
+		return nil, invalid("rate_limit_tier", "rate_limit_tier name too long")
+	}
+	if in.CreditCap != nil && (*in.CreditCap <= 0 || *in.CreditCap > credits.MaxAmount) {
+		return nil, invalid("credit_cap", "credit_cap must be a positive number of credits")
+	}
+	if !identity.ValidCapPeriod(in.CreditCapPeriod) || in.CreditCapPeriod != "" && in.CreditCap == nil {
+		return nil, invalid("credit_cap_period", `credit_cap_period must be "day", "month" or a duration of at least 1m, with a credit_cap`)
+	}
+	now := g.clock().UTC()
 	k := identity.Key{UserID: userID, Name: in.Name, Scopes: in.Scopes, AllowedIPs: in.AllowedIPs,
-		Metadata: in.Metadata, Tier: in.Tier, Models: in.Models, CreatedAt: now}
-	if in.ExpiresInDays != nil {
+		Metadata: in.Metadata, Tier: in.Tier, Models: in.Models, CreditCapPeriod: in.CreditCapPeriod, CreatedAt: now}
+	if in.CreditCap != nil {
+		k.CreditCap = *in.CreditCap
+	}
+	switch {
+	case in.ExpiresInDays != nil && in.ExpiresAt != nil:
+		return nil, invalid("expires_at", "give expires_in_days or expires_at, not both")
+	case in.ExpiresInDays != nil:
 		if *in.ExpiresInDays < 1 || *in.ExpiresInDays > 3650 {
 			return nil, invalid("expires_in_days", "expires_in_days must be from 1 to 3650")
 		}
 		t := now.Add(time.Duration(*in.ExpiresInDays) * 24 * time.Hour)
+		k.ExpiresAt = &t
+	case in.ExpiresAt != nil:
+		t := in.ExpiresAt.UTC()
+		if !t.After(now) || t.After(now.Add(3650*24*time.Hour)) {
+			return nil, invalid("expires_at", "expires_at must be in the future, within 10 years")
+		}
 		k.ExpiresAt = &t
 	}
 	nk, err := identity.NewKey(g.KeyPrefix)
@@ -346,8 +391,79 @@ func (g *Gateway) adminListKeys(ctx context.Context, userID string) (any, error)
 	return map[string]any{"keys": out}, nil
 }
 
+func (g *Gateway) adminKey(ctx context.Context, id string) (any, error) {
+	k, err := g.store.keys.KeyByID(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	return map[string]any{"api_key": viewKey(k)}, nil
+}
+
+func (g *Gateway) adminRotateKey(r *http.Request, id string) (any, error) {
+	var in rotateRequest
+	if err := decodeOptionalJSON(r, &in); err != nil {
+		return nil, err
+	}
+	old, err := g.store.keys.KeyByID(r.Context(), id)
+	if err != nil {
+		return nil, err
+	}
+	return g.rotateKey(r.Context(), old, in)
+}
+
+// rotateRequest is the body of a key rotation; grace_period_hours defaults to 24.
+type rotateRequest struct {
+	GracePeriodHours *float64 `json:"grace_period_hours"`
+}
+
+// maxGraceHours bounds a rotation's grace period (30 days).
+const maxGraceHours = 30 * 24
+
+// rotateKey replaces old by a new key with the same attributes (and, when old expires, the
+// same lifetime from now), in one store transaction: old keeps working until the grace period
+// ends, then answers expired_api_key; the key old had replaced, if still in its grace period,
+// stops now, so a chain never has more than two live keys. A second rotation of old gets 409
+// conflict. The new key is returned once.
+func (g *Gateway) rotateKey(ctx context.Context, old identity.Key, in rotateRequest) (any, error) {
+	hours := 24.0
+	if in.GracePeriodHours != nil {
+		hours = *in.GracePeriodHours
+	}
+	if !(hours >= 0 && hours <= maxGraceHours) {
+		return nil, invalid("grace_period_hours", "grace_period_hours must be from 0 to %d", maxGraceHours)
+	}
+	now := g.clock().UTC()
+	graceEnd := now.Add(time.Duration(hours * float64(time.Hour)))
+	next := identity.Key{UserID: old.UserID, Name: old.Name, Scopes: old.Scopes, AllowedIPs: old.AllowedIPs,
+		Metadata: old.Metadata, Tier: old.Tier, CreditCap: old.CreditCap, CreditCapPeriod: old.CreditCapPeriod,
+		Models: old.Models, CreatedAt: now}
+	if old.ExpiresAt != nil {
+		t := now.Add(old.ExpiresAt.Sub(old.CreatedAt))
+		next.ExpiresAt = &t
+	}
+	nk, err := identity.NewKey(g.KeyPrefix)
+	if err != nil {
+		return nil, err
+	}
+	next.ID, next.Prefix, next.Hash = nk.ID, nk.Prefix, nk.Hash
+	if _, err := g.keys.RotateKey(ctx, old.ID, next, now, graceEnd); err != nil {
+		return nil, err
+	}
+	oldExpires := graceEnd
+	if old.ExpiresAt != nil && old.ExpiresAt.Before(graceEnd) {
+		oldExpires = *old.ExpiresAt
+	}
+	v := viewKey(next)
+	v.Key = nk.Full
+	return map[string]any{
+		"new_key": v,
+		"old_key": map[string]any{"id": old.ID, "deprecated_at": now, "expires_at": oldExpires},
+		"warning": keyWarning,
+	}, nil
+}
+
 func (g *Gateway) adminRevokeKey(ctx context.Context, id string) (any, error) {
-	if err := g.keys.RevokeKey(ctx, id, time.Now().UTC()); err != nil {
+	if err := g.keys.RevokeKey(ctx, id, g.clock().UTC()); err != nil {
 		return nil, err
 	}
 	k, err := g.store.keys.KeyByID(ctx, id)

@@ -87,6 +87,9 @@ func cloneURL(u *url.URL) *url.URL {
 // logFields adds the gateway's fields to Caddy's access log entry: who (ids, never secrets),
 // what was chosen, what it used and cost.
 func (ex *exchange) logFields() {
+	if srv, ok := ex.r.Context().Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server); ok && srv.Logs == nil {
+		return // this server keeps no access log
+	}
 	extra, ok := ex.r.Context().Value(caddyhttp.ExtraLogFieldsCtxKey).(*caddyhttp.ExtraLogFields)
 	if !ok {
 		return

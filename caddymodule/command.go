@@ -12,6 +12,8 @@ import (
 
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 	"github.com/spf13/cobra"
+
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/credits"
 )
 
 func init() {
@@ -27,7 +29,9 @@ Manages the LLM gateway of a running Caddy through its admin API (default localh
   caddy llm-gateway credits add <user id> <amount> [--reason R] [--idempotency-key K]
   caddy llm-gateway ledger <user id>
   caddy llm-gateway keys create <user id> [--name N] [--scopes chat:write,models:read] [--expires-in-days D]
+        [--allowed-ips 10.0.0.0/8,2001:db8::/32] [--credit-cap C [--credit-cap-period day|month|<duration>]]
   caddy llm-gateway keys list <user id>
+  caddy llm-gateway keys rotate <key id> [--grace-hours H]
   caddy llm-gateway keys revoke <key id>
   caddy llm-gateway backends
 
@@ -90,8 +94,8 @@ func gatewayCommand(cmd *cobra.Command) {
 			return call(http.MethodGet, "/llm_gateway/users/"+pathSegment(args[0])+"/ledger", nil, nil)
 		}}
 
-	keys := &cobra.Command{Use: "keys", Short: "Creates, lists and revokes API keys"}
-	var name, scopes string
+	keys := &cobra.Command{Use: "keys", Short: "Creates, lists, rotates and revokes API keys"}
+	var name, scopes, allowedIPs, capAmount, capPeriod string
 	var days int
 	kcreate := &cobra.Command{Use: "create <user id>", Short: "Creates an API key and prints it once", Args: cobra.ExactArgs(1),
 		RunE: func(_ *cobra.Command, args []string) error {
@@ -102,16 +106,41 @@ func gatewayCommand(cmd *cobra.Command) {
 			if days > 0 {
 				body["expires_in_days"] = days
 			}
+			if allowedIPs != "" {
+				body["allowed_ips"] = strings.Split(allowedIPs, ",")
+			}
+			if capAmount != "" {
+				c, err := credits.ParseAmount(capAmount)
+				if err != nil {
+					return fmt.Errorf("--credit-cap: %w", err)
+				}
+				body["credit_cap"] = c
+			}
+			if capPeriod != "" {
+				body["credit_cap_period"] = capPeriod
+			}
 			return call(http.MethodPost, "/llm_gateway/users/"+pathSegment(args[0])+"/keys", body, nil)
 		}}
 	kcreate.Flags().StringVar(&name, "name", "", "a name for the key")
 	kcreate.Flags().StringVar(&scopes, "scopes", "", "comma-separated scopes (default: inference, models, credits and usage)")
 	kcreate.Flags().IntVar(&days, "expires-in-days", 0, "days until the key expires (default: never)")
+	kcreate.Flags().StringVar(&allowedIPs, "allowed-ips", "", "comma-separated addresses or CIDR prefixes the key may be used from (default: any)")
+	kcreate.Flags().StringVar(&capAmount, "credit-cap", "", "the most credits the key may spend (default: no cap)")
+	kcreate.Flags().StringVar(&capPeriod, "credit-cap-period", "", `the cap's period: "day", "month" or a duration (default: the key's life)`)
+	var graceHours float64
+	krotate := &cobra.Command{Use: "rotate <key id>", Short: "Replaces a key by a new one, printed once; the old one works until the grace period ends",
+		Args: cobra.ExactArgs(1),
+		RunE: func(_ *cobra.Command, args []string) error {
+			return call(http.MethodPost, "/llm_gateway/keys/"+pathSegment(args[0])+"/rotate",
+				map[string]any{"grace_period_hours": graceHours}, nil)
+		}}
+	krotate.Flags().Float64Var(&graceHours, "grace-hours", 24, "hours the old key keeps working")
 	keys.AddCommand(kcreate,
 		&cobra.Command{Use: "list <user id>", Short: "Lists a user's keys (never the secrets)", Args: cobra.ExactArgs(1),
 			RunE: func(_ *cobra.Command, args []string) error {
 				return call(http.MethodGet, "/llm_gateway/users/"+pathSegment(args[0])+"/keys", nil, nil)
 			}},
+		krotate,
 		&cobra.Command{Use: "revoke <key id>", Short: "Revokes a key at once", Args: cobra.ExactArgs(1),
 			RunE: func(_ *cobra.Command, args []string) error {
 				return call(http.MethodDelete, "/llm_gateway/keys/"+pathSegment(args[0]), nil, nil)

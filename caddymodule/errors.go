@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/credits"
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/identity"
@@ -16,8 +17,6 @@ import (
 // Errors of the request pipeline, beside those of the policies packages.
 var (
 	errMissingCredential = errors.New("no credentials: send an API key (Authorization: Bearer, X-API-Key or apikey)")
-	errUnknownKey        = errors.New("invalid api key")
-	errRevokedKey        = errors.New("api key revoked")
 	errTokenUnsupported  = errors.New("tokens are not accepted here")
 	errTooLarge          = errors.New("request body too large")
 	errNoOutput          = errors.New("backend failed before sending a response")
@@ -35,11 +34,6 @@ func (e *badRequest) Error() string { return e.message }
 func invalid(param, format string, args ...any) error {
 	return &badRequest{param: param, message: fmt.Sprintf(format, args...)}
 }
-
-// expiredKey is a 401 expired_api_key.
-type expiredKey struct{ at string }
-
-func (e *expiredKey) Error() string { return "api key expired at " + e.at }
 
 // missingScope is a 403 insufficient_scope naming the scope the route needs.
 type missingScope struct{ scope string }
@@ -86,7 +80,8 @@ func errorResponse(err error) *apiError {
 	}
 	var (
 		br *badRequest
-		ek *expiredKey
+		ek *identity.ExpiredKeyError
+		kc *keyCapReached
 		ms *missingScope
 		oc *outOfCredits
 		nr *noRoute
@@ -106,23 +101,33 @@ func errorResponse(err error) *apiError {
 	case errors.Is(err, errMissingCredential):
 		set(http.StatusUnauthorized, "missing_api_key", "authentication_error")
 		e.headers = map[string]string{"WWW-Authenticate": `Bearer realm="llm_gateway"`}
-	case errors.Is(err, identity.ErrMalformedCredential), errors.Is(err, identity.ErrMalformedKey), errors.Is(err, errUnknownKey):
+	case errors.Is(err, identity.ErrMalformedCredential), errors.Is(err, identity.ErrMalformedKey), errors.Is(err, identity.ErrUnknownKey):
 		set(http.StatusUnauthorized, "invalid_api_key", "authentication_error")
 		e.Message = "invalid api key"
 		bearer()
 	case errors.As(err, &ek):
 		set(http.StatusUnauthorized, "expired_api_key", "authentication_error")
-		e.Details = map[string]any{"expired_at": ek.at}
+		e.Details = map[string]any{"expired_at": ek.At.UTC().Format(time.RFC3339)}
 		bearer()
-	case errors.Is(err, errRevokedKey):
+	case errors.Is(err, identity.ErrRevokedKey):
 		set(http.StatusUnauthorized, "revoked_api_key", "authentication_error")
 		bearer()
+	case errors.Is(err, identity.ErrIPNotAllowed):
+		set(http.StatusForbidden, "ip_not_allowed", "permission_error")
 	case errors.Is(err, errTokenUnsupported):
 		set(http.StatusUnauthorized, "invalid_token", "authentication_error")
 		bearer()
 	case errors.As(err, &ms):
 		set(http.StatusForbidden, "insufficient_scope", "permission_error")
 		e.headers = map[string]string{"WWW-Authenticate": `Bearer realm="llm_gateway", error="insufficient_scope", scope="` + ms.scope + `"`}
+	case errors.As(err, &kc):
+		// The owner may have credits left: the key's own cap is what refuses (no Location).
+		set(http.StatusPaymentRequired, "insufficient_credits", "insufficient_credits")
+		e.Details = map[string]any{"key_credit_cap": kc.cap, "key_spent": kc.spent, "key_reserved": kc.reserved,
+			"required": kc.required, "login_url": nil}
+		if kc.period != "" {
+			e.Details["key_credit_cap_period"] = kc.period
+		}
 	case errors.As(err, &oc):
 		set(http.StatusPaymentRequired, "insufficient_credits", "insufficient_credits")
 		e.Details = map[string]any{"balance": oc.balance, "required": oc.required, "login_url": nil}
@@ -151,6 +156,9 @@ func errorResponse(err error) *apiError {
 	case errors.Is(err, identity.ErrNotFound), errors.Is(err, errRouteAbsent):
 		set(http.StatusNotFound, "not_found", "invalid_request_error")
 		e.Message = "not found"
+	case errors.Is(err, identity.ErrNotRotatable):
+		set(http.StatusConflict, "conflict", "invalid_request_error")
+		e.Message = "the key was already rotated, or is revoked or expired"
 	case errors.Is(err, identity.ErrConflict):
 		set(http.StatusConflict, "conflict", "invalid_request_error")
 		e.Message = "already exists"

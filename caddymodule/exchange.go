@@ -98,7 +98,9 @@ func (ex *exchange) proxy() error {
 		req.URL.RawPath = ""
 		req.Body = readCloser{bytes.NewReader(body)}
 		req.ContentLength = int64(len(body))
-		req.Header = ex.r.Header.Clone()
+		// The request's own header map: it is this handler's to change (Caddy's access log
+		// took its copy before), and the reverse proxy copies it for each attempt.
+		req.Header = ex.r.Header
 		req.Header.Set("Content-Length", strconv.Itoa(len(body)))
 		req.Header.Set("Content-Type", "application/json")
 		req.Header.Set("Accept-Encoding", "identity")

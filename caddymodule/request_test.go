@@ -170,3 +170,17 @@ func FuzzParseInference(f *testing.F) {
 		}
 	})
 }
+
+func BenchmarkParseInference(b *testing.B) {
+	body := []byte(`{"model":"mock-small","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Write a haiku about proxies and credits, please."}],"temperature":0.7,"stream":false}`)
+	b.ReportAllocs()
+	for b.Loop() {
+		inf, err := parseInference(routing.FormatOpenAIChat, body, "", testLimits)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := inf.body("mock-small"); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

@@ -1,12 +1,14 @@
 package caddymodule
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"slices"
 	"strings"
@@ -22,11 +24,18 @@ import (
 // ServeHTTP runs the gateway's pipeline for its own routes and passes every other request on.
 func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	ep := endpoints[r.URL.Path]
+	if ep == epNone && strings.HasPrefix(r.URL.Path, selfKeyPath) {
+		ep = epAuthKey
+	}
 	if ep == epNone {
 		return next.ServeHTTP(w, r)
 	}
 	if g.cors(w, r) {
 		return nil // a preflight, answered
+	}
+	if ep.selfService() {
+		g.serveSelfService(w, r, ep)
+		return nil
 	}
 	if r.Method != ep.method() {
 		w.Header().Set("Allow", ep.method()+", OPTIONS")
@@ -65,9 +74,16 @@ type caller struct {
 	account credits.AccountID
 	userID  string
 	keyID   string
-	scopes  []string
-	models  []string // when not empty, the only models allowed
-	refill  *credits.Refill
+	// keyCap and keyCapPeriod are the key's credit cap (0: none) and its period.
+	keyCap       credits.Amount
+	keyCapPeriod string
+	scopes       []string
+	models       []string // when not empty, the only models allowed
+	refill       *credits.Refill
+	// allowedIPs and expiresAt restrict the key the caller used (nil: none); keys it creates
+	// inherit them.
+	allowedIPs []string
+	expiresAt  *time.Time
 }
 
 var anonymousScopes = []string{identity.ScopeChatWrite, identity.ScopeEmbeddingsWrite, identity.ScopeModelsRead}
@@ -96,36 +112,44 @@ func (g *Gateway) identify(r *http.Request) (*caller, error) {
 			refill:  &credits.Refill{Cap: g.Anonymous.Credits, Period: time.Now().Unix() / period},
 		}, nil
 	case identity.APIKey:
-		return g.identifyKey(r.Context(), cred.Value)
+		ipStr, _ := caddyhttp.GetVar(r.Context(), caddyhttp.ClientIPVarKey).(string)
+		ip, _ := identity.ParseClientIP(ipStr) // an unknown address passes only keys without an allowlist
+		return g.identifyKey(r.Context(), cred.Value, ip)
 	default:
 		return nil, errTokenUnsupported
 	}
 }
 
-// identifyKey checks an API key against the store.
-func (g *Gateway) identifyKey(ctx context.Context, presented string) (*caller, error) {
+// identifyKey checks an API key against the store (through the key cache) with
+// identity.CheckKey, and records its use.
+func (g *Gateway) identifyKey(ctx context.Context, presented string, clientIP netip.Addr) (*caller, error) {
 	pk, err := identity.ParseKey(presented)
 	if err != nil {
 		return nil, err
 	}
 	k, err := g.keys.KeyByID(ctx, pk.ID)
 	if errors.Is(err, identity.ErrNotFound) {
-		return nil, errUnknownKey
+		return nil, identity.ErrUnknownKey
 	}
 	if err != nil {
 		return nil, fmt.Errorf("looking up key: %w", errors.Join(credits.ErrStoreUnavailable, err))
 	}
-	if !identity.HashMatches(k.Hash, pk.Hash) {
-		return nil, errUnknownKey
+	now := g.clock()
+	if err := identity.CheckKey(k, pk, clientIP, now); err != nil {
+		return nil, err
 	}
-	if k.RevokedAt != nil {
-		return nil, errRevokedKey
-	}
-	if k.ExpiresAt != nil && !time.Now().Before(*k.ExpiresAt) {
-		return nil, &expiredKey{at: k.ExpiresAt.UTC().Format(time.RFC3339)}
-	}
+	g.store.touch(k.ID, now)
 	return &caller{kind: "api_key", account: credits.UserAccount(k.UserID), userID: k.UserID, keyID: k.ID,
-		scopes: k.Scopes, models: k.Models}, nil
+		keyCap: k.CreditCap, keyCapPeriod: k.CreditCapPeriod, scopes: k.Scopes, models: k.Models,
+		allowedIPs: k.AllowedIPs, expiresAt: k.ExpiresAt}, nil
+}
+
+// clock is the gateway's time: g.now, or time.Now.
+func (g *Gateway) clock() time.Time {
+	if g.now != nil {
+		return g.now()
+	}
+	return time.Now()
 }
 
 // allowedModel is the caller's model allowlist as a predicate (nil: all models).
@@ -158,10 +182,11 @@ func (ex *exchange) run() error {
 	if r.ContentLength > g.MaxRequestBody {
 		return errTooLarge
 	}
-	body, err := io.ReadAll(io.LimitReader(r.Body, g.MaxRequestBody+1))
-	if err != nil {
+	buf := bytes.NewBuffer(make([]byte, 0, max(r.ContentLength, 0)+bytes.MinRead))
+	if _, err := buf.ReadFrom(io.LimitReader(r.Body, g.MaxRequestBody+1)); err != nil {
 		return invalid("", "reading the request body: %v", err)
 	}
+	body := buf.Bytes()
 	if int64(len(body)) > g.MaxRequestBody {
 		return errTooLarge
 	}
@@ -199,15 +224,26 @@ func (ex *exchange) reserve(choices []routing.Choice) error {
 	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ex.r.Context()), storeTimeout)
 	defer cancel()
+	if who.keyID != "" {
+		// The key's credit cap is held in the same step as the balance (keyLedger).
+		ctx = withKey(ctx, keyUse{id: who.keyID, cap: who.keyCap, period: who.keyCapPeriod})
+	}
 	ttl := time.Duration(g.ReservationTTL)
+	cheapest := choices[0].Cost
 	res, balance, err := g.store.ledger.Reserve(ctx, who.account, amount, ttl, who.refill)
-	if errors.Is(err, credits.ErrInsufficientCredits) && amount > choices[0].Cost && balance >= choices[0].Cost {
-		amount = choices[0].Cost
+	var capped *keyCapReached
+	if amount > cheapest && (errors.Is(err, credits.ErrInsufficientCredits) && balance >= cheapest ||
+		errors.As(err, &capped) && capped.room() >= cheapest) {
+		amount = cheapest
 		choices = slices.DeleteFunc(choices, func(c routing.Choice) bool { return c.Cost > amount })
 		res, balance, err = g.store.ledger.Reserve(ctx, who.account, amount, ttl, who.refill)
 	}
+	if errors.As(err, &capped) {
+		capped.required = cheapest
+		return capped
+	}
 	if errors.Is(err, credits.ErrInsufficientCredits) {
-		return &outOfCredits{balance: balance, required: choices[0].Cost, location: g.topUpLocation(ex.r, who)}
+		return &outOfCredits{balance: balance, required: cheapest, location: g.topUpLocation(ex.r, who)}
 	}
 	if err != nil {
 		return fmt.Errorf("reserving credits: %w", errors.Join(credits.ErrStoreUnavailable, err))
@@ -302,7 +338,7 @@ func (g *Gateway) cors(w http.ResponseWriter, r *http.Request) bool {
 		return false
 	}
 	if allowed {
-		h.Set("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+		h.Set("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS")
 		if req := r.Header.Get("Access-Control-Request-Headers"); req != "" && isTokenList(req) {
 			h.Set("Access-Control-Allow-Headers", req)
 		}

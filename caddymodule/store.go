@@ -22,14 +22,54 @@ var stores = caddy.NewUsagePool()
 // sweepInterval is how often expired reservations are looked for.
 const sweepInterval = 10 * time.Second
 
-// storeHandle is an open store and its background sweeper of expired reservations.
+// touchInterval is how often the last use times of API keys are written to the store.
+var touchInterval = 2 * time.Second
+
+// storeHandle is an open store and its background sweeper of expired reservations and writer
+// of key use times.
 type storeHandle struct {
+	// ledger is the store's, wrapped to enforce API keys' credit caps.
 	ledger credits.Ledger
 	users  identity.Users
 	keys   identity.Keys
-	close  func() error
-	stop   context.CancelFunc
-	done   chan struct{}
+	// usage sums an account's settle entries by day and model.
+	usage func(ctx context.Context, account credits.AccountID, since time.Time) ([]credits.UsageDay, error)
+	close func() error
+	stop  context.CancelFunc
+	done  chan struct{}
+
+	touchMu sync.Mutex
+	touched map[string]time.Time // key id -> last use, not yet written
+}
+
+// touch records that the key was used at t; the store learns it within touchInterval.
+func (h *storeHandle) touch(keyID string, t time.Time) {
+	h.touchMu.Lock()
+	if h.touched == nil {
+		h.touched = map[string]time.Time{}
+	}
+	if t.After(h.touched[keyID]) {
+		h.touched[keyID] = t
+	}
+	h.touchMu.Unlock()
+}
+
+// writeTouches writes the collected use times in one batch; on failure they are kept for the
+// next try (unless newer ones came meanwhile).
+func (h *storeHandle) writeTouches(ctx context.Context, logger *zap.Logger) {
+	h.touchMu.Lock()
+	batch := h.touched
+	h.touched = nil
+	h.touchMu.Unlock()
+	if len(batch) == 0 {
+		return
+	}
+	if err := h.keys.TouchKeys(ctx, batch); err != nil {
+		logger.Error("writing the last use times of api keys", zap.Int("keys", len(batch)), zap.Error(err))
+		for id, t := range batch {
+			h.touch(id, t)
+		}
+	}
 }
 
 func openStore(ctx caddy.Context, cfg StoreConfig, logger *zap.Logger) (*storeHandle, string, error) {
@@ -56,7 +96,8 @@ func openStore(ctx caddy.Context, cfg StoreConfig, logger *zap.Logger) (*storeHa
 			metricCreditsReleasedExpired.Add(float64(amount) / float64(credits.Credit))
 		}
 		sweepCtx, stop := context.WithCancel(context.Background())
-		h := &storeHandle{ledger: s, users: s, keys: s, close: s.Close, stop: stop, done: make(chan struct{})}
+		h := &storeHandle{ledger: newKeyLedger(s, s.KeySpent), users: s, keys: s, usage: s.UsageByDay,
+			close: s.Close, stop: stop, done: make(chan struct{})}
 		go h.sweep(sweepCtx, logger)
 		return h, nil
 	})
@@ -66,15 +107,23 @@ func openStore(ctx caddy.Context, cfg StoreConfig, logger *zap.Logger) (*storeHa
 	return val.(*storeHandle), key, nil
 }
 
-// sweep releases expired reservations until the store is closed.
+// sweep releases expired reservations and writes key use times until the store is closed,
+// writing the last use times one more time then.
 func (h *storeHandle) sweep(ctx context.Context, logger *zap.Logger) {
 	defer close(h.done)
 	t := time.NewTicker(sweepInterval)
 	defer t.Stop()
+	touches := time.NewTicker(touchInterval)
+	defer touches.Stop()
 	for {
 		select {
 		case <-ctx.Done():
+			wctx, cancel := context.WithTimeout(context.Background(), storeTimeout)
+			h.writeTouches(wctx, logger)
+			cancel()
 			return
+		case <-touches.C:
+			h.writeTouches(ctx, logger)
 		case now := <-t.C:
 			n, amount, err := h.ledger.ReleaseExpired(ctx, now)
 			if err != nil {

@@ -53,6 +53,19 @@ type Usage struct {
 	Backend      string `json:"backend,omitempty"`
 	InputTokens  int64  `json:"input_tokens"`
 	OutputTokens int64  `json:"output_tokens"`
+	// KeyID is the API key the request was made with, if any: a key's spending under its
+	// credit cap is the sum of its settle entries.
+	KeyID string `json:"key_id,omitempty"`
+}
+
+// UsageDay is what an account spent on one model in one UTC day: the sum of its settle entries.
+type UsageDay struct {
+	Day          string `json:"day"` // YYYY-MM-DD, UTC
+	Model        string `json:"model"`
+	Requests     int64  `json:"requests"`
+	InputTokens  int64  `json:"input_tokens"`
+	OutputTokens int64  `json:"output_tokens"`
+	Credits      Amount `json:"credits"`
 }
 
 // EntryKind says what moved credits.

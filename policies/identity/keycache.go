@@ -77,6 +77,18 @@ func (c *KeyCache) RevokeKey(ctx context.Context, id string, at time.Time) error
 	return err
 }
 
+// RotateKey rotates the key in the store and forgets at once the old key, the new key's id and
+// every key whose expiry the rotation changed.
+func (c *KeyCache) RotateKey(ctx context.Context, oldID string, next Key, at, graceEnd time.Time) ([]string, error) {
+	changed, err := c.Keys.RotateKey(ctx, oldID, next, at, graceEnd)
+	c.Forget(oldID)
+	c.Forget(next.ID)
+	for _, id := range changed {
+		c.Forget(id)
+	}
+	return changed, err
+}
+
 // Forget drops what the cache holds for id.
 func (c *KeyCache) Forget(id string) { c.cache.Del(id) }
 

@@ -53,6 +53,22 @@ func (s *countingKeys) RevokeKey(_ context.Context, id string, at time.Time) err
 
 func (s *countingKeys) TouchKeys(context.Context, map[string]time.Time) error { return nil }
 
+func (s *countingKeys) RotateKey(_ context.Context, oldID string, next Key, at, graceEnd time.Time) ([]string, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	k, ok := s.keys[oldID]
+	if !ok {
+		return nil, ErrNotFound
+	}
+	if k.RotatedTo != "" {
+		return nil, ErrNotRotatable
+	}
+	k.RotatedTo, k.DeprecatedAt, k.ExpiresAt = next.ID, &at, &graceEnd
+	s.keys[oldID] = k
+	s.keys[next.ID] = next
+	return []string{oldID}, nil
+}
+
 func (s *countingKeys) count() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()

@@ -3,13 +3,19 @@ package identity
 import (
 	"context"
 	"errors"
+	"fmt"
 	"time"
+
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/credits"
 )
 
 // Errors the stores report.
 var (
 	ErrNotFound = errors.New("not found")
 	ErrConflict = errors.New("already exists")
+	// ErrNotRotatable: the key was already rotated, or is revoked or expired. It matches
+	// ErrConflict.
+	ErrNotRotatable = fmt.Errorf("%w: the key was already rotated, or is revoked or expired", ErrConflict)
 )
 
 // User is a person with an account of credits.
@@ -39,14 +45,23 @@ type Key struct {
 	Metadata   map[string]string `json:"metadata,omitempty"`
 	// Tier names the key's rate-limit tier; empty means its user's.
 	Tier string `json:"rate_limit_tier,omitempty"`
-	// CreditCap, when above zero, is the most the key may spend of its owner's credits.
-	CreditCap int64 `json:"-"`
+	// CreditCap, when above zero, is the most the key may spend of its owner's credits: in all
+	// its life, or in each CreditCapPeriod when that is set.
+	CreditCap credits.Amount `json:"credit_cap,omitempty"`
+	// CreditCapPeriod is "" (the cap is for the key's whole life), "day" or "month" (calendar
+	// periods in UTC), or a Go duration such as "1h" (periods aligned on the Unix epoch). See
+	// CapPeriodStart.
+	CreditCapPeriod string `json:"credit_cap_period,omitempty"`
 	// Models, when not empty, are the only models the key may use.
 	Models     []string   `json:"models,omitempty"`
 	CreatedAt  time.Time  `json:"created_at"`
 	ExpiresAt  *time.Time `json:"expires_at"`
 	RevokedAt  *time.Time `json:"revoked_at,omitempty"`
 	LastUsedAt *time.Time `json:"last_used_at"`
+	// RotatedTo is the id of the key that replaced this one, and DeprecatedAt when; the key
+	// keeps working until ExpiresAt, the end of the grace period.
+	RotatedTo    string     `json:"rotated_to,omitempty"`
+	DeprecatedAt *time.Time `json:"deprecated_at,omitempty"`
 }
 
 // Users stores people.
@@ -72,4 +87,11 @@ type Keys interface {
 	RevokeKey(ctx context.Context, id string, at time.Time) error
 	// TouchKeys records last use times for several keys at once (written in batches, not per request).
 	TouchKeys(ctx context.Context, used map[string]time.Time) error
+	// RotateKey replaces the key oldID by next in one transaction: next is stored, and the old
+	// key is marked rotated to next.ID at time at, with its expiry brought forward to graceEnd
+	// (never moved later). The key the old one replaced, if it is still in its own grace period,
+	// expires at at: a chain of rotations never has more than two live keys. It reports the ids
+	// of the keys whose expiry changed. ErrNotFound when there is no such key; ErrNotRotatable
+	// when it was already rotated, or is revoked or expired at at.
+	RotateKey(ctx context.Context, oldID string, next Key, at, graceEnd time.Time) ([]string, error)
 }

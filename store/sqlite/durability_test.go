@@ -500,6 +500,12 @@ func TestLegacyReservationsAreReleased(t *testing.T) {
 	for _, stmt := range []string{
 		`DROP TRIGGER reservations_in_memory`,
 		`DELETE FROM schema_migrations WHERE version > 1`,
+		`DROP INDEX api_keys_by_rotated_to`,
+		`DROP INDEX ledger_by_key`,
+		`ALTER TABLE api_keys DROP COLUMN rotated_to`,
+		`ALTER TABLE api_keys DROP COLUMN deprecated_at`,
+		`ALTER TABLE api_keys DROP COLUMN credit_cap_period`,
+		`ALTER TABLE ledger DROP COLUMN key_id`,
 		`UPDATE accounts SET balance = balance - 3000000 WHERE id = 'user:u'`,
 		`INSERT INTO reservations VALUES ('old', 'user:u', 3000000, 0, 0)`,
 	} {

@@ -416,7 +416,7 @@ func (s *Store) commitBatch(batch []pendingOp, attempt int) (err error) {
 				continue
 			}
 			res, err := stmt(batchSettleEntry).ExecContext(ctx, op.account.id, op.amount, op.reservationID,
-				op.usage.Model, op.usage.Backend, op.usage.InputTokens, op.usage.OutputTokens, op.at)
+				op.usage.Model, op.usage.Backend, op.usage.InputTokens, op.usage.OutputTokens, op.at, nullString(op.usage.KeyID))
 			if err != nil {
 				return fmt.Errorf("settling %s: %w", op.reservationID, err)
 			}
@@ -477,13 +477,13 @@ const (
 const maxSettleChunk = 32
 
 // settleColumns are the columns of a settle entry, in the order of settleArgs.
-const settleColumns = `(account_id, kind, amount, reservation_id, model, backend, input_tokens, output_tokens, created_at)`
+const settleColumns = `(account_id, kind, amount, reservation_id, model, backend, input_tokens, output_tokens, created_at, key_id)`
 
 // settleRow is the VALUES row of a settle entry.
-const settleRow = `(?, 'settle', ?, ?, ?, ?, ?, ?, ?)`
+const settleRow = `(?, 'settle', ?, ?, ?, ?, ?, ?, ?, ?)`
 
 // settleArgs are the parameters of settleRow, per entry.
-const settleArgs = 8
+const settleArgs = 9
 
 // batchSQL are the statements of a batch, by their index above.
 var batchSQL = [...]string{
@@ -509,7 +509,7 @@ func (s *Store) insertSettlements(ctx context.Context, stmt *sql.Stmt, ops []*pe
 	args := s.settleArgs[:0]
 	for _, op := range ops {
 		args = append(args, op.account.id, op.amount, op.reservationID,
-			op.usage.Model, op.usage.Backend, op.usage.InputTokens, op.usage.OutputTokens, op.at)
+			op.usage.Model, op.usage.Backend, op.usage.InputTokens, op.usage.OutputTokens, op.at, nullString(op.usage.KeyID))
 	}
 	_, err := stmt.ExecContext(ctx, args...)
 	clear(args)

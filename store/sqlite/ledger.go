@@ -441,7 +441,7 @@ func (s *Store) Balance(ctx context.Context, account credits.AccountID) (credits
 
 // entryColumns are the columns scanEntry reads.
 const entryColumns = `seq, account_id, kind, amount, reason, reservation_id, idempotency_key,
-	model, backend, input_tokens, output_tokens, created_at`
+	model, backend, input_tokens, output_tokens, created_at, key_id`
 
 // rowScanner is a *sql.Row or *sql.Rows.
 type rowScanner interface {
@@ -453,11 +453,12 @@ func scanEntry(row rowScanner, extra ...any) (credits.Entry, error) {
 	var (
 		e                                             credits.Entry
 		reservationID, idempotencyKey, model, backend sql.NullString
+		keyID                                         sql.NullString
 		inputTokens, outputTokens                     sql.NullInt64
 		createdAt                                     int64
 	)
 	dest := append([]any{&e.Seq, &e.Account, &e.Kind, &e.Amount, &e.Reason, &reservationID, &idempotencyKey,
-		&model, &backend, &inputTokens, &outputTokens, &createdAt}, extra...)
+		&model, &backend, &inputTokens, &outputTokens, &createdAt, &keyID}, extra...)
 	if err := row.Scan(dest...); err != nil {
 		return credits.Entry{}, err
 	}
@@ -470,6 +471,7 @@ func scanEntry(row rowScanner, extra ...any) (credits.Entry, error) {
 			Backend:      backend.String,
 			InputTokens:  inputTokens.Int64,
 			OutputTokens: outputTokens.Int64,
+			KeyID:        keyID.String,
 		}
 	}
 	return e, nil

@@ -444,6 +444,9 @@ func nullMicros(t *time.Time) sql.NullInt64 {
 	return sql.NullInt64{Int64: micros(*t), Valid: true}
 }
 
+// nullString stores an optional text: NULL when empty.
+func nullString(s string) sql.NullString { return sql.NullString{String: s, Valid: s != ""} }
+
 // fromNullMicros reads an optional time.
 func fromNullMicros(v sql.NullInt64) *time.Time {
 	if !v.Valid {
