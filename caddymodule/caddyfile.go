@@ -45,6 +45,18 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //			period <duration>
 //			signin_url <url>
 //		}
+//		rate_limits {
+//			default_tier <name>
+//			anonymous_tier <name>
+//			tier <name> {
+//				requests_per_minute <n>
+//				requests_per_hour <n>
+//				requests_per_day <n>
+//				burst_per_second <n>
+//				concurrent <n>
+//				tokens_per_minute <n>
+//			}
+//		}
 //		backend <name> {
 //			url <url>
 //			style openai|ollama
@@ -141,6 +153,15 @@ func (g *Gateway) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			g.Backends = append(g.Backends, b)
+		case "rate_limits":
+			if g.RateLimits != nil {
+				return d.Err("rate_limits given twice")
+			}
+			rl, err := unmarshalRateLimits(d)
+			if err != nil {
+				return err
+			}
+			g.RateLimits = rl
 		default:
 			return d.Errf("unrecognized llm_gateway subdirective %q", d.Val())
 		}
@@ -172,6 +193,84 @@ func unmarshalAnonymous(d *caddyfile.Dispenser) (*Anonymous, error) {
 		}
 	}
 	return a, nil
+}
+
+// unmarshalRateLimits parses
+//
+//	rate_limits {
+//		default_tier <name>
+//		anonymous_tier <name>
+//		tier <name> {
+//			requests_per_minute <n>
+//			requests_per_hour <n>
+//			requests_per_day <n>
+//			burst_per_second <n>
+//			concurrent <n>
+//			tokens_per_minute <n>
+//		}
+//	}
+func unmarshalRateLimits(d *caddyfile.Dispenser) (*RateLimits, error) {
+	if d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	rl := new(RateLimits)
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		switch d.Val() {
+		case "default_tier":
+			if err := oneString(d, &rl.DefaultTier); err != nil {
+				return nil, err
+			}
+		case "anonymous_tier":
+			if err := oneString(d, &rl.AnonymousTier); err != nil {
+				return nil, err
+			}
+		case "tier":
+			if !d.NextArg() {
+				return nil, d.Err("tier needs a name")
+			}
+			name := d.Val()
+			if d.NextArg() {
+				return nil, d.ArgErr()
+			}
+			if rl.Tiers[name] != nil {
+				return nil, d.Errf("tier %q given twice", name)
+			}
+			t := new(Tier)
+			for tn := d.Nesting(); d.NextBlock(tn); {
+				var dst *int64
+				field := d.Val()
+				switch field {
+				case "requests_per_minute":
+					dst = &t.RequestsPerMinute
+				case "requests_per_hour":
+					dst = &t.RequestsPerHour
+				case "requests_per_day":
+					dst = &t.RequestsPerDay
+				case "burst_per_second":
+					dst = &t.BurstPerSecond
+				case "concurrent":
+					dst = &t.Concurrent
+				case "tokens_per_minute":
+					dst = &t.TokensPerMinute
+				default:
+					return nil, d.Errf("unrecognized tier subdirective %q", d.Val())
+				}
+				if err := oneInt64(d, dst); err != nil {
+					return nil, err
+				}
+				if *dst < 0 {
+					return nil, d.Errf("%s must not be negative", field)
+				}
+			}
+			if rl.Tiers == nil {
+				rl.Tiers = map[string]*Tier{}
+			}
+			rl.Tiers[name] = t
+		default:
+			return nil, d.Errf("unrecognized rate_limits subdirective %q", d.Val())
+		}
+	}
+	return rl, nil
 }
 
 func unmarshalBackend(d *caddyfile.Dispenser) (*Backend, error) {

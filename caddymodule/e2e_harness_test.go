@@ -100,22 +100,14 @@ type env struct {
 	client    *http.Client
 	child     *exec.Cmd // set for a child-process gateway
 	childLog  *os.File
+	childDone chan struct{} // closed when the child process has exited
 }
 
 // newEnv picks the ports and the temp dir of a gateway; start or startChild runs it.
 func newEnv(t testing.TB, s setup) *env {
 	t.Helper()
 	e := &env{t: t, dir: t.TempDir(), mockPorts: map[string]int{}}
-	ap := freePort(t)
-	e.adminAddr = fmt.Sprintf("127.0.0.1:%d", ap)
-	e.admin = "http://" + e.adminAddr
-	e.gwPort = freePort(t)
-	e.gw = fmt.Sprintf("http://127.0.0.1:%d", e.gwPort)
-	for _, m := range s.mocks {
-		e.mockPorts[m.key] = freePort(t)
-	}
-	e.closed = freePort(t)
-	e.closed2 = freePort(t)
+	e.pickPorts(s)
 	e.dbPath = filepath.Join(e.dir, "gateway.db")
 	e.client = &http.Client{
 		Timeout: 60 * time.Second,
@@ -126,6 +118,23 @@ func newEnv(t testing.TB, s setup) *env {
 	}
 	t.Cleanup(e.client.CloseIdleConnections)
 	return e
+}
+
+// pickPorts chooses free loopback ports for the admin endpoint, the gateway and the mocks.
+// A port found free may be taken by another process before Caddy binds it: startChild picks
+// again when its child could not start.
+func (e *env) pickPorts(s setup) {
+	t := e.t
+	ap := freePort(t)
+	e.adminAddr = fmt.Sprintf("127.0.0.1:%d", ap)
+	e.admin = "http://" + e.adminAddr
+	e.gwPort = freePort(t)
+	e.gw = fmt.Sprintf("http://127.0.0.1:%d", e.gwPort)
+	for _, m := range s.mocks {
+		e.mockPorts[m.key] = freePort(t)
+	}
+	e.closed = freePort(t)
+	e.closed2 = freePort(t)
 }
 
 // mockName is the stats name of a mock: unique per test, since counters live in the process.
@@ -270,6 +279,61 @@ func (e *env) waitAdmin() {
 // the test ends.
 func (e *env) startChild(s setup) {
 	e.t.Helper()
+	first := e.child == nil
+	for attempt := 1; ; attempt++ {
+		e.launchChild(s)
+		if e.childServing() {
+			return
+		}
+		// The child could not bind its ports (another process took one after it was found
+		// free): on the first start, pick new ports and try again.
+		_ = e.child.Process.Kill()
+		<-e.childDone
+		if !first || attempt == 3 {
+			log, _ := os.ReadFile(filepath.Join(e.dir, "child.log"))
+			e.t.Fatalf("the child gateway is not serving on %s; its log:\n%s", e.gw, tail(string(log), 3000))
+		}
+		e.pickPorts(s)
+	}
+}
+
+// childServing waits until the child's admin endpoint answers and its gateway site answers as
+// the gateway does (not another process that took the port), and reports whether it did.
+func (e *env) childServing() bool {
+	deadline := time.Now().Add(60 * time.Second)
+	for time.Now().Before(deadline) {
+		select {
+		case <-e.childDone:
+			return false // it exited
+		default:
+		}
+		resp, err := e.client.Get(e.admin + "/llm_gateway/backends")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				r, err := e.client.Get(e.gw + "/v1/models")
+				if err == nil {
+					body, _ := io.ReadAll(r.Body)
+					r.Body.Close()
+					return strings.Contains(string(body), `"object":"list"`) || strings.Contains(string(body), `"success":false`)
+				}
+			}
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return false
+}
+
+func tail(s string, n int) string {
+	if len(s) > n {
+		return s[len(s)-n:]
+	}
+	return s
+}
+
+// launchChild starts the child process on the current ports.
+func (e *env) launchChild(s setup) {
+	e.t.Helper()
 	file := filepath.Join(e.dir, "Caddyfile")
 	if err := os.WriteFile(file, []byte(e.caddyfile(s)), 0o600); err != nil {
 		e.t.Fatal(err)
@@ -284,14 +348,14 @@ func (e *env) startChild(s setup) {
 		e.t.Fatalf("starting the child: %v", err)
 	}
 	e.child, e.childLog = cmd, logf
+	done := make(chan struct{})
+	e.childDone = done
+	go func() { _ = cmd.Wait(); close(done) }()
 	e.t.Cleanup(func() {
-		if e.child != nil && e.child.ProcessState == nil {
-			_ = e.child.Process.Kill()
-			_ = e.child.Wait()
-		}
+		_ = cmd.Process.Kill()
+		<-done
 		logf.Close()
 	})
-	e.waitAdmin()
 }
 
 // kill9 kills the child process with SIGKILL and reaps it.
@@ -300,7 +364,7 @@ func (e *env) kill9() {
 	if err := e.child.Process.Kill(); err != nil {
 		e.t.Fatalf("kill -9: %v", err)
 	}
-	_ = e.child.Wait()
+	<-e.childDone
 }
 
 // childCommand is this test binary running Caddy's command line with args.

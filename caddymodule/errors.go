@@ -86,6 +86,8 @@ func errorResponse(err error) *apiError {
 		oc *outOfCredits
 		nr *noRoute
 		se *statusError
+		rl *rateLimited
+		tt *tooManyTokens
 	)
 	switch {
 	case errors.As(err, &br):
@@ -120,6 +122,18 @@ func errorResponse(err error) *apiError {
 	case errors.As(err, &ms):
 		set(http.StatusForbidden, "insufficient_scope", "permission_error")
 		e.headers = map[string]string{"WWW-Authenticate": `Bearer realm="llm_gateway", error="insufficient_scope", scope="` + ms.scope + `"`}
+	case errors.As(err, &rl):
+		set(http.StatusTooManyRequests, "rate_limit_exceeded", "rate_limit_error")
+		secs, _ := strconv.ParseInt(retrySeconds(rl.d.RetryAfter), 10, 64)
+		e.Details = map[string]any{"retry_after": secs, "limit": rl.d.Refused, "tier": rl.tier}
+		if rl.scope != "" {
+			e.Details["scope"] = rl.scope
+		}
+	case errors.As(err, &tt):
+		set(http.StatusBadRequest, "invalid_request", "invalid_request_error")
+		p := "max_tokens"
+		e.Param = &p
+		e.Details = map[string]any{"limit": "tokens_per_minute", "tokens_per_minute": tt.limit, "token_bound": tt.bound}
 	case errors.As(err, &kc):
 		// The owner may have credits left: the key's own cap is what refuses (no Location).
 		set(http.StatusPaymentRequired, "insufficient_credits", "insufficient_credits")

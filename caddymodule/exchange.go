@@ -31,6 +31,7 @@ type exchange struct {
 	inf     *inference
 	choices []routing.Choice
 	res     credits.Reservation
+	limits  *admission // what the request took from its rate limits (ratelimit.go)
 	outcome string
 	// aborted: the backend's response broke mid-way; the client connection is aborted after
 	// settlement.
@@ -193,6 +194,9 @@ func (ex *exchange) commit(hdr http.Header, status int) {
 		case "Set-Cookie", "Content-Length", "Alt-Svc", "Server":
 			continue
 		}
+		if ex.limits != nil && rateLimitFields[k] {
+			continue // the gateway's own rate limits are reported, not the backend's
+		}
 		h[k] = v
 	}
 	h.Set("X-Gateway-Model", c.Model.Name)
@@ -339,6 +343,9 @@ func (ex *exchange) settle(u metering.Usage, reported bool) {
 	m := ex.g.metrics
 	m.credits.WithLabelValues("settled").Add(cost.Credits())
 	m.credits.WithLabelValues("refunded").Add(max(ex.res.Amount-cost, 0).Credits())
+	if cost > ex.res.Amount {
+		m.credits.WithLabelValues("overage").Add((cost - ex.res.Amount).Credits())
+	}
 	m.tokens.WithLabelValues(c.Model.Name, c.BackendName, "input").Add(float64(u.InputTokens))
 	m.tokens.WithLabelValues(c.Model.Name, c.BackendName, "output").Add(float64(u.OutputTokens))
 	m.charged.WithLabelValues(c.Model.Name, c.BackendName).Add(cost.Credits())

@@ -86,6 +86,11 @@ type Gateway struct {
 	// instance, at once. Default: 5s.
 	KeyCacheTTL caddy.Duration `json:"key_cache_ttl,omitempty"`
 
+	// RateLimits, when set, limits the inference requests of each caller by its tier
+	// (requests per second, minute, hour and day, tokens per minute, concurrent requests),
+	// taken all or none with the credit reservation. Nil: no rate limits.
+	RateLimits *RateLimits `json:"rate_limits,omitempty"`
+
 	catalog  *routing.Catalog
 	keys     *identity.KeyCache
 	store    *storeHandle
@@ -94,6 +99,7 @@ type Gateway struct {
 	anyOrig  bool
 	logger   *zap.Logger
 	metrics  *gatewayMetrics
+	limits   *limiters
 	// now is the gateway's clock for key expiry and rotation; nil means time.Now.
 	now func() time.Time
 }
@@ -210,6 +216,9 @@ func (g *Gateway) Provision(ctx caddy.Context) error {
 	}
 	if g.Anonymous != nil && g.Anonymous.Period == 0 {
 		g.Anonymous.Period = caddy.Duration(24 * time.Hour)
+	}
+	if err := g.provisionRateLimits(ctx.GetMetricsRegistry()); err != nil {
+		return err
 	}
 	g.origins = map[string]bool{}
 	for _, o := range g.AllowedOrigins {
@@ -337,6 +346,11 @@ func (g *Gateway) Validate() error {
 	if g.MaxTokensDefault < 0 || g.MaxTokensCap < g.MaxTokensDefault {
 		return errors.New("max_tokens_default must be between 0 and max_tokens_cap")
 	}
+	if g.RateLimits != nil {
+		if err := g.RateLimits.validate(); err != nil {
+			return err
+		}
+	}
 	if g.Store.Driver != "sqlite" {
 		return fmt.Errorf("store driver %q: only sqlite is available", g.Store.Driver)
 	}
@@ -346,6 +360,7 @@ func (g *Gateway) Validate() error {
 // Cleanup releases the store (closed when the last configuration using it is gone).
 func (g *Gateway) Cleanup() error {
 	activeGateways.remove(g)
+	g.cleanupRateLimits()
 	if g.keys != nil {
 		g.keys.Close()
 	}

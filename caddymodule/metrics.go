@@ -1,10 +1,14 @@
 package caddymodule
 
 import (
+	"context"
 	"errors"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
+
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/credits"
 )
 
 // The gateway's metrics. Collectors are created once per process and registered in every
@@ -32,11 +36,15 @@ var (
 	}, []string{"model", "backend", "direction"})
 	metricCredits = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "llm_gateway", Name: "credits_total",
-		Help: "Credits moved by requests: reserved, settled (charged) and refunded (returned at settlement or release).",
+		Help: "Credits moved by requests: reserved, settled (charged), refunded (returned at settlement or release) and overage (charged beyond the reservation, so reserved + overage = settled + refunded + released after expiry + open).",
 	}, []string{"kind"})
 	metricCreditsReleasedExpired = prometheus.NewCounter(prometheus.CounterOpts{
 		Namespace: "llm_gateway", Name: "credits_released_expired_total",
-		Help: "Credits of reservations released because they expired (left open by a crash or a failed settlement).",
+		Help: "Credits of reservations released by the sweeper because they expired (a failed settlement, a stuck request).",
+	})
+	metricCreditsReleasedAtStart = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: "llm_gateway", Name: "credits_released_at_start_total",
+		Help: "Credits of reservations left open by an earlier run (a crash), released when the store was opened.",
 	})
 	metricCharged = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "llm_gateway", Name: "credits_charged_total",
@@ -66,7 +74,28 @@ var (
 		Namespace: "llm_gateway", Name: "active_streams",
 		Help: "Streamed answers being passed to clients now.",
 	})
+	metricStoreDuration = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Namespace: "llm_gateway", Name: "store_operation_duration_seconds",
+		Help:    "Time taken by the store, in seconds, by operation: reserve, settle, release, release_expired, credit, and commit (one group commit of queued settlements).",
+		Buckets: storeBuckets,
+	}, []string{"operation"})
+	metricStoreCommitted = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: "llm_gateway", Name: "store_committed_operations_total",
+		Help: "Settlements and grants written to disk by the store's group commits.",
+	})
+	metricState = &stateCollector{
+		backendUp: prometheus.NewDesc("llm_gateway_backend_up",
+			"Whether a configured backend may be tried now (1) or is marked down by its health checks (0).",
+			[]string{"backend"}, nil),
+		openCredits: prometheus.NewDesc("llm_gateway_reservations_open_credits",
+			"Credits held by open reservations now.", nil, nil),
+		openCount: prometheus.NewDesc("llm_gateway_reservations_open",
+			"Reservations open now.", nil, nil),
+	}
 )
+
+// storeBuckets span store latencies: 100 µs to 5 s.
+var storeBuckets = []float64{0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5}
 
 // llmBuckets span LLM latencies: 50 ms to a minute.
 var llmBuckets = []float64{0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60}
@@ -94,8 +123,8 @@ var allMetrics = gatewayMetrics{metricRequests, metricDuration, metricTTFT, metr
 func registerMetrics(reg prometheus.Registerer, logger *zap.Logger) *gatewayMetrics {
 	m := &allMetrics
 	for _, c := range []prometheus.Collector{metricRequests, metricDuration, metricTTFT, metricTokens, metricCredits,
-		metricCreditsReleasedExpired, metricCharged, metricInsufficient, metricUpstreamErrors, metricFailovers,
-		metricInflight, metricActiveStreams, metricKeyCache} {
+		metricCreditsReleasedExpired, metricCreditsReleasedAtStart, metricCharged, metricInsufficient, metricUpstreamErrors, metricFailovers,
+		metricInflight, metricActiveStreams, metricKeyCache, metricStoreDuration, metricStoreCommitted, metricState} {
 		if err := reg.Register(c); err != nil {
 			var already prometheus.AlreadyRegisteredError
 			if !errors.As(err, &already) {
@@ -119,3 +148,99 @@ var (
 	keyCacheHits   = metricKeyCache.WithLabelValues("hit")
 	keyCacheMisses = metricKeyCache.WithLabelValues("miss")
 )
+
+// stateCollector reads, at scrape time, the state of the running configuration: each configured
+// backend's health (from its reverse proxy's upstreams) and the open reservations of each store.
+// It reads the provisioned gateways, so after a reload it reports the new configuration's
+// backends (the newest gateway wins for a name several configurations share).
+type stateCollector struct {
+	backendUp, openCredits, openCount *prometheus.Desc
+}
+
+func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- c.backendUp
+	ch <- c.openCredits
+	ch <- c.openCount
+}
+
+func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
+	activeGateways.mu.Lock()
+	gateways := append([]*Gateway(nil), activeGateways.list...)
+	activeGateways.mu.Unlock()
+	seen := map[string]bool{}
+	stores := map[*storeHandle]bool{}
+	var count int
+	var open credits.Amount
+	for i := len(gateways) - 1; i >= 0; i-- {
+		g := gateways[i]
+		for j, b := range g.Backends {
+			if seen[b.Name] || b.proxy == nil {
+				continue
+			}
+			seen[b.Name] = true
+			up := 0.0
+			if g.healthy(j) {
+				up = 1
+			}
+			ch <- prometheus.MustNewConstMetric(c.backendUp, prometheus.GaugeValue, up, b.Name)
+		}
+		if h := g.store; h != nil && !stores[h] && h.openReservations != nil {
+			stores[h] = true
+			n, amount := h.openReservations()
+			count += n
+			open += amount
+		}
+	}
+	ch <- prometheus.MustNewConstMetric(c.openCredits, prometheus.GaugeValue, open.Credits())
+	ch <- prometheus.MustNewConstMetric(c.openCount, prometheus.GaugeValue, float64(count))
+}
+
+// observeCommit records one group commit of the store.
+func observeCommit(d time.Duration, ops int) {
+	storeCommitDuration.Observe(d.Seconds())
+	metricStoreCommitted.Add(float64(ops))
+}
+
+var (
+	storeReserveDuration        = metricStoreDuration.WithLabelValues("reserve")
+	storeSettleDuration         = metricStoreDuration.WithLabelValues("settle")
+	storeReleaseDuration        = metricStoreDuration.WithLabelValues("release")
+	storeReleaseExpiredDuration = metricStoreDuration.WithLabelValues("release_expired")
+	storeCreditDuration         = metricStoreDuration.WithLabelValues("credit")
+	storeCommitDuration         = metricStoreDuration.WithLabelValues("commit")
+)
+
+// timedLedger measures how long the store's ledger operations take.
+type timedLedger struct {
+	credits.Ledger
+}
+
+func (l timedLedger) Reserve(ctx context.Context, account credits.AccountID, amount credits.Amount, ttl time.Duration, refill *credits.Refill) (credits.Reservation, credits.Amount, error) {
+	start := time.Now()
+	defer func() { storeReserveDuration.Observe(time.Since(start).Seconds()) }()
+	return l.Ledger.Reserve(ctx, account, amount, ttl, refill)
+}
+
+func (l timedLedger) Settle(ctx context.Context, reservationID string, cost credits.Amount, usage credits.Usage) (credits.Amount, error) {
+	start := time.Now()
+	defer func() { storeSettleDuration.Observe(time.Since(start).Seconds()) }()
+	return l.Ledger.Settle(ctx, reservationID, cost, usage)
+}
+
+func (l timedLedger) Release(ctx context.Context, reservationID string) (credits.Amount, error) {
+	start := time.Now()
+	defer func() { storeReleaseDuration.Observe(time.Since(start).Seconds()) }()
+	return l.Ledger.Release(ctx, reservationID)
+}
+
+func (l timedLedger) ReleaseExpired(ctx context.Context, now time.Time) (int, credits.Amount, error) {
+	start := time.Now()
+	defer func() { storeReleaseExpiredDuration.Observe(time.Since(start).Seconds()) }()
+	return l.Ledger.ReleaseExpired(ctx, now)
+}
+
+func (l timedLedger) Credit(ctx context.Context, account credits.AccountID, amount credits.Amount, reason, idempotencyKey string) (credits.Entry, bool, error) {
+	start := time.Now()
+	defer func() { storeCreditDuration.Observe(time.Since(start).Seconds()) }()
+	return l.Ledger.Credit(ctx, account, amount, reason, idempotencyKey)
+}

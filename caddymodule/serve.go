@@ -43,10 +43,15 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return nil
 	}
 	ex := &exchange{g: g, ep: ep, w: w, r: r, start: time.Now()}
-	// Whatever happens (a panic included), nothing stays reserved past the request.
-	defer ex.release()
+	// Whatever happens (a panic included), nothing stays reserved past the request, and its
+	// concurrency slot is freed.
+	defer func() {
+		ex.release()
+		ex.finishLimits()
+	}()
 	err := ex.run()
 	if err != nil {
+		ex.peekLimitHeaders()
 		e := writeError(w, err)
 		ex.outcome = e.Code
 		if e.status == http.StatusPaymentRequired {
@@ -84,6 +89,10 @@ type caller struct {
 	// inherit them.
 	allowedIPs []string
 	expiresAt  *time.Time
+	// tier is the rate limit tier the key names ("": its user's); limitKey is what the rate
+	// limits key on: the key id, or the anonymous client address.
+	tier     string
+	limitKey string
 }
 
 var anonymousScopes = []string{identity.ScopeChatWrite, identity.ScopeEmbeddingsWrite, identity.ScopeModelsRead}
@@ -105,11 +114,13 @@ func (g *Gateway) identify(r *http.Request) (*caller, error) {
 			return nil, fmt.Errorf("client address %q: %w", ipStr, err)
 		}
 		period := int64(time.Duration(g.Anonymous.Period) / time.Second)
+		anon := identity.AnonymousKey(ip)
 		return &caller{
-			kind:    "anonymous",
-			account: credits.AnonymousAccount(identity.AnonymousKey(ip)),
-			scopes:  anonymousScopes,
-			refill:  &credits.Refill{Cap: g.Anonymous.Credits, Period: time.Now().Unix() / period},
+			kind:     "anonymous",
+			limitKey: "a:" + anon,
+			account:  credits.AnonymousAccount(anon),
+			scopes:   anonymousScopes,
+			refill:   &credits.Refill{Cap: g.Anonymous.Credits, Period: time.Now().Unix() / period},
 		}, nil
 	case identity.APIKey:
 		ipStr, _ := caddyhttp.GetVar(r.Context(), caddyhttp.ClientIPVarKey).(string)
@@ -141,7 +152,7 @@ func (g *Gateway) identifyKey(ctx context.Context, presented string, clientIP ne
 	g.store.touch(k.ID, now)
 	return &caller{kind: "api_key", account: credits.UserAccount(k.UserID), userID: k.UserID, keyID: k.ID,
 		keyCap: k.CreditCap, keyCapPeriod: k.CreditCapPeriod, scopes: k.Scopes, models: k.Models,
-		allowedIPs: k.AllowedIPs, expiresAt: k.ExpiresAt}, nil
+		allowedIPs: k.AllowedIPs, expiresAt: k.ExpiresAt, tier: k.Tier, limitKey: "k:" + k.ID}, nil
 }
 
 // clock is the gateway's time: g.now, or time.Now.
@@ -208,7 +219,12 @@ func (ex *exchange) run() error {
 	if len(choices) > g.Failover {
 		choices = choices[:g.Failover]
 	}
+	// Rate limits, then credits: all or none (a refusal by the credits gives the limits back).
+	if err := ex.admitLimits(); err != nil {
+		return err
+	}
 	if err := ex.reserve(choices); err != nil {
+		ex.cancelLimits()
 		return err
 	}
 	return ex.proxy()
@@ -322,7 +338,8 @@ func (g *Gateway) originAllowed(origin string) bool {
 
 // exposedHeaders are the response headers a browser app may read.
 const exposedHeaders = "Location, X-Credits-Charged, X-Credits-Remaining, X-Gateway-Model, X-Gateway-Backend, " +
-	"X-RateLimit-Limit, X-RateLimit-Remaining, X-RateLimit-Reset, Retry-After"
+	"X-RateLimit-Limit, X-RateLimit-Remaining, X-RateLimit-Reset, X-RateLimit-Policy, X-RateLimit-Retry-After, " +
+	"RateLimit-Policy, RateLimit, Retry-After, Retry-After-Ms"
 
 // cors answers CORS for allowed origins; it reports true when it answered a preflight.
 func (g *Gateway) cors(w http.ResponseWriter, r *http.Request) bool {

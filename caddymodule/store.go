@@ -34,9 +34,11 @@ type storeHandle struct {
 	keys   identity.Keys
 	// usage sums an account's settle entries by day and model.
 	usage func(ctx context.Context, account credits.AccountID, since time.Time) ([]credits.UsageDay, error)
-	close func() error
-	stop  context.CancelFunc
-	done  chan struct{}
+	// openReservations counts the open reservations and the credits they hold (for metrics).
+	openReservations func() (int, credits.Amount)
+	close            func() error
+	stop             context.CancelFunc
+	done             chan struct{}
 
 	touchMu sync.Mutex
 	touched map[string]time.Time // key id -> last use, not yet written
@@ -79,7 +81,7 @@ func openStore(ctx caddy.Context, cfg StoreConfig, logger *zap.Logger) (*storeHa
 	}
 	key := cfg.Driver + ":" + path
 	val, _, err := stores.LoadOrNew(key, func() (caddy.Destructor, error) {
-		s, err := sqlite.Open(context.Background(), path, sqlite.Options{})
+		s, err := sqlite.Open(context.Background(), path, sqlite.Options{OnCommit: observeCommit})
 		if err != nil {
 			return nil, fmt.Errorf("opening store: %w", err)
 		}
@@ -93,11 +95,13 @@ func openStore(ctx caddy.Context, cfg StoreConfig, logger *zap.Logger) (*storeHa
 		if n > 0 {
 			logger.Warn("released reservations left open by an earlier run",
 				zap.Int("count", n), zap.Stringer("credits", amount))
-			metricCreditsReleasedExpired.Add(float64(amount) / float64(credits.Credit))
+			// Counted apart from the sweeper's releases: this process never reserved them,
+			// so the ledger identity of the credit counters holds within a process.
+			metricCreditsReleasedAtStart.Add(amount.Credits())
 		}
 		sweepCtx, stop := context.WithCancel(context.Background())
-		h := &storeHandle{ledger: newKeyLedger(s, s.KeySpent), users: s, keys: s, usage: s.UsageByDay,
-			close: s.Close, stop: stop, done: make(chan struct{})}
+		h := &storeHandle{ledger: newKeyLedger(timedLedger{s}, s.KeySpent), users: s, keys: s, usage: s.UsageByDay,
+			openReservations: s.OpenReservations, close: s.Close, stop: stop, done: make(chan struct{})}
 		go h.sweep(sweepCtx, logger)
 		return h, nil
 	})

@@ -96,6 +96,22 @@ http://%s {
 `, addr, mock)
 }
 
+// gatewayExtra is added to the gateway's llm_gateway block (-rate-limits).
+var gatewayExtra string
+
+// generousRateLimits turns every kind of rate limit on, far above what the bench can send.
+const generousRateLimits = `
+		rate_limits {
+			tier bench {
+				burst_per_second 100000000
+				requests_per_minute 1000000000
+				requests_per_hour 10000000000
+				requests_per_day 100000000000
+				concurrent 1000000
+				tokens_per_minute 100000000000
+			}
+		}`
+
 // gatewayCaddyfile: the gateway on its SQLite file with one OpenAI-style backend, the mock; the
 // admin endpoint on loopback for pprof. No access log, like plain Caddy.
 func gatewayCaddyfile(addr, admin, dir, mock, db string) string {
@@ -103,7 +119,7 @@ func gatewayCaddyfile(addr, admin, dir, mock, db string) string {
 http://%s {
 	bind 127.0.0.1
 	llm_gateway {
-		store sqlite %s
+		store sqlite %s%s
 		backend bench-mock {
 			url http://%s
 			style openai
@@ -118,7 +134,7 @@ http://%s {
 	}
 	respond "Not found" 404
 }
-`, addr, db, mock, benchModel)
+`, addr, db, gatewayExtra, mock, benchModel)
 }
 
 // startCaddy writes the Caddyfile that makeConfig returns for the given ports into a folder of

@@ -288,7 +288,11 @@ func (s *Store) commitQueued() {
 
 	var err error
 	if len(batch) > 0 {
+		start := time.Now()
 		err = s.commitWithRetries(batch)
+		if err == nil && s.onCommit != nil {
+			s.onCommit(time.Since(start), len(batch))
+		}
 	}
 	if err == nil {
 		for i := range batch {

@@ -198,3 +198,17 @@ func (x *reservationIndex) init() {
 func (x *reservationIndex) shard(id string) *reservationShard {
 	return &x.shards[maphash.String(x.seed, id)%shardCount]
 }
+
+// OpenReservations reports how many reservations are open now and the credits they hold.
+func (s *Store) OpenReservations() (count int, total credits.Amount) {
+	for i := range s.reservations.shards {
+		sh := &s.reservations.shards[i]
+		sh.mu.Lock()
+		for _, r := range sh.open {
+			count++
+			total += r.amount
+		}
+		sh.mu.Unlock()
+	}
+	return count, total
+}

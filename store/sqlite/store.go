@@ -103,6 +103,10 @@ type Options struct {
 	// flusher commits them: a crash loses those of the last FlushInterval. Zero or less means
 	// 2 ms.
 	FlushInterval time.Duration
+	// OnCommit, when set, is called by the flusher after each committed batch of queued
+	// settlements and grants, with how long the commit took (retries included) and how many
+	// operations it held. It must be quick: the flusher waits for it. For metrics.
+	OnCommit func(d time.Duration, ops int)
 }
 
 // Store is a SQLite database holding users, API keys, accounts and the ledger, with the
@@ -113,7 +117,9 @@ type Store struct {
 	read  *sql.DB // several query_only connections
 	now   func() time.Time
 	stmts statements
-	lock  *fileLock
+	// onCommit is Options.OnCommit.
+	onCommit func(d time.Duration, ops int)
+	lock     *fileLock
 
 	accounts     accountCache
 	reservations reservationIndex
@@ -178,7 +184,7 @@ func open(ctx context.Context, abs string, lock *fileLock, opts Options) (*Store
 		return nil, err
 	}
 
-	s := &Store{now: opts.Clock, lock: lock, batchDeltas: make(map[*account]credits.Amount)}
+	s := &Store{now: opts.Clock, onCommit: opts.OnCommit, lock: lock, batchDeltas: make(map[*account]credits.Amount)}
 	if s.now == nil {
 		s.now = time.Now
 	}

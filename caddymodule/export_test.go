@@ -1,0 +1,10 @@
+package caddymodule
+
+import "time"
+
+// SetRateLimitClock makes now the clock of every gateway's rate limits in this process until
+// the returned function is called (end-to-end tests: no waiting for windows to pass).
+func SetRateLimitClock(now func() time.Time) (restore func()) {
+	rateLimitClock.Store(&now)
+	return func() { rateLimitClock.Store(nil) }
+}

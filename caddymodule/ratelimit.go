@@ -1,0 +1,549 @@
+package caddymodule
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"sort"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/ratelimit"
+)
+
+// RateLimits are the request, token and concurrency limits of the inference routes, by tier.
+// Each caller is limited on its own: an API key by its id, an anonymous caller by its client
+// address (IPv4, or IPv6 /64). Every limit of a tier and the credit reservation are taken all
+// or none.
+type RateLimits struct {
+	// DefaultTier is the tier of keys whose key and user name none (or a tier not configured).
+	// Default: "free" when the tiers are the built-in ones, the only tier when there is one.
+	DefaultTier string `json:"default_tier,omitempty"`
+	// AnonymousTier is the tier of callers without credentials. Default: DefaultTier.
+	AnonymousTier string `json:"anonymous_tier,omitempty"`
+	// Tiers by name. Empty: the built-in tiers free (60 requests per minute, a burst of 10 per
+	// second, 5 concurrent), pro (300, 50, 25), business (1,000, 100, 100) and enterprise
+	// (10,000, 500, 500), with no hourly, daily or token limit.
+	Tiers map[string]*Tier `json:"tiers,omitempty"`
+}
+
+// Tier is one set of limits. Zero means no such limit. The request limits are GCRA limits
+// (exact: a greedy caller gets exactly burst + rate × time): each admits at once at most the
+// quota of the next shorter request limit (its burst; burst_per_second for the per-minute
+// limit), and its own quota per window sustained, so in any window of its length a limit lets
+// through at most its quota plus that burst, never twice its quota.
+type Tier struct {
+	// RequestsPerMinute is the sustained rate per minute.
+	RequestsPerMinute int64 `json:"requests_per_minute,omitempty"`
+	// RequestsPerHour is the sustained rate per hour.
+	RequestsPerHour int64 `json:"requests_per_hour,omitempty"`
+	// RequestsPerDay is the sustained rate per day.
+	RequestsPerDay int64 `json:"requests_per_day,omitempty"`
+	// BurstPerSecond is the most requests admitted at once, refilled at that many per second.
+	BurstPerSecond int64 `json:"burst_per_second,omitempty"`
+	// Concurrent is the most requests in flight at once.
+	Concurrent int64 `json:"concurrent,omitempty"`
+	// TokensPerMinute bounds the tokens per minute: a request takes its token bound (prompt
+	// estimate plus output bound) when admitted, and gets back what its usage did not use
+	// when it is settled. A request whose bound alone exceeds it is refused with 400.
+	TokensPerMinute int64 `json:"tokens_per_minute,omitempty"`
+}
+
+// builtinTiers are the WAVE seed's tiers.
+func builtinTiers() map[string]*Tier {
+	return map[string]*Tier{
+		"free":       {RequestsPerMinute: 60, BurstPerSecond: 10, Concurrent: 5},
+		"pro":        {RequestsPerMinute: 300, BurstPerSecond: 50, Concurrent: 25},
+		"business":   {RequestsPerMinute: 1000, BurstPerSecond: 100, Concurrent: 100},
+		"enterprise": {RequestsPerMinute: 10000, BurstPerSecond: 500, Concurrent: 500},
+	}
+}
+
+// policy turns a tier into limits, shortest window first.
+func (t *Tier) policy() ratelimit.Policy {
+	p := ratelimit.Policy{Concurrent: t.Concurrent}
+	var shorter int64 // the quota of the next shorter request limit: this one's burst
+	add := func(name string, quota int64, window time.Duration) {
+		if quota <= 0 {
+			return
+		}
+		burst := quota
+		if shorter > 0 {
+			burst = min(shorter, quota)
+		}
+		p.Limits = append(p.Limits, ratelimit.Limit{Name: name, Quota: quota, Window: window, Burst: burst})
+		shorter = quota
+	}
+	add("burst_per_second", t.BurstPerSecond, time.Second)
+	add("requests_per_minute", t.RequestsPerMinute, time.Minute)
+	add("requests_per_hour", t.RequestsPerHour, time.Hour)
+	add("requests_per_day", t.RequestsPerDay, 24*time.Hour)
+	if t.TokensPerMinute > 0 {
+		p.Limits = append(p.Limits, ratelimit.Limit{Name: "tokens_per_minute", Unit: ratelimit.Tokens,
+			Quota: t.TokensPerMinute, Window: time.Minute})
+	}
+	return p
+}
+
+func (t *Tier) validate() error {
+	for _, v := range []int64{t.RequestsPerMinute, t.RequestsPerHour, t.RequestsPerDay, t.BurstPerSecond, t.Concurrent, t.TokensPerMinute} {
+		if v < 0 {
+			return errors.New("limits must not be negative")
+		}
+	}
+	return nil
+}
+
+// validate checks the configuration and fills the defaults.
+func (rl *RateLimits) validate() error {
+	if len(rl.Tiers) == 0 {
+		rl.Tiers = builtinTiers()
+		if rl.DefaultTier == "" {
+			rl.DefaultTier = "free"
+		}
+	}
+	if rl.DefaultTier == "" && len(rl.Tiers) == 1 {
+		for name := range rl.Tiers {
+			rl.DefaultTier = name
+		}
+	}
+	if rl.DefaultTier == "" {
+		return errors.New("rate_limits: default_tier is required with several tiers")
+	}
+	if rl.AnonymousTier == "" {
+		rl.AnonymousTier = rl.DefaultTier
+	}
+	for _, name := range []string{rl.DefaultTier, rl.AnonymousTier} {
+		if rl.Tiers[name] == nil {
+			return fmt.Errorf("rate_limits: no tier %q", name)
+		}
+	}
+	for name, t := range rl.Tiers {
+		if t == nil {
+			return fmt.Errorf("rate_limits: tier %q is empty", name)
+		}
+		if name == "" || len(name) > 64 {
+			return fmt.Errorf("rate_limits: tier name %q: 1 to 64 characters", name)
+		}
+		if err := t.validate(); err != nil {
+			return fmt.Errorf("rate_limits: tier %s: %w", name, err)
+		}
+	}
+	return nil
+}
+
+// The rate limit metrics, created once per process (registered in every configuration's
+// registry). Tier names come from the configuration, limit names from a closed set.
+var (
+	metricRateLimited = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "llm_gateway", Name: "rate_limited_total",
+		Help: "Requests refused with 429 rate_limit_exceeded, by tier and the limit that refused (burst_per_second, requests_per_minute, requests_per_hour, requests_per_day, tokens_per_minute, concurrent).",
+	}, []string{"tier", "limit"})
+	metricConcurrent = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: "llm_gateway", Name: "concurrent_requests",
+		Help: "Requests admitted by the rate limits and not finished yet, by tier.",
+	}, []string{"tier"})
+)
+
+// registerRateLimitMetrics registers the rate limit collectors in reg (a new registry per
+// configuration load).
+func registerRateLimitMetrics(reg prometheus.Registerer, logger *zap.Logger) {
+	if reg == nil {
+		return
+	}
+	for _, c := range []prometheus.Collector{metricRateLimited, metricConcurrent} {
+		if err := reg.Register(c); err != nil {
+			var are prometheus.AlreadyRegisteredError
+			if !errors.As(err, &are) {
+				logger.Warn("registering a rate limit metric", zap.Error(err))
+			}
+		}
+	}
+}
+
+// rateLimitClock, when set, is the clock of every gateway's rate limits (tests only, through
+// export_test.go, so an end-to-end test need not wait for windows to pass).
+var rateLimitClock atomic.Pointer[func() time.Time]
+
+// limiterPool shares each tier's limiter between the configurations that define the tier the
+// same way, so a config reload does not make every caller's limits whole again (nor forget the
+// requests in flight). Keyed by the tier's name and limits.
+var limiterPool = caddy.NewUsagePool()
+
+// pooledLimiter is a limiter in limiterPool.
+type pooledLimiter struct{ *ratelimit.Limiter }
+
+func (pooledLimiter) Destruct() error { return nil }
+
+// sharedLimiter is the pooled limiter of key, made with policy p the first time.
+func sharedLimiter(key string, p ratelimit.Policy) (*ratelimit.Limiter, error) {
+	v, _, err := limiterPool.LoadOrNew(key, func() (caddy.Destructor, error) {
+		lim, err := ratelimit.New(p, limitClock)
+		if err != nil {
+			return nil, err
+		}
+		return pooledLimiter{lim}, nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return v.(pooledLimiter).Limiter, nil
+}
+
+// limitClock is the rate limits' clock: time.Now, or rateLimitClock in tests.
+func limitClock() time.Time {
+	if c := rateLimitClock.Load(); c != nil {
+		return (*c)()
+	}
+	return time.Now()
+}
+
+// limiters are a configuration's rate limiters: one per tier, and the named ones.
+type limiters struct {
+	pooled    []string // the limiterPool keys this configuration holds
+	tiers     map[string]*tierLimiter
+	def, anon *tierLimiter
+	// named are limiters for other routes, by name (see namedLimiter).
+	named map[string]*ratelimit.Limiter
+
+	userTierTTL time.Duration
+	userTiers   sync.Map // user id -> userTier
+}
+
+// tierLimiter is one tier's limiter and its metrics.
+type tierLimiter struct {
+	name       string
+	lim        *ratelimit.Limiter
+	concurrent prometheus.Gauge
+}
+
+type userTier struct {
+	name  string
+	until time.Time
+}
+
+// Named limiters for the sign-in endpoints (a later piece of work): failed sign-ins per
+// account and per client address, 10 and 30 per 15 minutes.
+const (
+	LimiterSigninAccount = "signin_account"
+	LimiterSigninIP      = "signin_ip"
+)
+
+// provisionRateLimits builds the limiters of g.RateLimits (validated).
+func (g *Gateway) provisionRateLimits(reg prometheus.Registerer) error {
+	registerRateLimitMetrics(reg, g.logger)
+	l := &limiters{tiers: map[string]*tierLimiter{}, named: map[string]*ratelimit.Limiter{},
+		userTierTTL: time.Duration(g.KeyCacheTTL)}
+	g.limits = l
+	shared := func(key string, p ratelimit.Policy) (*ratelimit.Limiter, error) {
+		key = fmt.Sprintf("%s %+v", key, p)
+		lim, err := sharedLimiter(key, p)
+		if err == nil {
+			l.pooled = append(l.pooled, key)
+		}
+		return lim, err
+	}
+	for name, p := range map[string]ratelimit.Policy{
+		LimiterSigninAccount: {Limits: []ratelimit.Limit{{Name: "signin_per_15m", Quota: 10, Window: 15 * time.Minute}}},
+		LimiterSigninIP:      {Limits: []ratelimit.Limit{{Name: "signin_per_15m", Quota: 30, Window: 15 * time.Minute}}},
+	} {
+		lim, err := shared("named "+name, p)
+		if err != nil {
+			return err
+		}
+		l.named[name] = lim
+	}
+	if g.RateLimits == nil {
+		return nil
+	}
+	if err := g.RateLimits.validate(); err != nil {
+		return err
+	}
+	names := make([]string, 0, len(g.RateLimits.Tiers))
+	for name := range g.RateLimits.Tiers {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	for _, name := range names {
+		lim, err := shared("tier "+name, g.RateLimits.Tiers[name].policy())
+		if err != nil {
+			return fmt.Errorf("rate_limits: tier %s: %w", name, err)
+		}
+		l.tiers[name] = &tierLimiter{name: name, lim: lim, concurrent: metricConcurrent.WithLabelValues(name)}
+	}
+	l.def, l.anon = l.tiers[g.RateLimits.DefaultTier], l.tiers[g.RateLimits.AnonymousTier]
+	return nil
+}
+
+// namedLimiter is the limiter called name (LimiterSigninAccount, LimiterSigninIP), for routes
+// other than inference, e.g. sign-in: admit with allowNamed. Nil when there is none.
+func (g *Gateway) namedLimiter(name string) *ratelimit.Limiter {
+	if g.limits == nil {
+		return nil
+	}
+	return g.limits.named[name]
+}
+
+// allowNamed takes one request for key (an account, or a client address) from the named
+// limiter, sets the rate limit headers on w, and returns the 429 error when refused. Nothing
+// is held: there is no concurrency bound on named limiters.
+func (g *Gateway) allowNamed(w http.ResponseWriter, name, key string) error {
+	lim := g.namedLimiter(name)
+	if lim == nil {
+		return nil
+	}
+	t, d := lim.Admit(key, 0)
+	t.Release()
+	setRateLimitHeaders(w.Header(), d, g.limitClock())
+	if !d.Allowed {
+		return &rateLimited{tier: name, d: d}
+	}
+	return nil
+}
+
+func (g *Gateway) limitClock() time.Time { return limitClock() }
+
+// cleanupRateLimits lets go of the configuration's pooled limiters.
+func (g *Gateway) cleanupRateLimits() {
+	if g.limits == nil {
+		return
+	}
+	for _, key := range g.limits.pooled {
+		_, _ = limiterPool.Delete(key)
+	}
+	g.limits.pooled = nil
+}
+
+// tierOf is the caller's tier: the key's, else its user's, else the default (also for names
+// no tier has); the anonymous tier for anonymous callers.
+func (g *Gateway) tierOf(ctx context.Context, who *caller) *tierLimiter {
+	l := g.limits
+	if who.kind == "anonymous" {
+		return l.anon
+	}
+	name := who.tier
+	if name == "" && who.userID != "" {
+		name = g.userTier(ctx, who.userID)
+	}
+	if t := l.tiers[name]; t != nil {
+		return t
+	}
+	return l.def
+}
+
+// userTier is the user's tier, remembered for the key cache's TTL; "" when unknown (the store
+// failing included: the default tier applies then, the request is not refused for it).
+func (g *Gateway) userTier(ctx context.Context, userID string) string {
+	l := g.limits
+	now := time.Now()
+	if v, ok := l.userTiers.Load(userID); ok && now.Before(v.(userTier).until) {
+		return v.(userTier).name
+	}
+	ctx, cancel := context.WithTimeout(ctx, storeTimeout)
+	defer cancel()
+	u, err := g.store.users.UserByID(ctx, userID)
+	if err != nil {
+		return ""
+	}
+	l.userTiers.Store(userID, userTier{name: u.Tier, until: now.Add(l.userTierTTL)})
+	return u.Tier
+}
+
+// admission is what one request took from its tier's limits: its key's (or its address's),
+// and for a key its user's.
+type admission struct {
+	tier   *tierLimiter
+	ticket ratelimit.Ticket
+	key    string
+	// user and userTicket are the user's limits, for a key caller.
+	user       *tierLimiter
+	userTicket ratelimit.Ticket
+	// headers: the rate limit headers were set on the response.
+	headers bool
+	done    bool
+}
+
+// rateLimited is a request refused by a rate limit (429 rate_limit_exceeded).
+type rateLimited struct {
+	tier  string
+	scope string // "key", "user" or "address"; "" for named limiters
+	d     ratelimit.Decision
+}
+
+func (e *rateLimited) Error() string {
+	return fmt.Sprintf("rate limit exceeded: %s of tier %s; retry after %s", e.d.Refused, e.tier, retrySeconds(e.d.RetryAfter))
+}
+
+// tooManyTokens is a request whose token bound alone exceeds its tier's tokens per minute
+// (400: it can never pass).
+type tooManyTokens struct{ bound, limit int64 }
+
+func (e *tooManyTokens) Error() string {
+	return fmt.Sprintf("this request may use up to %d tokens (prompt estimate plus max_tokens), more than the %d tokens per minute of this credential's tier: lower max_tokens", e.bound, e.limit)
+}
+
+// admitLimits takes the request from every limit of the caller's tier (its key's, or its
+// address's) and, for a key, of its user's tier under the user's id, or nothing; it sets the
+// rate limit headers either way.
+func (ex *exchange) admitLimits() error {
+	g := ex.g
+	if g.limits == nil || g.limits.def == nil {
+		return nil
+	}
+	who := ex.who
+	ctx := ex.r.Context()
+	t := g.tierOf(ctx, who)
+	tokens := ex.inf.inputEstimate + ex.inf.outputBound
+	scope := "key"
+	if who.kind == "anonymous" {
+		scope = "address"
+	}
+	ticket, d := t.lim.Admit(who.limitKey, tokens)
+	a := &admission{tier: t, key: who.limitKey, headers: true}
+	ex.limits = a
+	if d.Allowed && who.kind == "api_key" && who.userID != "" {
+		// The user's limits: its keys together get no more than one key would.
+		ut := g.userLimiter(ctx, who.userID)
+		uticket, ud := ut.lim.Admit("u:"+who.userID, tokens)
+		if !ud.Allowed {
+			ticket.Cancel()
+			t, d, scope = ut, ud, "user"
+		} else {
+			a.user, a.userTicket = ut, uticket
+			if ud.Tightest.OK() && (!d.Tightest.OK() || ud.Tightest.Remaining < d.Tightest.Remaining) {
+				d.Tightest = ud.Tightest
+			}
+		}
+	}
+	setRateLimitHeaders(ex.w.Header(), d, g.limitClock())
+	if !d.Allowed {
+		a.done = true
+		if d.TooLarge {
+			return &tooManyTokens{bound: tokens, limit: g.RateLimits.Tiers[t.name].TokensPerMinute}
+		}
+		metricRateLimited.WithLabelValues(t.name, d.Refused).Inc()
+		return &rateLimited{tier: t.name, scope: scope, d: d}
+	}
+	a.ticket = ticket
+	a.tier.concurrent.Inc()
+	return nil
+}
+
+// userLimiter is the limiter of the user's own tier (User.Tier, else the default).
+func (g *Gateway) userLimiter(ctx context.Context, userID string) *tierLimiter {
+	if t := g.limits.tiers[g.userTier(ctx, userID)]; t != nil {
+		return t
+	}
+	return g.limits.def
+}
+
+// cancelLimits gives back everything the request took from its limits (a later step refused
+// it), and sets the headers again.
+func (ex *exchange) cancelLimits() {
+	a := ex.limits
+	if a == nil || a.done {
+		return
+	}
+	a.done = true
+	a.ticket.Cancel()
+	a.userTicket.Cancel()
+	a.tier.concurrent.Dec()
+	setStatusHeaders(ex.w.Header(), a.tier.lim.Peek(a.key), ex.g.limitClock())
+}
+
+// finishLimits frees the request's concurrency slots and corrects its tokens by the usage
+// settled (none when released). Called once the request is over, whatever its ending.
+func (ex *exchange) finishLimits() {
+	a := ex.limits
+	if a == nil || a.done {
+		return
+	}
+	a.done = true
+	ex.mu.Lock()
+	used := ex.usage.InputTokens + ex.usage.OutputTokens
+	ex.mu.Unlock()
+	a.ticket.Settle(used)
+	a.userTicket.Settle(used)
+	a.tier.concurrent.Dec()
+}
+
+// peekLimitHeaders sets the rate limit headers of an answer given before admission (an error
+// after the caller is known), taking nothing.
+func (ex *exchange) peekLimitHeaders() {
+	g := ex.g
+	if g.limits == nil || g.limits.def == nil || ex.who == nil || (ex.limits != nil && ex.limits.headers) {
+		return
+	}
+	if ex.ep == epModels || ex.ep == epTags {
+		return // the catalog routes are not limited
+	}
+	t := g.tierOf(ex.r.Context(), ex.who)
+	setStatusHeaders(ex.w.Header(), t.lim.Peek(ex.who.limitKey), g.limitClock())
+}
+
+// rateLimitFields are the response fields the gateway sets; a backend's own are not passed
+// on over them.
+var rateLimitFields = map[string]bool{
+	"X-Ratelimit-Limit": true, "X-Ratelimit-Remaining": true, "X-Ratelimit-Reset": true,
+	"X-Ratelimit-Policy": true, "Ratelimit-Policy": true, "Ratelimit": true,
+	"Retry-After": true, "X-Ratelimit-Retry-After": true, "Retry-After-Ms": true,
+}
+
+// setRateLimitHeaders sets the headers of a decision: the tightest request limit's, and on a
+// refusal when to retry.
+func setRateLimitHeaders(h http.Header, d ratelimit.Decision, now time.Time) {
+	setStatusHeaders(h, d.Tightest, now)
+	if d.Allowed || d.TooLarge {
+		return
+	}
+	secs := retrySeconds(d.RetryAfter)
+	h["Retry-After"] = []string{secs}
+	h["X-Ratelimit-Retry-After"] = []string{secs}
+	ms := (d.RetryAfter + time.Millisecond - 1) / time.Millisecond
+	h["Retry-After-Ms"] = []string{strconv.FormatInt(int64(max(ms, 1)), 10)}
+}
+
+// retrySeconds is a wait in whole seconds, rounded up, at least 1.
+func retrySeconds(d time.Duration) string {
+	return strconv.FormatInt(int64(max((d+time.Second-1)/time.Second, 1)), 10)
+}
+
+// setStatusHeaders sets X-RateLimit-* and the IETF RateLimit-Policy / RateLimit fields
+// (draft-ietf-httpapi-ratelimit-headers) for one limit's status.
+func setStatusHeaders(h http.Header, s ratelimit.Status, now time.Time) {
+	if !s.OK() {
+		return
+	}
+	reset := int64((s.Reset + time.Second - 1) / time.Second)
+	window := int64(s.Limit.Window / time.Second)
+	limit := strconv.FormatInt(s.Limit.Quota, 10)
+	w := strconv.FormatInt(window, 10)
+	name := windowName(s.Limit.Window)
+	h["X-Ratelimit-Limit"] = []string{limit}
+	h["X-Ratelimit-Remaining"] = []string{strconv.FormatInt(s.Remaining, 10)}
+	h["X-Ratelimit-Reset"] = []string{strconv.FormatInt(now.Unix()+reset, 10)}
+	h["X-Ratelimit-Policy"] = []string{limit + ";w=" + w}
+	h["Ratelimit-Policy"] = []string{`"` + name + `";q=` + limit + ";w=" + w}
+	h["Ratelimit"] = []string{`"` + name + `";r=` + strconv.FormatInt(s.Remaining, 10) + ";t=" + strconv.FormatInt(reset, 10)}
+}
+
+func windowName(w time.Duration) string {
+	switch w {
+	case time.Second:
+		return "second"
+	case time.Minute:
+		return "minute"
+	case time.Hour:
+		return "hour"
+	case 24 * time.Hour:
+		return "day"
+	}
+	return "window"
+}
