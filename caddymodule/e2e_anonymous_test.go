@@ -32,27 +32,7 @@ func TestAnonymousChatUntil402(t *testing.T) {
 			credits 0.1
 			period 24h
 			signin_url ` + signin + `
-		}
-		backend cheap {
-			url {mock.cheap}
-			health_check {
-				disabled
-			}
-			model mock-small {
-				input_price ` + cheapIn + `
-				output_price ` + cheapOut + `
-			}
-		}
-		backend dear {
-			url {mock.dear}
-			health_check {
-				disabled
-			}
-			model mock-large {
-				input_price ` + dearIn + `
-				output_price ` + dearOut + `
-			}
-		}`,
+		}` + backendBlock("cheap", "cheap", "mock-small", cheapIn, cheapOut) + backendBlock("dear", "dear", "mock-large", dearIn, dearOut),
 		mocks: []mockSpec{{key: "cheap", lines: "models mock-small"}, {key: "dear", lines: "models mock-large"}},
 	})
 

@@ -17,18 +17,8 @@ func TestConcurrentReservationsNeverOverspend(t *testing.T) {
 	// every request settles exactly what it reserved, so refunds cannot let a 51st in.
 	const in, out = "0", "1000"
 	e := startGateway(t, setup{
-		gateway: `
-		backend mock {
-			url {mock.mock}
-			health_check {
-				disabled
-			}
-			model mock-small {
-				input_price ` + in + `
-				output_price ` + out + `
-			}
-		}`,
-		mocks: []mockSpec{{key: "mock", lines: "models mock-small\n\t\tlatency 150ms"}},
+		gateway: backendBlock("mock", "mock", "mock-small", in, out),
+		mocks:   []mockSpec{{key: "mock", lines: "models mock-small\n\t\tlatency 150ms"}},
 	})
 	const n, fit = 200, 50
 	per := cost(t, 1, 16, in, out)

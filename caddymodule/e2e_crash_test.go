@@ -25,27 +25,7 @@ func TestKill9DuringLoadThenRestart(t *testing.T) {
 	}
 	const in, out = "1000", "2000"
 	s := setup{
-		gateway: `
-		backend slow {
-			url {mock.slow}
-			health_check {
-				disabled
-			}
-			model mock-small {
-				input_price ` + in + `
-				output_price ` + out + `
-			}
-		}
-		backend fast {
-			url {mock.fast}
-			health_check {
-				disabled
-			}
-			model fast-model {
-				input_price ` + in + `
-				output_price ` + out + `
-			}
-		}`,
+		gateway: backendBlock("slow", "slow", "mock-small", in, out) + backendBlock("fast", "fast", "fast-model", in, out),
 		mocks: []mockSpec{
 			{key: "slow", lines: "models mock-small\n\t\tchunks 50\n\t\tchunk_interval 100ms\n\t\tcompletion_tokens 50"},
 			{key: "fast", lines: "models fast-model"},

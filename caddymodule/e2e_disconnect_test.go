@@ -21,17 +21,7 @@ func TestClientDisconnectMidStream(t *testing.T) {
 	const in, out = "1000", "3000"
 	e := startGateway(t, setup{
 		gateway: `
-		drain_timeout 30s
-		backend slow {
-			url {mock.slow}
-			health_check {
-				disabled
-			}
-			model mock-small {
-				input_price ` + in + `
-				output_price ` + out + `
-			}
-		}`,
+		drain_timeout 30s` + backendBlock("slow", "slow", "mock-small", in, out),
 		mocks: []mockSpec{{key: "slow", lines: "models mock-small"}},
 	})
 	const initial = "50"

@@ -137,6 +137,22 @@ func (e *env) pickPorts(s setup) {
 	e.closed2 = freePort(t)
 }
 
+// backendBlock is a Caddyfile backend serving one model from the mock named mock, with health
+// checks off and the given prices (credits per 1M tokens).
+func backendBlock(name, mock, model, in, out string) string {
+	return fmt.Sprintf(`
+		backend %s {
+			url {mock.%s}
+			health_check {
+				disabled
+			}
+			model %s {
+				input_price %s
+				output_price %s
+			}
+		}`, name, mock, model, in, out)
+}
+
 // mockName is the stats name of a mock: unique per test, since counters live in the process.
 func (e *env) mockName(key string) string {
 	return strings.NewReplacer("/", "-", " ", "-").Replace(e.t.Name()) + "-" + key

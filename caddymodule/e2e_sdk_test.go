@@ -16,18 +16,8 @@ import (
 func TestOpenAISDKClient(t *testing.T) {
 	const in, out = "1000", "2000"
 	e := startGateway(t, setup{
-		gateway: `
-		backend oai {
-			url {mock.oai}
-			health_check {
-				disabled
-			}
-			model mock-small {
-				input_price ` + in + `
-				output_price ` + out + `
-			}
-		}`,
-		mocks: []mockSpec{{key: "oai", lines: "models mock-small\n\t\tchunks 3"}},
+		gateway: backendBlock("oai", "oai", "mock-small", in, out),
+		mocks:   []mockSpec{{key: "oai", lines: "models mock-small\n\t\tchunks 3"}},
 	})
 	const initial = "5"
 	u, k := e.userWithKey("sdk@example.com", initial)

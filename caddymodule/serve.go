@@ -120,7 +120,7 @@ func (g *Gateway) identify(r *http.Request) (*caller, error) {
 			limitKey: "a:" + anon,
 			account:  credits.AnonymousAccount(anon),
 			scopes:   anonymousScopes,
-			refill:   &credits.Refill{Cap: g.Anonymous.Credits, Period: time.Now().Unix() / period},
+			refill:   &credits.Refill{Cap: g.Anonymous.Credits, Period: g.clock().Unix() / period},
 		}, nil
 	case identity.APIKey:
 		ipStr, _ := caddyhttp.GetVar(r.Context(), caddyhttp.ClientIPVarKey).(string)
