@@ -21,7 +21,7 @@ const commitWindow = 250 * time.Millisecond
 // left open, and every account's books balance exactly.
 func TestKill9DuringLoadThenRestart(t *testing.T) {
 	if testing.Short() {
-		t.Skip("starts child processes")
+		t.Skip("starts child processes (skipped with -short)")
 	}
 	const in, out = "1000", "2000"
 	s := setup{

@@ -190,7 +190,7 @@ func lookPath(t *testing.T, name string) string {
 		if os.Getenv("CI") != "" {
 			t.Fatalf("%s is missing (apt-get install prometheus): %v", name, err)
 		}
-		t.Skipf("%s is missing (apt-get install prometheus provides it); skipping", name)
+		t.Skipf("%s is missing (apt-get install prometheus provides it); skipping outside CI", name)
 	}
 	return p
 }

@@ -19,20 +19,14 @@ import (
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/credits"
 )
 
-// kill9Env names the database the child of TestKill9 works on.
-const kill9Env = "SQLITE_STORE_KILL9_DB"
 
 // kill9Accounts are the accounts the child of TestKill9 uses.
 var kill9Accounts = []credits.AccountID{credits.UserAccount("a"), credits.UserAccount("b"), credits.AnonymousAccount("c")}
 
-// TestKill9Child is the child process of TestKill9: it credits the accounts, then reserves and
-// settles (and releases, and leaves open) until it is killed, reporting on stdout each call
-// that returned.
-func TestKill9Child(t *testing.T) {
-	path := os.Getenv(kill9Env)
-	if path == "" {
-		t.Skip("the child of TestKill9")
-	}
+// runKill9Child is the child process of TestKill9 (TestMain runs it when kill9Env names a
+// store file): it credits the accounts, then reserves and settles (and releases, and leaves
+// open) until it is killed, reporting on stdout each call that returned.
+func runKill9Child(path string) {
 	ctx := context.Background()
 	s, err := Open(ctx, path, Options{})
 	if err != nil {
@@ -87,11 +81,11 @@ func TestKill9Child(t *testing.T) {
 // nothing is open; the books of every account balance exactly.
 func TestKill9(t *testing.T) {
 	if testing.Short() {
-		t.Skip("starts a child process")
+		t.Skip("starts a child process (skipped with -short)")
 	}
 	ctx := context.Background()
 	path := t.TempDir() + "/gateway.db"
-	cmd := exec.Command(os.Args[0], "-test.run=^TestKill9Child$", "-test.count=1")
+	cmd := exec.Command(os.Args[0], "-test.run=^$", "-test.count=1")
 	cmd.Env = append(os.Environ(), kill9Env+"="+path)
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {

@@ -17,7 +17,14 @@ import (
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/identity"
 )
 
+// kill9Env names the database the child of TestKill9 (unix only) works on.
+const kill9Env = "SQLITE_STORE_KILL9_DB"
+
 func TestMain(m *testing.M) {
+	if path := os.Getenv(kill9Env); path != "" {
+		runKill9Child(path) // the child process of TestKill9; it is killed, never returns
+		return
+	}
 	goleak.VerifyTestMain(m)
 }
 
