@@ -19,7 +19,6 @@ import (
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/credits"
 )
 
-
 // kill9Accounts are the accounts the child of TestKill9 uses.
 var kill9Accounts = []credits.AccountID{credits.UserAccount("a"), credits.UserAccount("b"), credits.AnonymousAccount("c")}
 
