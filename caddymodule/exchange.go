@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"net/http"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -116,7 +115,7 @@ func (ex *exchange) proxy() error {
 			ex.finish(err)
 			return nil
 		}
-		lastErr = classifyUpstream(err, aw)
+		lastErr = classifyUpstream(err)
 		g.metrics.upstreamErrors.WithLabelValues(b.Name, upstreamErrorKind(lastErr, aw)).Inc()
 		if i < len(ex.choices)-1 {
 			g.metrics.failovers.WithLabelValues(b.Name).Inc()
@@ -127,10 +126,6 @@ func (ex *exchange) proxy() error {
 	ex.choice = nil
 	if lastErr == nil {
 		lastErr = errNoOutput
-	}
-	if errors.Is(lastErr, errNoOutput) && !slices.ContainsFunc(ex.choices, func(c routing.Choice) bool { return g.healthy(c.Backend) }) {
-		// Every backend was already known to be down, and trying them anyway did not help.
-		return &noRoute{err: routing.ErrNoBackend, model: ex.inf.model}
 	}
 	return lastErr
 }
@@ -162,7 +157,7 @@ func (ex *exchange) attempt(b *Backend, aw *attemptWriter, req *http.Request) (e
 }
 
 // classifyUpstream names why an attempt produced no answer.
-func classifyUpstream(err error, aw *attemptWriter) error {
+func classifyUpstream(err error) error {
 	var he caddyhttp.HandlerError
 	if errors.As(err, &he) && he.StatusCode == http.StatusGatewayTimeout {
 		return errUpstreamTimeout

@@ -157,25 +157,14 @@ type Request struct {
 	MaxPrice credits.Amount
 	// Allowed, when not nil, says which models the caller may use.
 	Allowed func(model string) bool
-	// Healthy, when not nil, says which backends (by index) may be tried now. When it rules
-	// out every backend that could serve the request, all of them are ranked anyway: trying a
-	// backend believed down beats refusing outright (health checks lag behind restarts).
+	// Healthy, when not nil, says which backends (by index) may be tried now: Caddy's reverse
+	// proxy refuses an upstream its health checks marked down, so trying one is pointless.
 	Healthy func(backend int) bool
 }
 
 // Rank lists the offers able to serve the request, cheapest expected cost first (ties keep
-// configuration order), healthy backends before the others. The error says why the list is
-// empty.
+// configuration order). The error says why the list is empty.
 func (c *Catalog) Rank(req Request) ([]Choice, error) {
-	out, err := c.rank(req)
-	if errors.Is(err, ErrNoBackend) {
-		req.Healthy = nil
-		out, err = c.rank(req)
-	}
-	return out, err
-}
-
-func (c *Catalog) rank(req Request) ([]Choice, error) {
 	var candidates []Offer
 	if req.Model == Cheapest {
 		for _, name := range c.names {
