@@ -259,16 +259,6 @@ func stopAll() {
 	}
 }
 
-// alive reports whether the process is still running.
-func (p *proc) alive() bool {
-	select {
-	case <-p.done:
-		return false
-	default:
-		return true
-	}
-}
-
 // logTail is the end of the process's log, for error messages.
 func (p *proc) logTail(lines int) string {
 	b, err := os.ReadFile(p.logPath)

@@ -486,9 +486,6 @@ const settleColumns = `(account_id, kind, amount, reservation_id, model, backend
 // settleRow is the VALUES row of a settle entry.
 const settleRow = `(?, 'settle', ?, ?, ?, ?, ?, ?, ?, ?)`
 
-// settleArgs are the parameters of settleRow, per entry.
-const settleArgs = 9
-
 // batchSQL are the statements of a batch, by their index above.
 var batchSQL = [...]string{
 	batchCreateAccount: `INSERT INTO accounts (id, balance, refill_period, created_at) VALUES (?, 0, NULL, ?)
