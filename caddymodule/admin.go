@@ -17,6 +17,7 @@ import (
 
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/credits"
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/identity"
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/signin"
 )
 
 func init() {
@@ -24,7 +25,8 @@ func init() {
 }
 
 // AdminAPI serves the operator routes under /llm_gateway/ on Caddy's admin endpoint: users,
-// credits (idempotent with an Idempotency-Key header), API keys and backends. It acts on the
+// credits (idempotent with an Idempotency-Key header), API keys, backends, and (with signin)
+// OAuth apps and the rotation of the JWT signing key. It acts on the
 // store of the running gateway configuration.
 type AdminAPI struct{}
 
@@ -84,6 +86,13 @@ func serveAdmin(w http.ResponseWriter, r *http.Request) error {
 		out, err = g.adminRotateKey(r, parts[1])
 	case len(parts) == 1 && parts[0] == "backends" && r.Method == http.MethodGet:
 		out = g.adminBackends()
+	case len(parts) == 1 && parts[0] == "apps" && r.Method == http.MethodPost:
+		status = http.StatusCreated
+		out, err = g.adminCreateApp(r)
+	case len(parts) == 1 && parts[0] == "apps" && r.Method == http.MethodGet:
+		out, err = g.adminApps(r.Context())
+	case len(parts) == 2 && parts[0] == "signing_keys" && parts[1] == "rotate" && r.Method == http.MethodPost:
+		out, err = g.adminRotateSigningKey(r.Context())
 	default:
 		err = errRouteAbsent
 	}
@@ -511,6 +520,126 @@ func (g *Gateway) adminBackends() any {
 		out = append(out, v)
 	}
 	return map[string]any{"backends": out}
+}
+
+// appView is a registered app as the admin API shows it; ClientSecret is set only in the
+// answer that creates a confidential app.
+type appView struct {
+	ClientID     string    `json:"client_id"`
+	ClientSecret string    `json:"client_secret,omitempty"`
+	Name         string    `json:"name"`
+	RedirectURIs []string  `json:"redirect_uris"`
+	FirstParty   bool      `json:"first_party"`
+	Scopes       []string  `json:"scopes"`
+	Confidential bool      `json:"confidential"`
+	CreatedAt    time.Time `json:"created_at"`
+}
+
+func viewApp(a signin.App) appView {
+	return appView{ClientID: a.ClientID, Name: a.Name, RedirectURIs: a.RedirectURIs, FirstParty: a.FirstParty,
+		Scopes: a.Scopes, Confidential: a.SecretHash != nil, CreatedAt: a.CreatedAt}
+}
+
+// errNoSignin: the app routes need the signin block.
+var errNoSignin = &statusError{http.StatusConflict, "sign-in is not configured: add a signin block to llm_gateway"}
+
+// adminCreateApp registers an OAuth client: POST /llm_gateway/apps
+// {name, redirect_uris, first_party, scopes, confidential} -> {client_id, client_secret?}.
+// A public client (the default: browser and native apps) has no secret and relies on PKCE.
+func (g *Gateway) adminCreateApp(r *http.Request) (any, error) {
+	if g.Signin == nil {
+		return nil, errNoSignin
+	}
+	var in struct {
+		Name         string   `json:"name"`
+		RedirectURIs []string `json:"redirect_uris"`
+		FirstParty   bool     `json:"first_party"`
+		Scopes       []string `json:"scopes"`
+		Confidential bool     `json:"confidential"`
+	}
+	if err := decodeJSON(r, &in); err != nil {
+		return nil, err
+	}
+	if in.Name == "" || len(in.Name) > 200 {
+		return nil, invalid("name", "name is required (at most 200 characters)")
+	}
+	if len(in.RedirectURIs) > 20 || len(in.RedirectURIs) == 0 && !in.FirstParty {
+		return nil, invalid("redirect_uris", "give 1 to 20 redirect_uris (a first-party app using only the password grant may give none)")
+	}
+	for i, u := range in.RedirectURIs {
+		if err := signin.ValidRedirectURI(u); err != nil {
+			return nil, invalid("redirect_uris", "redirect_uris[%d]: %v", i, err)
+		}
+	}
+	if in.Scopes == nil {
+		in.Scopes = defaultKeyScopes
+	}
+	if err := identity.ValidateScopes(in.Scopes); err != nil || len(in.Scopes) == 0 {
+		return nil, invalid("scopes", "scopes must be known scopes (API.md §7)")
+	}
+	a := signin.App{ClientID: newID("app"), Name: in.Name, RedirectURIs: in.RedirectURIs, FirstParty: in.FirstParty,
+		Scopes: in.Scopes, CreatedAt: g.clock().UTC()}
+	if a.RedirectURIs == nil {
+		a.RedirectURIs = []string{}
+	}
+	var secret string
+	if in.Confidential {
+		secret = signin.NewToken("cs")
+		sum := signin.HashToken(secret)
+		a.SecretHash = sum[:]
+	}
+	if err := g.store.signin.CreateApp(r.Context(), a); err != nil {
+		return nil, err
+	}
+	v := viewApp(a)
+	v.ClientSecret = secret
+	return v, nil
+}
+
+func (g *Gateway) adminApps(ctx context.Context) (any, error) {
+	if g.Signin == nil {
+		return nil, errNoSignin
+	}
+	apps, err := g.store.signin.Apps(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]appView, 0, len(apps))
+	for _, a := range apps {
+		out = append(out, viewApp(a))
+	}
+	return map[string]any{"apps": out}, nil
+}
+
+// adminRotateSigningKey makes a new JWT signing key, which signs from now on; the previous
+// one stays published in the JWKS (and verifies) until the next rotation, so tokens it signed
+// keep working until they expire.
+func (g *Gateway) adminRotateSigningKey(ctx context.Context) (any, error) {
+	if g.Signin == nil {
+		return nil, errNoSignin
+	}
+	if err := g.loadSigningKeys(ctx, true); err != nil {
+		return nil, err
+	}
+	// Every configuration sharing the store signs with the new key.
+	for _, other := range activeGateways.all() {
+		if other != g && other.Signin != nil && other.store == g.store {
+			if err := other.loadSigningKeys(ctx, false); err != nil {
+				return nil, err
+			}
+		}
+	}
+	var doc struct {
+		Keys []struct {
+			KID string `json:"kid"`
+		} `json:"keys"`
+	}
+	_ = json.Unmarshal(g.Signin.currentKeys().JWKS(), &doc)
+	kids := make([]string, 0, len(doc.Keys))
+	for _, k := range doc.Keys {
+		kids = append(kids, k.KID)
+	}
+	return map[string]any{"published": kids, "signing": kids[0]}, nil
 }
 
 // newID returns a random identifier with a type prefix, e.g. "usr_k3j5...".

@@ -45,6 +45,9 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //			period <duration>
 //			signin_url <url>
 //		}
+//		signin {
+//			...                      (see unmarshalSignin)
+//		}
 //		rate_limits {
 //			default_tier <name>
 //			anonymous_tier <name>
@@ -153,6 +156,15 @@ func (g *Gateway) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			g.Backends = append(g.Backends, b)
+		case "signin":
+			if g.Signin != nil {
+				return d.Err("signin given twice")
+			}
+			s, err := unmarshalSignin(d)
+			if err != nil {
+				return err
+			}
+			g.Signin = s
 		case "rate_limits":
 			if g.RateLimits != nil {
 				return d.Err("rate_limits given twice")
@@ -193,6 +205,103 @@ func unmarshalAnonymous(d *caddyfile.Dispenser) (*Anonymous, error) {
 		}
 	}
 	return a, nil
+}
+
+// unmarshalSignin parses
+//
+//	signin {
+//		issuer <base url>
+//		return_origins <origin...>
+//		signup_credits <credits>
+//		disable_signup
+//		fragment_token_ttl <duration>
+//		access_token_ttl <duration>
+//		refresh_token_ttl <duration>
+//		refresh_grace <duration>
+//		code_ttl <duration>
+//		session_ttl <duration>
+//		external_issuer <issuer> {
+//			jwks_url <url>
+//			audience <aud>
+//			algorithms <alg...>
+//			scopes <scope...>
+//		}
+//	}
+func unmarshalSignin(d *caddyfile.Dispenser) (*Signin, error) {
+	if d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	s := new(Signin)
+	durations := map[string]*caddy.Duration{
+		"fragment_token_ttl": &s.FragmentTokenTTL, "access_token_ttl": &s.AccessTokenTTL,
+		"refresh_token_ttl": &s.RefreshTokenTTL, "refresh_grace": &s.RefreshGrace,
+		"code_ttl": &s.CodeTTL, "session_ttl": &s.SessionTTL,
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		field := d.Val()
+		if dst, ok := durations[field]; ok {
+			if err := oneDuration(d, dst); err != nil {
+				return nil, err
+			}
+			continue
+		}
+		switch field {
+		case "issuer":
+			if err := oneString(d, &s.Issuer); err != nil {
+				return nil, err
+			}
+		case "return_origins":
+			args := d.RemainingArgs()
+			if len(args) == 0 {
+				return nil, d.ArgErr()
+			}
+			s.ReturnOrigins = append(s.ReturnOrigins, args...)
+		case "signup_credits":
+			if err := oneAmount(d, &s.SignupCredits); err != nil {
+				return nil, err
+			}
+		case "disable_signup":
+			if d.NextArg() {
+				return nil, d.ArgErr()
+			}
+			s.DisableSignup = true
+		case "external_issuer":
+			e := new(ExternalIssuer)
+			if !d.NextArg() {
+				return nil, d.Err("external_issuer needs the issuer")
+			}
+			e.Issuer = d.Val()
+			if d.NextArg() {
+				return nil, d.ArgErr()
+			}
+			for en := d.Nesting(); d.NextBlock(en); {
+				switch d.Val() {
+				case "jwks_url":
+					if err := oneString(d, &e.JWKSURL); err != nil {
+						return nil, err
+					}
+				case "audience":
+					if err := oneString(d, &e.Audience); err != nil {
+						return nil, err
+					}
+				case "algorithms":
+					if e.Algorithms = d.RemainingArgs(); len(e.Algorithms) == 0 {
+						return nil, d.ArgErr()
+					}
+				case "scopes":
+					if e.Scopes = d.RemainingArgs(); len(e.Scopes) == 0 {
+						return nil, d.ArgErr()
+					}
+				default:
+					return nil, d.Errf("unrecognized external_issuer subdirective %q", d.Val())
+				}
+			}
+			s.ExternalIssuers = append(s.ExternalIssuers, e)
+		default:
+			return nil, d.Errf("unrecognized signin subdirective %q", field)
+		}
+	}
+	return s, nil
 }
 
 // unmarshalRateLimits parses

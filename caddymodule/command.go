@@ -19,7 +19,7 @@ import (
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "llm-gateway",
-		Usage: "<users|credits|ledger|keys|backends> ...",
+		Usage: "<users|credits|ledger|keys|apps|signing-keys|backends> ...",
 		Short: "Manages the LLM gateway's users, credits and API keys on a running instance",
 		Long: `
 Manages the LLM gateway of a running Caddy through its admin API (default localhost:2019):
@@ -33,9 +33,12 @@ Manages the LLM gateway of a running Caddy through its admin API (default localh
   caddy llm-gateway keys list <user id>
   caddy llm-gateway keys rotate <key id> [--grace-hours H]
   caddy llm-gateway keys revoke <key id>
+  caddy llm-gateway apps create --name N [--redirect-uri URI]... [--first-party] [--scopes S,S] [--confidential]
+  caddy llm-gateway apps list
+  caddy llm-gateway signing-keys rotate
   caddy llm-gateway backends
 
-Answers are printed as JSON. A new API key is printed once: store it.`,
+Answers are printed as JSON. A new API key (or app client secret) is printed once: store it.`,
 		CobraFunc: gatewayCommand,
 	})
 }
@@ -149,7 +152,39 @@ func gatewayCommand(cmd *cobra.Command) {
 	backends := &cobra.Command{Use: "backends", Short: "Shows the backends, their models, prices and health", Args: cobra.NoArgs,
 		RunE: func(*cobra.Command, []string) error { return call(http.MethodGet, "/llm_gateway/backends", nil, nil) }}
 
-	cmd.AddCommand(users, creditsCmd, ledger, keys, backends)
+	apps := &cobra.Command{Use: "apps", Short: "Registers and lists OAuth apps"}
+	var appName, appScopes string
+	var redirectURIs []string
+	var firstParty, confidential bool
+	acreate := &cobra.Command{Use: "create", Short: "Registers an OAuth app (a confidential app's secret is printed once)", Args: cobra.NoArgs,
+		RunE: func(*cobra.Command, []string) error {
+			body := map[string]any{"name": appName, "redirect_uris": redirectURIs, "first_party": firstParty,
+				"confidential": confidential}
+			if redirectURIs == nil {
+				body["redirect_uris"] = []string{}
+			}
+			if appScopes != "" {
+				body["scopes"] = strings.Split(appScopes, ",")
+			}
+			return call(http.MethodPost, "/llm_gateway/apps", body, nil)
+		}}
+	acreate.Flags().StringVar(&appName, "name", "", "the app's name, shown on the consent page (required)")
+	acreate.Flags().StringArrayVar(&redirectURIs, "redirect-uri", nil, "a redirect URI, matched exactly (repeat for several)")
+	acreate.Flags().BoolVar(&firstParty, "first-party", false, "the operator's own app: may use the password grant")
+	acreate.Flags().StringVar(&appScopes, "scopes", "", "comma-separated scopes the app may ask for (default: inference, models, credits and usage)")
+	acreate.Flags().BoolVar(&confidential, "confidential", false, "a server-side app with a client secret")
+	_ = acreate.MarkFlagRequired("name")
+	apps.AddCommand(acreate, &cobra.Command{Use: "list", Short: "Lists the registered apps", Args: cobra.NoArgs,
+		RunE: func(*cobra.Command, []string) error { return call(http.MethodGet, "/llm_gateway/apps", nil, nil) }})
+
+	signingKeys := &cobra.Command{Use: "signing-keys", Short: "Rotates the JWT signing key"}
+	signingKeys.AddCommand(&cobra.Command{Use: "rotate", Short: "Makes a new signing key; the previous one stays published until the next rotation",
+		Args: cobra.NoArgs,
+		RunE: func(*cobra.Command, []string) error {
+			return call(http.MethodPost, "/llm_gateway/signing_keys/rotate", nil, nil)
+		}})
+
+	cmd.AddCommand(users, creditsCmd, ledger, keys, apps, signingKeys, backends)
 }
 
 // pathSegment keeps an argument inside one path segment.

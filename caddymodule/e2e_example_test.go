@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -94,10 +95,26 @@ func TestMakeRunNewcomerCurl(t *testing.T) {
 		t.Fatalf("no 402 after 500 requests")
 	}
 	errorOf(t, last, http.StatusPaymentRequired, "insufficient_credits")
-	if loc := last.header.Get("Location"); !strings.Contains(loc, "/auth/login") {
-		t.Errorf("402 Location %q, want the sign-in page", loc)
+	loc := last.header.Get("Location")
+	if want := fmt.Sprintf("http://localhost:%d/auth/authorize", gwPort); loc != want {
+		t.Errorf("402 Location %q, want the sign-in flow %s", loc, want)
 	}
 	e.checkAllAccounts(0)
+	// The sign-in it points to is served: signed out, to the sign-in page and back.
+	noFollow := &http.Client{Timeout: 30 * time.Second, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	resp, err := noFollow.Get(loc + "?redirect=" + url.QueryEscape(fmt.Sprintf("http://localhost:%d/", ports["3000"])))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusSeeOther || !strings.HasPrefix(resp.Header.Get("Location"), "/auth/login?next=") {
+		t.Errorf("the sign-in flow of make run: %s %q", resp.Status, resp.Header.Get("Location"))
+	}
+	// And the demo app on its own origin.
+	if r := e.request(http.MethodGet, fmt.Sprintf("http://localhost:%d/", ports["3000"]), nil, nil); r.status != http.StatusOK ||
+		!strings.Contains(string(r.body), "<html") {
+		t.Errorf("the demo app of make run: %s", r)
+	}
 
 	// Request headers over 16 KiB are refused before anything else (RELIABILITY.md row 50 and
 	// its numeric target: 431).

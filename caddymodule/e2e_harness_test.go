@@ -34,6 +34,7 @@ import (
 	_ "modernc.org/sqlite"
 
 	_ "github.com/caddy-llm-gateway/caddy-llm-gateway/caddymodule"
+	_ "github.com/caddy-llm-gateway/caddy-llm-gateway/caddymodule/demoapp"
 	_ "github.com/caddy-llm-gateway/caddy-llm-gateway/caddymodule/mockbackend"
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/credits"
 )
@@ -78,9 +79,13 @@ type mockSpec struct {
 type setup struct {
 	// gateway is the body of the llm_gateway block without the store line. Placeholders:
 	// {mock.KEY} (a mock's base URL), {closed} and {closed2} (URLs on ports nobody listens
-	// on), {dir}.
+	// on), {gw} (the gateway's own base URL), {port.NAME} (a free port picked for NAME, the
+	// same number wherever NAME appears), {dir}.
 	gateway string
 	mocks   []mockSpec
+	// sites are raw Caddyfile site blocks appended after the mock sites, with the same
+	// placeholders (e.g. a site on http://127.0.0.1:{port.app}).
+	sites string
 	// logLevel of Caddy's default logger (written to {dir}/caddy.log). Default INFO.
 	logLevel string
 }
@@ -94,6 +99,8 @@ type env struct {
 	gwPort    int
 	gw        string // http://127.0.0.1:port
 	mockPorts map[string]int
+	// ports are the ports picked for the {port.NAME} placeholders.
+	ports     map[string]int
 	closed    int // a port nobody listens on
 	closed2   int // another one
 	dbPath    string
@@ -106,7 +113,7 @@ type env struct {
 // newEnv picks the ports and the temp dir of a gateway; start or startChild runs it.
 func newEnv(t testing.TB, s setup) *env {
 	t.Helper()
-	e := &env{t: t, dir: t.TempDir(), mockPorts: map[string]int{}}
+	e := &env{t: t, dir: t.TempDir(), mockPorts: map[string]int{}, ports: map[string]int{}}
 	e.pickPorts(s)
 	e.dbPath = filepath.Join(e.dir, "gateway.db")
 	e.client = &http.Client{
@@ -135,6 +142,9 @@ func (e *env) pickPorts(s setup) {
 	}
 	e.closed = freePort(t)
 	e.closed2 = freePort(t)
+	for _, m := range portPlaceholder.FindAllStringSubmatch(s.gateway+s.sites, -1) {
+		e.ports[m[1]] = freePort(t)
+	}
 }
 
 // backendBlock is a Caddyfile backend serving one model from the mock named mock, with health
@@ -212,6 +222,7 @@ http://127.0.0.1:%d {
 }
 `, e.mockPorts[m.key], e.mockName(m.key), m.lines)
 	}
+	b.WriteString(e.expand(s.sites))
 	return b.String()
 }
 
@@ -225,15 +236,31 @@ const accessLogFormat = `
 			request>headers>Apikey delete
 		}`
 
-var placeholder = regexp.MustCompile(`\{mock\.([a-zA-Z0-9_-]+)\}`)
+var (
+	placeholder     = regexp.MustCompile(`\{mock\.([a-zA-Z0-9_-]+)\}`)
+	portPlaceholder = regexp.MustCompile(`\{port\.([a-zA-Z0-9_-]+)\}`)
+)
 
 func (e *env) expand(s string) string {
 	s = placeholder.ReplaceAllStringFunc(s, func(m string) string {
 		return e.mockURL(placeholder.FindStringSubmatch(m)[1])
 	})
+	s = portPlaceholder.ReplaceAllStringFunc(s, func(m string) string {
+		return strconv.Itoa(e.port(portPlaceholder.FindStringSubmatch(m)[1]))
+	})
+	s = strings.ReplaceAll(s, "{gw}", e.gw)
 	s = strings.ReplaceAll(s, "{closed}", fmt.Sprintf("http://127.0.0.1:%d", e.closed))
 	s = strings.ReplaceAll(s, "{closed2}", fmt.Sprintf("http://127.0.0.1:%d", e.closed2))
 	return strings.ReplaceAll(s, "{dir}", e.dir)
+}
+
+// port is the free port picked for a {port.NAME} placeholder.
+func (e *env) port(name string) int {
+	p, ok := e.ports[name]
+	if !ok {
+		e.t.Fatalf("no port %q", name)
+	}
+	return p
 }
 
 // adapt turns a Caddyfile into Caddy's JSON config.

@@ -12,6 +12,7 @@ import (
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/credits"
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/identity"
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/routing"
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/signin"
 )
 
 // Errors of the request pipeline, beside those of the policies packages.
@@ -116,6 +117,10 @@ func errorResponse(err error) *apiError {
 		bearer()
 	case errors.Is(err, identity.ErrIPNotAllowed):
 		set(http.StatusForbidden, "ip_not_allowed", "permission_error")
+	case errors.Is(err, errInvalidToken):
+		set(http.StatusUnauthorized, "invalid_token", "authentication_error")
+		e.Message = "invalid token"
+		bearer()
 	case errors.Is(err, errTokenUnsupported):
 		set(http.StatusUnauthorized, "invalid_token", "authentication_error")
 		bearer()
@@ -194,6 +199,19 @@ func errorResponse(err error) *apiError {
 		e.Message = "internal error"
 	}
 	return e
+}
+
+// oauthErrorFor maps a domain error of the token endpoints to its RFC 6749 §5.2 error.
+func oauthErrorFor(err error) *oauthError {
+	switch {
+	case errors.Is(err, signin.ErrCodeUsed), errors.Is(err, signin.ErrRefreshReused), errors.Is(err, signin.ErrRefreshDead),
+		errors.Is(err, identity.ErrNotFound):
+		return grantError("invalid grant")
+	case errors.Is(err, credits.ErrStoreUnavailable):
+		return &oauthError{http.StatusServiceUnavailable, "temporarily_unavailable", "the store is unavailable; try again"}
+	default:
+		return &oauthError{http.StatusInternalServerError, "server_error", "internal error"}
+	}
 }
 
 // writeError writes err as the JSON error of API.md §5.

@@ -86,6 +86,12 @@ type Gateway struct {
 	// instance, at once. Default: 5s.
 	KeyCacheTTL caddy.Duration `json:"key_cache_ttl,omitempty"`
 
+	// Signin, when set, serves the sign-in pages, the fragment flow, OAuth 2.0 and the
+	// password grant (API.md §7), and accepts the gateway's own JWTs (and, when configured,
+	// those of external issuers) beside API keys. Nil: no sign-in; only API keys and anonymous
+	// callers.
+	Signin *Signin `json:"signin,omitempty"`
+
 	// RateLimits, when set, limits the inference requests of each caller by its tier
 	// (requests per second, minute, hour and day, tokens per minute, concurrent requests),
 	// taken all or none with the credit reservation. Nil: no rate limits.
@@ -260,6 +266,9 @@ func (g *Gateway) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return err
 	}
+	if err := g.provisionSignin(ctx); err != nil {
+		return err
+	}
 	g.keys, err = identity.NewKeyCache(g.store.keys, time.Duration(g.KeyCacheTTL), 1<<20, g.metrics.observeKeyCache)
 	if err != nil {
 		return err
@@ -348,6 +357,11 @@ func (g *Gateway) Validate() error {
 	}
 	if g.RateLimits != nil {
 		if err := g.RateLimits.validate(); err != nil {
+			return err
+		}
+	}
+	if g.Signin != nil {
+		if err := g.Signin.validate(); err != nil {
 			return err
 		}
 	}

@@ -402,8 +402,11 @@ func (ex *exchange) admitLimits() error {
 	t := g.tierOf(ctx, who)
 	tokens := ex.inf.inputEstimate + ex.inf.outputBound
 	scope := "key"
-	if who.kind == "anonymous" {
+	switch who.kind {
+	case "anonymous":
 		scope = "address"
+	case "jwt":
+		scope = "user" // a signed-in user is limited as the user, in the user's tier
 	}
 	ticket, d := t.lim.Admit(who.limitKey, tokens)
 	a := &admission{tier: t, key: who.limitKey, headers: true}

@@ -28,6 +28,10 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		ep = epAuthKey
 	}
 	if ep == epNone {
+		if g.Signin != nil && isSigninRoute(r.URL.Path) {
+			g.serveSignin(w, r)
+			return nil
+		}
 		return next.ServeHTTP(w, r)
 	}
 	if g.cors(w, r) {
@@ -75,7 +79,7 @@ func (e *statusError) Error() string { return e.message }
 
 // caller is who a request comes from, once authenticated.
 type caller struct {
-	kind    string // "anonymous" or "api_key"
+	kind    string // "anonymous", "api_key" or "jwt" ("session" on the account page)
 	account credits.AccountID
 	userID  string
 	keyID   string
@@ -126,8 +130,8 @@ func (g *Gateway) identify(r *http.Request) (*caller, error) {
 		ipStr, _ := caddyhttp.GetVar(r.Context(), caddyhttp.ClientIPVarKey).(string)
 		ip, _ := identity.ParseClientIP(ipStr) // an unknown address passes only keys without an allowlist
 		return g.identifyKey(r.Context(), cred.Value, ip)
-	default:
-		return nil, errTokenUnsupported
+	default: // a JWT
+		return g.identifyJWT(r.Context(), cred.Value, clientAddr(r))
 	}
 }
 

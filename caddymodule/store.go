@@ -12,6 +12,7 @@ import (
 
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/credits"
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/identity"
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/signin"
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/store/sqlite"
 )
 
@@ -32,6 +33,7 @@ type storeHandle struct {
 	ledger credits.Ledger
 	users  identity.Users
 	keys   identity.Keys
+	signin signin.Store
 	// usage sums an account's settle entries by day and model.
 	usage func(ctx context.Context, account credits.AccountID, since time.Time) ([]credits.UsageDay, error)
 	// openReservations counts the open reservations and the credits they hold (for metrics).
@@ -100,7 +102,7 @@ func openStore(ctx caddy.Context, cfg StoreConfig, logger *zap.Logger) (*storeHa
 			metricCreditsReleasedAtStart.Add(amount.Credits())
 		}
 		sweepCtx, stop := context.WithCancel(context.Background())
-		h := &storeHandle{ledger: newKeyLedger(timedLedger{s}, s.KeySpent), users: s, keys: s, usage: s.UsageByDay,
+		h := &storeHandle{ledger: newKeyLedger(timedLedger{s}, s.KeySpent), users: s, keys: s, signin: s, usage: s.UsageByDay,
 			openReservations: s.OpenReservations, close: s.Close, stop: stop, done: make(chan struct{})}
 		go h.sweep(sweepCtx, logger)
 		return h, nil
@@ -173,6 +175,13 @@ func (r *gatewayRegistry) remove(g *Gateway) {
 			return
 		}
 	}
+}
+
+// all lists the provisioned gateways.
+func (r *gatewayRegistry) all() []*Gateway {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]*Gateway(nil), r.list...)
 }
 
 // current is the most recently provisioned gateway, or nil.

@@ -1,4 +1,5 @@
-// Command caddy is Caddy with its standard modules, the LLM gateway and its mock model backend.
+// Command caddy is Caddy with its standard modules, the LLM gateway, its mock model backend and
+// its demo chat app.
 package main
 
 import (
@@ -7,6 +8,7 @@ import (
 	_ "github.com/caddyserver/caddy/v2/modules/standard"
 
 	_ "github.com/caddy-llm-gateway/caddy-llm-gateway/caddymodule"
+	_ "github.com/caddy-llm-gateway/caddy-llm-gateway/caddymodule/demoapp"
 	_ "github.com/caddy-llm-gateway/caddy-llm-gateway/caddymodule/mockbackend"
 )
 
