@@ -16,8 +16,10 @@ run: build
 ## test: everything CI runs: vet, formatting, the race-checked test suite, and a short fuzz of every parser
 test: lint test-unit fuzz
 
+# Test artefacts (the browser test's screenshots) are kept under test-artifacts/.
 test-unit:
-	$(GO) test -race -count=1 -timeout 30m ./...
+	@mkdir -p test-artifacts
+	$(GO) test -race -count=1 -timeout 30m -artifacts -outputdir $(CURDIR)/test-artifacts ./...
 
 ## fuzz: each fuzz target for FUZZTIME (seed corpora are also run by test-unit)
 fuzz:
@@ -36,4 +38,4 @@ lint:
 	$(GO) vet ./...
 
 clean:
-	rm -rf bin data
+	rm -rf bin data test-artifacts

@@ -16,11 +16,14 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/caddymodule"
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/signin"
 )
 
@@ -646,9 +649,11 @@ func TestGatewayTokens(t *testing.T) {
 			t.Errorf("%s: %s", name, r)
 		}
 	}
-	// Tokens are not read from the query string.
-	if r := e.post("/v1/chat/completions?access_token="+good, `{"model":"cheapest","messages":[{"role":"user","content":"hi"}]}`, nil); r.status == http.StatusOK {
-		t.Errorf("a token in the query string was accepted: %s", r)
+	// Tokens are not read from the query string (RFC 6750 §2.3 is not offered), alone or
+	// beside a header.
+	for _, hdr := range []map[string]string{nil, bearer(good)} {
+		r := e.post("/v1/chat/completions?access_token="+good, `{"model":"cheapest","messages":[{"role":"user","content":"hi"}]}`, hdr)
+		errorOf(t, r, http.StatusBadRequest, "invalid_request")
 	}
 
 	// Out of credits: 402 with the billing URL.
@@ -719,5 +724,116 @@ func TestSigninConcurrentSignups(t *testing.T) {
 	user := e.userByEmail("same@example.com")
 	if got := e.balance(user); got.String() != "1" {
 		t.Fatalf("balance %s: signup credits granted more than once", got)
+	}
+}
+
+// TestSigninLifetimes, on the gateway's clock: a fragment token lives 15 minutes, an access
+// token an hour, a code 60 seconds, a session a week; a rotated refresh token presented after
+// the grace period revokes its family.
+func TestSigninLifetimes(t *testing.T) {
+	base := time.Now()
+	var offset atomic.Int64
+	restore := caddymodule.SetClock(func() time.Time { return base.Add(time.Duration(offset.Load())) })
+	defer restore()
+	at := func(d time.Duration) { offset.Store(int64(d)) }
+
+	e := startGateway(t, signinSetup(""))
+	app := e.publicApp()
+	b := newBrowser(e)
+	b.signup("clock@example.com", "a fine password")
+	fragment := b.fragmentToken("http://app.test/", "")
+	verifier, challenge := pkce()
+	code := b.code(authorizeQuery(app.ClientID, challenge, "c1"))
+	tk := tokensOf(t, e.token(url.Values{"grant_type": {"authorization_code"}, "code": {code}, "code_verifier": {verifier},
+		"client_id": {app.ClientID}, "redirect_uri": {clientRedirect}}, nil))
+	refresh := func(rt string) *response {
+		return e.token(url.Values{"grant_type": {"refresh_token"}, "refresh_token": {rt}, "client_id": {app.ClientID}}, nil)
+	}
+
+	// Within the leeway of 30 s past expiry: still good; past it: invalid_token.
+	at(15*time.Minute + 29*time.Second)
+	if r := e.chat(bearer(fragment)); r.status != http.StatusOK {
+		t.Fatalf("fragment token at 15m29s: %s", r)
+	}
+	at(15*time.Minute + 31*time.Second)
+	errorOf(t, e.chat(bearer(fragment)), http.StatusUnauthorized, "invalid_token")
+	if r := e.chat(bearer(tk.AccessToken)); r.status != http.StatusOK {
+		t.Fatalf("access token at 15m31s: %s", r)
+	}
+	at(time.Hour + 31*time.Second)
+	errorOf(t, e.chat(bearer(tk.AccessToken)), http.StatusUnauthorized, "invalid_token")
+
+	// A code redeemed after 60 s: expired.
+	at(2 * time.Hour)
+	code = b.code(authorizeQuery(app.ClientID, challenge, "c2"))
+	at(2*time.Hour + 61*time.Second)
+	oauthErrorOf(t, e.token(url.Values{"grant_type": {"authorization_code"}, "code": {code}, "code_verifier": {verifier},
+		"client_id": {app.ClientID}, "redirect_uri": {clientRedirect}}, nil), http.StatusBadRequest, "invalid_grant")
+
+	// Refresh: RT1 -> RT2; RT1 again within the 30 s grace gives RT2 again; after it, the
+	// family is revoked, RT2 with it.
+	rt2 := tokensOf(t, refresh(tk.RefreshToken)).RefreshToken
+	at(2*time.Hour + 61*time.Second + 29*time.Second)
+	if again := tokensOf(t, refresh(tk.RefreshToken)).RefreshToken; again != rt2 {
+		t.Fatal("a replay within the grace period got another successor")
+	}
+	at(2*time.Hour + 61*time.Second + 31*time.Second)
+	oauthErrorOf(t, refresh(tk.RefreshToken), http.StatusBadRequest, "invalid_grant")
+	oauthErrorOf(t, refresh(rt2), http.StatusBadRequest, "invalid_grant")
+
+	// The session ends after a week.
+	at(7*24*time.Hour - time.Minute)
+	if r := b.get("/account"); r.status != http.StatusOK {
+		t.Fatalf("account before the session ends: %s", r)
+	}
+	at(7*24*time.Hour + time.Second)
+	if r := b.get("/account"); r.status != http.StatusSeeOther {
+		t.Fatalf("account after the session ended: %s", r)
+	}
+}
+
+// TestSigninThrottlePerAddress: 30 attempts from one address (a sign-up and 29 failed sign-ins,
+// on any accounts) refuse the next, for a right password too.
+func TestSigninThrottlePerAddress(t *testing.T) {
+	e := startGateway(t, signinSetup(""))
+	b := newBrowser(e)
+	b.signup("ip@example.com", "the right password")
+	for i := 0; i < 29; i++ {
+		if r := b.login(fmt.Sprintf("user%d@example.com", i), "wrong password"); r.status != http.StatusUnauthorized {
+			t.Fatalf("failure %d: %s", i, r)
+		}
+	}
+	r := b.login("ip@example.com", "the right password")
+	if r.status != http.StatusTooManyRequests || r.header.Get("Retry-After") == "" || r.header.Get("X-RateLimit-Limit") != "30" {
+		t.Fatalf("31st attempt from the address: %s %v", r, r.header)
+	}
+}
+
+// TestSigninTimingSmoke (RELIABILITY row 32): a wrong password for a known email and any
+// password for an unknown one do the same work (an argon2id check, against a dummy hash for
+// unknown emails), so their medians stay within a factor that a skipped hash (~100x faster)
+// could never meet, even on a noisy machine.
+func TestSigninTimingSmoke(t *testing.T) {
+	e := startGateway(t, signinSetup(""))
+	b := newBrowser(e)
+	b.signup("known@example.com", "the right password")
+	page := b.get("/auth/login")
+	token := csrf(t, page)
+	median := func(email string) time.Duration {
+		var ds []time.Duration
+		for i := 0; i < 5; i++ {
+			start := time.Now()
+			r := b.do(http.MethodPost, "/auth/login", url.Values{"csrf": {token}, "email": {email}, "password": {"wrong password"}}, nil)
+			ds = append(ds, time.Since(start))
+			if r.status != http.StatusUnauthorized {
+				t.Fatalf("%s: %s", email, r)
+			}
+		}
+		slices.Sort(ds)
+		return ds[len(ds)/2]
+	}
+	known, unknown := median("known@example.com"), median("unknown@example.com")
+	if ratio := float64(unknown) / float64(known); ratio < 0.2 || ratio > 5 {
+		t.Fatalf("unknown email %v, known email %v: the unknown one skips the work", unknown, known)
 	}
 }

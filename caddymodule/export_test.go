@@ -8,3 +8,10 @@ func SetRateLimitClock(now func() time.Time) (restore func()) {
 	rateLimitClock.Store(&now)
 	return func() { rateLimitClock.Store(nil) }
 }
+
+// SetClock makes now the clock of every gateway in this process (token lifetimes, codes,
+// sessions, refresh grace, key expiry) until the returned function is called.
+func SetClock(now func() time.Time) (restore func()) {
+	gatewayClock.Store(&now)
+	return func() { gatewayClock.Store(nil) }
+}

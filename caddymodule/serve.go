@@ -12,6 +12,7 @@ import (
 	"net/url"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -107,6 +108,10 @@ func (g *Gateway) identify(r *http.Request) (*caller, error) {
 	if err != nil {
 		return nil, err
 	}
+	if strings.Contains(r.URL.RawQuery, "access_token") && r.URL.Query().Has("access_token") {
+		// RFC 6750 §2.3 is not offered: a token in a URL ends up in logs and Referer headers.
+		return nil, invalid("access_token", "send the token in the Authorization header, not in the URL")
+	}
 	switch cred.Kind {
 	case identity.None:
 		if g.Anonymous == nil {
@@ -164,8 +169,15 @@ func (g *Gateway) clock() time.Time {
 	if g.now != nil {
 		return g.now()
 	}
+	if c := gatewayClock.Load(); c != nil {
+		return (*c)()
+	}
 	return time.Now()
 }
+
+// gatewayClock, when set, is the clock of every gateway in the process (tests only, through
+// SetClock in export_test.go: key expiry, token lifetimes, codes, sessions, refresh grace).
+var gatewayClock atomic.Pointer[func() time.Time]
 
 // allowedModel is the caller's model allowlist as a predicate (nil: all models).
 func (c *caller) allowedModel() func(string) bool {

@@ -126,7 +126,7 @@ func (g *Gateway) serveOAuthAuthorize(w http.ResponseWriter, r *http.Request) {
 	}
 	pageHeaders(w, client)
 	g.render(w, http.StatusOK, "consent", &pageData{Title: "Allow access", Email: u.Email, CSRF: g.csrfToken(w, r),
-		Consent: &consentView{Client: client, AppName: a.app.Name, Scopes: a.scopes, Hidden: hidden}})
+		Consent: &consentView{Client: client, AppName: a.app.Name, Scopes: scopeViews(a.scopes), Hidden: hidden}})
 }
 
 // authorizeFailed answers an authorization error: a page when the client cannot be trusted,
@@ -308,27 +308,48 @@ type tokenAnswer struct {
 	userID       string
 }
 
-func (g *Gateway) serveToken(w http.ResponseWriter, r *http.Request) {
-	if r.Method != http.MethodPost {
-		w.Header().Set("Allow", "POST")
-		writeOAuth(w, http.StatusMethodNotAllowed, map[string]string{"error": "invalid_request", "error_description": "use POST"})
-		return
+// postOnly answers 405 to anything but a POST; it reports whether r is one.
+func postOnly(w http.ResponseWriter, r *http.Request) bool {
+	if r.Method == http.MethodPost {
+		return true
+	}
+	w.Header().Set("Allow", "POST")
+	writeOAuth(w, http.StatusMethodNotAllowed, map[string]string{"error": "invalid_request", "error_description": "use POST"})
+	return false
+}
+
+// clientRequest reads the parameters of a token or revocation request (a POST, parameters in
+// the body only) and authenticates its client; when it reports false it has answered.
+func (g *Gateway) clientRequest(w http.ResponseWriter, r *http.Request) (url.Values, signin.App, bool) {
+	if !postOnly(w, r) {
+		return nil, signin.App{}, false
 	}
 	if r.URL.RawQuery != "" {
-		writeOAuthError(w, &oauthError{http.StatusBadRequest, "invalid_request", "token requests take their parameters in the body, not the query"})
-		return
+		writeOAuthError(w, &oauthError{http.StatusBadRequest, "invalid_request", "parameters go in the body, not the query"})
+		return nil, signin.App{}, false
 	}
 	v, err := tokenParams(r)
 	if err != nil {
 		writeOAuthError(w, err)
-		return
+		return nil, signin.App{}, false
 	}
 	app, err := g.tokenClient(r, v)
 	if err != nil {
 		writeOAuthError(w, err)
+		return nil, signin.App{}, false
+	}
+	return v, app, true
+}
+
+func (g *Gateway) serveToken(w http.ResponseWriter, r *http.Request) {
+	v, app, ok := g.clientRequest(w, r)
+	if !ok {
 		return
 	}
-	var ans *tokenAnswer
+	var (
+		ans *tokenAnswer
+		err error
+	)
 	switch v.Get("grant_type") {
 	case "authorization_code":
 		ans, err = g.grantCode(r.Context(), app, v)
@@ -483,9 +504,7 @@ func (g *Gateway) issueTokens(ctx context.Context, userID, clientID string, scop
 // POST /auth/v1/token?grant_type=password|refresh_token, apikey: <a first-party client id>,
 // JSON {email, password} or {refresh_token}.
 func (g *Gateway) serveSupabaseToken(w http.ResponseWriter, r *http.Request) {
-	if r.Method != http.MethodPost {
-		w.Header().Set("Allow", "POST")
-		writeOAuth(w, http.StatusMethodNotAllowed, map[string]string{"error": "invalid_request", "error_description": "use POST"})
+	if !postOnly(w, r) {
 		return
 	}
 	clientID := r.Header.Get("apikey")
@@ -540,19 +559,8 @@ func (g *Gateway) serveSupabaseToken(w http.ResponseWriter, r *http.Request) {
 // and are not revocable one by one; an unknown token, or another client's, is answered 200
 // as well (§2.2), and nothing happens.
 func (g *Gateway) serveRevoke(w http.ResponseWriter, r *http.Request) {
-	if r.Method != http.MethodPost {
-		w.Header().Set("Allow", "POST")
-		writeOAuth(w, http.StatusMethodNotAllowed, map[string]string{"error": "invalid_request", "error_description": "use POST"})
-		return
-	}
-	v, err := tokenParams(r)
-	if err != nil {
-		writeOAuthError(w, err)
-		return
-	}
-	app, err := g.tokenClient(r, v)
-	if err != nil {
-		writeOAuthError(w, err)
+	v, app, ok := g.clientRequest(w, r)
+	if !ok {
 		return
 	}
 	tok := v.Get("token")

@@ -53,11 +53,35 @@ type pageData struct {
 type consentView struct {
 	Client  string // the origin or the app's redirect origin, named plainly
 	AppName string
-	Scopes  []string
+	Scopes  []scopeView
 	Hidden  []hiddenField // the request, carried to the POST (and checked again there)
 }
 
 type hiddenField struct{ Name, Value string }
+
+// scopeView is a scope and what it lets a client do, in words.
+type scopeView struct{ Name, About string }
+
+var scopeAbout = map[string]string{
+	identity.ScopeChatWrite:       "chat with the models, paid from your credits",
+	identity.ScopeEmbeddingsWrite: "make embeddings, paid from your credits",
+	identity.ScopeModelsRead:      "list the models and their prices",
+	identity.ScopeKeysRead:        "see your API keys (never their secrets)",
+	identity.ScopeKeysWrite:       "create, rotate and revoke your API keys",
+	identity.ScopeCreditsRead:     "see your balance and credit history",
+	identity.ScopeUsageRead:       "see your usage",
+	identity.ScopeOfflineAccess:   "stay signed in when you are away",
+	identity.ScopeAll:             "everything your account can do",
+}
+
+// scopeViews describes scopes for the consent page.
+func scopeViews(scopes []string) []scopeView {
+	out := make([]scopeView, 0, len(scopes))
+	for _, s := range scopes {
+		out = append(out, scopeView{s, scopeAbout[s]})
+	}
+	return out
+}
 
 // pageHeaders are set on every sign-in page: no framing, no referrer, no caching, no sniffing,
 // and nothing loaded from elsewhere. formTargets are origins a form on the page may submit to
@@ -147,10 +171,8 @@ func (g *Gateway) servePage(w http.ResponseWriter, r *http.Request) {
 // csrfToken is the CSRF token for the forms of this response: bound to a random cookie of
 // the browser's, set now when it has none.
 func (g *Gateway) csrfToken(w http.ResponseWriter, r *http.Request) string {
-	var binding string
-	if c, err := r.Cookie(csrfCookieName); err == nil && len(c.Value) >= 32 && len(c.Value) <= 128 {
-		binding = c.Value
-	} else {
+	binding := g.readCookie(r, csrfCookieName)
+	if len(binding) < 32 {
 		binding = signin.NewToken("csrf")
 		http.SetCookie(w, g.cookie(r, csrfCookieName, binding, 0))
 	}
@@ -168,8 +190,7 @@ func (g *Gateway) checkForm(r *http.Request) error {
 	if o := r.Header.Get("Origin"); o != "" && o != "null" && o != g.selfOrigin(r) {
 		return errCSRF
 	}
-	c, err := r.Cookie(csrfCookieName)
-	if err != nil || !signin.CheckCSRF(g.Signin.secret, c.Value, r.PostForm.Get("csrf")) {
+	if !signin.CheckCSRF(g.Signin.secret, g.readCookie(r, csrfCookieName), r.PostForm.Get("csrf")) {
 		return errCSRF
 	}
 	return nil
@@ -490,7 +511,7 @@ func (g *Gateway) fragmentAuthorize(w http.ResponseWriter, r *http.Request) {
 	}
 	pageHeaders(w, fr.origin)
 	d := &pageData{Title: "Allow access", Email: u.Email, CSRF: g.csrfToken(w, r), Consent: &consentView{
-		Client: fr.origin, Scopes: fragmentScopes,
+		Client: fr.origin, Scopes: scopeViews(fragmentScopes),
 		Hidden: []hiddenField{{"flow", "fragment"}, {"redirect", fr.redirect.String()}, {"state", fr.state}},
 	}}
 	g.render(w, http.StatusOK, "consent", d)

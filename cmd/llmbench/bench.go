@@ -29,6 +29,7 @@ type bench struct {
 	mock    *proc
 	caddy   *proc
 	gateway *proc
+	limited *proc // the gateway with rate limits (-rate-limits)
 
 	start              time.Time
 	loadStart, loadEnd string
@@ -88,20 +89,28 @@ func (b *bench) run(ctx context.Context) error {
 	if b.caddy, err = b.startPlainCaddy(ctx, "caddy", false); err != nil {
 		return err
 	}
-	if b.gateway, err = b.startGateway(ctx, "gateway", ""); err != nil {
+	if b.gateway, err = b.startGateway(ctx, "gateway", "", ""); err != nil {
 		return err
 	}
 
 	direct := &target{name: "direct", url: b.mock.baseURL() + "/v1/chat/completions", keys: []string{b.key}, proc: b.mock}
 	caddy := &target{name: "caddy", url: b.caddy.baseURL() + "/v1/chat/completions", keys: []string{b.key}, proc: b.caddy}
 	gateway := &target{name: "gateway", url: b.gateway.baseURL() + "/v1/chat/completions", keys: []string{b.key}, proc: b.gateway}
-	for _, t := range []*target{direct, caddy, gateway} {
+	targets := []*target{direct, caddy, gateway}
+	if cfg.rateLimits {
+		if b.limited, err = b.startGateway(ctx, "gateway-limits", "", generousRateLimits); err != nil {
+			return err
+		}
+		targets = append(targets, &target{name: "gateway-limits", url: b.limited.baseURL() + "/v1/chat/completions",
+			keys: []string{b.key}, proc: b.limited})
+	}
+	for _, t := range targets {
 		if err := smoke(ctx, t); err != nil {
 			return err
 		}
 	}
 
-	if err := b.proxying(ctx, []*target{direct, caddy, gateway}); err != nil {
+	if err := b.proxying(ctx, targets); err != nil {
 		return err
 	}
 	if cfg.pprofFile != "" {
@@ -136,8 +145,9 @@ func (b *bench) startPlainCaddy(ctx context.Context, name string, withAdmin bool
 	})
 }
 
-// startGateway starts a gateway on db, or on a fresh copy of the seeded store when db is "".
-func (b *bench) startGateway(ctx context.Context, name, db string) (*proc, error) {
+// startGateway starts a gateway on db, or on a fresh copy of the seeded store when db is "",
+// with extra in its llm_gateway block.
+func (b *bench) startGateway(ctx context.Context, name, db, extra string) (*proc, error) {
 	if db == "" {
 		f, err := os.CreateTemp(b.root, name+"-*.db")
 		if err != nil {
@@ -151,7 +161,7 @@ func (b *bench) startGateway(ctx context.Context, name, db string) (*proc, error
 		}
 	}
 	return startCaddy(ctx, b.cfg.caddyBin, b.root, name, true, func(addr, admin, dir string) string {
-		return gatewayCaddyfile(addr, admin, dir, b.mock.addr, db)
+		return gatewayCaddyfile(addr, admin, dir, b.mock.addr, db, extra)
 	})
 }
 
@@ -285,12 +295,12 @@ func fetchProfile(ctx context.Context, url, file string, timeout time.Duration) 
 // same requests, so that they differ in their store only.
 func (b *bench) cpu(ctx context.Context, caddy *target) error {
 	cfg, res := b.cfg, b.res
-	small, err := b.startGateway(ctx, "gateway-1key", "")
+	small, err := b.startGateway(ctx, "gateway-1key", "", "")
 	if err != nil {
 		return err
 	}
 	defer small.stop()
-	big, err := b.startGateway(ctx, "gateway-bigstore", b.bigDB)
+	big, err := b.startGateway(ctx, "gateway-bigstore", b.bigDB, "")
 	if err != nil {
 		return err
 	}
@@ -303,6 +313,14 @@ func (b *bench) cpu(ctx context.Context, caddy *target) error {
 	}
 	if len(b.spread) > 0 {
 		targets = append(targets, &target{name: "gateway-bigstore-spread", url: big.baseURL() + url, keys: b.spread, proc: big})
+	}
+	if cfg.rateLimits {
+		limited, err := b.startGateway(ctx, "gateway-limits-1key", "", generousRateLimits)
+		if err != nil {
+			return err
+		}
+		defer limited.stop()
+		targets = append(targets, &target{name: "gateway-limits-1key", url: limited.baseURL() + url, keys: []string{b.key}, proc: limited})
 	}
 	clients := map[string]*http.Client{}
 	for _, t := range targets {
@@ -397,7 +415,7 @@ func (b *bench) memory(ctx context.Context) error {
 			if kind == "caddy" {
 				p, err = b.startPlainCaddy(ctx, "caddy-mem", true)
 			} else {
-				p, err = b.startGateway(ctx, "gateway-mem", "")
+				p, err = b.startGateway(ctx, "gateway-mem", "", "")
 			}
 			if err != nil {
 				return err

@@ -77,7 +77,7 @@ func parseFlags() config {
 	fs.IntVar(&c.keys, "keys", 100_000, "API keys in the large store of the CPU-per-request measurement (all of the bench user; the small store has 1)")
 	fs.IntVar(&c.spreadKeys, "spread-keys", 1000, "also measure CPU per request on the large store with requests spread over this many different keys\n(informative: each lookup then reads a different row of the big table, not the same hot one); 0: skip")
 	fs.StringVar(&c.tmpDir, "tmpdir", "", "where the run's temporary folder (Caddyfiles, SQLite files, logs) is made; default: the system's")
-	fs.BoolVar(&c.rateLimits, "rate-limits", false, "give the gateway a rate_limits block with one generous tier (every limit kind on, none reached),\nto measure what admission by the rate limits costs")
+	fs.BoolVar(&c.rateLimits, "rate-limits", false, "also run a gateway with a rate_limits block of one generous tier (every limit kind on, none reached)\nbeside the one without, in the same interleaved rounds of the throughput and CPU measurements, to measure what\nadmission by the rate limits costs")
 	fs.BoolVar(&c.keepTmp, "keep-tmp", false, "keep the temporary folder (its path is printed) instead of removing it")
 	fs.Usage = func() {
 		o := fs.Output()
@@ -148,9 +148,6 @@ func (c config) validate() error {
 
 func main() {
 	cfg := parseFlags()
-	if cfg.rateLimits {
-		gatewayExtra = generousRateLimits
-	}
 	if flag.NArg() > 0 {
 		fmt.Fprintf(os.Stderr, "llmbench: unexpected arguments %q (see -h)\n", flag.Args())
 		os.Exit(2)

@@ -96,9 +96,6 @@ http://%s {
 `, addr, mock)
 }
 
-// gatewayExtra is added to the gateway's llm_gateway block (-rate-limits).
-var gatewayExtra string
-
 // generousRateLimits turns every kind of rate limit on, far above what the bench can send.
 const generousRateLimits = `
 		rate_limits {
@@ -113,8 +110,9 @@ const generousRateLimits = `
 		}`
 
 // gatewayCaddyfile: the gateway on its SQLite file with one OpenAI-style backend, the mock; the
-// admin endpoint on loopback for pprof. No access log, like plain Caddy.
-func gatewayCaddyfile(addr, admin, dir, mock, db string) string {
+// admin endpoint on loopback for pprof. No access log, like plain Caddy. extra is added to its
+// llm_gateway block (generousRateLimits for the gateway with rate limits).
+func gatewayCaddyfile(addr, admin, dir, mock, db, extra string) string {
 	return globalOptions(admin, dir) + fmt.Sprintf(`
 http://%s {
 	bind 127.0.0.1
@@ -134,7 +132,7 @@ http://%s {
 	}
 	respond "Not found" 404
 }
-`, addr, db, gatewayExtra, mock, benchModel)
+`, addr, db, extra, mock, benchModel)
 }
 
 // startCaddy writes the Caddyfile that makeConfig returns for the given ports into a folder of

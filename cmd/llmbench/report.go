@@ -16,6 +16,7 @@ const (
 	wantAddedTTFTms     = 0.2   // gateway − caddy TTFT p50, at most
 	wantKBPerStream     = 120.0 // gateway, at most
 	wantKeysCPUGrowth   = 0.10  // CPU/request with the big store vs 1 key, at most +10%
+	wantLimitsCost      = 0.05  // rate limits on vs off: throughput lost and CPU/request added, at most 5%
 )
 
 // report renders the run as markdown.
@@ -52,14 +53,27 @@ func (b *bench) report() string {
 		fsigned(dttft, 3), fsigned(r.pairwise("ttft50", "caddy", "direct", diff), 3), wantAddedTTFTms, verdict(dttft <= wantAddedTTFTms, dttft))
 	w("| memory per open stream (%d streams) | %s KB | %s KB | ≤ %.0f KB | %s |\n",
 		cfg.streams, f1(kb), f1(r.med("kbps", "caddy")), wantKBPerStream, verdict(kb <= wantKBPerStream, kb))
-	w("| CPU/request, %s keys vs 1 key in the store | %s | – | ≤ +%.0f%% | %s |\n\n",
+	w("| CPU/request, %s keys vs 1 key in the store | %s | – | ≤ +%.0f%% | %s |\n",
 		thousands(cfg.keys), fpct(growth), wantKeysCPUGrowth*100, verdict(growth <= wantKeysCPUGrowth, growth))
+	if cfg.rateLimits {
+		lthr := r.pairwise("rps", "gateway-limits", "gateway", ratio)
+		lcpu := r.pairwise("cpu", "gateway-limits-1key", "gateway-1key", ratio) - 1
+		w("| throughput with rate limits / without, c=%d | %s | – | ≥ %.2f | %s |\n", cfg.conc, f2(lthr), 1-wantLimitsCost,
+			verdict(lthr >= 1-wantLimitsCost, lthr))
+		w("| CPU/request with rate limits vs without | %s | – | ≤ +%.0f%% | %s |\n", fpct(lcpu), wantLimitsCost*100,
+			verdict(lcpu <= wantLimitsCost, lcpu))
+	}
+	w("\n")
 
 	// Non-streaming and TTFT.
 	w("## Non-streaming chat completions and time to first token\n\n")
 	w("| target | req/s, c=%d | CPU cores used, c=%d | p50 ms, c=1 | p99 ms, c=1 | TTFT p50 ms | TTFT p99 ms | whole stream p50 ms | failed requests |\n", cfg.conc, cfg.conc)
 	w("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
-	for _, t := range []struct{ name, label string }{{"direct", "mock, direct"}, {"caddy", "plain Caddy reverse_proxy"}, {"gateway", "gateway"}} {
+	proxied := []struct{ name, label string }{{"direct", "mock, direct"}, {"caddy", "plain Caddy reverse_proxy"}, {"gateway", "gateway"}}
+	if cfg.rateLimits {
+		proxied = append(proxied, struct{ name, label string }{"gateway-limits", "gateway with rate limits"})
+	}
+	for _, t := range proxied {
 		w("| %s | %s | %s | %s | %s | %s | %s | %s | %d |\n", t.label, f0(r.med("rps", t.name)), f2(r.med("cores", t.name)), f3(r.med("p50", t.name)),
 			f3(r.med("p99", t.name)), f3(r.med("ttft50", t.name)), f3(r.med("ttft99", t.name)), f3(r.med("stream50", t.name)), r.errs[t.name])
 	}
@@ -101,6 +115,9 @@ func (b *bench) report() string {
 	if len(b.spread) > 0 {
 		rows = append(rows, struct{ name, label, keys string }{"gateway-bigstore-spread",
 			fmt.Sprintf("gateway, requests spread over %s keys", thousands(len(b.spread))), thousands(cfg.keys)})
+	}
+	if cfg.rateLimits {
+		rows = append(rows, struct{ name, label, keys string }{"gateway-limits-1key", "gateway with rate limits", "1"})
 	}
 	for _, t := range rows {
 		vs := "–"

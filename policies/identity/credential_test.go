@@ -3,6 +3,7 @@ package identity
 import (
 	"errors"
 	"fmt"
+	"math"
 	"net/http"
 	"runtime"
 	"strings"
@@ -173,12 +174,18 @@ func TestCredentialFromAllocsBounded(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			h := http.Header{tc.header: {tc.value}}
 			small := http.Header{tc.header: {tc.value[:MaxCredentialLen+1]}}
-			allocs := testing.AllocsPerRun(50, func() {
-				if _, err := CredentialFrom(h); !errors.Is(err, ErrMalformedCredential) {
-					t.Fatalf("err = %v", err)
-				}
-			})
-			smallAllocs := testing.AllocsPerRun(50, func() { _, _ = CredentialFrom(small) })
+			// AllocsPerRun counts the whole process's allocations: the least of three runs
+			// keeps a background goroutine's from being counted (seen under -race with other
+			// packages' tests on the same cores).
+			allocs, smallAllocs := math.Inf(1), math.Inf(1)
+			for range 3 {
+				allocs = min(allocs, testing.AllocsPerRun(50, func() {
+					if _, err := CredentialFrom(h); !errors.Is(err, ErrMalformedCredential) {
+						t.Fatalf("err = %v", err)
+					}
+				}))
+				smallAllocs = min(smallAllocs, testing.AllocsPerRun(50, func() { _, _ = CredentialFrom(small) }))
+			}
 			if allocs > 8 || allocs > smallAllocs+1 {
 				t.Errorf("allocs = %v for 1 MB, %v for 8 KiB: want a small constant", allocs, smallAllocs)
 			}

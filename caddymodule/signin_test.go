@@ -1,0 +1,136 @@
+package caddymodule
+
+import (
+	"crypto/tls"
+	"encoding/base64"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+)
+
+func TestSigninValidate(t *testing.T) {
+	ok := func() *Signin {
+		return &Signin{Issuer: "https://gw.example.com", FragmentTokenTTL: caddy.Duration(15 * time.Minute),
+			AccessTokenTTL: caddy.Duration(time.Hour), CodeTTL: caddy.Duration(time.Minute),
+			RefreshGrace: caddy.Duration(30 * time.Second), RefreshTokenTTL: caddy.Duration(time.Hour),
+			SessionTTL: caddy.Duration(time.Hour)}
+	}
+	if err := ok().validate(); err != nil {
+		t.Fatalf("a good configuration: %v", err)
+	}
+	for _, tc := range []struct {
+		name string
+		mod  func(*Signin)
+		want string
+	}{
+		{"no issuer", func(s *Signin) { s.Issuer = "" }, "issuer"},
+		{"issuer with a path", func(s *Signin) { s.Issuer = "https://gw.example.com/auth" }, "issuer"},
+		{"issuer not http", func(s *Signin) { s.Issuer = "ftp://gw.example.com" }, "issuer"},
+		{"issuer with userinfo", func(s *Signin) { s.Issuer = "https://a@gw.example.com" }, "issuer"},
+		{"return origin with a path", func(s *Signin) { s.ReturnOrigins = []string{"https://app.example.com/x"} }, "return_origins"},
+		{"fragment token too long", func(s *Signin) { s.FragmentTokenTTL = caddy.Duration(16 * time.Minute) }, "fragment_token_ttl"},
+		{"access token too long", func(s *Signin) { s.AccessTokenTTL = caddy.Duration(2 * time.Hour) }, "access_token_ttl"},
+		{"code too long", func(s *Signin) { s.CodeTTL = caddy.Duration(61 * time.Second) }, "code_ttl"},
+		{"grace too long", func(s *Signin) { s.RefreshGrace = caddy.Duration(2 * time.Minute) }, "refresh_grace"},
+		{"refresh too short", func(s *Signin) { s.RefreshTokenTTL = caddy.Duration(time.Second) }, "refresh_token_ttl"},
+		{"negative signup credits", func(s *Signin) { s.SignupCredits = -1 }, "signup_credits"},
+		{"external without audience", func(s *Signin) {
+			s.ExternalIssuers = []*ExternalIssuer{{Issuer: "https://idp", JWKSURL: "https://idp/jwks"}}
+		}, "audience"},
+		{"external is the gateway", func(s *Signin) {
+			s.ExternalIssuers = []*ExternalIssuer{{Issuer: s.Issuer, JWKSURL: "https://idp/jwks", Audience: "a"}}
+		}, "issuer"},
+		{"external HS256", func(s *Signin) {
+			s.ExternalIssuers = []*ExternalIssuer{{Issuer: "https://idp", JWKSURL: "https://idp/jwks", Audience: "a", Algorithms: []string{"HS256"}}}
+		}, "HS256"},
+		{"external bad JWKS URL", func(s *Signin) {
+			s.ExternalIssuers = []*ExternalIssuer{{Issuer: "https://idp", JWKSURL: "file:///etc/passwd", Audience: "a"}}
+		}, "jwks_url"},
+		{"external unknown scope", func(s *Signin) {
+			s.ExternalIssuers = []*ExternalIssuer{{Issuer: "https://idp", JWKSURL: "https://idp/jwks", Audience: "a", Scopes: []string{"admin"}}}
+		}, "scope"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := ok()
+			tc.mod(s)
+			err := s.validate()
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("err = %v, want one naming %q", err, tc.want)
+			}
+		})
+	}
+}
+
+// The cookies are HttpOnly and SameSite=Lax; over TLS they are Secure with the __Host- prefix,
+// and read back under that name.
+func TestSigninCookies(t *testing.T) {
+	g := &Gateway{}
+	plain := httptest.NewRequest(http.MethodGet, "http://gw.test/auth/login", nil)
+	c := g.cookie(plain, sessionCookieName, "v", 60)
+	if c.Name != sessionCookieName || c.Secure || !c.HttpOnly || c.SameSite != http.SameSiteLaxMode || c.Path != "/" {
+		t.Fatalf("plain cookie %+v", c)
+	}
+	secure := httptest.NewRequest(http.MethodGet, "https://gw.test/auth/login", nil)
+	secure.TLS = &tls.ConnectionState{}
+	c = g.cookie(secure, sessionCookieName, "v", 60)
+	if c.Name != "__Host-"+sessionCookieName || !c.Secure || c.Domain != "" || c.Path != "/" {
+		t.Fatalf("TLS cookie %+v", c)
+	}
+	secure.AddCookie(&http.Cookie{Name: sessionCookieName, Value: "plain-name"})
+	if got := g.readCookie(secure, sessionCookieName); got != "" {
+		t.Fatalf("over TLS the cookie without its prefix was read: %q", got)
+	}
+	secure.AddCookie(&http.Cookie{Name: "__Host-" + sessionCookieName, Value: "prefixed"})
+	if got := g.readCookie(secure, sessionCookieName); got != "prefixed" {
+		t.Fatalf("read %q", got)
+	}
+}
+
+func TestLocalNext(t *testing.T) {
+	for in, want := range map[string]string{
+		"":                               "/account",
+		"/auth/authorize?redirect=x&s=1": "/auth/authorize?redirect=x&s=1",
+		"//evil.test/":                   "/account",
+		"/\\evil.test":                   "/account",
+		"https://evil.test/":             "/account",
+		"javascript:alert(1)":            "/account",
+		"/a\r\nSet-Cookie: x":            "/account",
+		"relative":                       "/account",
+		"/" + strings.Repeat("a", 5000):  "/account",
+	} {
+		if got := localNext(in); got != want {
+			t.Errorf("localNext(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+func TestUnverifiedIssuer(t *testing.T) {
+	enc := base64.RawURLEncoding.EncodeToString
+	for _, tc := range []struct{ token, want string }{
+		{enc([]byte(`{}`)) + "." + enc([]byte(`{"iss":"https://idp"}`)) + ".sig", "https://idp"},
+		{enc([]byte(`{}`)) + "." + enc([]byte(`{"iss":7}`)) + ".sig", ""},
+		{"a.b", ""},
+		{"a.%%%.c", ""},
+		{strings.Repeat("a", 9000) + ".b.c", ""},
+	} {
+		if got := unverifiedIssuer(tc.token); got != tc.want {
+			t.Errorf("unverifiedIssuer(%.40q) = %q, want %q", tc.token, got, tc.want)
+		}
+	}
+}
+
+func TestIsSigninRoute(t *testing.T) {
+	for path, want := range map[string]bool{
+		"/auth/login": true, "/auth/authorize": true, "/api/third-party/auth": true, "/account": true,
+		"/account/keys": true, "/oauth/token": true, "/.well-known/jwks.json": true, "/auth/v1/token": true,
+		"/v1/chat/completions": false, "/auth": false, "/accounts": false, "/oauth": false, "/": false,
+	} {
+		if got := isSigninRoute(path); got != want {
+			t.Errorf("isSigninRoute(%q) = %v", path, got)
+		}
+	}
+}
