@@ -31,7 +31,7 @@ fuzz:
 
 ## bench: the gateway beside plain Caddy reverse_proxy and the mock backend directly (see README)
 bench: build
-	$(GO) run ./cmd/llmbench -caddy $(BIN)
+	$(GO) run ./cmd/llmbench -caddy $(BIN) -rate-limits
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi

@@ -226,6 +226,16 @@ http://127.0.0.1:{port.demo} {
 	issued = append(issued, s.Token)
 	b.shot("8-demo-second-visit")
 
+	// The account page lists the demo app among the connected apps.
+	b.navigate(e.gw + "/account")
+	s = b.waitPage("the account page", func(s pageState) bool {
+		return strings.HasPrefix(s.Href, e.gw+"/account") && strings.Contains(s.Text, "Connected apps")
+	})
+	if !strings.Contains(s.Text, demoOrigin) {
+		t.Errorf("the account page does not list %s: %q", demoOrigin, truncate(s.Text, 600))
+	}
+	b.shot("9-account")
+
 	// No token in any log.
 	for _, name := range []string{"access.log", "caddy.log"} {
 		raw, err := os.ReadFile(filepath.Join(e.dir, name))

@@ -151,7 +151,7 @@ func TestOAuthWithXOAuth2(t *testing.T) {
 	app := e.publicApp()
 	b := newBrowser(e)
 	b.signup("oauth@example.com", "a fine password")
-	user := e.userByEmail("oauth@example.com")
+	user := e.userIDByEmail("oauth@example.com")
 
 	meta := e.request(http.MethodGet, e.gw+"/.well-known/oauth-authorization-server", nil, nil).object(t)
 	if meta["issuer"] != signinIssuer || meta["token_endpoint"] != signinIssuer+"/oauth/token" {
@@ -476,7 +476,7 @@ func TestTokenEndpoint(t *testing.T) {
 	}
 	b := newBrowser(e)
 	b.signup("pw@example.com", "password grant pw")
-	user := e.userByEmail("pw@example.com")
+	user := e.userIDByEmail("pw@example.com")
 
 	if r := e.request(http.MethodGet, e.gw+"/oauth/token", nil, nil); r.status != http.StatusMethodNotAllowed {
 		t.Errorf("GET: %s", r)
@@ -666,4 +666,43 @@ func TestExternalIssuer(t *testing.T) {
 	errorOf(t, e.chat(bearer(sign(otherKey, claims))), http.StatusUnauthorized, "invalid_token")
 	claims["aud"] = "someone-else"
 	errorOf(t, e.chat(bearer(sign(priv, claims))), http.StatusUnauthorized, "invalid_token")
+}
+
+// TestOAuthConsentOnce (RELIABILITY row 29): the same or narrower scopes skip the consent
+// page, broader ones ask again, and so does the app after the user disconnected it.
+func TestOAuthConsentOnce(t *testing.T) {
+	e := startGateway(t, signinSetup(""))
+	app := e.publicApp()
+	b := newBrowser(e)
+	b.signup("once@example.com", "a fine password")
+	_, challenge := pkce()
+	ask := func(scope string) *response {
+		q := authorizeQuery(app.ClientID, challenge, "s")
+		q.Set("scope", scope)
+		return b.get("/oauth/authorize?" + q.Encode())
+	}
+	r := ask("chat:write models:read")
+	if r.status != http.StatusOK {
+		t.Fatalf("first time: %s", r)
+	}
+	clientRedirectOf(t, b.do(http.MethodPost, "/auth/consent", consentForm(t, r, "approve"), nil))
+	for _, scope := range []string{"chat:write models:read", "models:read chat:write", "chat:write"} {
+		if v := clientRedirectOf(t, ask(scope)); v.Get("code") == "" {
+			t.Fatalf("scope %q asked again: %v", scope, v)
+		}
+	}
+	r = ask("chat:write keys:read")
+	if r.status != http.StatusOK {
+		t.Fatalf("broader scopes did not ask: %s", r)
+	}
+	// Approving the broader set keeps the earlier scopes too.
+	clientRedirectOf(t, b.do(http.MethodPost, "/auth/consent", consentForm(t, r, "approve"), nil))
+	if v := clientRedirectOf(t, ask("models:read keys:read")); v.Get("code") == "" {
+		t.Fatal("the union of both consents was not kept")
+	}
+	account := b.get("/account")
+	b.do(http.MethodPost, "/account/apps/revoke", url.Values{"csrf": {csrf(t, account)}, "client": {app.ClientID}}, nil)
+	if r := ask("chat:write"); r.status != http.StatusOK {
+		t.Fatalf("after disconnecting: %s", r)
+	}
 }

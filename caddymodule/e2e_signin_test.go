@@ -223,17 +223,6 @@ func (e *env) chatFrom(source string, hdr map[string]string) *response {
 	return &response{status: resp.StatusCode, header: resp.Header, body: raw}
 }
 
-// userByEmail finds a user id in the store file.
-func (e *env) userByEmail(email string) string {
-	e.t.Helper()
-	db := e.openDB()
-	var id string
-	if err := db.QueryRow(`SELECT id FROM users WHERE email_key = lower(?)`, email).Scan(&id); err != nil {
-		e.t.Fatalf("user %s: %v", email, err)
-	}
-	return id
-}
-
 func (e *env) openDB() *sql.DB {
 	e.t.Helper()
 	db, err := sql.Open("sqlite", "file:"+e.dbPath+"?mode=ro&_pragma=busy_timeout(5000)")
@@ -296,6 +285,12 @@ func TestSigninPages(t *testing.T) {
 		pageSecurityHeaders(t, p, r)
 		if strings.HasPrefix(p, "/auth/") && !strings.Contains(p, "authorize") && !strings.Contains(string(r.body), `<form method="post"`) {
 			t.Errorf("%s: no form: %s", p, r)
+		}
+	}
+	// No CORS on the pages, whatever the Origin (an allowed one included).
+	for _, p := range []string{"/auth/authorize?redirect=" + url.QueryEscape("http://app.test/"), "/auth/login", "/oauth/authorize"} {
+		if r := b.do(http.MethodGet, p, nil, map[string]string{"Origin": "http://app.test"}); r.header.Get("Access-Control-Allow-Origin") != "" {
+			t.Errorf("%s answers CORS", p)
 		}
 	}
 	if r := b.get("/account"); r.status != http.StatusSeeOther || r.header.Get("Location") != "/auth/login?next=%2Faccount" {
@@ -502,7 +497,7 @@ func TestFragmentFlow(t *testing.T) {
 			t.Errorf("consent %s: %s", name, r)
 		}
 	}
-	user := e.userByEmail("lin@example.com")
+	user := e.userIDByEmail("lin@example.com")
 	if n := e.consentCount(user); n != 0 {
 		t.Fatalf("%d consents stored by refused posts", n)
 	}
@@ -589,7 +584,7 @@ func TestGatewayTokens(t *testing.T) {
 	e := startGateway(t, signinSetup(""))
 	b := newBrowser(e)
 	b.signup("kim@example.com", "kim's password")
-	user := e.userByEmail("kim@example.com")
+	user := e.userIDByEmail("kim@example.com")
 	keys := e.signingKeys()
 	if len(keys) != 1 {
 		t.Fatalf("%d signing keys at first start, want 1", len(keys))
@@ -721,7 +716,7 @@ func TestSigninConcurrentSignups(t *testing.T) {
 	if created != 1 {
 		t.Fatalf("%d accounts made", created)
 	}
-	user := e.userByEmail("same@example.com")
+	user := e.userIDByEmail("same@example.com")
 	if got := e.balance(user); got.String() != "1" {
 		t.Fatalf("balance %s: signup credits granted more than once", got)
 	}

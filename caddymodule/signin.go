@@ -153,8 +153,7 @@ func (g *Gateway) provisionSignin(ctx context.Context) error {
 			e.Scopes = fragmentScopes
 		}
 		s.external = append(s.external, &signin.ExternalIssuer{Issuer: e.Issuer, JWKSURL: e.JWKSURL,
-			Audience: e.Audience, Algorithms: algs, Client: &http.Client{Timeout: 10 * time.Second},
-			Leeway: jwtLeeway, Now: g.clock})
+			Audience: e.Audience, Algorithms: algs, Leeway: jwtLeeway, Now: g.clock})
 	}
 	return nil
 }

@@ -1,5 +1,5 @@
-// Package sqlite keeps the gateway's users, API keys and credit ledger in one embedded SQLite
-// file: the default store of a gateway that runs as a single instance.
+// Package sqlite keeps the gateway's users, API keys, credit ledger and sign-in state in one
+// embedded SQLite file: the default store of a gateway that runs as a single instance.
 //
 // # Ownership
 //
@@ -55,7 +55,12 @@
 // connection, in BEGIN IMMEDIATE transactions, so writers queue in Go instead of failing with
 // SQLITE_BUSY; reads go through several read-only connections and never wait for the writer.
 // Money is held only as INTEGER micro-credits and times as unix microseconds. Users and API
-// keys are read from and written to the database directly, without a cache.
+// keys are read from and written to the database directly, without a cache, and so is the
+// sign-in state (signin.go: signing keys, the server secret, apps, sessions, consents,
+// authorization codes, refresh tokens, external subjects), of which only hashes of the
+// secrets are stored, but for the signing keys and the server secret themselves. Redeeming a
+// code and rotating a refresh token are each one write transaction, so of any number of
+// concurrent attempts exactly one succeeds.
 package sqlite
 
 import (
