@@ -832,3 +832,33 @@ func TestSigninTimingSmoke(t *testing.T) {
 		t.Fatalf("unknown email %v, known email %v: the unknown one skips the work", unknown, known)
 	}
 }
+
+// TestSigningKeyRotationUnderTraffic: a rotation while tokens are being checked loses none of
+// them (the previous key stays valid), and races nothing (-race).
+func TestSigningKeyRotationUnderTraffic(t *testing.T) {
+	e := startGateway(t, signinSetup(""))
+	b := newBrowser(e)
+	b.signup("rot@example.com", "a fine password")
+	token := b.fragmentToken("http://app.test/", "")
+	var wg sync.WaitGroup
+	for w := 0; w < 4; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < 10; i++ {
+				req := e.newRequest(context.Background(), http.MethodGet, e.gw+"/v1/models", nil, bearer(token))
+				resp, err := e.client.Do(req)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				resp.Body.Close()
+				if resp.StatusCode != http.StatusOK {
+					t.Errorf("during a rotation: %d", resp.StatusCode)
+				}
+			}
+		}()
+	}
+	e.adminCall(http.MethodPost, "/llm_gateway/signing_keys/rotate", nil, http.StatusOK, nil, nil)
+	wg.Wait()
+}

@@ -74,9 +74,11 @@ type Signin struct {
 	// is seen (a new user, with no credits).
 	ExternalIssuers []*ExternalIssuer `json:"external_issuers,omitempty"`
 
-	policy   signin.ReturnPolicy
-	secret   []byte
-	verifier *signin.Verifier
+	policy signin.ReturnPolicy
+	secret []byte
+	// verifier is the configuration of the gateway's token verification; each verification
+	// takes a copy with the current keyset.
+	verifier signin.Verifier
 	external []*signin.ExternalIssuer
 	// keysMu guards keys: the signing keys change when an operator rotates them.
 	keysMu sync.RWMutex
@@ -142,7 +144,7 @@ func (g *Gateway) provisionSignin(ctx context.Context) error {
 	if err := g.loadSigningKeys(ctx, false); err != nil {
 		return err
 	}
-	s.verifier = &signin.Verifier{Keys: s.currentKeys(), Issuer: s.Issuer, Audience: s.Issuer,
+	s.verifier = signin.Verifier{Issuer: s.Issuer, Audience: s.Issuer,
 		Types: []string{signin.TypeAccess, signin.TypeFragment}, Leeway: jwtLeeway, Now: g.clock}
 	for _, e := range s.ExternalIssuers {
 		algs := e.Algorithms
@@ -186,9 +188,6 @@ func (g *Gateway) loadSigningKeys(ctx context.Context, rotate bool) error {
 	s := g.Signin
 	s.keysMu.Lock()
 	s.keys = ks
-	if s.verifier != nil {
-		s.verifier.Keys = ks
-	}
 	s.keysMu.Unlock()
 	return nil
 }
@@ -299,7 +298,9 @@ func (g *Gateway) identifyJWT(ctx context.Context, token string, clientIP netip.
 	if ext := s.externalFor(token); ext != nil {
 		return g.identifyExternal(ctx, ext, token)
 	}
-	c, err := s.verifier.Verify(token)
+	v := s.verifier
+	v.Keys = s.currentKeys()
+	c, err := v.Verify(token)
 	if err != nil {
 		return nil, errInvalidToken
 	}
