@@ -27,11 +27,14 @@ func init() {
 
 // Gateway is an HTTP handler that makes LLM backends a metered, paid service. Every inference
 // request (OpenAI /v1/chat/completions and /v1/embeddings, Ollama /api/chat and /api/generate)
-// is authenticated (API key, or an anonymous identity by client IP), admitted by a credit
-// reservation, routed to the cheapest healthy backend able to serve it, proxied through Caddy's
-// own reverse_proxy, metered while it streams, and settled to the exact micro-credit. The
-// catalog routes (GET /v1/models, GET /api/tags) list what the caller may use. Every other
-// request is passed to the next handler.
+// is authenticated (API key, a JWT of the gateway's sign-in or of an external issuer, or an
+// anonymous identity by client IP), admitted by a credit reservation, routed to the cheapest
+// healthy backend able to serve it, proxied through Caddy's own reverse_proxy, metered while it
+// streams, and settled to the exact micro-credit. The catalog routes (GET /v1/models, GET
+// /api/tags) list what the caller may use, the self-service routes (/v1/auth/keys...,
+// /v1/credits, /v1/usage) manage the caller's keys, and, with Signin, the sign-in routes
+// (/auth/..., /oauth/..., /account, /.well-known/...) are served. Every other request is passed
+// to the next handler.
 type Gateway struct {
 	// Store is where users, API keys, balances and the ledger live. Default: an SQLite file
 	// "llm_gateway/gateway.db" under Caddy's data directory.
