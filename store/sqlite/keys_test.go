@@ -283,18 +283,7 @@ func TestKeyPlaintextNeverStored(t *testing.T) {
 
 	scan := func(label string) {
 		t.Helper()
-		var contents [][]byte
-		for _, suffix := range []string{"", "-wal", "-shm"} {
-			b, err := os.ReadFile(path + suffix)
-			if err != nil && !os.IsNotExist(err) {
-				t.Fatal(err)
-			}
-			contents = append(contents, b)
-		}
-		all := bytes.Join(contents, nil)
-		if len(all) == 0 {
-			t.Fatalf("%s: nothing to scan", label)
-		}
+		all := storeFileBytes(t, path, label)
 		secret := plaintext[len("sk_live_k1_"):]
 		for _, form := range []string{
 			plaintext,
@@ -319,4 +308,23 @@ func TestKeyPlaintextNeverStored(t *testing.T) {
 		t.Fatal(err)
 	}
 	scan("closed") // checkpointed into the file
+}
+
+// storeFileBytes is everything the store's files hold on disk (the database, its WAL and shared
+// memory), for scans that look for secrets.
+func storeFileBytes(t *testing.T, path, label string) []byte {
+	t.Helper()
+	var contents [][]byte
+	for _, suffix := range []string{"", "-wal", "-shm"} {
+		b, err := os.ReadFile(path + suffix)
+		if err != nil && !os.IsNotExist(err) {
+			t.Fatal(err)
+		}
+		contents = append(contents, b)
+	}
+	all := bytes.Join(contents, nil)
+	if len(all) == 0 {
+		t.Fatalf("%s: nothing to scan", label)
+	}
+	return all
 }

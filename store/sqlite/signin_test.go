@@ -1042,18 +1042,7 @@ func TestSigninPlaintextNeverStored(t *testing.T) {
 	secrets := []string{sessionToken, codeToken, refreshToken, nextToken, appSecret}
 	scan := func(label string) {
 		t.Helper()
-		var contents [][]byte
-		for _, suffix := range []string{"", "-wal", "-shm"} {
-			b, err := os.ReadFile(path + suffix)
-			if err != nil && !os.IsNotExist(err) {
-				t.Fatal(err)
-			}
-			contents = append(contents, b)
-		}
-		all := bytes.Join(contents, nil)
-		if len(all) == 0 {
-			t.Fatalf("%s: nothing to scan", label)
-		}
+		all := storeFileBytes(t, path, label)
 		for _, secret := range secrets {
 			_, body, _ := strings.Cut(secret, "_")
 			for _, form := range []string{
