@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"net/url"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -29,7 +28,7 @@ import (
 // /auth/authorize skips the consent. No token reaches a log. Screenshots of every page are
 // saved in the test's artifact directory (go test -artifacts keeps them).
 func TestBrowserPeerwaveFlow(t *testing.T) {
-	chrome := findChrome(t)
+	chrome := lookBinary(t, "chromium", "chromium", "chromium-browser", "google-chrome")
 
 	const (
 		email    = "ada.browser@example.com"
@@ -254,24 +253,6 @@ http://127.0.0.1:{port.demo} {
 		}
 	}
 	e.checkAllAccounts(0)
-}
-
-// findChrome is the path of a Chromium or Chrome binary; without one the test fails in CI
-// and is skipped elsewhere.
-func findChrome(t *testing.T) string {
-	t.Helper()
-	names := []string{"chromium", "chromium-browser", "google-chrome"}
-	for _, name := range names {
-		if p, err := exec.LookPath(name); err == nil {
-			return p
-		}
-	}
-	msg := "no browser for the browser test: none of " + strings.Join(names, ", ") + " is in PATH (apt-get install chromium)"
-	if os.Getenv("CI") != "" {
-		t.Fatal(msg)
-	}
-	t.Skip(msg)
-	return ""
 }
 
 // chromeTab is one headless Chromium tab, bounded by the test's deadline.

@@ -30,8 +30,8 @@ import (
 // the ledger identity of the credit counters holds, and the access log carries the gateway's
 // fields and no key.
 func TestDashboardQueriesAgainstPrometheus(t *testing.T) {
-	prometheusBin := lookBinary(t, "prometheus")
-	promtool := lookBinary(t, "promtool")
+	prometheusBin := lookBinary(t, "prometheus", "prometheus")
+	promtool := lookBinary(t, "prometheus", "promtool")
 	noHC := "\t\t\thealth_check {\n\t\t\t\tdisabled\n\t\t\t}\n"
 	model := func(name, in, out string) string {
 		return "\t\t\tmodel " + name + " {\n\t\t\t\tinput_price " + in + "\n\t\t\t\toutput_price " + out + "\n\t\t\t}\n"
@@ -191,18 +191,21 @@ func TestDashboardQueriesAgainstPrometheus(t *testing.T) {
 	checkAccessLog(t, e, u.ID, k)
 }
 
-// lookBinary finds a binary: when it is missing, the test fails in CI (CI set) and is skipped
-// elsewhere.
-func lookBinary(t *testing.T, name string) string {
+// lookBinary finds the first of names in PATH, which Debian's package pkg provides: when none
+// is there, the test fails in CI (CI set) and is skipped elsewhere.
+func lookBinary(t *testing.T, pkg string, names ...string) string {
 	t.Helper()
-	p, err := exec.LookPath(name)
-	if err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatalf("%s is missing (apt-get install prometheus): %v", name, err)
+	for _, name := range names {
+		if p, err := exec.LookPath(name); err == nil {
+			return p
 		}
-		t.Skipf("%s is missing (apt-get install prometheus provides it); skipping outside CI", name)
 	}
-	return p
+	missing := strings.Join(names, ", ")
+	if os.Getenv("CI") != "" {
+		t.Fatalf("%s is missing (apt-get install %s)", missing, pkg)
+	}
+	t.Skipf("%s is missing (apt-get install %s provides it); skipping outside CI", missing, pkg)
+	return ""
 }
 
 // prometheus is a Prometheus server started by a test.
