@@ -399,6 +399,8 @@ func TestSigninThrottle(t *testing.T) {
 	e := startGateway(t, signinSetup(""))
 	b := newBrowser(e)
 	b.signup("grace@example.com", "the right password")
+	refusals := map[string]string{"tier": "signin_account", "limit": "signin_per_15m"}
+	refusedBefore, _ := metricSum(e.scrape(), "llm_gateway_rate_limited_total", refusals)
 	for i := 0; i < 3; i++ {
 		if r := b.login("grace@example.com", "the right password"); r.status != http.StatusSeeOther {
 			t.Fatalf("right password %d: %s", i, r)
@@ -417,6 +419,9 @@ func TestSigninThrottle(t *testing.T) {
 	r := b.login("grace@example.com", "the right password")
 	if r.status != http.StatusTooManyRequests || r.header.Get("Retry-After") == "" || r.header.Get("X-RateLimit-Policy") == "" {
 		t.Fatalf("11th attempt: %s %v", r, r.header)
+	}
+	if n, _ := metricSum(e.scrape(), "llm_gateway_rate_limited_total", refusals); n != refusedBefore+1 {
+		t.Errorf("llm_gateway_rate_limited_total for the account's limiter: %v, want %v", n, refusedBefore+1)
 	}
 	// The password grant shares the throttle.
 	app := e.createApp(map[string]any{"name": "first", "first_party": true, "redirect_uris": []string{}})

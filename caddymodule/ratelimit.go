@@ -144,7 +144,7 @@ func (rl *RateLimits) validate() error {
 var (
 	metricRateLimited = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "llm_gateway", Name: "rate_limited_total",
-		Help: "Requests refused with 429 rate_limit_exceeded, by tier and the limit that refused (burst_per_second, requests_per_minute, requests_per_hour, requests_per_day, tokens_per_minute, concurrent).",
+		Help: "Requests refused with 429 rate_limit_exceeded, by tier (or sign-in limiter: signin_account, signin_ip) and the limit that refused (burst_per_second, requests_per_minute, requests_per_hour, requests_per_day, tokens_per_minute, concurrent, signin_per_15m).",
 	}, []string{"tier", "limit"})
 	metricConcurrent = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Namespace: "llm_gateway", Name: "concurrent_requests",
@@ -283,7 +283,7 @@ func (g *Gateway) provisionRateLimits(reg prometheus.Registerer) error {
 }
 
 // namedLimiter is the limiter called name (LimiterSigninAccount, LimiterSigninIP), for routes
-// other than inference, e.g. sign-in: admit with allowNamed. Nil when there is none.
+// other than inference, e.g. sign-in: admit with admitNamed. Nil when there is none.
 func (g *Gateway) namedLimiter(name string) *ratelimit.Limiter {
 	if g.limits == nil {
 		return nil
@@ -291,21 +291,37 @@ func (g *Gateway) namedLimiter(name string) *ratelimit.Limiter {
 	return g.limits.named[name]
 }
 
-// allowNamed takes one request for key (an account, or a client address) from the named
-// limiter, sets the rate limit headers on w, and returns the 429 error when refused. Nothing
-// is held: there is no concurrency bound on named limiters.
-func (g *Gateway) allowNamed(w http.ResponseWriter, name, key string) error {
-	lim := g.namedLimiter(name)
-	if lim == nil {
-		return nil
+// namedAttempt is one attempt taken from a named limiter: the limiter and the key (an
+// account, or a client address).
+type namedAttempt struct{ limiter, key string }
+
+// admitNamed takes one attempt from each named limiter, all or none, sets the rate limit
+// headers of each decision on w (the last one's stay), and returns the 429 error of the first
+// that refuses, counted in llm_gateway_rate_limited_total under the limiter's name. giveBack
+// returns what was taken (a sign-in with the right password is not an attempt to throttle).
+// Nothing is held: there is no concurrency bound on named limiters.
+func (g *Gateway) admitNamed(w http.ResponseWriter, attempts ...namedAttempt) (giveBack func(), err error) {
+	var taken []ratelimit.Ticket
+	giveBack = func() {
+		for i := range taken {
+			taken[i].Cancel()
+		}
 	}
-	t, d := lim.Admit(key, 0)
-	t.Release()
-	setRateLimitHeaders(w.Header(), d, g.limitClock())
-	if !d.Allowed {
-		return &rateLimited{tier: name, d: d}
+	for _, a := range attempts {
+		lim := g.namedLimiter(a.limiter)
+		if lim == nil {
+			continue
+		}
+		t, d := lim.Admit(a.key, 0)
+		setRateLimitHeaders(w.Header(), d, g.limitClock())
+		if !d.Allowed {
+			giveBack()
+			metricRateLimited.WithLabelValues(a.limiter, d.Refused).Inc()
+			return func() {}, &rateLimited{tier: a.limiter, d: d}
+		}
+		taken = append(taken, t)
 	}
-	return nil
+	return giveBack, nil
 }
 
 func (g *Gateway) limitClock() time.Time { return limitClock() }

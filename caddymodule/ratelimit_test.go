@@ -145,13 +145,17 @@ func TestNamedLimitersForSignin(t *testing.T) {
 	}
 	defer g.cleanupRateLimits()
 	acct := "usr_" + strconv.FormatInt(time.Now().UnixNano(), 36) // the limiter may be shared with other configurations
+	allow := func(w http.ResponseWriter, limiter, key string) error {
+		_, err := g.admitNamed(w, namedAttempt{limiter, key})
+		return err
+	}
 	for i := range 10 {
-		if err := g.allowNamed(httptestRecorder(), LimiterSigninAccount, acct); err != nil {
+		if err := allow(httptestRecorder(), LimiterSigninAccount, acct); err != nil {
 			t.Fatalf("attempt %d: %v", i, err)
 		}
 	}
 	h := httptestRecorder()
-	err := g.allowNamed(h, LimiterSigninAccount, acct)
+	err := allow(h, LimiterSigninAccount, acct)
 	var rl *rateLimited
 	if !errors.As(err, &rl) || rl.d.Refused != "signin_per_15m" {
 		t.Fatalf("11th attempt: %v", err)
@@ -159,19 +163,42 @@ func TestNamedLimitersForSignin(t *testing.T) {
 	if h.Header().Get("Retry-After") != "90" || h.Header().Get("X-RateLimit-Limit") != "10" {
 		t.Errorf("11th attempt headers %v", h.Header())
 	}
-	if err := g.allowNamed(httptestRecorder(), LimiterSigninAccount, acct+"b"); err != nil {
+	if err := allow(httptestRecorder(), LimiterSigninAccount, acct+"b"); err != nil {
 		t.Errorf("another account: %v", err)
 	}
 	for i := range 30 {
-		if err := g.allowNamed(httptestRecorder(), LimiterSigninIP, acct+"ip"); err != nil {
+		if err := allow(httptestRecorder(), LimiterSigninIP, acct+"ip"); err != nil {
 			t.Fatalf("address attempt %d: %v", i, err)
 		}
 	}
-	if err := g.allowNamed(httptestRecorder(), LimiterSigninIP, acct+"ip"); err == nil {
+	if err := allow(httptestRecorder(), LimiterSigninIP, acct+"ip"); err == nil {
 		t.Error("31st attempt from one address admitted")
 	}
-	if g.namedLimiter("nope") != nil || g.allowNamed(httptestRecorder(), "nope", "x") != nil {
+	if g.namedLimiter("nope") != nil || allow(httptestRecorder(), "nope", "x") != nil {
 		t.Error("an unknown named limiter limits")
+	}
+	// All or none: the address's limit refusing gives the account's attempt back, and a
+	// given-back attempt does not count.
+	other := acct + "c"
+	if _, err := g.admitNamed(httptestRecorder(), namedAttempt{LimiterSigninAccount, other}, namedAttempt{LimiterSigninIP, acct + "ip"}); err == nil {
+		t.Fatal("the full address admitted an attempt")
+	}
+	for i := range 10 {
+		giveBack, err := g.admitNamed(httptestRecorder(), namedAttempt{LimiterSigninAccount, other})
+		if err != nil {
+			t.Fatalf("attempt %d after a refusal and give-backs: %v", i, err)
+		}
+		if i%2 == 0 {
+			giveBack()
+		}
+	}
+	for i := range 5 {
+		if err := allow(httptestRecorder(), LimiterSigninAccount, other); err != nil {
+			t.Fatalf("attempt %d: the given-back ones counted: %v", i, err)
+		}
+	}
+	if err := allow(httptestRecorder(), LimiterSigninAccount, other); err == nil {
+		t.Error("an 11th attempt that was kept passed")
 	}
 }
 

@@ -353,41 +353,25 @@ var dummyHash = sync.OnceValue(func() string {
 // account), then checks the password; a wrong one counts against both throttles, a right one
 // against neither.
 func (g *Gateway) checkPassword(w http.ResponseWriter, r *http.Request, email, password string) (identity.User, error) {
-	ip := clientAddr(r).String()
-	account := strings.ToLower(email)
-	var tickets []func()
-	for _, t := range []struct{ name, key string }{{LimiterSigninIP, ip}, {LimiterSigninAccount, account}} {
-		lim := g.namedLimiter(t.name)
-		if lim == nil {
-			continue
-		}
-		ticket, d := lim.Admit(t.key, 0)
-		setRateLimitHeaders(w.Header(), d, g.limitClock())
-		if !d.Allowed {
-			for _, cancel := range tickets {
-				cancel()
-			}
-			return identity.User{}, &rateLimited{tier: t.name, d: d}
-		}
-		tickets = append(tickets, ticket.Cancel)
+	giveBack, err := g.admitNamed(w, namedAttempt{LimiterSigninIP, clientAddr(r).String()},
+		namedAttempt{LimiterSigninAccount, strings.ToLower(email)})
+	if err != nil {
+		return identity.User{}, err
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), storeTimeout)
 	defer cancel()
 	u, err := g.store.users.UserByEmail(ctx, email)
-	hash := u.PasswordHash
-	if err != nil || hash == "" || len(email) > 254 {
-		hash = dummyHash()
-	}
-	ok, _ := identity.CheckPassword(hash, password)
 	if err != nil && !errors.Is(err, identity.ErrNotFound) {
 		return identity.User{}, err
 	}
-	if !ok || err != nil || u.PasswordHash == "" {
+	hash := u.PasswordHash
+	if hash == "" { // an unknown email, or a user without a password: the same work
+		hash = dummyHash()
+	}
+	if ok, _ := identity.CheckPassword(hash, password); !ok || u.PasswordHash == "" {
 		return identity.User{}, errWrongPassword
 	}
-	for _, cancel := range tickets {
-		cancel() // a right password is not an attempt to throttle
-	}
+	giveBack() // a right password is not an attempt to throttle
 	return u, nil
 }
 
@@ -402,7 +386,7 @@ func (g *Gateway) signup(w http.ResponseWriter, r *http.Request) {
 		g.signupPage(w, r, http.StatusBadRequest, email, "Enter a plain email address, like ada@example.com.")
 		return
 	}
-	if err := g.allowNamed(w, LimiterSigninIP, clientAddr(r).String()); err != nil {
+	if _, err := g.admitNamed(w, namedAttempt{LimiterSigninIP, clientAddr(r).String()}); err != nil {
 		status, msg := g.signinFailure(w, err)
 		g.signupPage(w, r, status, email, msg)
 		return
