@@ -47,9 +47,12 @@ func TestSigninValidate(t *testing.T) {
 		{"external HS256", func(s *Signin) {
 			s.ExternalIssuers = []*ExternalIssuer{{Issuer: "https://idp", JWKSURL: "https://idp/jwks", Audience: "a", Algorithms: []string{"HS256"}}}
 		}, "HS256"},
+		{"external without issuer", func(s *Signin) {
+			s.ExternalIssuers = []*ExternalIssuer{{JWKSURL: "https://idp/jwks", Audience: "a"}}
+		}, "issuer"},
 		{"external bad JWKS URL", func(s *Signin) {
 			s.ExternalIssuers = []*ExternalIssuer{{Issuer: "https://idp", JWKSURL: "file:///etc/passwd", Audience: "a"}}
-		}, "jwks_url"},
+		}, "jwks url"},
 		{"external unknown scope", func(s *Signin) {
 			s.ExternalIssuers = []*ExternalIssuer{{Issuer: "https://idp", JWKSURL: "https://idp/jwks", Audience: "a", Scopes: []string{"admin"}}}
 		}, "scope"},
