@@ -2,7 +2,6 @@ package caddymodule_test
 
 import (
 	"context"
-	"database/sql"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -470,11 +469,7 @@ func (b *chromeTab) waitPage(what string, ok func(pageState) bool) pageState {
 // userIDByEmail finds a user made by the sign-up in the store file.
 func (e *env) userIDByEmail(email string) string {
 	e.t.Helper()
-	db, err := sql.Open("sqlite", "file:"+e.dbPath+"?_pragma=busy_timeout(10000)&_pragma=query_only(1)")
-	if err != nil {
-		e.t.Fatalf("opening the store file: %v", err)
-	}
-	defer db.Close()
+	db := e.openDB()
 	var id string
 	poll(e.t, 10*time.Second, "the user "+email+" in the store", func() (bool, string) {
 		err := db.QueryRow(`SELECT id FROM users WHERE email_key = ?`, strings.ToLower(email)).Scan(&id)

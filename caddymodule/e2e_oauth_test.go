@@ -102,6 +102,13 @@ func (b *browser) code(q url.Values) string {
 	return v.Get("code")
 }
 
+// tokenRequest is a request of form to the token endpoint, for goroutines to send themselves
+// (they may not end the test as e.token does).
+func (e *env) tokenRequest(form url.Values) *http.Request {
+	return e.newRequest(context.Background(), http.MethodPost, e.gw+"/oauth/token", form.Encode(),
+		map[string]string{"Content-Type": "application/x-www-form-urlencoded"})
+}
+
 // token posts a form to the token endpoint.
 func (e *env) token(form url.Values, hdr map[string]string) *response {
 	e.t.Helper()
@@ -339,11 +346,8 @@ func TestOAuthCodes(t *testing.T) {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				req := e.newRequest(context.Background(), http.MethodPost, e.gw+"/oauth/token",
-					url.Values{"grant_type": {"authorization_code"}, "code": {c}, "code_verifier": {verifier},
-						"client_id": {app.ClientID}, "redirect_uri": {clientRedirect}}.Encode(),
-					map[string]string{"Content-Type": "application/x-www-form-urlencoded"})
-				resp, err := e.client.Do(req)
+				resp, err := e.client.Do(e.tokenRequest(url.Values{"grant_type": {"authorization_code"}, "code": {c},
+					"code_verifier": {verifier}, "client_id": {app.ClientID}, "redirect_uri": {clientRedirect}}))
 				if err != nil {
 					t.Error(err)
 					return
@@ -394,10 +398,8 @@ func TestOAuthRefresh(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			req := e.newRequest(context.Background(), http.MethodPost, e.gw+"/oauth/token",
-				url.Values{"grant_type": {"refresh_token"}, "refresh_token": {rt1}, "client_id": {app.ClientID}}.Encode(),
-				map[string]string{"Content-Type": "application/x-www-form-urlencoded"})
-			resp, err := e.client.Do(req)
+			resp, err := e.client.Do(e.tokenRequest(url.Values{"grant_type": {"refresh_token"}, "refresh_token": {rt1},
+				"client_id": {app.ClientID}}))
 			if err != nil {
 				t.Error(err)
 				return

@@ -476,7 +476,7 @@ func (g *Gateway) parseFragmentRequest(v url.Values) (fragmentRequest, error) {
 	return fragmentRequest{redirect: u, origin: origin, state: state}, nil
 }
 
-// consentClient is the consent's client name of a fragment flow origin.
+// fragmentClient is the consent's client name of a fragment flow origin.
 func fragmentClient(origin string) string { return "origin:" + origin }
 
 func (g *Gateway) fragmentAuthorize(w http.ResponseWriter, r *http.Request) {
@@ -515,24 +515,17 @@ func (g *Gateway) fragmentRedirect(w http.ResponseWriter, r *http.Request, userI
 		g.renderError(w, r, http.StatusInternalServerError, "Sign-in failed", "The token could not be made; try again.")
 		return
 	}
-	frag := url.Values{"token": {tok}}
-	if fr.state != "" {
-		frag.Set("state", fr.state)
-	}
-	g.redirectWithFragment(w, r, fr, frag)
+	redirectWithFragment(w, r, fr, "token", tok)
 }
 
-// redirectWithFragment redirects to the app's return address with frag as its fragment.
-func (g *Gateway) redirectWithFragment(w http.ResponseWriter, r *http.Request, fr fragmentRequest, frag url.Values) {
-	// token first, then state: what the seed's apps read.
-	enc := "token=" + url.QueryEscape(frag.Get("token"))
-	if frag.Get("token") == "" {
-		enc = "error=" + url.QueryEscape(frag.Get("error"))
+// redirectWithFragment redirects to the app's return address with name=value (token=<JWT>,
+// or error=access_denied) and the request's state in the fragment, in that order.
+func redirectWithFragment(w http.ResponseWriter, r *http.Request, fr fragmentRequest, name, value string) {
+	frag := name + "=" + url.QueryEscape(value)
+	if fr.state != "" {
+		frag += "&state=" + url.QueryEscape(fr.state)
 	}
-	if s := frag.Get("state"); s != "" {
-		enc += "&state=" + url.QueryEscape(s)
-	}
-	redirectWithSecret(w, r, fr.redirect.String()+"#"+enc)
+	redirectWithSecret(w, r, fr.redirect.String()+"#"+frag)
 }
 
 // redirectWithSecret redirects to loc, which carries a token or a code: once the headers are
@@ -572,7 +565,7 @@ func (g *Gateway) consent(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		if !approve {
-			g.redirectWithFragment(w, r, fr, url.Values{"error": {"access_denied"}, "state": {fr.state}})
+			redirectWithFragment(w, r, fr, "error", "access_denied")
 			return
 		}
 		if err := g.store.signin.SaveConsent(r.Context(), signin.Consent{UserID: u.ID, Client: fragmentClient(fr.origin),
@@ -712,20 +705,13 @@ func (g *Gateway) accountAction(w http.ResponseWriter, r *http.Request) {
 	http.Redirect(w, r, "/account", http.StatusSeeOther)
 }
 
-// newKeyOf is the key shown once in a create or rotate answer ("" for others).
+// newKeyOf is the key shown once in a create ("api_key") or rotate ("new_key") answer; ""
+// for other answers.
 func newKeyOf(out any) string {
-	m, ok := out.(map[string]any)
-	if !ok {
-		return ""
-	}
+	m, _ := out.(map[string]any)
 	for _, field := range []string{"api_key", "new_key"} {
-		switch v := m[field].(type) {
-		case keyView:
+		if v, ok := m[field].(keyView); ok {
 			return v.Key
-		case map[string]any:
-			if s, ok := v["key"].(string); ok {
-				return s
-			}
 		}
 	}
 	return ""
