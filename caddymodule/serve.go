@@ -29,8 +29,9 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		ep = epAuthKey
 	}
 	if ep == epNone {
-		if g.Signin != nil && isSigninRoute(r.URL.Path) {
-			g.serveSignin(w, r)
+		if h := signinRoute(r.URL.Path); h != nil && g.Signin != nil {
+			r.Body = http.MaxBytesReader(w, r.Body, 64<<10)
+			h(g, w, r)
 			return nil
 		}
 		return next.ServeHTTP(w, r)

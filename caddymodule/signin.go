@@ -247,40 +247,37 @@ func (s *Signin) validate() error {
 	return nil
 }
 
-// signinRoutes are the paths the sign-in serves, exact, and under which prefixes.
-var signinRoutes = map[string]bool{
-	"/auth/login": true, "/auth/signup": true, "/auth/logout": true, "/auth/consent": true,
-	"/auth/authorize": true, "/api/third-party/auth": true, "/auth/style.css": true,
-	"/account": true, "/oauth/authorize": true, "/oauth/token": true, "/oauth/revoke": true,
-	"/auth/v1/token": true, "/.well-known/oauth-authorization-server": true, "/.well-known/jwks.json": true,
+// signinHandler answers one sign-in path.
+type signinHandler func(g *Gateway, w http.ResponseWriter, r *http.Request)
+
+// signinRoutes are the paths the sign-in serves and who answers each; the pages route by
+// method in servePage, which also takes the account page's forms under /account/.
+var signinRoutes = map[string]signinHandler{
+	"/.well-known/jwks.json":                  (*Gateway).serveJWKS,
+	"/.well-known/oauth-authorization-server": (*Gateway).serveOAuthMetadata,
+	"/oauth/authorize":                        (*Gateway).serveOAuthAuthorize,
+	"/oauth/token":                            (*Gateway).serveToken,
+	"/oauth/revoke":                           (*Gateway).serveRevoke,
+	"/auth/v1/token":                          (*Gateway).serveSupabaseToken,
+	"/auth/style.css":                         func(_ *Gateway, w http.ResponseWriter, r *http.Request) { serveStyle(w, r) },
+	"/auth/login":                             (*Gateway).servePage,
+	"/auth/signup":                            (*Gateway).servePage,
+	"/auth/logout":                            (*Gateway).servePage,
+	"/auth/consent":                           (*Gateway).servePage,
+	"/auth/authorize":                         (*Gateway).servePage,
+	"/api/third-party/auth":                   (*Gateway).servePage,
+	"/account":                                (*Gateway).servePage,
 }
 
-// isSigninRoute reports whether the sign-in serves path.
-func isSigninRoute(path string) bool {
-	return signinRoutes[path] || strings.HasPrefix(path, "/account/")
-}
-
-// serveSignin answers a sign-in route.
-func (g *Gateway) serveSignin(w http.ResponseWriter, r *http.Request) {
-	r.Body = http.MaxBytesReader(w, r.Body, 64<<10)
-	switch p := r.URL.Path; {
-	case p == "/.well-known/jwks.json":
-		g.serveJWKS(w, r)
-	case p == "/.well-known/oauth-authorization-server":
-		g.serveOAuthMetadata(w, r)
-	case p == "/oauth/token":
-		g.serveToken(w, r)
-	case p == "/auth/v1/token":
-		g.serveSupabaseToken(w, r)
-	case p == "/oauth/revoke":
-		g.serveRevoke(w, r)
-	case p == "/oauth/authorize":
-		g.serveOAuthAuthorize(w, r)
-	case p == "/auth/style.css":
-		serveStyle(w, r)
-	default:
-		g.servePage(w, r)
+// signinRoute is the handler of a sign-in path, or nil.
+func signinRoute(path string) signinHandler {
+	if h := signinRoutes[path]; h != nil {
+		return h
 	}
+	if strings.HasPrefix(path, "/account/") {
+		return (*Gateway).servePage
+	}
+	return nil
 }
 
 // errInvalidToken is a bearer JWT that is not accepted (401 invalid_token).

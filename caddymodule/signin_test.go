@@ -126,14 +126,14 @@ func TestUnverifiedIssuer(t *testing.T) {
 	}
 }
 
-func TestIsSigninRoute(t *testing.T) {
+func TestSigninRoute(t *testing.T) {
 	for path, want := range map[string]bool{
 		"/auth/login": true, "/auth/authorize": true, "/api/third-party/auth": true, "/account": true,
 		"/account/keys": true, "/oauth/token": true, "/.well-known/jwks.json": true, "/auth/v1/token": true,
 		"/v1/chat/completions": false, "/auth": false, "/accounts": false, "/oauth": false, "/": false,
 	} {
-		if got := isSigninRoute(path); got != want {
-			t.Errorf("isSigninRoute(%q) = %v", path, got)
+		if got := signinRoute(path) != nil; got != want {
+			t.Errorf("signinRoute(%q) != nil: %v", path, got)
 		}
 	}
 }
