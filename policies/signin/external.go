@@ -185,58 +185,35 @@ func (e *ExternalIssuer) Verify(ctx context.Context, token string) (Claims, erro
 	if e.Issuer == "" || e.Audience == "" || e.JWKSURL == "" || len(e.Algorithms) == 0 {
 		return Claims{}, errNotConfig
 	}
-	head, payload, sig, err := splitToken(token)
-	if err != nil {
-		return Claims{}, err
-	}
-	header, err := decodeObject(head)
+	t, err := parseJWS(token)
 	if err != nil {
 		return Claims{}, err
 	}
 	for _, name := range [...]string{"crit", "jku", "jwk", "x5u", "x5c"} {
-		if _, ok := header[name]; ok {
+		if _, ok := t.header[name]; ok {
 			return Claims{}, errHeaderMember
 		}
 	}
-	alg, ok, err := stringMember(header, "alg")
-	if err != nil || !ok {
-		return Claims{}, errHeader
-	}
-	algo, supported := jwsAlgorithms[alg]
-	if !supported || !oneOf(alg, e.Algorithms) {
+	algo, supported := jwsAlgorithms[t.alg]
+	switch {
+	case !supported || !oneOf(t.alg, e.Algorithms):
 		return Claims{}, errAlg
-	}
-	typ, _, err := stringMember(header, "typ")
-	if err != nil {
-		return Claims{}, errHeader
-	}
-	if !externalType(typ) {
+	case !externalType(t.typ):
 		return Claims{}, errTypExternal
 	}
-	kid, _, err := stringMember(header, "kid")
-	if err != nil {
-		return Claims{}, errHeader
-	}
-	if kid == "" {
-		return Claims{}, errNoKID
-	}
-	signature, err := decodeSegment(sig)
+	key, err := e.key(ctx, t.kid, t.alg, algo)
 	if err != nil {
 		return Claims{}, err
 	}
-	key, err := e.key(ctx, kid, alg, algo)
-	if err != nil {
-		return Claims{}, err
-	}
-	if !verifySignature(algo, key.pub, token[:len(head)+1+len(payload)], signature) {
+	if !verifySignature(algo, key.pub, t.signingInput, t.signature) {
 		return Claims{}, errSignature
 	}
 
-	members, err := decodeObject(payload)
+	members, err := decodeObject(t.payload)
 	if err != nil {
 		return Claims{}, err
 	}
-	c := Claims{Type: typ}
+	c := Claims{Type: t.typ}
 	var clientID, azp string
 	for _, f := range [...]struct {
 		name string

@@ -331,57 +331,34 @@ func (v *Verifier) Verify(token string) (Claims, error) {
 	if v.Keys == nil || v.Issuer == "" || v.Audience == "" {
 		return Claims{}, errNotConfig
 	}
-	head, payload, sig, err := splitToken(token)
+	t, err := parseJWS(token)
 	if err != nil {
 		return Claims{}, err
 	}
-	header, err := decodeObject(head)
-	if err != nil {
-		return Claims{}, err
-	}
-	for name := range header {
+	for name := range t.header {
 		if name != "alg" && name != "typ" && name != "kid" {
 			return Claims{}, errHeaderMember
 		}
 	}
-	alg, ok, err := stringMember(header, "alg")
-	if err != nil || !ok {
-		return Claims{}, errHeader
-	}
-	if alg != algEdDSA {
+	switch {
+	case t.alg != algEdDSA:
 		return Claims{}, errAlg
-	}
-	typ, _, err := stringMember(header, "typ")
-	if err != nil {
-		return Claims{}, errHeader
-	}
-	if !oneOf(typ, v.Types) {
+	case !oneOf(t.typ, v.Types):
 		return Claims{}, errTyp
 	}
-	kid, _, err := stringMember(header, "kid")
-	if err != nil {
-		return Claims{}, errHeader
-	}
-	if kid == "" {
-		return Claims{}, errNoKID
-	}
-	pub, ok := v.Keys.keys[kid]
+	pub, ok := v.Keys.keys[t.kid]
 	if !ok {
 		return Claims{}, errUnknownKID
 	}
-	signature, err := decodeSegment(sig)
-	if err != nil {
-		return Claims{}, err
-	}
-	if len(signature) != ed25519.SignatureSize || !ed25519.Verify(pub, []byte(token[:len(head)+1+len(payload)]), signature) {
+	if len(t.signature) != ed25519.SignatureSize || !ed25519.Verify(pub, []byte(t.signingInput), t.signature) {
 		return Claims{}, errSignature
 	}
 
-	members, err := decodeObject(payload)
+	members, err := decodeObject(t.payload)
 	if err != nil {
 		return Claims{}, err
 	}
-	c := Claims{Type: typ}
+	c := Claims{Type: t.typ}
 	for _, f := range [...]struct {
 		name string
 		dst  *string
@@ -400,13 +377,50 @@ func (v *Verifier) Verify(token string) (Claims, error) {
 		return Claims{}, errAudience
 	case c.Subject == "":
 		return Claims{}, errNoSubject
-	case typ == TypeFragment && c.IP == "":
+	case c.Type == TypeFragment && c.IP == "":
 		return Claims{}, errNoIP
 	}
 	if err := checkTimes(&c, members, now(v.Now), v.Leeway); err != nil {
 		return Claims{}, err
 	}
 	return c, nil
+}
+
+// jws is a compact JWS with its header read, nothing verified.
+type jws struct {
+	header        map[string]json.RawMessage
+	alg, typ, kid string
+	signingInput  string // the header and payload segments, which the signature covers
+	payload       string // the payload segment, still encoded
+	signature     []byte
+}
+
+// parseJWS checks the size and shape of token (splitToken) and reads its header: "alg"
+// (required), "typ" and "kid" (required, not empty) as strings, and the signature.
+func parseJWS(token string) (jws, error) {
+	head, payload, sig, err := splitToken(token)
+	if err != nil {
+		return jws{}, err
+	}
+	t := jws{payload: payload, signingInput: token[:len(head)+1+len(payload)]}
+	if t.header, err = decodeObject(head); err != nil {
+		return jws{}, err
+	}
+	var hasAlg bool
+	var err1, err2, err3 error
+	t.alg, hasAlg, err1 = stringMember(t.header, "alg")
+	t.typ, _, err2 = stringMember(t.header, "typ")
+	t.kid, _, err3 = stringMember(t.header, "kid")
+	switch {
+	case err1 != nil || err2 != nil || err3 != nil || !hasAlg:
+		return jws{}, errHeader
+	case t.kid == "":
+		return jws{}, errNoKID
+	}
+	if t.signature, err = decodeSegment(sig); err != nil {
+		return jws{}, err
+	}
+	return t, nil
 }
 
 // splitToken checks the size and shape of a compact JWS and returns its three segments,
