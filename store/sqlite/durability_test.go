@@ -506,6 +506,9 @@ func TestLegacyReservationsAreReleased(t *testing.T) {
 		`ALTER TABLE api_keys DROP COLUMN deprecated_at`,
 		`ALTER TABLE api_keys DROP COLUMN credit_cap_period`,
 		`ALTER TABLE ledger DROP COLUMN key_id`,
+		// migration 0004
+		`DROP TABLE signing_keys`, `DROP TABLE server_secret`, `DROP TABLE apps`, `DROP TABLE sessions`,
+		`DROP TABLE consents`, `DROP TABLE auth_codes`, `DROP TABLE refresh_tokens`, `DROP TABLE external_subjects`,
 		`UPDATE accounts SET balance = balance - 3000000 WHERE id = 'user:u'`,
 		`INSERT INTO reservations VALUES ('old', 'user:u', 3000000, 0, 0)`,
 	} {

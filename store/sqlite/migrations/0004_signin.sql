@@ -6,14 +6,10 @@
 -- signing_keys.private and server_secret.secret: they are the server's own keys, which it must
 -- be able to use, not something a client presents. They are protected by the file's
 -- permissions (0600) like the rest of the database.
---
--- The statements are IF NOT EXISTS so that this migration can be applied again to a database
--- whose schema_migrations was rolled back below it (as a test of an earlier migration does)
--- while these tables, which no earlier migration knows, stayed.
 
 -- signing_keys are the Ed25519 keys the gateway signs its JWTs with. seq orders them: the last
 -- added is the newest.
-CREATE TABLE IF NOT EXISTS signing_keys (
+CREATE TABLE signing_keys (
     seq        INTEGER PRIMARY KEY AUTOINCREMENT,
     kid        TEXT    NOT NULL UNIQUE,
     -- private is the 64-byte crypto/ed25519 private key, in the clear (see above).
@@ -22,7 +18,7 @@ CREATE TABLE IF NOT EXISTS signing_keys (
 ) STRICT;
 
 -- server_secret holds one row: the 32-byte HMAC secret, in the clear (see above).
-CREATE TABLE IF NOT EXISTS server_secret (
+CREATE TABLE server_secret (
     id         INTEGER NOT NULL PRIMARY KEY CHECK (id = 1),
     secret     BLOB    NOT NULL CHECK (length(secret) = 32),
     created_at INTEGER NOT NULL
@@ -30,7 +26,7 @@ CREATE TABLE IF NOT EXISTS server_secret (
 
 -- apps are the registered OAuth clients. secret_hash is the SHA-256 of a confidential
 -- client's secret, NULL for a public client.
-CREATE TABLE IF NOT EXISTS apps (
+CREATE TABLE apps (
     client_id     TEXT    NOT NULL PRIMARY KEY,
     name          TEXT    NOT NULL DEFAULT '',
     redirect_uris TEXT    NOT NULL DEFAULT 'null' CHECK (json_valid(redirect_uris)),
@@ -41,18 +37,18 @@ CREATE TABLE IF NOT EXISTS apps (
 ) STRICT;
 
 -- sessions are the signed-in browsers, by the SHA-256 of their cookie.
-CREATE TABLE IF NOT EXISTS sessions (
+CREATE TABLE sessions (
     hash       BLOB    NOT NULL PRIMARY KEY CHECK (length(hash) = 32),
     user_id    TEXT    NOT NULL REFERENCES users (id),
     created_at INTEGER NOT NULL,
     expires_at INTEGER NOT NULL
 ) STRICT, WITHOUT ROWID;
 
-CREATE INDEX IF NOT EXISTS sessions_by_user ON sessions (user_id);
+CREATE INDEX sessions_by_user ON sessions (user_id);
 
 -- consents are what users allowed clients: an app's client_id, or "origin:" + a browser app's
 -- origin. revoked_at is set when the user revoked it.
-CREATE TABLE IF NOT EXISTS consents (
+CREATE TABLE consents (
     user_id    TEXT    NOT NULL REFERENCES users (id),
     client     TEXT    NOT NULL,
     scopes     TEXT    NOT NULL DEFAULT 'null' CHECK (json_valid(scopes)),
@@ -63,7 +59,7 @@ CREATE TABLE IF NOT EXISTS consents (
 
 -- auth_codes are the authorization codes, by their SHA-256. used_at is set, once, when one is
 -- redeemed.
-CREATE TABLE IF NOT EXISTS auth_codes (
+CREATE TABLE auth_codes (
     hash         BLOB    NOT NULL PRIMARY KEY CHECK (length(hash) = 32),
     client_id    TEXT    NOT NULL,
     user_id      TEXT    NOT NULL REFERENCES users (id),
@@ -78,7 +74,7 @@ CREATE TABLE IF NOT EXISTS auth_codes (
 -- refresh_tokens are the refresh tokens, by their SHA-256. The tokens rotated from one another
 -- share a family; a rotated one has rotated_at and the SHA-256 of its successor. origin is the
 -- SHA-256 (hex) of the authorization code the family was issued from (NULL: none).
-CREATE TABLE IF NOT EXISTS refresh_tokens (
+CREATE TABLE refresh_tokens (
     hash       BLOB    NOT NULL PRIMARY KEY CHECK (length(hash) = 32),
     family     TEXT    NOT NULL,
     user_id    TEXT    NOT NULL REFERENCES users (id),
@@ -93,12 +89,12 @@ CREATE TABLE IF NOT EXISTS refresh_tokens (
     CHECK ((rotated_at IS NULL) = (successor IS NULL))
 ) STRICT, WITHOUT ROWID;
 
-CREATE INDEX IF NOT EXISTS refresh_tokens_by_family ON refresh_tokens (family);
-CREATE INDEX IF NOT EXISTS refresh_tokens_by_user_client ON refresh_tokens (user_id, client_id);
-CREATE INDEX IF NOT EXISTS refresh_tokens_by_origin ON refresh_tokens (origin) WHERE origin IS NOT NULL;
+CREATE INDEX refresh_tokens_by_family ON refresh_tokens (family);
+CREATE INDEX refresh_tokens_by_user_client ON refresh_tokens (user_id, client_id);
+CREATE INDEX refresh_tokens_by_origin ON refresh_tokens (origin) WHERE origin IS NOT NULL;
 
 -- external_subjects link a subject of an external identity provider (issuer) to a user.
-CREATE TABLE IF NOT EXISTS external_subjects (
+CREATE TABLE external_subjects (
     issuer     TEXT    NOT NULL,
     subject    TEXT    NOT NULL,
     user_id    TEXT    NOT NULL REFERENCES users (id),
@@ -106,4 +102,4 @@ CREATE TABLE IF NOT EXISTS external_subjects (
     PRIMARY KEY (issuer, subject)
 ) STRICT, WITHOUT ROWID;
 
-CREATE INDEX IF NOT EXISTS external_subjects_by_user ON external_subjects (user_id);
+CREATE INDEX external_subjects_by_user ON external_subjects (user_id);
