@@ -618,26 +618,17 @@ func (g *Gateway) adminRotateSigningKey(ctx context.Context) (any, error) {
 	if g.Signin == nil {
 		return nil, errNoSignin
 	}
-	if err := g.loadSigningKeys(ctx, true); err != nil {
+	kids, err := g.loadSigningKeys(ctx, true)
+	if err != nil {
 		return nil, err
 	}
 	// Every configuration sharing the store signs with the new key.
 	for _, other := range activeGateways.all() {
 		if other != g && other.Signin != nil && other.store == g.store {
-			if err := other.loadSigningKeys(ctx, false); err != nil {
+			if _, err := other.loadSigningKeys(ctx, false); err != nil {
 				return nil, err
 			}
 		}
-	}
-	var doc struct {
-		Keys []struct {
-			KID string `json:"kid"`
-		} `json:"keys"`
-	}
-	_ = json.Unmarshal(g.Signin.currentKeys().JWKS(), &doc)
-	kids := make([]string, 0, len(doc.Keys))
-	for _, k := range doc.Keys {
-		kids = append(kids, k.KID)
 	}
 	return map[string]any{"published": kids, "signing": kids[0]}, nil
 }

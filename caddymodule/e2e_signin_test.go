@@ -666,7 +666,14 @@ func TestGatewayTokens(t *testing.T) {
 	e.adminCall(http.MethodPost, "/llm_gateway/users/"+user+"/credits", map[string]any{"amount": "1"}, http.StatusOK, nil, nil)
 
 	// Rotation: the previous key still verifies (and is published), the one before it not.
-	e.adminCall(http.MethodPost, "/llm_gateway/signing_keys/rotate", nil, http.StatusOK, nil, nil)
+	var rotated struct {
+		Published []string `json:"published"`
+		Signing   string   `json:"signing"`
+	}
+	e.adminCall(http.MethodPost, "/llm_gateway/signing_keys/rotate", nil, http.StatusOK, &rotated, nil)
+	if len(rotated.Published) != 2 || rotated.Signing != rotated.Published[0] || rotated.Published[1] != keys[0].KID {
+		t.Fatalf("rotation answer %+v, first key %s", rotated, keys[0].KID)
+	}
 	jwks := e.request(http.MethodGet, e.gw+"/.well-known/jwks.json", nil, nil)
 	if n := strings.Count(string(jwks.body), `"kid"`); n != 2 {
 		t.Fatalf("JWKS after a rotation has %d keys: %s", n, jwks)

@@ -306,7 +306,7 @@ func (g *Gateway) selfUsage(r *http.Request, who *caller, _ string) (int, any, e
 		return 0, nil, err
 	}
 	now := g.clock().UTC()
-	since := time.Date(now.Year(), now.Month(), now.Day()-days+1, 0, 0, 0, 0, time.UTC)
+	since := usageSince(now, days)
 	rows, err := g.store.usage(r.Context(), who.account, since)
 	if err != nil {
 		return 0, nil, err
@@ -324,6 +324,13 @@ func (g *Gateway) selfUsage(r *http.Request, who *caller, _ string) (int, any, e
 		total.Credits += u.Credits
 	}
 	return http.StatusOK, map[string]any{"since": since, "usage": rows, "total": total}, nil
+}
+
+// usageSince is the start of the UTC day days-1 days before now: the first day of a usage
+// report of days days, today included.
+func usageSince(now time.Time, days int) time.Time {
+	now = now.UTC()
+	return time.Date(now.Year(), now.Month(), now.Day()-days+1, 0, 0, 0, 0, time.UTC)
 }
 
 // queryInt reads an integer query parameter from lo to hi, def when absent.

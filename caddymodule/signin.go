@@ -100,8 +100,9 @@ type ExternalIssuer struct {
 	Scopes []string `json:"scopes,omitempty"`
 }
 
-// fragmentScopes are what a fragment flow token grants: inference only.
-var fragmentScopes = []string{identity.ScopeChatWrite, identity.ScopeEmbeddingsWrite, identity.ScopeModelsRead}
+// fragmentScopes are what a fragment flow token grants: what an anonymous caller may do
+// (inference and the catalog), on the user's credits.
+var fragmentScopes = anonymousScopes
 
 // Sign-in defaults and bounds (RELIABILITY §3 lifetimes).
 const (
@@ -141,7 +142,7 @@ func (g *Gateway) provisionSignin(ctx context.Context) error {
 	if s.secret, err = st.ServerSecret(ctx); err != nil {
 		return fmt.Errorf("signin: server secret: %w", err)
 	}
-	if err := g.loadSigningKeys(ctx, false); err != nil {
+	if _, err := g.loadSigningKeys(ctx, false); err != nil {
 		return err
 	}
 	s.verifier = signin.Verifier{Issuer: s.Issuer, Audience: s.Issuer,
@@ -167,34 +168,39 @@ func (e *ExternalIssuer) verifier(now func() time.Time) *signin.ExternalIssuer {
 
 // loadSigningKeys reads the signing keys into the keyset; with rotate, or when there are none
 // yet, it first makes a new one, which signs from then on (the previous one stays published,
-// so tokens it signed keep working until they expire).
-func (g *Gateway) loadSigningKeys(ctx context.Context, rotate bool) error {
+// so tokens it signed keep working until they expire). It returns the key ids, newest (the
+// signing one) first.
+func (g *Gateway) loadSigningKeys(ctx context.Context, rotate bool) ([]string, error) {
 	st := g.store.signin
 	keys, err := st.SigningKeys(ctx)
 	if err != nil {
-		return fmt.Errorf("signin: signing keys: %w", err)
+		return nil, fmt.Errorf("signin: signing keys: %w", err)
 	}
 	if rotate || len(keys) == 0 {
 		k, err := signin.NewSigningKey(g.clock())
 		if err != nil {
-			return fmt.Errorf("signin: new signing key: %w", err)
+			return nil, fmt.Errorf("signin: new signing key: %w", err)
 		}
 		if err := st.AddSigningKey(ctx, k, signingKeysKept); err != nil {
-			return fmt.Errorf("signin: storing the signing key: %w", err)
+			return nil, fmt.Errorf("signin: storing the signing key: %w", err)
 		}
 		if keys, err = st.SigningKeys(ctx); err != nil {
-			return fmt.Errorf("signin: signing keys: %w", err)
+			return nil, fmt.Errorf("signin: signing keys: %w", err)
 		}
 	}
 	ks, err := signin.NewKeyset(keys)
 	if err != nil {
-		return fmt.Errorf("signin: signing keys: %w", err)
+		return nil, fmt.Errorf("signin: signing keys: %w", err)
 	}
 	s := g.Signin
 	s.keysMu.Lock()
 	s.keys = ks
 	s.keysMu.Unlock()
-	return nil
+	kids := make([]string, len(keys))
+	for i, k := range keys {
+		kids[i] = k.KID
+	}
+	return kids, nil
 }
 
 // currentKeys is the keyset in use.

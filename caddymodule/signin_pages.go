@@ -617,7 +617,7 @@ func (g *Gateway) accountPage(w http.ResponseWriter, r *http.Request, status int
 		msg = "Your balance cannot be read right now."
 	}
 	now := g.clock().UTC()
-	if days, err := g.store.usage(ctx, credits.UserAccount(u.ID), now.AddDate(0, 0, -29).Truncate(24*time.Hour)); err == nil {
+	if days, err := g.store.usage(ctx, credits.UserAccount(u.ID), usageSince(now, 30)); err == nil {
 		for _, d := range days {
 			a.Usage = append(a.Usage, usageRow{Day: d.Day, Model: d.Model, Requests: d.Requests,
 				InputTokens: d.InputTokens, OutputTokens: d.OutputTokens, Credits: d.Credits})
