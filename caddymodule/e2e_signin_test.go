@@ -341,8 +341,16 @@ func TestSigninPages(t *testing.T) {
 		t.Fatal("no new session cookie at sign-in")
 	}
 	other.login("ada@example.com", "correct horse battery")
-	if second := sessionCookie(t, other); second == first {
+	second := sessionCookie(t, other)
+	if second == first {
 		t.Fatal("the session id was not rotated at the second sign-in")
+	}
+	if r := newBrowser(e).do(http.MethodGet, "/account", nil, map[string]string{"Cookie": "llm_gateway_session=" + second}); r.status != http.StatusOK {
+		t.Fatalf("the current session, sent by hand: %s", r)
+	}
+	// The replaced session is gone, not only forgotten by this browser.
+	if r := newBrowser(e).do(http.MethodGet, "/account", nil, map[string]string{"Cookie": "llm_gateway_session=" + first}); r.status != http.StatusSeeOther {
+		t.Fatalf("the session replaced at sign-in still works: %s", r)
 	}
 	// next= may only be a path on this site.
 	page = other.get("/auth/login")
