@@ -66,6 +66,9 @@ func ParseAmount(s string) (Amount, error) {
 		f, _ = strconv.ParseInt(frac, 10, 64)
 	}
 	a := Amount(w)*Credit + Amount(f)
+	if a > MaxAmount {
+		return 0, ErrInvalidAmount
+	}
 	if neg {
 		a = -a
 	}
