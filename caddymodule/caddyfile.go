@@ -35,6 +35,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		max_tokens_default <n>
 //		max_tokens_cap <n>
 //		reservation_ttl <duration>
+//		on_disconnect stop|drain
 //		drain_timeout <duration>
 //		failover <n>
 //		key_cache_ttl <duration>
@@ -122,6 +123,10 @@ func (g *Gateway) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 		case "reservation_ttl":
 			if err := oneDuration(d, &g.ReservationTTL); err != nil {
+				return err
+			}
+		case "on_disconnect":
+			if err := oneString(d, &g.OnDisconnect); err != nil {
 				return err
 			}
 		case "drain_timeout":

@@ -20,7 +20,7 @@ func TestAnonymousChatUntil402(t *testing.T) {
 		signin   = "http://signin.example/auth/login"
 		app      = "http://app.example"
 		evil     = "http://evil.example"
-		cheapIn  = "1000"
+		cheapIn  = "100"
 		cheapOut = "2000"
 		dearIn   = "5000"
 		dearOut  = "9000"
@@ -42,7 +42,7 @@ func TestAnonymousChatUntil402(t *testing.T) {
 	charge := cost(t, 2, 8, cheapIn, cheapOut)
 	// Reservations: the gateway may hold the dearest choice it could fail over to, but must
 	// admit the request whenever the cheapest choice is covered.
-	est := promptEstimate(messages)
+	est := inputBound(body)
 	needCheap := cost(t, est, 8, cheapIn, cheapOut)
 	allowance := credits.Amount(micro(t, "0.1"))
 

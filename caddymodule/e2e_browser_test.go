@@ -75,7 +75,9 @@ http://127.0.0.1:{port.demo} {
 		conv = append(conv, map[string]string{"role": "user", "content": p})
 		raw, _ := json.Marshal(conv)
 		words += len(strings.Fields(p))
-		if balance < cost(t, promptEstimate(string(raw)), outBound, inPrice, outPrice) {
+		// The page's body: JSON.stringify({model, messages, stream: false}).
+		sent := `{"model":"cheapest","messages":` + string(raw) + `,"stream":false}`
+		if balance < cost(t, inputBound(sent), outBound, inPrice, outPrice) {
 			break
 		}
 		balance -= cost(t, int64(words), outBound, inPrice, outPrice)

@@ -11,16 +11,81 @@ import (
 	"time"
 
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/credits"
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/metering"
 )
 
-// TestClientDisconnectMidStream: a client that goes away after 3 chunks of a slow stream is
-// still charged exactly the full usage the backend reports at the end (the gateway drains the
-// stream), the reservation is closed and the in-flight and stream gauges return to 0; a backend
-// that cuts its stream mid-way gets the request charged for what was produced, once.
+// TestClientDisconnectStopsTheModel: with on_disconnect stop (the default), a client that goes
+// away after 3 chunks of a slow 40-chunk stream stops the backend at once and is charged what
+// was produced up to then, counted with the OpenAI tokenizer (the prompt: the request body),
+// not the whole answer; the reservation is closed and the gauges return to 0.
+func TestClientDisconnectStopsTheModel(t *testing.T) {
+	const in, out = "1000", "3000"
+	e := startGateway(t, setup{
+		gateway: backendBlock("slow", "slow", "mock-small", in, out),
+		mocks:   []mockSpec{{key: "slow", lines: "models mock-small"}},
+	})
+	const initial = "50"
+	u, k := e.userWithKey("stopper@example.com", initial)
+	body := `{"model":"mock-small","messages":[{"role":"user","content":"tell me a long story"}],"max_tokens":100,"stream":true}`
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	resp, err := e.client.Do(e.newRequest(ctx, http.MethodPost, e.gw+"/v1/chat/completions", body, map[string]string{
+		"Authorization": "Bearer " + k.Key, "X-Mock-Chunks": "40", "X-Mock-Chunk-Interval": "50ms", "X-Mock-Completion-Tokens": "40"}))
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("stream: %v %v", resp, err)
+	}
+	rd := bufio.NewReader(resp.Body)
+	for got := 0; got < 3; {
+		line, err := rd.ReadString('\n')
+		if err != nil {
+			t.Fatalf("reading event %d: %v", got+1, err)
+		}
+		if strings.HasPrefix(line, "data: ") {
+			got++
+		}
+	}
+	left := time.Now()
+	resp.Body.Close()
+	cancel()
+	a := e.settledAudit(u.ID)
+	settledIn := time.Since(left)
+	st := e.settlements(u.ID)
+	if len(st) != 1 || st[0].Usage == nil {
+		t.Fatalf("%d settlements after the disconnect, want 1: %+v", len(st), st)
+	}
+	// The client read 3 chunks; the gateway may have passed on a few more before it noticed.
+	// The full answer (40 chunks, 2 s) would be tok1 ... tok40.
+	wantIn := metering.CountTokens(metering.FamilyOpenAI, []byte(body), 1)
+	lo := metering.CountTokens(metering.FamilyOpenAI, []byte(tokens(3)), 3)
+	hi := metering.CountTokens(metering.FamilyOpenAI, []byte(tokens(12)), 12)
+	u0 := st[0].Usage
+	if u0.InputTokens != wantIn || u0.OutputTokens < lo || u0.OutputTokens > hi {
+		t.Errorf("the left stream settled usage %+v, want %d prompt tokens (the body, tokenized) and %d..%d output tokens (what was produced before the client left)",
+			u0, wantIn, lo, hi)
+	}
+	if want := cost(t, u0.InputTokens, u0.OutputTokens, in, out); st[0].Amount != want {
+		t.Errorf("charged %s for %+v, want %s", st[0].Amount, u0, want)
+	}
+	if want := credits.Amount(micro(t, initial)) - st[0].Amount; a.Balance != want {
+		t.Errorf("balance %s, want %s", a.Balance, want)
+	}
+	if settledIn > 1500*time.Millisecond {
+		t.Errorf("settled %s after the client left: the backend was not stopped (the whole stream takes 2 s)", settledIn)
+	}
+	e.expectIdleGauges("slow")
+	e.checkAllAccounts(0)
+}
+
+// TestClientDisconnectMidStream: with on_disconnect drain, a client that goes away after 3
+// chunks of a slow stream is still charged exactly the full usage the backend reports at the
+// end (the gateway drains the stream), the reservation is closed and the in-flight and stream
+// gauges return to 0; a backend that cuts its stream mid-way gets the request charged for what
+// was produced, once.
 func TestClientDisconnectMidStream(t *testing.T) {
 	const in, out = "1000", "3000"
 	e := startGateway(t, setup{
 		gateway: `
+		on_disconnect drain
 		drain_timeout 30s` + backendBlock("slow", "slow", "mock-small", in, out),
 		mocks: []mockSpec{{key: "slow", lines: "models mock-small"}},
 	})
@@ -61,7 +126,7 @@ func TestClientDisconnectMidStream(t *testing.T) {
 		return resp, rd, cancel
 	}
 	open := func() credits.Amount { return e.ledger(u.ID).Audit.Open }
-	reserved := cost(t, promptEstimate(messages), 100, in, out)
+	reserved := cost(t, inputBound(body), 100, in, out)
 
 	// 1. The client leaves after 3 of 40 chunks (50 ms apart).
 	resp, _, cancel := openStream(map[string]string{"X-Mock-Chunks": "40", "X-Mock-Chunk-Interval": "50ms",

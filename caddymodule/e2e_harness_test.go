@@ -938,9 +938,9 @@ func amountOf(t testing.TB, v any) credits.Amount {
 	return a
 }
 
-// promptEstimate mirrors the gateway's upper-biased prompt estimate (request.go: one token per
-// three bytes of the JSON of what the model reads, plus one), to size reservations in tests.
-func promptEstimate(rawPrompt string) int64 { return int64(len(rawPrompt))/3 + 1 }
+// inputBound mirrors the gateway's prompt bound (request.go: one token per byte of the whole
+// request body, images aside), to size reservations in tests.
+func inputBound(body string) int64 { return int64(len(body)) }
 
 // tokens is the mock's generated text of n tokens: "tok1 tok2 ... tokN".
 func tokens(n int) string {

@@ -132,8 +132,10 @@ func TestCheapestRoutingAndFailover(t *testing.T) {
 	// left (another address than above, so that passive health checks, which mark an address
 	// down after 2 failures, do not change the answer), it fails, the request fails, and
 	// nothing is charged.
-	between := cost(t, promptEstimate(messages), 10, cheapIn, cheapOut) + 1 // above the cheap reservation, below the dear one
-	if dear := cost(t, promptEstimate(messages), 10, dearIn, dearOut); between >= dear {
+	// The bound counts the whole body, max_price included: sized for the longest body sent.
+	longest := inputBound(chat("m-capped", `,"max_price":0.000000000000`))
+	between := cost(t, longest, 10, cheapIn, cheapOut) + 1 // above the cheap reservation, below the dear one
+	if dear := cost(t, inputBound(chat("m-capped", "")), 10, dearIn, dearOut); between >= dear {
 		t.Fatalf("test setup: max price %s not below the dear cost %s", between, dear)
 	}
 	for _, c := range []struct {

@@ -22,6 +22,8 @@ var (
 	errTooLarge          = errors.New("request body too large")
 	errNoOutput          = errors.New("backend failed before sending a response")
 	errUpstreamTimeout   = errors.New("backend did not answer in time")
+	errCutAnswer         = errors.New("backend's answer was cut short or is not valid JSON")
+	errEncodedAnswer     = errors.New("backend compressed its answer although the gateway asked for identity encoding")
 )
 
 // badRequest is a 400 invalid_request naming the parameter at fault.
@@ -191,7 +193,7 @@ func errorResponse(err error) *apiError {
 	case errors.Is(err, errUpstreamTimeout):
 		set(http.StatusGatewayTimeout, "upstream_timeout", "api_error")
 		e.Message = "the backend did not answer in time; no credits were charged"
-	case errors.Is(err, errNoOutput):
+	case errors.Is(err, errNoOutput), errors.Is(err, errCutAnswer), errors.Is(err, errEncodedAnswer):
 		set(http.StatusBadGateway, "upstream_error", "api_error")
 		e.Message = "the backend failed; no credits were charged"
 	default:

@@ -3,6 +3,7 @@ package caddymodule
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"net/http"
 	"strconv"
@@ -40,12 +41,18 @@ type exchange struct {
 	choice    *routing.Choice
 	mode      responseMode
 	meter     *metering.StreamMeter
+	document  *metering.DocumentMeter // modeLarge: the usage of a document too large to hold
 	buf       bytes.Buffer
+	header    http.Header // modeBuffer: the backend's headers, passed on with the document
+	docUsage  metering.Usage
+	docOK     bool // modeBuffer: the document reported its usage
 	firstByte time.Time
 
-	mu        sync.Mutex // guards settled, gone, and writes to w after the client left
-	settled   bool
-	gone      bool
+	mu      sync.Mutex // guards settled, gone, stop, and writes to w after the client left
+	settled bool
+	gone    bool
+	// stop cancels the backend request (on_disconnect stop, for a streamed answer).
+	stop context.CancelFunc
 	charged   credits.Amount
 	remaining credits.Amount
 	usage     metering.Usage
@@ -58,6 +65,7 @@ const (
 	modeNone        responseMode = iota
 	modeStream                   // SSE or NDJSON: passed on as it comes, metered on the way
 	modeBuffer                   // one JSON document: held until complete to put the charge in the headers
+	modeLarge                    // a document too large to hold: passed on as it comes, its usage read on the way
 	modePassthrough              // an error answer of the backend: passed on, nothing charged
 )
 
@@ -72,10 +80,18 @@ func (ex *exchange) proxy() error {
 	// the client can still be read to its usage and charged for what was produced.
 	ctx, cancel := context.WithCancel(context.WithoutCancel(ex.r.Context()))
 	defer cancel()
+	if ex.inf.stream && g.OnDisconnect == onDisconnectStop {
+		ex.stop = cancel
+	}
 	stopWatch := context.AfterFunc(ex.r.Context(), func() {
 		ex.mu.Lock()
 		ex.gone = true
+		stop := ex.stop
 		ex.mu.Unlock()
+		if stop != nil {
+			stop() // on_disconnect stop: the model stops, and so does the billing
+			return
+		}
 		time.AfterFunc(time.Duration(g.DrainTimeout), cancel)
 	})
 	defer stopWatch()
@@ -83,6 +99,9 @@ func (ex *exchange) proxy() error {
 
 	var lastErr error
 	for i := range ex.choices {
+		if ctx.Err() != nil {
+			break // the client left before any answer: nobody to try another backend for
+		}
 		c := &ex.choices[i]
 		b := g.Backends[c.Backend]
 		body, err := ex.inf.body(c.Model.Upstream)
@@ -107,6 +126,14 @@ func (ex *exchange) proxy() error {
 		ex.choice = c
 		err = ex.attempt(b, aw, req)
 		acancel()
+		if aw.encoded {
+			err = errEncodedAnswer
+		}
+		if ex.mode == modeBuffer && !ex.wholeDocument(err) {
+			// Cut or malformed: nothing reached the client, so it is no answer at all.
+			ex.mode, ex.buf, ex.header = modeNone, bytes.Buffer{}, nil
+			err = errCutAnswer
+		}
 		if ex.mode == modeNone {
 			ex.aborted = false // nothing reached the client: the next backend may still answer
 		}
@@ -128,6 +155,17 @@ func (ex *exchange) proxy() error {
 		lastErr = errNoOutput
 	}
 	return lastErr
+}
+
+// wholeDocument reports whether the buffered answer is one whole JSON document that came to
+// its end (a backend can cut it, or end it mid-way with a Content-Length that matches), and
+// reads its usage.
+func (ex *exchange) wholeDocument(proxyErr error) bool {
+	if proxyErr != nil {
+		return false
+	}
+	ex.docUsage, ex.docOK = metering.UsageFromJSON(ex.buf.Bytes())
+	return ex.docOK || json.Valid(ex.buf.Bytes())
 }
 
 // errAborted: the reverse proxy aborted the response (the backend's stream broke after its
@@ -158,6 +196,9 @@ func (ex *exchange) attempt(b *Backend, aw *attemptWriter, req *http.Request) (e
 
 // classifyUpstream names why an attempt produced no answer.
 func classifyUpstream(err error) error {
+	if errors.Is(err, errCutAnswer) || errors.Is(err, errEncodedAnswer) {
+		return err
+	}
 	var he caddyhttp.HandlerError
 	if errors.As(err, &he) && he.StatusCode == http.StatusGatewayTimeout {
 		return errUpstreamTimeout
@@ -170,6 +211,10 @@ func classifyUpstream(err error) error {
 
 func upstreamErrorKind(err error, aw *attemptWriter) string {
 	switch {
+	case errors.Is(err, errCutAnswer):
+		return "cut"
+	case errors.Is(err, errEncodedAnswer):
+		return "encoded"
 	case aw.status >= 500:
 		return "status_5xx"
 	case errors.Is(err, errUpstreamTimeout):
@@ -182,6 +227,48 @@ func upstreamErrorKind(err error, aw *attemptWriter) string {
 // commit is called when a backend's answer is taken: its status and headers go to the client
 // (at once for streams and errors, after the body for single JSON documents).
 func (ex *exchange) commit(hdr http.Header, status int) {
+	ct := strings.ToLower(hdr.Get("Content-Type"))
+	switch {
+	case status < 200 || status > 299:
+		ex.mode = modePassthrough
+		ex.passHeaders(hdr)
+		if cl := hdr.Get("Content-Length"); cl != "" {
+			ex.w.Header().Set("Content-Length", cl)
+		}
+	case strings.HasPrefix(ct, "text/event-stream"):
+		ex.startStream(hdr, metering.SSE)
+	case strings.HasPrefix(ct, "application/x-ndjson"):
+		ex.startStream(hdr, metering.NDJSON)
+	default:
+		ex.mode, ex.header = modeBuffer, hdr
+		if n, err := strconv.Atoi(hdr.Get("Content-Length")); err == nil && n > 0 && n <= maxBufferedResponse {
+			ex.buf.Grow(n)
+		}
+		return
+	}
+	ex.w.WriteHeader(status)
+	ex.outcome = outcomeOf(status)
+}
+
+// startStream takes a streamed answer: metered on its way, the model family's tokenizer
+// counting its text should it end without usage.
+func (ex *exchange) startStream(hdr http.Header, format metering.Format) {
+	ex.mode = modeStream
+	ex.meter = &metering.StreamMeter{Format: format, OnUsage: ex.onUsage}
+	if format == metering.SSE {
+		ex.meter.HideUsage = !ex.inf.clientWantsUsage
+		ex.meter.KeepText = ex.family() == metering.FamilyOpenAI
+	}
+	ex.passHeaders(hdr)
+	h := ex.w.Header()
+	ex.g.metrics.activeStreams.Inc()
+	h.Set("Cache-Control", "no-cache")
+	h.Set("X-Accel-Buffering", "no")
+}
+
+// passHeaders sets the client's response headers from the backend's, and says which backend
+// and model answered.
+func (ex *exchange) passHeaders(hdr http.Header) {
 	c := ex.choice
 	h := ex.w.Header()
 	for k, v := range hdr {
@@ -196,33 +283,14 @@ func (ex *exchange) commit(hdr http.Header, status int) {
 	}
 	h.Set("X-Gateway-Model", c.Model.Name)
 	h.Set("X-Gateway-Backend", c.BackendName)
-	ct := strings.ToLower(hdr.Get("Content-Type"))
-	switch {
-	case status < 200 || status > 299:
-		ex.mode = modePassthrough
-		if cl := hdr.Get("Content-Length"); cl != "" {
-			h.Set("Content-Length", cl)
-		}
-	case strings.HasPrefix(ct, "text/event-stream"):
-		ex.mode = modeStream
-		ex.meter = &metering.StreamMeter{Format: metering.SSE, HideUsage: !ex.inf.clientWantsUsage, OnUsage: ex.onUsage}
-	case strings.HasPrefix(ct, "application/x-ndjson"):
-		ex.mode = modeStream
-		ex.meter = &metering.StreamMeter{Format: metering.NDJSON, OnUsage: ex.onUsage}
-	default:
-		ex.mode = modeBuffer
-		if n, err := strconv.Atoi(hdr.Get("Content-Length")); err == nil && n > 0 && n <= maxBufferedResponse {
-			ex.buf.Grow(n)
-		}
-		return
+}
+
+// family is how the answering backend's model counts tokens.
+func (ex *exchange) family() metering.Family {
+	if ex.g.Backends[ex.choice.Backend].Style == routing.StyleOpenAI {
+		return metering.FamilyOpenAI
 	}
-	if ex.mode == modeStream {
-		ex.g.metrics.activeStreams.Inc()
-		h.Set("Cache-Control", "no-cache")
-		h.Set("X-Accel-Buffering", "no")
-	}
-	ex.w.WriteHeader(status)
-	ex.outcome = outcomeOf(status)
+	return metering.FamilyEstimate
 }
 
 // body takes bytes of the answer from the backend.
@@ -235,16 +303,24 @@ func (ex *exchange) body(p []byte) {
 		_ = ex.meter.Write(clientWriter{ex}, p)
 	case modeBuffer:
 		if ex.buf.Len()+len(p) > maxBufferedResponse {
-			// Too large to hold: pass it on without the charge in the headers.
-			ex.mode = modeStream
-			ex.meter = &metering.StreamMeter{Format: metering.JSON} // passed through, not parsed
+			// Too large to hold: passed on as it comes (without the charge in the headers),
+			// its usage read on the way; never free (see finish).
+			ex.mode = modeLarge
+			ex.document = &metering.DocumentMeter{}
+			ex.passHeaders(ex.header)
 			ex.w.WriteHeader(http.StatusOK)
+			ex.outcome = "ok"
+			ex.document.Write(ex.buf.Bytes())
 			_, _ = clientWriter{ex}.Write(ex.buf.Bytes())
 			ex.buf = bytes.Buffer{}
+			ex.document.Write(p)
 			_, _ = clientWriter{ex}.Write(p)
 			return
 		}
 		ex.buf.Write(p)
+	case modeLarge:
+		ex.document.Write(p)
+		_, _ = clientWriter{ex}.Write(p)
 	case modePassthrough:
 		_, _ = clientWriter{ex}.Write(p)
 	}
@@ -252,6 +328,8 @@ func (ex *exchange) body(p []byte) {
 
 // finish completes an answered request: the rest of the stream, or the buffered document with
 // the charge in its headers, and the settlement if the usage message did not already make it.
+// Once any of the answer went to the client, the reservation is never released: the request
+// is charged its usage, or what it produced, or (a large document without usage) all of it.
 func (ex *exchange) finish(proxyErr error) {
 	switch ex.mode {
 	case modeStream:
@@ -260,17 +338,16 @@ func (ex *exchange) finish(proxyErr error) {
 		if u, ok := ex.meter.Usage(); ok {
 			ex.settle(u, true) // no-op when OnUsage already settled
 		} else {
-			p := ex.meter.Produced()
-			ex.settleProduced(p.Chunks, p.ContentBytes)
+			ex.settleProduced(ex.meter.ProducedTokens(ex.family()))
 		}
 		ex.flushClient()
 	case modeBuffer:
-		u, ok := metering.UsageFromJSON(ex.buf.Bytes())
-		if ok {
-			ex.settle(u, true)
+		if ex.docOK {
+			ex.settle(ex.docUsage, true)
 		} else {
-			ex.settleProduced(0, int64(ex.buf.Len()))
+			ex.settleProduced(metering.EstimateTokens(int64(ex.buf.Len()), 1))
 		}
+		ex.passHeaders(ex.header)
 		h := ex.w.Header()
 		h.Set("X-Credits-Charged", ex.charged.String())
 		h.Set("X-Credits-Remaining", ex.remaining.String())
@@ -278,14 +355,20 @@ func (ex *exchange) finish(proxyErr error) {
 		ex.w.WriteHeader(http.StatusOK)
 		ex.outcome = "ok"
 		_, _ = clientWriter{ex}.Write(ex.buf.Bytes())
+	case modeLarge:
+		if u, ok := ex.document.Usage(); ok && proxyErr == nil {
+			ex.settle(u, true)
+		} else {
+			ex.settleReserved()
+		}
 	case modePassthrough:
 		ex.release()
 	}
 	if ex.clientGone() && ex.outcome == "ok" {
 		ex.outcome = "client_gone"
 	}
-	if proxyErr != nil && ex.mode == modeStream {
-		ex.g.logger.Debug("backend stream ended with an error", zap.String("backend", ex.choice.BackendName), zap.Error(proxyErr))
+	if proxyErr != nil && (ex.mode == modeStream || ex.mode == modeLarge) {
+		ex.g.logger.Debug("backend answer ended with an error", zap.String("backend", ex.choice.BackendName), zap.Error(proxyErr))
 	}
 }
 
@@ -295,16 +378,22 @@ func (ex *exchange) onUsage(u metering.Usage) []byte {
 	return []byte(`"credits_charged":` + ex.charged.String() + `,"credits_remaining":` + ex.remaining.String())
 }
 
-// settleProduced settles a response that reported no usage: the prompt estimate and the
-// output produced (one token per content message, or one per four bytes, whichever is more),
-// never more than was reserved; nothing when nothing was produced.
-func (ex *exchange) settleProduced(chunks, contentBytes int64) {
-	out := max(chunks, (contentBytes+3)/4)
+// settleProduced settles an answer that reported no usage: the prompt counted with the model
+// family's tokenizer (the whole request body, at most its bound) and out output tokens (at
+// most the output bound), never more than was reserved; nothing when nothing was produced.
+func (ex *exchange) settleProduced(out int64) {
 	if out == 0 {
 		ex.release()
 		return
 	}
-	ex.settle(metering.Usage{InputTokens: ex.inf.inputEstimate, OutputTokens: min(out, ex.inf.outputBound)}, false)
+	in := min(metering.CountTokens(ex.family(), ex.inf.raw, 1), ex.inf.inputBound)
+	ex.settle(metering.Usage{InputTokens: in, OutputTokens: min(out, ex.inf.outputTotal())}, false)
+}
+
+// settleReserved charges the whole reservation: an answer that went to the client but whose
+// usage cannot be known.
+func (ex *exchange) settleReserved() {
+	ex.settle(metering.Usage{InputTokens: ex.inf.inputBound, OutputTokens: ex.inf.outputTotal()}, false)
 }
 
 // settle charges the reservation for what was used, exactly once.
@@ -321,9 +410,11 @@ func (ex *exchange) settle(u metering.Usage, reported bool) {
 	if err != nil {
 		cost = ex.res.Amount // absurd usage: charge what was reserved, never more
 	}
-	if !reported {
-		cost = min(cost, ex.res.Amount)
-	}
+	// The reservation bounds what a request costs: a backend reporting more (it ignored the
+	// output bound, or the prompt was dearer than its bound) is charged the reservation, and
+	// the rest is counted as overage, so no balance ever goes below zero.
+	overage := max(cost-ex.res.Amount, 0)
+	cost -= overage
 	ctx, cancel := context.WithTimeout(context.Background(), storeTimeout)
 	defer cancel()
 	balance, err := ex.g.store.ledger.Settle(ctx, ex.res.ID, cost, credits.Usage{
@@ -338,8 +429,12 @@ func (ex *exchange) settle(u metering.Usage, reported bool) {
 	m := ex.g.metrics
 	m.credits.WithLabelValues("settled").Add(cost.Credits())
 	m.credits.WithLabelValues("refunded").Add(max(ex.res.Amount-cost, 0).Credits())
-	if cost > ex.res.Amount {
-		m.credits.WithLabelValues("overage").Add((cost - ex.res.Amount).Credits())
+	if overage > 0 {
+		m.credits.WithLabelValues("overage").Add(overage.Credits())
+		ex.g.logger.Warn("backend reported usage above the reservation: charged the reservation",
+			zap.String("backend", c.BackendName), zap.String("model", c.Model.Name),
+			zap.Int64("input_tokens", u.InputTokens), zap.Int64("output_tokens", u.OutputTokens),
+			zap.String("unbilled", overage.String()))
 	}
 	m.tokens.WithLabelValues(c.Model.Name, c.BackendName, "input").Add(float64(u.InputTokens))
 	m.tokens.WithLabelValues(c.Model.Name, c.BackendName, "output").Add(float64(u.OutputTokens))
@@ -419,7 +514,8 @@ type attemptWriter struct {
 	ex     *exchange
 	hdr    http.Header
 	status int
-	failed bool // the answer was a 5xx held back for failover
+	failed  bool // the answer was a 5xx, or compressed, held back for failover
+	encoded bool // the answer was compressed although identity was asked for
 }
 
 func (a *attemptWriter) Header() http.Header { return a.hdr }
@@ -433,6 +529,12 @@ func (a *attemptWriter) WriteHeader(status int) {
 		// Held back: the next backend is tried, or, after the last, the gateway answers
 		// 502 upstream_error itself (with everything reserved returned).
 		a.failed = true
+		return
+	}
+	if ce := a.hdr.Get("Content-Encoding"); ce != "" && !strings.EqualFold(ce, "identity") {
+		// Asked for identity, answered compressed: unreadable to the meter, so no answer
+		// (the next backend is tried; after the last, 502 with everything returned).
+		a.failed, a.encoded = true, true
 		return
 	}
 	a.ex.commit(a.hdr, status)

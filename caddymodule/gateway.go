@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net/url"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -73,8 +74,19 @@ type Gateway struct {
 	KeyPrefix string `json:"key_prefix,omitempty"`
 
 	// ReservationTTL is how long a reservation may stay open before it is released as orphaned
-	// (after a crash). Default: the longest backend timeout plus one minute.
+	// (after a crash). It must cover the longest a request can run: its attempts on up to
+	// Failover backends, each bounded by that backend's timeout, and the store calls around
+	// them; a shorter one is refused, so the sweeper never releases a live request's
+	// reservation. Default: that worst case plus one minute.
 	ReservationTTL caddy.Duration `json:"reservation_ttl,omitempty"`
+
+	// OnDisconnect is what happens to a streamed answer when the client goes away mid-way:
+	// "stop" (the default) cancels the backend request at once and charges what was produced
+	// up to then, counted with the model family's tokenizer (never more than reserved);
+	// "drain" reads the backend's answer to its end, within DrainTimeout, and charges the usage
+	// it reports (exact, but the caller pays for tokens it never read). Answers that are not
+	// streamed are always read to their end.
+	OnDisconnect string `json:"on_disconnect,omitempty"`
 
 	// DrainTimeout bounds how long the gateway keeps reading a backend's response after the
 	// client went away, to learn the usage it must charge. Default: 30s.
@@ -237,13 +249,11 @@ func (g *Gateway) Provision(ctx caddy.Context) error {
 		g.origins[strings.TrimSuffix(o, "/")] = true
 	}
 
-	var longest time.Duration
 	var catalog []routing.Backend
 	for _, b := range g.Backends {
 		if err := b.provision(ctx); err != nil {
 			return fmt.Errorf("backend %s: %w", b.Name, err)
 		}
-		longest = max(longest, time.Duration(b.Timeout))
 		rb := routing.Backend{Name: b.Name, Style: b.Style}
 		for _, m := range b.Models {
 			rb.Models = append(rb.Models, routing.Model{Name: m.Name, Upstream: m.Upstream, Kind: m.Kind,
@@ -252,7 +262,10 @@ func (g *Gateway) Provision(ctx caddy.Context) error {
 		catalog = append(catalog, rb)
 	}
 	if g.ReservationTTL == 0 {
-		g.ReservationTTL = caddy.Duration(longest + time.Minute)
+		g.ReservationTTL = caddy.Duration(g.longestRequest() + time.Minute)
+	}
+	if g.OnDisconnect == "" {
+		g.OnDisconnect = onDisconnectStop
 	}
 	var err error
 	if g.catalog, err = routing.NewCatalog(catalog); err != nil {
@@ -358,6 +371,13 @@ func (g *Gateway) Validate() error {
 	if g.MaxTokensDefault < 0 || g.MaxTokensCap < g.MaxTokensDefault {
 		return errors.New("max_tokens_default must be between 0 and max_tokens_cap")
 	}
+	if worst := g.longestRequest(); time.Duration(g.ReservationTTL) < worst {
+		return fmt.Errorf("reservation_ttl %s is shorter than the longest a request can run (%s: %d attempts at the backends' timeouts, and the store calls): its reservation would be released while it runs",
+			time.Duration(g.ReservationTTL), worst, min(g.Failover, len(g.Backends)))
+	}
+	if g.OnDisconnect != onDisconnectStop && g.OnDisconnect != onDisconnectDrain {
+		return fmt.Errorf("on_disconnect %q: stop or drain", g.OnDisconnect)
+	}
 	if g.RateLimits != nil {
 		if err := g.RateLimits.validate(); err != nil {
 			return err
@@ -372,6 +392,29 @@ func (g *Gateway) Validate() error {
 		return fmt.Errorf("store driver %q: only sqlite is available", g.Store.Driver)
 	}
 	return nil
+}
+
+// The values of OnDisconnect.
+const (
+	onDisconnectStop  = "stop"
+	onDisconnectDrain = "drain"
+)
+
+// longestRequest is the longest one request can hold its reservation: an attempt at each of
+// the Failover slowest backends (an attempt, its stream and any drain included, is bounded by
+// the backend's timeout), and the store calls that reserve and settle.
+func (g *Gateway) longestRequest() time.Duration {
+	timeouts := make([]time.Duration, 0, len(g.Backends))
+	for _, b := range g.Backends {
+		timeouts = append(timeouts, time.Duration(b.Timeout))
+	}
+	slices.Sort(timeouts)
+	slices.Reverse(timeouts)
+	worst := 2 * storeTimeout
+	for _, t := range timeouts[:min(g.Failover, len(timeouts))] {
+		worst += t
+	}
+	return worst
 }
 
 // Cleanup releases the store (closed when the last configuration using it is gone).

@@ -416,7 +416,7 @@ func (ex *exchange) admitLimits() error {
 	who := ex.who
 	ctx := ex.r.Context()
 	t := g.tierOf(ctx, who)
-	tokens := ex.inf.inputEstimate + ex.inf.outputBound
+	tokens := ex.inf.inputBound + ex.inf.outputTotal()
 	scope := "key"
 	switch who.kind {
 	case "anonymous":

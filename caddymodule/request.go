@@ -90,13 +90,22 @@ type inference struct {
 	stream bool
 	// clientWantsUsage: an OpenAI streaming client asked for the usage chunk itself.
 	clientWantsUsage bool
-	// outputBound is the most output tokens the backend may produce (sent to it).
+	// outputBound is the most output tokens the backend may produce for one choice (sent to
+	// it); choices is how many it is asked for (n, best_of). The output the request can
+	// cost is their product.
 	outputBound int64
-	// inputEstimate is an upper-biased estimate of the prompt's tokens.
-	inputEstimate int64
-	maxPrice      credits.Amount
-	fields        map[string]json.RawMessage
+	choices     int64
+	// inputBound is the most prompt tokens the request can cost: one token per byte of the
+	// whole body (a byte-level tokenizer never makes more), and imageTokens per image.
+	inputBound int64
+	maxPrice   credits.Amount
+	fields     map[string]json.RawMessage
+	// raw is the body as the client sent it (the prompt counted when no usage is reported).
+	raw []byte
 }
+
+// outputTotal is the most output tokens the request can cost: every choice at its bound.
+func (inf *inference) outputTotal() int64 { return inf.outputBound * inf.choices }
 
 // requestLimits are the bounds a request body must respect.
 type requestLimits struct {
@@ -106,13 +115,95 @@ type requestLimits struct {
 // maxModelName bounds model names; longer ones are refused before any lookup.
 const maxModelName = 256
 
+// maxChoices bounds n and best_of (OpenAI's own limit): more is refused with 400.
+const maxChoices = 128
+
+// imageTokens is what one image in a request is reserved at, whatever its size: above the
+// most the providers bill for one (OpenAI's high detail tiles and patches, Anthropic's
+// 1.15 megapixels, Ollama's fixed 576 of LLaVA). An image sent as data counts its bytes too.
+const imageTokens = 2560
+
+// checkedFields are, per level of a request body, the members the gateway reads, rewrites or
+// counts. A member whose name differs from one of them only by case, as encoding/json folds
+// names (Unicode's simple folds included: "K" is "k"), is refused: a Go backend would
+// read it in place of the one the gateway billed.
+var checkedFields = map[string][]string{
+	"": {"model", "messages", "prompt", "input", "stream", "stream_options", "max_tokens",
+		"max_completion_tokens", "n", "best_of", "options", "max_price", "images", "system",
+		"context", "suffix", "tools", "functions", "tool_choice", "response_format", "logprobs",
+		"top_logprobs", "dimensions", "raw", "template", "format"},
+	"options":        {"num_predict", "num_ctx"},
+	"stream_options": {"include_usage"},
+}
+
+// foldedFields maps each checked name, ASCII-lowercased, to itself, per level.
+var foldedFields = func() map[string]map[string]string {
+	out := map[string]map[string]string{}
+	for level, names := range checkedFields {
+		m := map[string]string{}
+		for _, n := range names {
+			m[n] = n
+		}
+		out[level] = m
+	}
+	return out
+}()
+
+// checkFolding refuses a member of obj (at level, "" for the top) whose name folds onto a
+// checked field's without being that name.
+func checkFolding(level string, obj map[string]json.RawMessage) error {
+	for k := range obj {
+		if name, ok := foldsOnto(level, k); ok && name != k {
+			param := k
+			if level != "" {
+				param = level + "." + k
+			}
+			return invalid(param, "%q differs from the field %q only by case: send it as %q", k, name, name)
+		}
+	}
+	return nil
+}
+
+// foldsOnto returns the checked field of level that key folds onto, if any.
+func foldsOnto(level, key string) (string, bool) {
+	// A fold takes an ASCII letter to at most three bytes (U+212A KELVIN SIGN is "k").
+	if len(key) > 3*len("max_completion_tokens") {
+		return "", false
+	}
+	var lower [32]byte
+	ascii := len(key) <= len(lower)
+	for i := 0; ascii && i < len(key); i++ {
+		c := key[i]
+		if c >= 0x80 {
+			ascii = false
+		}
+		if 'A' <= c && c <= 'Z' {
+			c += 'a' - 'A'
+		}
+		lower[i] = c
+	}
+	if ascii {
+		name, ok := foldedFields[level][string(lower[:len(key)])]
+		return name, ok
+	}
+	for _, n := range checkedFields[level] {
+		if strings.EqualFold(key, n) {
+			return n, true
+		}
+	}
+	return "", false
+}
+
 // parseInference reads and checks an inference request body.
 func parseInference(format routing.Format, body []byte, maxPriceHeader string, lim requestLimits) (*inference, error) {
-	inf := &inference{format: format}
+	inf := &inference{format: format, choices: 1, raw: body}
 	if err := json.Unmarshal(body, &inf.fields); err != nil || inf.fields == nil {
 		return nil, invalid("", "the request body must be a JSON object")
 	}
 	f := inf.fields
+	if err := checkFolding("", f); err != nil {
+		return nil, err
+	}
 	if err := json.Unmarshal(f["model"], &inf.model); err != nil || inf.model == "" {
 		return nil, invalid("model", "model is required and must be a string")
 	}
@@ -120,8 +211,7 @@ func parseInference(format routing.Format, body []byte, maxPriceHeader string, l
 		return nil, err
 	}
 
-	// What the model reads, for the prompt estimate.
-	var prompt json.RawMessage
+	// What the model reads must be there; the backend judges it.
 	switch format {
 	case routing.FormatOpenAIChat, routing.FormatOllamaChat:
 		// The body is valid JSON already: an array whose first element is an object will do
@@ -130,21 +220,20 @@ func parseInference(format routing.Format, body []byte, maxPriceHeader string, l
 		if len(msgs) < 2 || msgs[0] != '[' || bytes.TrimSpace(msgs[1:])[0] != '{' {
 			return nil, invalid("messages", "messages is required and must be a non-empty array of objects")
 		}
-		prompt = msgs
 	case routing.FormatOllamaGenerate:
 		var p string
 		if err := json.Unmarshal(f["prompt"], &p); err != nil {
 			return nil, invalid("prompt", "prompt is required and must be a string")
 		}
-		prompt = f["prompt"]
 	case routing.FormatOpenAIEmbeddings:
 		in := bytes.TrimSpace(f["input"])
 		if len(in) == 0 || (in[0] != '"' && in[0] != '[') || bytes.Equal(in, []byte("[]")) || bytes.Equal(in, []byte(`""`)) {
 			return nil, invalid("input", "input is required: a string or a non-empty array")
 		}
-		prompt = in
 	}
-	inf.inputEstimate = int64(len(prompt))/3 + 1
+	// Everything in the body can reach the model (messages, system, tools, functions,
+	// response_format, context, suffix, images): the bound counts all of it.
+	inf.inputBound = int64(len(body)) + imageTokens*countImages(body)
 
 	// Streaming: OpenAI defaults to off, Ollama to on.
 	inf.stream = format == routing.FormatOllamaChat || format == routing.FormatOllamaGenerate
@@ -183,11 +272,24 @@ func parseInference(format routing.Format, body []byte, maxPriceHeader string, l
 				f[field] = jsonInt(inf.outputBound)
 			}
 		}
+		// n choices (best_of for the servers that take it), each up to the bound.
+		for _, field := range []string{"n", "best_of"} {
+			if raw, ok := f[field]; ok && !isNull(raw) {
+				n, err := strconv.ParseInt(string(bytes.TrimSpace(raw)), 10, 64)
+				if err != nil || n < 1 || n > maxChoices {
+					return nil, invalid(field, "%s must be a whole number from 1 to %d", field, maxChoices)
+				}
+				inf.choices = max(inf.choices, n)
+			}
+		}
 		if inf.stream {
 			var so map[string]json.RawMessage
 			if raw, ok := f["stream_options"]; ok && !isNull(raw) {
 				if err := json.Unmarshal(raw, &so); err != nil {
 					return nil, invalid("stream_options", "stream_options must be an object")
+				}
+				if err := checkFolding("stream_options", so); err != nil {
+					return nil, err
 				}
 			}
 			if so == nil {
@@ -204,6 +306,9 @@ func parseInference(format routing.Format, body []byte, maxPriceHeader string, l
 		if raw, ok := f["options"]; ok && !isNull(raw) {
 			if err := json.Unmarshal(raw, &opts); err != nil {
 				return nil, invalid("options", "options must be an object")
+			}
+			if err := checkFolding("options", opts); err != nil {
+				return nil, err
 			}
 		}
 		if opts == nil {
@@ -312,3 +417,79 @@ func appendJSONString(dst []byte, s string) []byte {
 func isNull(raw json.RawMessage) bool { return string(bytes.TrimSpace(raw)) == "null" }
 
 func jsonInt(n int64) json.RawMessage { return json.RawMessage(strconv.FormatInt(n, 10)) }
+
+// countImages counts the images of a request body, upper-biased: every part whose type is an
+// image ("image_url", "input_image", "image") and every element of an "images" array
+// (Ollama). A body that cannot spell "image" in any case, even escaped, is not decoded.
+func countImages(body []byte) int64 {
+	if !mayNameImage(body) {
+		return 0
+	}
+	type frame struct {
+		object  bool // an object (else an array)
+		wantKey bool // an object whose next string is a key
+		images  bool // an array that is the value of "images"
+	}
+	dec := json.NewDecoder(bytes.NewReader(body))
+	var (
+		stack      []frame
+		n          int64
+		nextImages bool // the value about to start is that of an "images" key
+	)
+	for {
+		tok, err := dec.Token()
+		if err != nil {
+			return n
+		}
+		top := len(stack) - 1
+		if d, ok := tok.(json.Delim); ok && (d == '}' || d == ']') {
+			stack = stack[:top]
+			continue
+		}
+		if top >= 0 && stack[top].object && stack[top].wantKey {
+			key, _ := tok.(string)
+			stack[top].wantKey = false
+			nextImages = strings.EqualFold(key, "images")
+			continue
+		}
+		// A value: an element of an images array counts, and so does an image part's type.
+		if top >= 0 {
+			if stack[top].object {
+				stack[top].wantKey = true
+			} else if stack[top].images {
+				n++
+			}
+		}
+		switch v := tok.(type) {
+		case json.Delim:
+			stack = append(stack, frame{object: v == '{', wantKey: v == '{', images: v == '[' && nextImages})
+		case string:
+			if strings.EqualFold(v, "image_url") || strings.EqualFold(v, "input_image") || strings.EqualFold(v, "image") {
+				n++
+			}
+		}
+		nextImages = false
+	}
+}
+
+// mayNameImage reports whether body holds "image" in any ASCII case, or a \u escape that could
+// spell it. It looks for the g's (a fast search) and reads around them.
+func mayNameImage(body []byte) bool {
+	if bytes.Contains(body, []byte(`\u`)) {
+		return true
+	}
+	for _, g := range []byte{'g', 'G'} {
+		for i := 3; i+1 < len(body); i++ {
+			j := bytes.IndexByte(body[i:len(body)-1], g)
+			if j < 0 {
+				break
+			}
+			i += j
+			w := body[i-3 : i+2]
+			if w[0]|0x20 == 'i' && w[1]|0x20 == 'm' && w[2]|0x20 == 'a' && w[4]|0x20 == 'e' {
+				return true
+			}
+		}
+	}
+	return false
+}

@@ -227,7 +227,7 @@ func (ex *exchange) run() error {
 
 	choices, err := g.catalog.Rank(routing.Request{
 		Model: inf.model, Format: inf.format,
-		InputTokens: inf.inputEstimate, OutputTokens: inf.outputBound,
+		InputTokens: inf.inputBound, OutputTokens: inf.outputTotal(),
 		MaxPrice: inf.maxPrice, Allowed: who.allowedModel(), Healthy: g.healthy,
 	})
 	if err != nil {

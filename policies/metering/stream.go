@@ -2,6 +2,7 @@ package metering
 
 import (
 	"bytes"
+	"encoding/json"
 	"io"
 )
 
@@ -55,6 +56,10 @@ type StreamMeter struct {
 	// drops the message, the fields are ignored.
 	OnUsage func(Usage) []byte
 
+	// KeepText keeps the generated text of an SSE stream (up to MaxKeptText bytes) so that
+	// ProducedTokens can count it with a real tokenizer when the stream ends without usage.
+	KeepText bool
+
 	buf      []byte // the held-back start of an incomplete message
 	skipping bool   // the current message is longer than the limit and passes unparsed
 	lineText bool   // SSE: the current line has some bytes
@@ -68,7 +73,13 @@ type StreamMeter struct {
 	final    bool // the final usage was seen (OnUsage called)
 	done     bool
 	produced Produced
+	text     []byte // KeepText: the generated text as raw JSON string contents (escapes kept)
+	kept     int64  // the decoded bytes of text
 }
+
+// MaxKeptText bounds the generated text a StreamMeter keeps for KeepText; what comes after is
+// counted by the estimate.
+const MaxKeptText = 1 << 20
 
 // Write feeds the upstream bytes p to the meter. It writes every message that p completes to
 // dst, holding back only an incomplete trailing one. Write always meters all of p: when dst
@@ -267,7 +278,11 @@ func (m *StreamMeter) event(w *sink, ev []byte) {
 	}
 
 	var c chunk
+	if m.KeepText && len(m.text) < MaxKeptText {
+		c.keep = &m.text
+	}
 	c.read(data)
+	m.kept += c.kept
 	if !c.valid {
 		w.write(ev)
 		return
@@ -300,7 +315,7 @@ func (m *StreamMeter) line(w *sink, ln []byte) {
 		case keyIs(k, "done"):
 			done = string(v) == "true"
 		case keyIs(k, "message"):
-			text += messageText(v)
+			text += messageText(v, nil)
 		case keyIs(k, "response"), keyIs(k, "thinking"):
 			text += textLen(v)
 		case keyIs(k, "prompt_eval_count"):
@@ -369,12 +384,14 @@ func nextLine(b []byte, i int) ([]byte, int) {
 
 // chunk is what the meter reads out of one OpenAI chat completion chunk.
 type chunk struct {
-	valid    bool   // one valid JSON object
-	members  int    // members of the object
-	choices  int    // elements of "choices"
-	finished int    // choices with a finish_reason
-	text     int64  // bytes of generated text in the choices' deltas
-	usage    []byte // the raw "usage" value
+	valid    bool    // one valid JSON object
+	members  int     // members of the object
+	choices  int     // elements of "choices"
+	finished int     // choices with a finish_reason
+	text     int64   // bytes of generated text in the choices' deltas
+	usage    []byte  // the raw "usage" value
+	keep     *[]byte // when set, the generated text's raw string contents are appended to it
+	kept     int64   // the decoded bytes appended to keep
 }
 
 func (c *chunk) read(data []byte) {
@@ -390,7 +407,11 @@ func (c *chunk) read(data []byte) {
 				for k, v, ok := ci.next(); ok; k, v, ok = ci.next() {
 					switch {
 					case keyIs(k, "delta"), keyIs(k, "message"):
-						c.text += messageText(v)
+						n := messageText(v, c.keep)
+						c.text += n
+						if c.keep != nil {
+							c.kept += n
+						}
 					case keyIs(k, "finish_reason"):
 						if !isAbsent(v) {
 							c.finished++
@@ -407,14 +428,16 @@ func (c *chunk) read(data []byte) {
 }
 
 // messageText returns the bytes of generated text in an OpenAI delta or message, or an Ollama
-// message: its content, reasoning and tool call arguments.
-func messageText(v []byte) int64 {
+// message: its content, reasoning and tool call arguments. When keep is not nil, the raw
+// contents of those strings are appended to it.
+func messageText(v []byte, keep *[]byte) int64 {
 	var n int64
 	it := objectOf(v)
 	for k, v, ok := it.next(); ok; k, v, ok = it.next() {
 		switch {
 		case keyIs(k, "content"), keyIs(k, "reasoning_content"), keyIs(k, "reasoning"), keyIs(k, "thinking"):
 			n += textLen(v)
+			keepString(keep, v)
 		case keyIs(k, "tool_calls"):
 			calls := arrayOf(v)
 			for call, ok := calls.next(); ok; call, ok = calls.next() {
@@ -430,6 +453,7 @@ func messageText(v []byte) int64 {
 						}
 						if v[0] == '"' {
 							n += textLen(v) // OpenAI: a JSON string
+							keepString(keep, v)
 						} else if !isAbsent(v) {
 							n += int64(len(v)) // Ollama: a JSON object
 						}
@@ -439,6 +463,38 @@ func messageText(v []byte) int64 {
 		}
 	}
 	return n
+}
+
+// keepString appends the contents of the raw JSON string v (escapes kept) to keep.
+func keepString(keep *[]byte, v []byte) {
+	if keep != nil && len(v) >= 2 && v[0] == '"' {
+		*keep = append(*keep, v[1:len(v)-1]...)
+	}
+}
+
+// Text returns the generated text kept with KeepText, decoded.
+func (m *StreamMeter) Text() []byte {
+	if len(m.text) == 0 {
+		return nil
+	}
+	q := make([]byte, 0, len(m.text)+2)
+	q = append(append(append(q, '"'), m.text...), '"')
+	var s string
+	if json.Unmarshal(q, &s) != nil {
+		return m.text // cannot happen: pieces of valid strings make a valid string
+	}
+	return []byte(s)
+}
+
+// ProducedTokens counts the tokens the stream generated so far, for a stream that ended
+// without usage: the kept text with the family's tokenizer (FamilyOpenAI with KeepText), the
+// rest by the estimate.
+func (m *StreamMeter) ProducedTokens(f Family) int64 {
+	p := m.produced
+	if f != FamilyOpenAI || !m.KeepText || m.kept == 0 {
+		return EstimateTokens(p.ContentBytes, p.Chunks)
+	}
+	return CountTokens(f, m.Text(), 0) + EstimateTokens(p.ContentBytes-m.kept, 0)
 }
 
 // sink writes to dst until the first error, which it keeps.
