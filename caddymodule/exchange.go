@@ -69,8 +69,9 @@ const (
 	modePassthrough              // an error answer of the backend: passed on, nothing charged
 )
 
-// maxBufferedResponse bounds a non-streaming answer held to read its usage.
-const maxBufferedResponse = 32 << 20
+// maxBufferedResponse bounds a non-streaming answer held to read its usage (a variable for
+// tests); a larger one is passed on as it comes (modeLarge).
+var maxBufferedResponse = 32 << 20
 
 // proxy tries the ranked backends in order until one answers, never re-sending the request
 // after a byte of an answer went to the client, and settles the reservation exactly once.

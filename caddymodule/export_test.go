@@ -15,3 +15,11 @@ func SetClock(now func() time.Time) (restore func()) {
 	gatewayClock.Store(&now)
 	return func() { gatewayClock.Store(nil) }
 }
+
+// SetMaxBufferedResponse lowers the largest non-streaming answer the gateway holds, until the
+// returned function is called (tests of large answers without sending 32 MiB).
+func SetMaxBufferedResponse(n int) (restore func()) {
+	old := maxBufferedResponse
+	maxBufferedResponse = n
+	return func() { maxBufferedResponse = old }
+}
