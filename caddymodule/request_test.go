@@ -3,6 +3,7 @@ package caddymodule
 import (
 	"encoding/json"
 	"errors"
+	"strings"
 	"testing"
 
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/routing"
@@ -134,10 +135,29 @@ func FuzzParseInference(f *testing.F) {
 	f.Add(`{"model":"m","stream":true,"messages":[{}],"max_tokens":5,"x":{"y":[1,"\u0000"]}}`, "1")
 	f.Add(`{"model":"a","model":"b","messages":[{}],"max_completion_tokens":3}`, "")
 	f.Add(`{"model":"m","messages":[{}],"max_price":0.5,"weird \"key\"":1}`, "0.1")
+	f.Add(`{"model":"m","Model":"x","MAX_TOKENS":5000,"messages":[{}]}`, "")
+	f.Add(`{"model":"m","messages":[{}],"max_to\u212aens":9,"n":3,"options":{"Num_Predict":-1}}`, "")
+	f.Add(`{"model":"m","messages":[{"content":[{"type":"image_url"}],"images":["a","b"]}],"best_of":2}`, "")
 	f.Fuzz(func(t *testing.T, body, header string) {
+		// What a Go backend reads (encoding/json folds names) is what the gateway billed.
+		if inf, err := parseInference(routing.FormatOllamaChat, []byte(body), header, testLimits); err == nil {
+			out, _ := inf.body("up")
+			var read struct {
+				Model   string
+				Options struct {
+					NumPredict *int64 `json:"num_predict"`
+				}
+			}
+			if err := json.Unmarshal(out, &read); err != nil || read.Model != "up" || read.Options.NumPredict == nil || *read.Options.NumPredict != inf.outputBound {
+				t.Fatalf("an Ollama backend reads %+v (%v) from %s; billed model up, %d tokens", read, err, out, inf.outputBound)
+			}
+		}
 		inf, err := parseInference(routing.FormatOpenAIChat, []byte(body), header, testLimits)
 		if err != nil {
 			return
+		}
+		if inf.inputBound < int64(len(body)) || inf.choices < 1 || inf.choices > maxChoices {
+			t.Fatalf("bounds: input %d for %d bytes, %d choices", inf.inputBound, len(body), inf.choices)
 		}
 		out, err := inf.body("up")
 		if err != nil {
@@ -168,7 +188,68 @@ func FuzzParseInference(f *testing.F) {
 		if !sawBound {
 			t.Fatal("no output bound sent")
 		}
+		var read struct {
+			Model               string
+			MaxTokens           *int64 `json:"max_tokens"`
+			MaxCompletionTokens *int64 `json:"max_completion_tokens"`
+			N                   *int64
+			BestOf              *int64 `json:"best_of"`
+		}
+		if err := json.Unmarshal(out, &read); err != nil || read.Model != "up" {
+			t.Fatalf("a Go backend reads model %q (%v) from %s", read.Model, err, out)
+		}
+		for _, v := range []*int64{read.MaxTokens, read.MaxCompletionTokens} {
+			if v != nil && *v != inf.outputBound {
+				t.Fatalf("a Go backend reads an output bound of %d from %s; billed %d", *v, out, inf.outputBound)
+			}
+		}
+		for _, v := range []*int64{read.N, read.BestOf} {
+			if v != nil && *v > inf.choices {
+				t.Fatalf("a Go backend reads %d choices from %s; billed %d", *v, out, inf.choices)
+			}
+		}
 	})
+}
+
+func TestFoldedFieldNames(t *testing.T) {
+	for _, c := range []struct {
+		key, want string
+	}{
+		{"model", ""}, {"Model", "model"}, {"MODEL", "model"}, {"max_to\u212aens", "max_tokens"},
+		{"me\u017f\u017fages", "messages"}, {"modelx", ""}, {"mödel", ""}, {"N", "n"},
+		{strings.Repeat("x", 100), ""},
+	} {
+		t.Run(c.key, func(t *testing.T) {
+			var key string
+			if err := json.Unmarshal([]byte(`"`+c.key+`"`), &key); err != nil {
+				t.Fatal(err)
+			}
+			name, ok := foldsOnto("", key)
+			if got := map[bool]string{true: name}[ok && name != key]; got != c.want {
+				t.Fatalf("foldsOnto(%q) = %q, %v; want a refusal naming %q", key, name, ok, c.want)
+			}
+		})
+	}
+}
+
+func TestCountImages(t *testing.T) {
+	for _, c := range []struct {
+		body string
+		want int64
+	}{
+		{`{"messages":[{"content":"describe an image"}]}`, 0},
+		{`{"messages":[{"content":[{"type":"text","text":"x"},{"type":"image_url","image_url":{"url":"https://a/b.png"}}]}]}`, 1},
+		{`{"input":[{"content":[{"type":"input_image","image_url":"https://a"}]}]}`, 1},
+		{`{"messages":[{"content":[{"type":"image","source":{}}]}]}`, 1},
+		{`{"prompt":"x","images":["aGk=","aGk=","aGk="]}`, 3},
+		{`{"messages":[{"role":"user","IMAGES":["aGk="]}]}`, 1},
+		{`{"messages":[{"content":[{"type":"\u0069mage_url"}]}]}`, 1},
+		{`{"messages":[{"content":"no pictures"}]}`, 0},
+	} {
+		if got := countImages([]byte(c.body)); got != c.want {
+			t.Errorf("countImages(%s) = %d, want %d", c.body, got, c.want)
+		}
+	}
 }
 
 func BenchmarkParseInference(b *testing.B) {

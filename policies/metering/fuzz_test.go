@@ -252,3 +252,30 @@ func TestFuzzHelpers(t *testing.T) {
 		t.Error("removesTo")
 	}
 }
+
+// FuzzDocumentUsage: a DocumentMeter fed a valid JSON document in any split reads the same
+// usage as UsageFromJSON reads from the whole.
+func FuzzDocumentUsage(f *testing.F) {
+	f.Add([]byte(`{"id":"x","choices":[{"message":{"content":"\"usage\":{}"}}],"usage":{"prompt_tokens":9,"completion_tokens":12}}`), uint16(7))
+	f.Add([]byte(`{"model":"m","done":true,"prompt_eval_count":26,"eval_count":290}`), uint16(1))
+	f.Add([]byte(`{"data":[{"embedding":[0.1,-2e3]}],"us\u0061ge":{"prompt_tokens":4}}`), uint16(3))
+	f.Add([]byte(`{"usage":{"prompt_tokens":1},"usage":{"prompt_tokens":2,"completion_tokens":0}}`), uint16(0))
+	f.Add([]byte(` {"a":[{"usage":{"prompt_tokens":5}}],"b":"}"} `), uint16(2))
+	f.Fuzz(func(t *testing.T, body []byte, split uint16) {
+		var d DocumentMeter
+		at := int(split) % (len(body) + 1)
+		d.Write(body[:at])
+		d.Write(body[at:])
+		u, ok := d.Usage()
+		if !json.Valid(body) || nesting(body) >= maxDepth {
+			if ok && (u.InputTokens < 0 || u.OutputTokens < 0) {
+				t.Fatalf("usage out of range: %+v", u)
+			}
+			return
+		}
+		want, wantOK := UsageFromJSON(body)
+		if ok != wantOK || u != want {
+			t.Fatalf("DocumentMeter = %+v, %v; UsageFromJSON = %+v, %v", u, ok, want, wantOK)
+		}
+	})
+}
