@@ -194,7 +194,8 @@ type HealthCheck struct {
 type Anonymous struct {
 	// Credits is the allowance per client address and period. Required.
 	Credits credits.Amount `json:"credits"`
-	// Period is how often the allowance is refilled (up to Credits, never above). Default: 24h.
+	// Period is how often the allowance is refilled (up to Credits, never above; a debt left
+	// by answers that cost more than reserved is paid from the next allowances). Default: 24h.
 	Period caddy.Duration `json:"period,omitempty"`
 	// SigninURL is where an anonymous caller who ran out is sent (the 402's Location), with
 	// "redirect=" naming where to come back to. Required.

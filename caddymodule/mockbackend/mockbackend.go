@@ -40,6 +40,11 @@ const (
 	maxChunks           = 10_000
 	maxDimensions       = 65_536
 
+	// maxChoices is the largest n of a chat completion, as OpenAI's; maxGeneratedTokens
+	// bounds n × completion tokens, the words one answer carries.
+	maxChoices         = 128
+	maxGeneratedTokens = 1_000_000
+
 	// maxBodyBytes is the largest request body the mock reads; larger bodies get 413.
 	maxBodyBytes = 10 << 20
 )
@@ -65,6 +70,12 @@ const (
 	// chunks/2 (rounded down) content messages and neither the final message, the usage
 	// chunk nor [DONE]; a JSON answer gets its first half (of a correct Content-Length).
 	FaultCut Fault = "cut"
+	// FaultTruncate is a fault that looks like success: the response ends properly but its
+	// content is cut. A JSON answer is 200 with the first half of its JSON (so it does not
+	// parse) and a Content-Length of exactly what is sent; a stream gets the same first
+	// chunks/2 content messages as with FaultCut, then ends cleanly (the end of the chunked
+	// body, no abort) without the final message, the usage chunk or [DONE].
+	FaultTruncate Fault = "truncate"
 
 	faultNoneAlias Fault = "none"
 )
@@ -77,12 +88,16 @@ const (
 //	POST /api/chat              Ollama chat, NDJSON unless stream: false
 //	POST /api/generate          Ollama generate, NDJSON unless stream: false
 //	GET  /api/tags              Ollama model list
-//	GET  /mock/stats            {"name": ..., "requests": {path: count}}; DELETE resets (204)
+//	GET  /mock/stats            {"name": ..., "requests": {path: count},
+//	                             "chunks_sent": {path: count}}; DELETE resets both (204)
 //
 // It is a terminal handler: it never calls the next handler, and answers 404 (JSON) for
 // other paths. The stats count every request received, whatever its answer (a refused
 // one too), under its path for the six model paths and under "other" for the rest;
-// requests to /mock/stats are not counted.
+// requests to /mock/stats are not counted. chunks_sent counts, per path, the stream
+// messages (SSE events, [DONE] included, and NDJSON lines) actually written and flushed:
+// a stream stops at the first message after its client went away (the request's context
+// ends), so a test can prove that a disconnect stopped the generation.
 //
 // Token counts are deterministic, and the gateway's tests rely on them:
 //
@@ -98,15 +113,36 @@ const (
 //     A stream splits it over Chunks content messages as evenly as possible, the first
 //     messages taking one word more when it does not divide (10 words in 4 chunks: 3,3,2,2;
 //     2 words in 4 chunks: 1,1,0,0). The concatenated contents equal the non-stream text.
+//   - An OpenAI chat completion honours n (default 1, from 1 to 128, else 400
+//     invalid_request): n choices (index 0 to n-1), each the same text of the completion
+//     tokens above, so usage.completion_tokens is n × that count. A stream sends, for each of
+//     the Chunks steps, one message per choice in index order (n × Chunks content messages,
+//     each choice's last one with its finish_reason); the pause of ChunkInterval comes
+//     before each step, not between the messages of a step. n × completion tokens is at
+//     most 1000000 (else 400).
+//   - The usage is the last member of every JSON answer and stream message that carries
+//     it (OpenAI's "usage", Ollama's counters ending with eval_count and eval_duration), as
+//     real servers put it: a reader may look for it in the tail of a large answer.
 //
 // Responses echo the request's model. Every request may override the config with headers
 // (a mock only; a real backend has nothing like them):
 //
-//	X-Mock-Fault              refuse, error, stall, cut, or none
+//	X-Mock-Fault              refuse, error, stall, cut, truncate, or none
 //	X-Mock-Latency            a duration, e.g. 250ms
 //	X-Mock-Chunks             a positive integer
 //	X-Mock-Completion-Tokens  a positive integer
 //	X-Mock-Chunk-Interval     a duration
+//	X-Mock-Compress           gzip, deflate, or none
+//
+// X-Mock-Compress makes the mock compress its answer, as a faulty backend would, whatever
+// the request's Accept-Encoding says (identity included): the body of every answer of the
+// six model endpoints once the X-Mock-* headers are read (JSON answers, their errors and
+// the injected error fault, SSE and NDJSON) is gzip (RFC 1952) or
+// deflate (the zlib format, RFC 1950, as HTTP's "deflate" means) with Content-Encoding set,
+// and a JSON answer's Content-Length is that of the compressed body. A stream flushes the
+// compressor after every message, so each one can be decoded as it arrives; the cut fault
+// aborts within the compressed stream, and truncate compresses the truncated content.
+// There is no config field for it.
 //
 // A header with a bad value answers 400. Faults and latency apply to the six model
 // endpoints, never to /mock/stats. A request body over 10 MiB answers 413
@@ -149,7 +185,7 @@ type MockBackend struct {
 	Dimensions int `json:"dimensions,omitempty"`
 
 	// Fault is the failure injected into every model request: "" (or "none") for none,
-	// "refuse", "error", "stall" or "cut"; see the Fault constants. X-Mock-Fault overrides
+	// "refuse", "error", "stall", "cut" or "truncate"; see the Fault constants. X-Mock-Fault overrides
 	// it. Default: none.
 	Fault Fault `json:"fault,omitempty"`
 
@@ -239,10 +275,10 @@ func checkDuration(field string, d time.Duration) error {
 
 func checkFault(f Fault) error {
 	switch f {
-	case FaultNone, faultNoneAlias, FaultRefuse, FaultError, FaultStall, FaultCut:
+	case FaultNone, faultNoneAlias, FaultRefuse, FaultError, FaultStall, FaultCut, FaultTruncate:
 		return nil
 	}
-	return fmt.Errorf("fault: unknown fault %q (want refuse, error, stall, cut or none)", string(f))
+	return fmt.Errorf("fault: unknown fault %q (want refuse, error, stall, cut, truncate or none)", string(f))
 }
 
 // ServeHTTP answers the request as the mock backend; it never calls next.
@@ -284,8 +320,9 @@ func (m *MockBackend) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyh
 		if body, err = readBody(w, r); err != nil {
 			var tooLarge *http.MaxBytesError
 			if errors.As(err, &tooLarge) {
-				writeError(w, ep.style, http.StatusRequestEntityTooLarge, "request_too_large",
-					fmt.Sprintf("mock backend: request body exceeds %d bytes", maxBodyBytes))
+				writeEncoded(w, http.StatusRequestEntityTooLarge, set.compress, errorJSON(ep.style,
+					http.StatusRequestEntityTooLarge, "request_too_large",
+					fmt.Sprintf("mock backend: request body exceeds %d bytes", maxBodyBytes)))
 			}
 			return nil // otherwise the client went away while sending
 		}
@@ -298,12 +335,12 @@ func (m *MockBackend) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyh
 		<-r.Context().Done()
 		return nil
 	case FaultError:
-		writeError(w, ep.style, http.StatusInternalServerError, "mock_fault",
-			"mock backend: injected fault \"error\"")
+		writeEncoded(w, http.StatusInternalServerError, set.compress, errorJSON(ep.style,
+			http.StatusInternalServerError, "mock_fault", "mock backend: injected fault \"error\""))
 		return nil
 	}
 
-	ep.serve(&exchange{
+	x := &exchange{
 		mock:  m,
 		w:     w,
 		r:     r,
@@ -313,7 +350,9 @@ func (m *MockBackend) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyh
 		body:  body,
 		start: start,
 		ready: time.Now(),
-	})
+	}
+	ep.serve(x)
+	x.endStream()
 	return nil
 }
 
@@ -335,7 +374,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    chunk_interval    <duration>
 //	    latency           <duration>
 //	    dimensions        <n>
-//	    fault             refuse|error|stall|cut|none
+//	    fault             refuse|error|stall|cut|truncate|none
 //	}
 //
 // Each subdirective sets the JSON field of the same name, at most once; the block may be

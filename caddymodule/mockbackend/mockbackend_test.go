@@ -4,6 +4,8 @@ import (
 	"bufio"
 	"bytes"
 	"cmp"
+	"compress/gzip"
+	"compress/zlib"
 	"context"
 	"encoding/base64"
 	"encoding/binary"
@@ -857,6 +859,7 @@ func TestFaults(t *testing.T) {
 		refused   outcome = iota // aborted before any header
 		failed                   // 500 JSON error
 		cut                      // aborted after a partial answer
+		truncated                // a complete response of a partial answer
 		completed                // a normal answer
 	)
 	tests := []struct {
@@ -880,6 +883,16 @@ func TestFaults(t *testing.T) {
 		{name: "cut Ollama JSON answer", header: "cut", path: "/api/chat",
 			body: `{"model":"m","stream":false}`, want: cut, ollama: true},
 		{name: "cut model list", header: "cut", path: "/api/tags", want: cut, ollama: true},
+		{name: "truncate SSE stream", config: FaultTruncate, path: "/v1/chat/completions", body: chatStream,
+			want: truncated, messages: 2},
+		{name: "truncate NDJSON stream", header: "truncate", path: "/api/chat", body: `{"model":"m"}`,
+			want: truncated, ollama: true, messages: 2},
+		{name: "truncate JSON answer", header: "truncate", path: "/v1/chat/completions", body: chat, want: truncated},
+		{name: "truncate embeddings", header: "truncate", path: "/v1/embeddings",
+			body: `{"model":"m","input":"a b"}`, want: truncated},
+		{name: "truncate Ollama JSON answer", config: FaultTruncate, path: "/api/generate",
+			body: `{"model":"m","prompt":"hi","stream":false}`, want: truncated, ollama: true},
+		{name: "truncate model list", header: "truncate", path: "/v1/models", want: truncated},
 		{name: "header none lifts the config's fault", config: FaultRefuse, header: "none",
 			path: "/v1/chat/completions", body: chat, want: completed},
 		{name: "header overrides the config's fault", config: FaultRefuse, header: "error",
@@ -914,8 +927,12 @@ func TestFaults(t *testing.T) {
 				} else if e := decodeJSON[errorBody](t, rec.Body.Bytes()); e.Error.Code != "mock_fault" || e.Error.Type != "server_error" {
 					t.Errorf("error %s", body)
 				}
-			case cut:
-				if !aborted || rec.Code != http.StatusOK {
+			case cut, truncated:
+				if tt.want == truncated {
+					if aborted || rec.Code != http.StatusOK {
+						t.Fatalf("status %d, aborted %v: want a complete response of a truncated answer", rec.Code, aborted)
+					}
+				} else if !aborted || rec.Code != http.StatusOK {
 					t.Fatalf("status %d, aborted %v: want a cut answer", rec.Code, aborted)
 				}
 				if tt.messages > 0 {
@@ -934,7 +951,12 @@ func TestFaults(t *testing.T) {
 					return
 				}
 				length, _ := strconv.Atoi(rec.Header().Get("Content-Length"))
-				if length == 0 || len(body) != length/2 || json.Valid(rec.Body.Bytes()) {
+				if tt.want == truncated {
+					if length == 0 || len(body) != length || json.Valid(rec.Body.Bytes()) || !strings.HasPrefix(body, "{") {
+						t.Errorf("Content-Length %d, %d bytes sent %q: want exactly that many bytes of invalid JSON",
+							length, len(body), body)
+					}
+				} else if length == 0 || len(body) != length/2 || json.Valid(rec.Body.Bytes()) {
 					t.Errorf("Content-Length %d, %d bytes sent: want half of a JSON answer", length, len(body))
 				}
 			case completed:
@@ -1226,6 +1248,35 @@ func TestOverTheWire(t *testing.T) {
 		}
 	})
 
+	t.Run("truncated JSON is a complete response", func(t *testing.T) {
+		resp, err := post(ctx, "/v1/chat/completions", `{"model":"m"}`, "X-Mock-Fault", "truncate")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		body, err := io.ReadAll(resp.Body)
+		if err != nil || resp.StatusCode != http.StatusOK || resp.ContentLength != int64(len(body)) || json.Valid(body) {
+			t.Errorf("status %d, Content-Length %d, read %d bytes, %v: want a whole response of cut JSON",
+				resp.StatusCode, resp.ContentLength, len(body), err)
+		}
+	})
+
+	t.Run("truncated stream ends cleanly", func(t *testing.T) {
+		resp, err := post(ctx, "/v1/chat/completions",
+			`{"model":"m","stream":true,"stream_options":{"include_usage":true}}`, "X-Mock-Fault", "truncate")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		body, err := io.ReadAll(resp.Body)
+		if err != nil {
+			t.Errorf("reading the truncated stream: %v, want a clean end", err)
+		}
+		if n := strings.Count(string(body), "data: "); n != 2 || bytes.Contains(body, []byte("[DONE]")) {
+			t.Errorf("received %q", body)
+		}
+	})
+
 	t.Run("each message arrives when written", func(t *testing.T) {
 		ctx, cancel := context.WithCancel(ctx)
 		defer cancel()
@@ -1346,4 +1397,435 @@ func FuzzEmbeddingInputs(f *testing.F) {
 			t.Fatalf("embeddingInputs(%q) accepted no inputs", raw)
 		}
 	})
+}
+
+func TestChatCompletionsN(t *testing.T) {
+	const msgs = `"messages":[{"role":"user","content":"one two"}]`
+	tests := []struct {
+		name       string
+		body       string
+		headers    []string
+		choices    int
+		completion int // per choice
+		finish     string
+	}{
+		{name: "no n is one choice", body: `{"model":"m",` + msgs + `}`, choices: 1, completion: 16, finish: "stop"},
+		{name: "n 1", body: `{"model":"m","n":1,` + msgs + `}`, choices: 1, completion: 16, finish: "stop"},
+		{name: "n 3", body: `{"model":"m","n":3,` + msgs + `}`, choices: 3, completion: 16, finish: "stop"},
+		{name: "n 3 capped by max_tokens", body: `{"model":"m","n":3,"max_tokens":5,` + msgs + `}`,
+			choices: 3, completion: 5, finish: "length"},
+		{name: "n 128, the largest", body: `{"model":"m","n":128,` + msgs + `}`,
+			headers: []string{"X-Mock-Completion-Tokens", "2"}, choices: 128, completion: 2, finish: "stop"},
+	}
+	m := provisioned(t, &MockBackend{})
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			rec, aborted := serve(t, m, request("POST", "/v1/chat/completions", tt.body, tt.headers...))
+			if aborted || rec.Code != http.StatusOK {
+				t.Fatalf("status %d, aborted %v: %s", rec.Code, aborted, rec.Body)
+			}
+			got := decodeJSON[chatCompletion](t, rec.Body.Bytes())
+			total := tt.choices * tt.completion
+			if want := (usage{PromptTokens: 2, CompletionTokens: total, TotalTokens: 2 + total}); got.Usage != want {
+				t.Errorf("usage %+v, want %+v", got.Usage, want)
+			}
+			if len(got.Choices) != tt.choices {
+				t.Fatalf("%d choices, want %d", len(got.Choices), tt.choices)
+			}
+			for j, c := range got.Choices {
+				if c.Index != j || c.Message.Role != "assistant" || c.Message.Content != words(tt.completion) || c.FinishReason != tt.finish {
+					t.Errorf("choice %d: %+v", j, c)
+				}
+			}
+		})
+	}
+
+	for _, bad := range []struct{ name, body, header string }{
+		{name: "n 0", body: `{"model":"m","n":0}`},
+		{name: "n negative", body: `{"model":"m","n":-1}`},
+		{name: "n 129", body: `{"model":"m","n":129}`},
+		{name: "n 129 streamed", body: `{"model":"m","n":129,"stream":true}`},
+		{name: "n × tokens too many", body: `{"model":"m","n":11}`, header: "100000"},
+	} {
+		t.Run(bad.name, func(t *testing.T) {
+			var headers []string
+			if bad.header != "" {
+				headers = []string{"X-Mock-Completion-Tokens", bad.header}
+			}
+			rec, _ := serve(t, m, request("POST", "/v1/chat/completions", bad.body, headers...))
+			if rec.Code != http.StatusBadRequest {
+				t.Fatalf("status %d: %s", rec.Code, rec.Body)
+			}
+			if e := decodeJSON[errorBody](t, rec.Body.Bytes()); e.Error.Code != "invalid_request" {
+				t.Errorf("error %s", rec.Body)
+			}
+		})
+	}
+}
+
+func TestChatCompletionsStreamN(t *testing.T) {
+	m := provisioned(t, &MockBackend{})
+	const body = `{"model":"m","n":2,"stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"a"}]}`
+	rec, aborted := serve(t, m, request("POST", "/v1/chat/completions", body, "X-Mock-Completion-Tokens", "10"))
+	if aborted || rec.Code != http.StatusOK {
+		t.Fatalf("status %d, aborted %v: %s", rec.Code, aborted, rec.Body)
+	}
+	checkFlushedPerMessage(t, rec, "\n\n")
+	events := sseEvents(t, rec.Body.String())
+	// 4 steps of 2 messages, the usage chunk, [DONE]
+	if len(events) != 4*2+2 || events[len(events)-1] != "[DONE]" {
+		t.Fatalf("%d events: %q", len(events), events)
+	}
+	texts := make([]string, 2)
+	for i, ev := range events[:8] {
+		c := decodeJSON[chatChunk](t, []byte(ev))
+		if len(c.Choices) != 1 {
+			t.Fatalf("event %d: %s", i, ev)
+		}
+		ch := c.Choices[0]
+		if ch.Index != i%2 {
+			t.Errorf("event %d: index %d, want %d", i, ch.Index, i%2)
+		}
+		if (ch.Delta.Role == "assistant") != (i < 2) {
+			t.Errorf("event %d: role %q", i, ch.Delta.Role)
+		}
+		if last := i >= 6; (ch.FinishReason != nil) != last || last && *ch.FinishReason != "stop" {
+			t.Errorf("event %d: finish_reason %v", i, ch.FinishReason)
+		}
+		texts[ch.Index] += ch.Delta.Content
+	}
+	for j, text := range texts {
+		if text != words(10) {
+			t.Errorf("choice %d streamed %q, want %q", j, text, words(10))
+		}
+	}
+	u := decodeJSON[chatChunk](t, []byte(events[8]))
+	if want := (usage{PromptTokens: 1, CompletionTokens: 20, TotalTokens: 21}); u.Usage == nil || *u.Usage != want {
+		t.Errorf("usage chunk %s, want %+v", events[8], want)
+	}
+
+	// a cut stream stops at a step: 2 steps of 2 messages
+	rec, aborted = serve(t, m, request("POST", "/v1/chat/completions", body, "X-Mock-Fault", "cut"))
+	if got := len(messageEnds(rec.Body.String(), "\n\n")); !aborted || got != 4 {
+		t.Errorf("aborted %v, %d messages before the cut, want 4", aborted, got)
+	}
+}
+
+// inflate decompresses b of the encoding; it returns what it could read and the error that
+// stopped it (nil at a clean end).
+func inflate(t *testing.T, encoding string, b []byte) (string, error) {
+	t.Helper()
+	var (
+		r   io.ReadCloser
+		err error
+	)
+	switch encoding {
+	case "gzip":
+		r, err = gzip.NewReader(bytes.NewReader(b))
+	case "deflate":
+		r, err = zlib.NewReader(bytes.NewReader(b))
+	default:
+		t.Fatalf("encoding %q", encoding)
+	}
+	if err != nil {
+		return "", err
+	}
+	out, err := io.ReadAll(r)
+	return string(out), err
+}
+
+func TestCompress(t *testing.T) {
+	const (
+		chat       = `{"model":"m","messages":[{"role":"user","content":"hi"}]}`
+		chatStream = `{"model":"m","stream":true,"stream_options":{"include_usage":true}}`
+	)
+	m := provisioned(t, &MockBackend{Models: []string{"m"}})
+	for _, enc := range []string{"gzip", "deflate"} {
+		t.Run(enc, func(t *testing.T) {
+			// the request says identity only: the mock compresses anyway
+			do := func(method, path, body string, headers ...string) (*flushRecorder, bool) {
+				t.Helper()
+				headers = append([]string{"X-Mock-Compress", enc, "Accept-Encoding", "identity"}, headers...)
+				return serve(t, m, request(method, path, body, headers...))
+			}
+			checkJSON := func(rec *flushRecorder, status int) string {
+				t.Helper()
+				if rec.Code != status || rec.Header().Get("Content-Encoding") != enc {
+					t.Fatalf("status %d, Content-Encoding %q", rec.Code, rec.Header().Get("Content-Encoding"))
+				}
+				if cl := rec.Header().Get("Content-Length"); cl != strconv.Itoa(rec.Body.Len()) {
+					t.Errorf("Content-Length %s for %d compressed bytes", cl, rec.Body.Len())
+				}
+				text, err := inflate(t, enc, rec.Body.Bytes())
+				if err != nil {
+					t.Fatalf("decompressing: %v", err)
+				}
+				return text
+			}
+
+			rec, _ := do("POST", "/v1/chat/completions", chat)
+			if c := decodeJSON[chatCompletion](t, []byte(checkJSON(rec, http.StatusOK))); c.Usage.CompletionTokens != 16 {
+				t.Errorf("answer %+v", c)
+			}
+			rec, _ = do("GET", "/api/tags", "")
+			if tags := decodeJSON[ollamaTags](t, []byte(checkJSON(rec, http.StatusOK))); len(tags.Models) != 1 {
+				t.Errorf("tags %+v", tags)
+			}
+			rec, _ = do("POST", "/v1/chat/completions", `{"model":"other"}`)
+			if e := decodeJSON[errorBody](t, []byte(checkJSON(rec, http.StatusNotFound))); e.Error.Code != "model_not_found" {
+				t.Errorf("error %+v", e)
+			}
+			rec, _ = do("POST", "/api/generate", `{"model":"m"}`, "X-Mock-Fault", "error")
+			if e := decodeJSON[ollamaError](t, []byte(checkJSON(rec, http.StatusInternalServerError))); e.Error == "" {
+				t.Errorf("injected error %+v", e)
+			}
+			rec, aborted := do("POST", "/v1/chat/completions", chat, "X-Mock-Fault", "truncate")
+			if text := checkJSON(rec, http.StatusOK); aborted || json.Valid([]byte(text)) || !strings.HasPrefix(text, `{"id":`) {
+				t.Errorf("aborted %v, truncated answer %q", aborted, text)
+			}
+			rec, aborted = do("POST", "/v1/chat/completions", chat, "X-Mock-Fault", "cut")
+			length, _ := strconv.Atoi(rec.Header().Get("Content-Length"))
+			if text, err := inflate(t, enc, rec.Body.Bytes()); !aborted || rec.Header().Get("Content-Encoding") != enc ||
+				length == 0 || rec.Body.Len() != length/2 || err == nil || json.Valid([]byte(text)) {
+				t.Errorf("aborted %v, Content-Length %d, %d bytes, %q, %v: want half of the compressed answer",
+					aborted, length, rec.Body.Len(), text, err)
+			}
+
+			for _, stream := range []struct{ path, body, sep string }{
+				{"/v1/chat/completions", chatStream, "\n\n"},
+				{"/api/chat", `{"model":"m"}`, "\n"},
+			} {
+				rec, aborted := do("POST", stream.path, stream.body)
+				if aborted || rec.Code != http.StatusOK || rec.Header().Get("Content-Encoding") != enc {
+					t.Fatalf("%s: status %d, aborted %v, Content-Encoding %q", stream.path, rec.Code, aborted, rec.Header().Get("Content-Encoding"))
+				}
+				text, err := inflate(t, enc, rec.Body.Bytes())
+				if err != nil {
+					t.Fatalf("%s: decompressing: %v", stream.path, err)
+				}
+				if stream.sep == "\n\n" {
+					if events := sseEvents(t, text); len(events) != 6 || events[5] != "[DONE]" {
+						t.Errorf("events %q", events)
+					}
+				} else if lines := ndjsonLines(t, text); len(lines) != 5 || !lines[4].Done {
+					t.Errorf("lines %+v", lines)
+				}
+				// every flush after the headers' ends a message of the decompressed stream
+				for _, at := range rec.flushes[1:] {
+					part, _ := inflate(t, enc, rec.Body.Bytes()[:at])
+					if part == "" || !strings.HasSuffix(part, stream.sep) {
+						t.Errorf("%s: at a flush the stream decompresses to %q", stream.path, part)
+					}
+				}
+			}
+		})
+	}
+
+	for _, v := range []string{"none", ""} {
+		rec, _ := serve(t, m, request("POST", "/v1/chat/completions", chat, "X-Mock-Compress", v))
+		if rec.Code != http.StatusOK || rec.Header().Get("Content-Encoding") != "" || !json.Valid(rec.Body.Bytes()) {
+			t.Errorf("X-Mock-Compress %q: status %d, Content-Encoding %q", v, rec.Code, rec.Header().Get("Content-Encoding"))
+		}
+	}
+	rec, _ := serve(t, m, request("POST", "/v1/chat/completions", chat, "X-Mock-Compress", "br"))
+	if rec.Code != http.StatusBadRequest || !strings.Contains(rec.Body.String(), "X-Mock-Compress") {
+		t.Errorf("X-Mock-Compress br: status %d, %s", rec.Code, rec.Body)
+	}
+}
+
+// TestCompressOverTheWire: a Go client that asked for identity gets gzip anyway, and
+// decodes each message of a compressed stream as it arrives.
+func TestCompressOverTheWire(t *testing.T) {
+	m := provisioned(t, &MockBackend{})
+	srv := httptest.NewServer(asHandler(m))
+	defer srv.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	r, _ := http.NewRequestWithContext(ctx, "POST", srv.URL+"/api/chat", strings.NewReader(`{"model":"m"}`))
+	r.Header.Set("Accept-Encoding", "identity")
+	r.Header.Set("X-Mock-Compress", "gzip")
+	r.Header.Set("X-Mock-Chunk-Interval", "1h")
+	resp, err := srv.Client().Do(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if ce := resp.Header.Get("Content-Encoding"); ce != "gzip" || resp.Uncompressed {
+		t.Fatalf("Content-Encoding %q, uncompressed by the client %v", ce, resp.Uncompressed)
+	}
+	zr, err := gzip.NewReader(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// the second message would come an hour later: the first must decode alone
+	line, err := bufio.NewReader(zr).ReadString('\n')
+	if err != nil || !strings.Contains(line, `"content":"tok1 tok2 tok3 tok4"`) {
+		t.Errorf("first message %q, %v", line, err)
+	}
+	cancel()
+}
+
+// topLevelKeys are the keys of a JSON object, in order.
+func topLevelKeys(t *testing.T, b []byte) []string {
+	t.Helper()
+	dec := json.NewDecoder(bytes.NewReader(b))
+	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
+		t.Fatalf("%q is not an object: %v", b, err)
+	}
+	var keys []string
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			t.Fatalf("decoding %q: %v", b, err)
+		}
+		keys = append(keys, tok.(string))
+		var skip json.RawMessage
+		if err := dec.Decode(&skip); err != nil {
+			t.Fatalf("decoding %q: %v", b, err)
+		}
+	}
+	return keys
+}
+
+// TestUsageLast: the usage is the last member wherever it is carried, as real servers put it.
+func TestUsageLast(t *testing.T) {
+	m := provisioned(t, &MockBackend{})
+	last := func(b []byte, n int) []string {
+		keys := topLevelKeys(t, b)
+		return keys[max(len(keys)-n, 0):]
+	}
+	ollamaCounters := []string{"prompt_eval_count", "prompt_eval_duration", "eval_count", "eval_duration"}
+
+	rec, _ := serve(t, m, request("POST", "/v1/chat/completions", `{"model":"m","n":2}`))
+	if got := last(rec.Body.Bytes(), 1); !reflect.DeepEqual(got, []string{"usage"}) {
+		t.Errorf("chat completion ends with %v", got)
+	}
+	rec, _ = serve(t, m, request("POST", "/v1/embeddings", `{"model":"m","input":["a","b"]}`))
+	if got := last(rec.Body.Bytes(), 1); !reflect.DeepEqual(got, []string{"usage"}) {
+		t.Errorf("embeddings end with %v", got)
+	}
+	rec, _ = serve(t, m, request("POST", "/v1/chat/completions",
+		`{"model":"m","stream":true,"stream_options":{"include_usage":true}}`))
+	events := sseEvents(t, rec.Body.String())
+	if got := last([]byte(events[len(events)-2]), 1); !reflect.DeepEqual(got, []string{"usage"}) {
+		t.Errorf("usage chunk ends with %v", got)
+	}
+	for _, path := range []string{"/api/chat", "/api/generate"} {
+		rec, _ = serve(t, m, request("POST", path, `{"model":"m","stream":false}`))
+		if got := last(rec.Body.Bytes(), 4); !reflect.DeepEqual(got, ollamaCounters) {
+			t.Errorf("%s answer ends with %v", path, got)
+		}
+		rec, _ = serve(t, m, request("POST", path, `{"model":"m"}`))
+		lines := strings.Split(strings.TrimSuffix(rec.Body.String(), "\n"), "\n")
+		if got := last([]byte(lines[len(lines)-1]), 4); !reflect.DeepEqual(got, ollamaCounters) {
+			t.Errorf("%s done message ends with %v", path, got)
+		}
+	}
+}
+
+// cancelingRecorder cancels the request's context at its cancelAt-th flush, as a client
+// that goes away after reading that much.
+type cancelingRecorder struct {
+	*flushRecorder
+	cancelAt int
+	cancel   context.CancelFunc
+}
+
+func (c *cancelingRecorder) Flush() {
+	c.flushRecorder.Flush()
+	if len(c.flushes) == c.cancelAt {
+		c.cancel()
+	}
+}
+
+// TestChunksSent: the stats count the stream messages sent, and a stream stops at the
+// first message after its request's context ended.
+func TestChunksSent(t *testing.T) {
+	m := provisioned(t, &MockBackend{})
+	zero := ChunksSent(m.Name)
+	for path, n := range zero {
+		if n != 0 {
+			t.Errorf("fresh chunks_sent[%s] = %d", path, n)
+		}
+	}
+	serve(t, m, request("POST", "/v1/chat/completions", `{"model":"m","stream":true,"stream_options":{"include_usage":true}}`))
+	serve(t, m, request("POST", "/api/generate", `{"model":"m"}`))
+	serve(t, m, request("POST", "/api/chat", `{"model":"m","stream":false}`)) // not a stream
+	serve(t, m, request("POST", "/api/chat", `{"model":"m"}`, "X-Mock-Fault", "cut"))
+	want := maps.Clone(zero)
+	// 4 contents, usage, [DONE]; 4 contents and done; 2 contents before the cut
+	want["/v1/chat/completions"], want["/api/generate"], want["/api/chat"] = 6, 5, 2
+	if got := ChunksSent(m.Name); !reflect.DeepEqual(got, want) {
+		t.Errorf("ChunksSent %v, want %v", got, want)
+	}
+	rec, _ := serve(t, m, request("GET", "/mock/stats", ""))
+	if got := decodeJSON[statsResponse](t, rec.Body.Bytes()); !reflect.DeepEqual(got.ChunksSent, want) {
+		t.Errorf("chunks_sent %v, want %v", got.ChunksSent, want)
+	}
+	serve(t, m, request("DELETE", "/mock/stats", ""))
+	if got := ChunksSent(m.Name); !reflect.DeepEqual(got, zero) {
+		t.Errorf("ChunksSent after DELETE %v", got)
+	}
+
+	for _, tt := range []struct{ path, body string }{
+		{"/v1/chat/completions", `{"model":"m","stream":true,"n":3}`},
+		{"/api/generate", `{"model":"m"}`},
+	} {
+		t.Run(tt.path, func(t *testing.T) {
+			ResetRequestCounts(m.Name)
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			// the headers' flush, then 4 messages: the client goes away
+			rec := &cancelingRecorder{flushRecorder: newFlushRecorder(), cancelAt: 5, cancel: cancel}
+			r := request("POST", tt.path, tt.body, "X-Mock-Chunks", "1000").WithContext(ctx)
+			if err := m.ServeHTTP(rec, r, nil); err != nil {
+				t.Fatal(err)
+			}
+			if got := ChunksSent(m.Name)[tt.path]; got != 4 {
+				t.Errorf("chunks_sent %d, want 4", got)
+			}
+			if got := len(rec.flushes); got != 5 {
+				t.Errorf("%d flushes after the cancel at the 5th", got)
+			}
+		})
+	}
+}
+
+// TestDisconnectStopsStream: a client that hangs up over the wire stops the generation.
+func TestDisconnectStopsStream(t *testing.T) {
+	m := provisioned(t, &MockBackend{})
+	returned := make(chan struct{}, 1)
+	handler := asHandler(m)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		handler.ServeHTTP(w, r)
+		returned <- struct{}{}
+	}))
+	defer srv.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	// 10000 messages 5ms apart would take 50s
+	r, _ := http.NewRequestWithContext(ctx, "POST", srv.URL+"/v1/chat/completions",
+		strings.NewReader(`{"model":"m","stream":true}`))
+	r.Header.Set("X-Mock-Chunks", "10000")
+	r.Header.Set("X-Mock-Chunk-Interval", "5ms")
+	resp, err := srv.Client().Do(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rd := bufio.NewReader(resp.Body)
+	for range 3 {
+		if _, err := rd.ReadString('\n'); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cancel()
+	resp.Body.Close()
+	select {
+	case <-returned:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the mock still streams 10s after the client went away")
+	}
+	if got := ChunksSent(m.Name)["/v1/chat/completions"]; got < 2 || got > 1000 {
+		t.Errorf("chunks_sent %d, want the few before the disconnect", got)
+	}
 }

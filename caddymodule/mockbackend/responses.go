@@ -1,6 +1,9 @@
 package mockbackend
 
 import (
+	"bytes"
+	"compress/gzip"
+	"compress/zlib"
 	"context"
 	"crypto/sha256"
 	"encoding/base64"
@@ -53,6 +56,7 @@ type settings struct {
 	chunkInterval    time.Duration
 	chunks           int
 	completionTokens int
+	compress         string // "gzip", "deflate" or "" for none
 }
 
 // settingsFor applies the X-Mock-* headers of a request to the config.
@@ -114,7 +118,37 @@ func (m *MockBackend) settingsFor(h http.Header) (settings, error) {
 			*o.into = n
 		}
 	}
+	switch v := h.Get("X-Mock-Compress"); v {
+	case "", "none":
+	case "gzip", "deflate":
+		set.compress = v
+	default:
+		return set, fmt.Errorf("header X-Mock-Compress: unknown encoding %q (want gzip, deflate or none)", v)
+	}
 	return set, nil
+}
+
+// compressor is a gzip or zlib writer.
+type compressor interface {
+	io.WriteCloser
+	Flush() error
+}
+
+// newCompressor compresses into w with the encoding, "gzip" or "deflate" (zlib).
+func newCompressor(w io.Writer, encoding string) compressor {
+	if encoding == "gzip" {
+		return gzip.NewWriter(w)
+	}
+	return zlib.NewWriter(w)
+}
+
+// compressed is body compressed with the encoding.
+func compressed(body []byte, encoding string) []byte {
+	var buf bytes.Buffer
+	zw := newCompressor(&buf, encoding)
+	_, _ = zw.Write(body) // writes to a bytes.Buffer cannot fail
+	_ = zw.Close()
+	return buf.Bytes()
 }
 
 // mockCreated is the creation time the mock reports for its models.
@@ -132,10 +166,11 @@ type exchange struct {
 	style apiStyle
 	set   settings
 	body  []byte
-	start time.Time // when the request arrived
-	ready time.Time // when the latency wait ended
-	first time.Time // when the first stream message was sent
-	sent  int       // stream messages sent
+	start time.Time  // when the request arrived
+	ready time.Time  // when the latency wait ended
+	first time.Time  // when the first stream message was sent
+	sent  int        // stream messages sent
+	zw    compressor // compresses the stream under X-Mock-Compress; nil when not
 }
 
 // decode reads the JSON request body into v and checks the model; on failure it answers
@@ -162,10 +197,12 @@ func (x *exchange) decode(v any, model func() string) bool {
 }
 
 func (x *exchange) fail(status int, code, message string) {
-	writeError(x.w, x.style, status, code, message)
+	writeEncoded(x.w, status, x.set.compress, errorJSON(x.style, status, code, message))
 }
 
-// reply sends v as the whole JSON answer; FaultCut sends only its first half.
+// reply sends v as the whole JSON answer, compressed under X-Mock-Compress. FaultCut sends
+// the first half of the (compressed) body under the Content-Length of all of it, then
+// aborts; FaultTruncate sends a complete response of the first half of the JSON.
 func (x *exchange) reply(v any) {
 	body, err := json.Marshal(v)
 	if err != nil {
@@ -173,9 +210,18 @@ func (x *exchange) reply(v any) {
 		return
 	}
 	body = append(body, '\n')
-	if x.set.fault != FaultCut {
-		writeBody(x.w, http.StatusOK, body)
+	switch x.set.fault {
+	case FaultTruncate:
+		writeEncoded(x.w, http.StatusOK, x.set.compress, body[:len(body)/2])
 		return
+	case FaultCut:
+	default:
+		writeEncoded(x.w, http.StatusOK, x.set.compress, body)
+		return
+	}
+	if x.set.compress != "" {
+		body = compressed(body, x.set.compress)
+		x.w.Header().Set("Content-Encoding", x.set.compress)
 	}
 	x.w.Header().Set("Content-Type", "application/json")
 	x.w.Header().Set("Content-Length", strconv.Itoa(len(body)))
@@ -185,34 +231,68 @@ func (x *exchange) reply(v any) {
 	abortConnection()
 }
 
-// startStream sends the headers of a stream at once.
+// startStream sends the headers of a stream at once, and starts the compressor under
+// X-Mock-Compress.
 func (x *exchange) startStream(contentType string) bool {
 	h := x.w.Header()
 	h.Set("Content-Type", contentType)
 	h.Set("Cache-Control", "no-cache")
+	if x.set.compress != "" {
+		h.Set("Content-Encoding", x.set.compress)
+		x.zw = newCompressor(x.w, x.set.compress)
+	}
 	x.w.WriteHeader(http.StatusOK)
 	return x.flush()
+}
+
+// endStream ends the compressed stream, if any, with the compressor's trailer.
+func (x *exchange) endStream() {
+	if x.zw == nil {
+		return
+	}
+	if err := x.zw.Close(); err == nil {
+		x.flush()
+	}
+	x.zw = nil
 }
 
 // pause waits ChunkInterval before every stream message but the first; it returns false
 // when the client is gone.
 func (x *exchange) pause() bool {
 	if x.sent == 0 {
-		return true
+		return x.r.Context().Err() == nil
 	}
 	return sleep(x.r.Context(), x.set.chunkInterval)
 }
 
-// send writes one stream message and flushes it; it returns false when the client is gone.
+// send writes one stream message and flushes it (the compressor first); it returns false,
+// writing nothing, when the client is gone (the request's context is done), or when the
+// write fails. A message sent is counted in the stats' chunks_sent.
 func (x *exchange) send(message []byte) bool {
-	if _, err := x.w.Write(message); err != nil {
+	if x.r.Context().Err() != nil {
 		return false
+	}
+	var out io.Writer = x.w
+	if x.zw != nil {
+		out = x.zw
+	}
+	if _, err := out.Write(message); err != nil {
+		return false
+	}
+	if x.zw != nil {
+		if err := x.zw.Flush(); err != nil {
+			return false
+		}
 	}
 	if x.sent == 0 {
 		x.first = time.Now()
 	}
 	x.sent++
-	return x.flush()
+	if !x.flush() {
+		return false
+	}
+	x.mock.requests.addChunk(x.r.URL.Path)
+	return true
 }
 
 func (x *exchange) flush() bool {
@@ -232,13 +312,21 @@ func (x *exchange) sendJSON(v any) bool {
 	return x.send(append(body, '\n'))
 }
 
-// cutHere aborts the connection when FaultCut is on and content message i of n is the
-// first one not to be sent (checked after the pause before it, as a connection that drops
-// mid-generation would).
-func (x *exchange) cutHere(i, n int) {
-	if x.set.fault == FaultCut && i == n/2 {
-		abortConnection()
+// cutHere acts when content step i of n is the first one not to be sent under FaultCut or
+// FaultTruncate (checked after the pause before it, as a connection that drops
+// mid-generation would): FaultCut aborts the connection, FaultTruncate returns true, and
+// the caller ends the stream there, cleanly.
+func (x *exchange) cutHere(i, n int) (stop bool) {
+	if i != n/2 {
+		return false
 	}
+	switch x.set.fault {
+	case FaultCut:
+		abortConnection()
+	case FaultTruncate:
+		return true
+	}
+	return false
 }
 
 // abortConnection closes the client connection without finishing the response, as Caddy's
@@ -271,6 +359,15 @@ func sleep(ctx context.Context, d time.Duration) bool {
 	}
 }
 
+// writeEncoded sends a complete JSON answer, compressed with the encoding unless it is "".
+func writeEncoded(w http.ResponseWriter, status int, encoding string, body []byte) {
+	if encoding != "" {
+		body = compressed(body, encoding)
+		w.Header().Set("Content-Encoding", encoding)
+	}
+	writeBody(w, status, body)
+}
+
 // writeBody sends a complete JSON answer.
 func writeBody(w http.ResponseWriter, status int, body []byte) {
 	w.Header().Set("Content-Type", "application/json")
@@ -298,6 +395,11 @@ type ollamaError struct {
 
 // writeError answers with an error in the shape of the API.
 func writeError(w http.ResponseWriter, style apiStyle, status int, code, message string) {
+	writeBody(w, status, errorJSON(style, status, code, message))
+}
+
+// errorJSON is an error in the shape of the API.
+func errorJSON(style apiStyle, status int, code, message string) []byte {
 	var v any = ollamaError{Error: message}
 	if style == styleOpenAI {
 		typ := "invalid_request_error"
@@ -307,7 +409,7 @@ func writeError(w http.ResponseWriter, style apiStyle, status int, code, message
 		v = openAIError{Error: openAIErrorBody{Message: message, Type: typ, Code: code}}
 	}
 	body, _ := json.Marshal(v) // strings only: cannot fail
-	writeBody(w, status, append(body, '\n'))
+	return append(body, '\n')
 }
 
 // Token counting and generated text.
@@ -423,8 +525,9 @@ type chatCompletionRequest struct {
 	StreamOptions *struct {
 		IncludeUsage bool `json:"include_usage"`
 	} `json:"stream_options"`
-	MaxTokens           int `json:"max_tokens"`
-	MaxCompletionTokens int `json:"max_completion_tokens"`
+	MaxTokens           int  `json:"max_tokens"`
+	MaxCompletionTokens int  `json:"max_completion_tokens"`
+	N                   *int `json:"n"`
 }
 
 type usage struct {
@@ -440,7 +543,7 @@ type chatCompletion struct {
 	Model             string       `json:"model"`
 	SystemFingerprint string       `json:"system_fingerprint"`
 	Choices           []chatChoice `json:"choices"`
-	Usage             usage        `json:"usage"`
+	Usage             usage        `json:"usage"` // last, as real servers put it
 }
 
 type chatChoice struct {
@@ -462,7 +565,7 @@ type chatChunk struct {
 	Model             string        `json:"model"`
 	SystemFingerprint string        `json:"system_fingerprint"`
 	Choices           []chunkChoice `json:"choices"`
-	Usage             *usage        `json:"usage"`
+	Usage             *usage        `json:"usage"` // last, as real servers put it
 }
 
 type chunkChoice struct {
@@ -484,22 +587,36 @@ func serveChatCompletions(x *exchange) {
 		x.fail(http.StatusBadRequest, "invalid_request", "mock backend: "+err.Error())
 		return
 	}
+	choices := 1
+	if req.N != nil {
+		choices = *req.N
+	}
+	if choices < 1 || choices > maxChoices {
+		x.fail(http.StatusBadRequest, "invalid_request",
+			fmt.Sprintf("mock backend: n: %d is not between 1 and %d", choices, maxChoices))
+		return
+	}
 	completion, capped := completionTokens(x.set.completionTokens, req.MaxTokens, req.MaxCompletionTokens)
-	u := usage{PromptTokens: prompt, CompletionTokens: completion, TotalTokens: prompt + completion}
+	if choices*completion > maxGeneratedTokens {
+		x.fail(http.StatusBadRequest, "invalid_request",
+			fmt.Sprintf("mock backend: n × %d completion tokens is more than %d", completion, maxGeneratedTokens))
+		return
+	}
+	u := usage{PromptTokens: prompt, CompletionTokens: choices * completion, TotalTokens: prompt + choices*completion}
 	id := "chatcmpl-mock-" + strconv.FormatInt(completionSeq.Add(1), 10)
 	created := time.Now().Unix()
 	finish := finishReason(capped)
 
 	if !req.Stream {
-		x.reply(chatCompletion{
+		text := generatedPieces(completion, 1)[0]
+		out := chatCompletion{
 			ID: id, Object: "chat.completion", Created: created, Model: req.Model,
-			SystemFingerprint: systemFingerprint,
-			Choices: []chatChoice{{
-				Message:      assistantMsg{Role: "assistant", Content: generatedPieces(completion, 1)[0]},
-				FinishReason: finish,
-			}},
-			Usage: u,
-		})
+			SystemFingerprint: systemFingerprint, Choices: make([]chatChoice, choices), Usage: u,
+		}
+		for j := range out.Choices {
+			out.Choices[j] = chatChoice{Index: j, Message: assistantMsg{Role: "assistant", Content: text}, FinishReason: finish}
+		}
+		x.reply(out)
 		return
 	}
 
@@ -508,22 +625,23 @@ func serveChatCompletions(x *exchange) {
 	}
 	pieces := generatedPieces(completion, x.set.chunks)
 	for i, piece := range pieces {
-		if !x.pause() {
+		if !x.pause() || x.cutHere(i, len(pieces)) {
 			return
 		}
-		x.cutHere(i, len(pieces))
-		c := chunkChoice{Delta: assistantMsg{Content: piece}}
-		if i == 0 {
-			c.Delta.Role = "assistant"
-		}
-		if i == len(pieces)-1 {
-			c.FinishReason = &finish
-		}
-		if !x.sendJSON(chatChunk{
-			ID: id, Object: "chat.completion.chunk", Created: created, Model: req.Model,
-			SystemFingerprint: systemFingerprint, Choices: []chunkChoice{c},
-		}) {
-			return
+		for j := range choices {
+			c := chunkChoice{Index: j, Delta: assistantMsg{Content: piece}}
+			if i == 0 {
+				c.Delta.Role = "assistant"
+			}
+			if i == len(pieces)-1 {
+				c.FinishReason = &finish
+			}
+			if !x.sendJSON(chatChunk{
+				ID: id, Object: "chat.completion.chunk", Created: created, Model: req.Model,
+				SystemFingerprint: systemFingerprint, Choices: []chunkChoice{c},
+			}) {
+				return
+			}
 		}
 	}
 	if req.StreamOptions != nil && req.StreamOptions.IncludeUsage {
@@ -534,9 +652,7 @@ func serveChatCompletions(x *exchange) {
 			return
 		}
 	}
-	if _, err := io.WriteString(x.w, "data: [DONE]\n\n"); err == nil {
-		x.flush()
-	}
+	x.send([]byte("data: [DONE]\n\n"))
 }
 
 // OpenAI embeddings.
@@ -554,7 +670,7 @@ type embeddingList struct {
 	Usage  struct {
 		PromptTokens int `json:"prompt_tokens"`
 		TotalTokens  int `json:"total_tokens"`
-	} `json:"usage"`
+	} `json:"usage"` // last, as real servers put it
 }
 
 type embedding struct {
@@ -685,7 +801,8 @@ type ollamaGenerateRequest struct {
 }
 
 // ollamaMessage is one NDJSON message, or the whole answer when not streaming. Message is
-// set by /api/chat, Response by /api/generate; the counters only when Done.
+// set by /api/chat, Response by /api/generate; the counters only when Done. The counters
+// (the usage) stay last, as Ollama puts them.
 type ollamaMessage struct {
 	Model              string        `json:"model"`
 	CreatedAt          string        `json:"created_at"`
@@ -762,10 +879,9 @@ func (x *exchange) ollamaAnswer(modelName string, chat bool, prompt int, stream 
 	}
 	pieces := generatedPieces(completion, x.set.chunks)
 	for i, piece := range pieces {
-		if !x.pause() {
+		if !x.pause() || x.cutHere(i, len(pieces)) {
 			return
 		}
-		x.cutHere(i, len(pieces))
 		if !x.sendJSON(message(piece)) {
 			return
 		}

@@ -20,10 +20,12 @@ var counters = struct {
 	byName map[string]*requestCounter
 }{byName: make(map[string]*requestCounter)}
 
-// requestCounter counts the requests a mock received, per path. Its map is fixed when it is
-// made (one entry per served path, and otherPath), so reads and increments need no lock.
+// requestCounter counts the requests a mock received and the stream messages it sent, per
+// path. Its maps are fixed when it is made (one entry per served path, and otherPath), so
+// reads and increments need no lock.
 type requestCounter struct {
 	byPath map[string]*atomic.Int64
+	chunks map[string]*atomic.Int64
 }
 
 func requestCounterFor(name string) *requestCounter {
@@ -31,35 +33,51 @@ func requestCounterFor(name string) *requestCounter {
 	defer counters.Unlock()
 	c := counters.byName[name]
 	if c == nil {
-		c = &requestCounter{byPath: make(map[string]*atomic.Int64, len(endpoints)+1)}
-		for path := range endpoints {
-			c.byPath[path] = new(atomic.Int64)
-		}
-		c.byPath[otherPath] = new(atomic.Int64)
+		c = &requestCounter{byPath: pathCounters(), chunks: pathCounters()}
 		counters.byName[name] = c
 	}
 	return c
 }
 
-func (c *requestCounter) add(path string) {
-	n, ok := c.byPath[path]
+// pathCounters is a counter for each served path and otherPath.
+func pathCounters() map[string]*atomic.Int64 {
+	m := make(map[string]*atomic.Int64, len(endpoints)+1)
+	for path := range endpoints {
+		m[path] = new(atomic.Int64)
+	}
+	m[otherPath] = new(atomic.Int64)
+	return m
+}
+
+func countPath(m map[string]*atomic.Int64, path string) {
+	n, ok := m[path]
 	if !ok {
-		n = c.byPath[otherPath]
+		n = m[otherPath]
 	}
 	n.Add(1)
 }
 
-func (c *requestCounter) snapshot() map[string]int64 {
-	out := make(map[string]int64, len(c.byPath))
-	for path, n := range c.byPath {
+func loadCounters(m map[string]*atomic.Int64) map[string]int64 {
+	out := make(map[string]int64, len(m))
+	for path, n := range m {
 		out[path] = n.Load()
 	}
 	return out
 }
 
+func (c *requestCounter) add(path string) { countPath(c.byPath, path) }
+
+func (c *requestCounter) addChunk(path string) { countPath(c.chunks, path) }
+
+func (c *requestCounter) snapshot() map[string]int64 { return loadCounters(c.byPath) }
+
+func (c *requestCounter) chunkSnapshot() map[string]int64 { return loadCounters(c.chunks) }
+
 func (c *requestCounter) reset() {
-	for _, n := range c.byPath {
-		n.Store(0)
+	for _, m := range []map[string]*atomic.Int64{c.byPath, c.chunks} {
+		for _, n := range m {
+			n.Store(0)
+		}
 	}
 }
 
@@ -70,15 +88,23 @@ func RequestCounts(name string) map[string]int64 {
 	return requestCounterFor(name).snapshot()
 }
 
-// ResetRequestCounts sets the request counts of the mocks named name to zero.
+// ChunksSent returns how many stream messages the mocks named name wrote and flushed, by
+// path, as chunks_sent of GET /mock/stats.
+func ChunksSent(name string) map[string]int64 {
+	return requestCounterFor(name).chunkSnapshot()
+}
+
+// ResetRequestCounts sets the request counts and the chunks sent of the mocks named name to
+// zero.
 func ResetRequestCounts(name string) {
 	requestCounterFor(name).reset()
 }
 
 // statsResponse is the body of GET /mock/stats.
 type statsResponse struct {
-	Name     string           `json:"name"`
-	Requests map[string]int64 `json:"requests"`
+	Name       string           `json:"name"`
+	Requests   map[string]int64 `json:"requests"`
+	ChunksSent map[string]int64 `json:"chunks_sent"`
 }
 
 // serveStats answers GET /mock/stats with the counts and DELETE /mock/stats by resetting
@@ -86,7 +112,8 @@ type statsResponse struct {
 func (m *MockBackend) serveStats(w http.ResponseWriter, r *http.Request) {
 	switch r.Method {
 	case http.MethodGet, http.MethodHead:
-		body, _ := json.Marshal(statsResponse{Name: m.Name, Requests: m.requests.snapshot()})
+		body, _ := json.Marshal(statsResponse{Name: m.Name, Requests: m.requests.snapshot(),
+			ChunksSent: m.requests.chunkSnapshot()})
 		writeBody(w, http.StatusOK, body)
 	case http.MethodDelete:
 		m.requests.reset()

@@ -32,7 +32,10 @@ var (
 
 // Refill tops an anonymous account up to Cap once per period. Period is the index of the current
 // period (unix time / period length); an account is refilled at most once per index, on every
-// instance together, and never above Cap.
+// instance together. The refill grants Cap - max(balance, 0) on the balance open reservations
+// included, nothing at Cap or above: the balance becomes min(Cap, balance + Cap), never above Cap
+// (not even once open reservations are released), and a debt (settlements above their
+// reservations) is paid from the allowance, never forgiven.
 type Refill struct {
 	Cap    Amount
 	Period int64

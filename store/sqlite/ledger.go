@@ -8,7 +8,6 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
-	"math"
 	"strconv"
 	"time"
 
@@ -50,7 +49,9 @@ func newReservationID(now time.Time) string {
 // An account that does not exist has a balance of zero: reserving from it is
 // ErrInsufficientCredits with balance 0 (a zero amount creates it empty). With refill, a missing
 // account is created full (balance = Cap, with a grant entry), and an account last refilled
-// before refill.Period is filled up to Cap, never above, once per period.
+// before refill.Period is granted, once per period, refillGrant of its durable balance: the
+// balance never goes above Cap, not even once open reservations are released, and a debt is
+// paid from the new allowance, never forgiven.
 func (s *Store) Reserve(ctx context.Context, account credits.AccountID, amount credits.Amount, ttl time.Duration, refill *credits.Refill) (credits.Reservation, credits.Amount, error) {
 	if amount < 0 || amount > credits.MaxAmount {
 		return credits.Reservation{}, 0, fmt.Errorf("reserve %s: %w", amount, credits.ErrInvalidAmount)
@@ -94,19 +95,12 @@ func (s *Store) Reserve(ctx context.Context, account credits.AccountID, amount c
 		refillPeriod = a.refillPeriod
 	)
 	if refill != nil && !(exists && refilled && refillPeriod >= refill.Period) {
-		grant := refill.Cap
 		if !exists {
 			ops[nops] = pendingOp{kind: opCreateAccount, account: a, at: at}
 			nops++
 			exists = true
-		} else if spendable := a.spendable(); spendable < refill.Cap {
-			if spendable < refill.Cap-math.MaxInt64 { // Cap - spendable would leave int64
-				return credits.Reservation{}, 0, fmt.Errorf("reserve: refilling %s: %w", account, credits.ErrOverflow)
-			}
-			grant = refill.Cap - spendable
-		} else {
-			grant = 0
 		}
+		grant := refillGrant(refill.Cap, durable) // durable is 0 for a new account: Cap
 		if durable, err = durable.Add(grant); err != nil {
 			return credits.Reservation{}, 0, fmt.Errorf("reserve: refilling %s: %w", account, err)
 		}
@@ -147,6 +141,26 @@ func (s *Store) Reserve(ctx context.Context, account credits.AccountID, amount c
 	a.open = open
 	a.openCount++
 	return r, a.spendable(), nil
+}
+
+// refillGrant is what a period's refill grants an account of durable balance durable
+// (credited - settled: its open reservations included) under the cap limit:
+// limit - max(durable, 0), and nothing when durable is limit or more. After the grant the
+// durable balance is min(limit, durable + limit):
+//
+//   - never above the cap, so that no open reservation released later (they are part of the
+//     durable balance) can leave more than the cap to spend: an allowance fully reserved when
+//     the period turns gets nothing more, and its credits come back on release;
+//   - a debt (durable < 0, from settlements above their reservations) is carried: the whole
+//     grant goes to it first, so that a debt of several allowances takes as many periods to
+//     pay, instead of being wiped by the next refill.
+//
+// With 0 <= limit <= MaxAmount (Reserve checks it), it cannot leave int64.
+func refillGrant(limit, durable credits.Amount) credits.Amount {
+	if durable >= limit {
+		return 0
+	}
+	return limit - max(durable, 0)
 }
 
 // Settle closes the reservation in memory, charging cost (the difference from the reserved

@@ -69,7 +69,10 @@ func (m *ledgerModel) reserve(id string, account credits.AccountID, amount credi
 			m.accounts[account] = acc
 			grant = refill.Cap
 		case !acc.refilled || acc.refillPeriod < refill.Period:
-			grant = max(0, refill.Cap-acc.balance)
+			// on the durable balance (open reservations included): up to Cap, debts carried
+			if durable := acc.balance + m.openOf(account); durable < refill.Cap {
+				grant = refill.Cap - max(durable, 0)
+			}
 			acc.balance += grant
 			acc.refilled, acc.refillPeriod = true, refill.Period
 		}
@@ -510,6 +513,260 @@ func checkMemoryAgainstDatabase(tb testing.TB, s *Store, where string) {
 				tb.Fatalf("%s: %s: exists in memory %v, in the database: %v", where, id, exists, err)
 			case !exists || stored != durable:
 				tb.Fatalf("%s: %s: balance in memory %s (exists %v), in the database %s", where, id, durable, exists, stored)
+			}
+		}
+	}
+}
+
+var (
+	refillSeed  = flag.Uint64("refill.seed", 0, "run TestAnonymousRefillAgainstModel with this seed only")
+	refillSteps = flag.Int("refill.steps", 300, "steps per seed of TestAnonymousRefillAgainstModel")
+)
+
+// refillModel is the reference of one anonymous account across refill periods: its durable
+// balance (credited - settled), its open reservations, and the last period it was refilled.
+type refillModel struct {
+	exists             bool
+	durable            credits.Amount
+	open               map[string]modelReservation
+	refilled           bool
+	lastPeriod         int64
+	credited, settled  credits.Amount
+	grants             int
+	lastGrant, prevDur credits.Amount // of the last refill: the grant and the durable balance before
+}
+
+func (m *refillModel) openSum() credits.Amount {
+	var sum credits.Amount
+	for _, r := range m.open {
+		sum += r.amount
+	}
+	return sum
+}
+
+// reserve is Reserve with a refill: the refill brings the durable balance to
+// min(cap, durable + cap), never lower than it was; it reports whether the reservation
+// succeeds and the spendable balance after.
+func (m *refillModel) reserve(id string, amount, limit credits.Amount, period int64, expiresAt time.Time) (credits.Amount, bool, bool) {
+	refilled := false
+	if !m.exists || !m.refilled || m.lastPeriod < period {
+		m.exists = true
+		after := max(m.durable, min(limit, m.durable+limit))
+		m.prevDur, m.lastGrant = m.durable, after-m.durable
+		m.durable = after
+		m.credited += m.lastGrant
+		if m.lastGrant > 0 {
+			m.grants++
+		}
+		m.refilled, m.lastPeriod = true, period
+		refilled = true
+	}
+	if m.durable-m.openSum() < amount {
+		return m.durable - m.openSum(), false, refilled
+	}
+	m.open[id] = modelReservation{amount: amount, expiresAt: expiresAt}
+	return m.durable - m.openSum(), true, refilled
+}
+
+// TestAnonymousRefillAgainstModel runs random, seeded sequences of reserve (with the refill),
+// settle (under, at and far above the reservation), release, period turns (one or several),
+// expiry and reopening on one anonymous account, with reservations left open across the
+// period boundaries, against refillModel. After every step: the store's balance, books and
+// grants are the model's; the balance is never above the cap, not even with the open
+// reservations (the durable balance); a refill leaves min(cap, durable + cap), so a debt is
+// carried; and credited = balance + settled + open exactly. A failure prints its seed; rerun
+// it with -refill.seed.
+func TestAnonymousRefillAgainstModel(t *testing.T) {
+	seeds := []uint64{1, 2, 3, uint64(time.Now().UnixNano())}
+	if *refillSeed != 0 {
+		seeds = []uint64{*refillSeed}
+	}
+	for _, seed := range seeds {
+		t.Run(fmt.Sprintf("seed=%d", seed), func(t *testing.T) {
+			t.Cleanup(func() {
+				if t.Failed() {
+					t.Logf("reproduce with: go test -race -run 'TestAnonymousRefillAgainstModel' ./store/sqlite/ -refill.seed=%d", seed)
+				}
+			})
+			runRefillModel(t, seed, *refillSteps)
+		})
+	}
+}
+
+func runRefillModel(t *testing.T, seed uint64, steps int) {
+	ctx := context.Background()
+	rng := rand.New(rand.NewPCG(seed, seed^0x2545f4914f6cdd1d))
+	clock := newTestClock()
+	path := filepath.Join(t.TempDir(), "refill.db")
+	s, err := Open(ctx, path, Options{Clock: clock.Now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { s.Close() }()
+
+	account := credits.AnonymousAccount("198.51.100.7")
+	limit := []credits.Amount{c / 10, c, 5 * c}[rng.IntN(3)]
+	m := &refillModel{open: make(map[string]modelReservation)}
+	period := int64(1000)
+	var ids []string
+	pickID := func() string {
+		if len(ids) == 0 || rng.IntN(8) == 0 {
+			return "unknown"
+		}
+		return ids[rng.IntN(len(ids))]
+	}
+	fraction := func(of credits.Amount) credits.Amount { // 0, exactly of, or a part of it
+		switch rng.IntN(5) {
+		case 0:
+			return 0
+		case 1:
+			return of
+		default:
+			return credits.Amount(rng.Int64N(int64(of) + 1))
+		}
+	}
+
+	for step := range steps {
+		var op string
+		refilled := false
+		switch k := rng.IntN(100); {
+		case k < 35:
+			amt := fraction(limit)
+			if rng.IntN(6) == 0 {
+				amt = limit + credits.Amount(rng.Int64N(int64(limit)+1)) // more than the cap
+			}
+			ttl := time.Duration(1+rng.IntN(60)) * time.Second
+			op = fmt.Sprintf("reserve %s ttl %s in period %d", amt, ttl, period)
+			r, balance, err := s.Reserve(ctx, account, amt, ttl, &credits.Refill{Cap: limit, Period: period})
+			if err != nil && !errors.Is(err, credits.ErrInsufficientCredits) {
+				t.Fatalf("step %d: %s: %v", step, op, err)
+			}
+			var wantBalance credits.Amount
+			var wantOK bool
+			wantBalance, wantOK, refilled = m.reserve(r.ID, amt, limit, period, clock.Now().Add(ttl))
+			if (err == nil) != wantOK || balance != wantBalance {
+				t.Fatalf("step %d: %s: balance %s, %v; model %s, ok %v", step, op, balance, err, wantBalance, wantOK)
+			}
+			if err == nil {
+				ids = append(ids, r.ID)
+			}
+		case k < 55:
+			id := pickID()
+			res, open := m.open[id]
+			var cost credits.Amount
+			switch rng.IntN(4) {
+			case 0:
+				cost = fraction(res.amount) // under or at
+			case 1:
+				cost = res.amount
+			case 2:
+				cost = res.amount + fraction(limit) // a little over
+			default:
+				cost = res.amount + credits.Amount(1+rng.Int64N(50))*limit // far over: a debt
+			}
+			op = fmt.Sprintf("settle %s (reserved %s) at %s", id, res.amount, cost)
+			balance, err := s.Settle(ctx, id, cost, credits.Usage{Model: "m"})
+			if !open {
+				if !errors.Is(err, credits.ErrReservationClosed) {
+					t.Fatalf("step %d: %s: %s, %v; want the reservation closed", step, op, balance, err)
+				}
+				break
+			}
+			delete(m.open, id)
+			m.durable -= cost
+			m.settled += cost
+			if err != nil || balance != m.durable-m.openSum() {
+				t.Fatalf("step %d: %s: %s, %v; model %s", step, op, balance, err, m.durable-m.openSum())
+			}
+		case k < 67:
+			id := pickID()
+			_, open := m.open[id]
+			op = "release " + id
+			balance, err := s.Release(ctx, id)
+			if !open {
+				if !errors.Is(err, credits.ErrReservationClosed) {
+					t.Fatalf("step %d: %s: %s, %v; want the reservation closed", step, op, balance, err)
+				}
+				break
+			}
+			delete(m.open, id)
+			if err != nil || balance != m.durable-m.openSum() {
+				t.Fatalf("step %d: %s: %s, %v; model %s", step, op, balance, err, m.durable-m.openSum())
+			}
+		case k < 82: // the period turns (sometimes several at once), reservations stay open
+			n := int64(1)
+			if rng.IntN(4) == 0 {
+				n += rng.Int64N(5)
+			}
+			period += n
+			clock.Advance(time.Duration(rng.IntN(20)) * time.Second)
+			op = fmt.Sprintf("period %d", period)
+		case k < 97:
+			clock.Advance(time.Duration(rng.IntN(30_000)) * time.Millisecond)
+			at := clock.Now()
+			op = "release expired at " + at.Format(time.RFC3339Nano)
+			n, total, err := s.ReleaseExpired(ctx, at)
+			wantN, wantTotal := 0, credits.Amount(0)
+			for id, r := range m.open {
+				if r.expiresAt.Before(at) {
+					delete(m.open, id)
+					wantN++
+					wantTotal += r.amount
+				}
+			}
+			if err != nil || n != wantN || total != wantTotal {
+				t.Fatalf("step %d: %s: %d, %s, %v; model %d, %s", step, op, n, total, err, wantN, wantTotal)
+			}
+		default: // reopen: open reservations are released, grants and refill period persist
+			op = "reopen"
+			if err := s.Close(); err != nil {
+				t.Fatalf("step %d: close: %v", step, err)
+			}
+			if s, err = Open(ctx, path, Options{Clock: clock.Now}); err != nil {
+				t.Fatalf("step %d: reopen: %v", step, err)
+			}
+			clear(m.open)
+		}
+		where := fmt.Sprintf("step %d, after %s (cap %s)", step, op, limit)
+
+		if !m.exists {
+			continue
+		}
+		books, err := s.Audit(ctx, account)
+		if err != nil {
+			t.Fatalf("%s: audit: %v", where, err)
+		}
+		durable := books.Balance + books.Open
+		want := credits.Audit{Credited: m.credited, Settled: m.settled, Open: m.openSum(), Balance: m.durable - m.openSum()}
+		if books != want {
+			t.Fatalf("%s: books %+v, model %+v", where, books, want)
+		}
+		if books.Credited != books.Balance+books.Settled+books.Open {
+			t.Fatalf("%s: books %+v: credited is not balance + settled + open", where, books)
+		}
+		if books.Balance > limit || durable > limit {
+			t.Fatalf("%s: balance %s, with the open reservations %s: above the cap", where, books.Balance, durable)
+		}
+		if refilled {
+			// the refill left min(cap, durable + cap), never less than before: a debt is carried
+			if wantAfter := max(m.prevDur, min(limit, m.prevDur+limit)); durable != wantAfter {
+				t.Fatalf("%s: durable balance %s after the refill from %s, want %s", where, durable, m.prevDur, wantAfter)
+			}
+		}
+		if step%25 == 0 || step == steps-1 {
+			checkMemoryAgainstDatabase(t, s, where)
+			entries, err := s.Entries(ctx, account, 1<<20)
+			if err != nil {
+				t.Fatal(err)
+			}
+			grants := 0
+			for _, e := range entries {
+				if e.Kind == credits.EntryGrant {
+					grants++
+				}
+			}
+			if grants != m.grants {
+				t.Fatalf("%s: %d grant entries, model %d", where, grants, m.grants)
 			}
 		}
 	}

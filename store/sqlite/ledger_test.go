@@ -134,6 +134,7 @@ func TestReserveRefill(t *testing.T) {
 		credit      credits.Amount // credited before the reserve, if not zero
 		amount      credits.Amount
 		refill      *credits.Refill
+		settle      bool // settle the reservation at its amount, once the balance is checked
 		wantBalance credits.Amount
 		wantErr     error
 		wantGrant   credits.Amount // the grant entry this step adds, if any
@@ -154,11 +155,15 @@ func TestReserveRefill(t *testing.T) {
 			{amount: 2 * c, refill: refill(5*c, 1), wantBalance: 1 * c, wantErr: credits.ErrInsufficientCredits},
 		}},
 		{"next period fills up to cap", []step{
-			{amount: 4 * c, refill: refill(5*c, 1), wantBalance: 1 * c, wantGrant: 5 * c},
+			{amount: 4 * c, refill: refill(5*c, 1), settle: true, wantBalance: 1 * c, wantGrant: 5 * c},
 			{amount: 2 * c, refill: refill(5*c, 2), wantBalance: 3 * c, wantGrant: 4 * c},
 		}},
-		{"skipped periods fill once", []step{
+		{"open reservations count toward the cap", []step{
 			{amount: 4 * c, refill: refill(5*c, 1), wantBalance: 1 * c, wantGrant: 5 * c},
+			{amount: 1 * c, refill: refill(5*c, 2), wantBalance: 0},
+		}},
+		{"skipped periods fill once", []step{
+			{amount: 4 * c, refill: refill(5*c, 1), settle: true, wantBalance: 1 * c, wantGrant: 5 * c},
 			{amount: 0, refill: refill(5*c, 9), wantBalance: 5 * c, wantGrant: 4 * c},
 			{amount: 5 * c, refill: refill(5*c, 9), wantBalance: 0},
 		}},
@@ -170,8 +175,8 @@ func TestReserveRefill(t *testing.T) {
 			{credit: 8 * c, amount: 1 * c, refill: refill(5*c, 1), wantBalance: 7 * c},
 			{amount: 1 * c, refill: refill(5*c, 2), wantBalance: 6 * c},
 		}},
-		{"negative balance is filled to cap", []step{
-			{credit: -3 * c, amount: 1 * c, refill: refill(5*c, 1), wantBalance: 4 * c, wantGrant: 8 * c},
+		{"a debt is paid from the allowance, not forgiven", []step{
+			{credit: -3 * c, amount: 1 * c, refill: refill(5*c, 1), wantBalance: 1 * c, wantGrant: 5 * c},
 		}},
 		{"insufficient after refill reports the refilled balance", []step{
 			{amount: 6 * c, refill: refill(5*c, 1), wantBalance: 5 * c, wantErr: credits.ErrInsufficientCredits, wantGrant: 5 * c},
@@ -199,7 +204,7 @@ func TestReserveRefill(t *testing.T) {
 				if st.credit != 0 {
 					credit(t, s, account, st.credit)
 				}
-				_, balance, err := s.Reserve(ctx, account, st.amount, time.Minute, st.refill)
+				r, balance, err := s.Reserve(ctx, account, st.amount, time.Minute, st.refill)
 				if st.wantErr != nil {
 					if !errors.Is(err, st.wantErr) {
 						t.Fatalf("step %d: error = %v, want %v", i, err, st.wantErr)
@@ -215,6 +220,11 @@ func TestReserveRefill(t *testing.T) {
 				}
 				if st.wantGrant != 0 {
 					wantGrants = append(wantGrants, st.wantGrant)
+				}
+				if st.settle {
+					if _, err := s.Settle(ctx, r.ID, st.amount, credits.Usage{}); err != nil {
+						t.Fatalf("step %d: settle: %v", i, err)
+					}
 				}
 				checkBooks(t, s, account)
 			}
@@ -236,6 +246,75 @@ func TestReserveRefill(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestRefillOnDurableBalance: a refill grants on the durable balance (open reservations
+// included), so that an anonymous debt outlives the period and a release after a refill never
+// leaves more than the cap.
+func TestRefillOnDurableBalance(t *testing.T) {
+	ctx := context.Background()
+	const allowance = c / 10
+	refill := func(period int64) *credits.Refill { return &credits.Refill{Cap: allowance, Period: period} }
+
+	t.Run("a debt is carried into the next periods", func(t *testing.T) {
+		s, _ := openTestStore(t, nil)
+		account := credits.AnonymousAccount("192.0.2.10")
+		r, _, err := s.Reserve(ctx, account, allowance, time.Minute, refill(1))
+		if err != nil {
+			t.Fatal(err)
+		}
+		// the backend answered far more than reserved: 5 credits
+		if balance, err := s.Settle(ctx, r.ID, 5*c, credits.Usage{}); err != nil || balance != allowance-5*c {
+			t.Fatalf("settle: %s, %v", balance, err)
+		}
+		// each period pays 0.1 of the debt of 4.9: it is paid in period 50, and period 51 is
+		// the first with an allowance to spend
+		for period := int64(2); period <= 52; period++ {
+			want := min(allowance, allowance-5*c+credits.Amount(period-1)*allowance)
+			_, balance, err := s.Reserve(ctx, account, 0, time.Minute, refill(period))
+			if balance != want || (err != nil) != (want < 0) {
+				t.Fatalf("period %d: balance %s, %v; want %s", period, balance, err, want)
+			}
+			if period%10 == 0 {
+				checkBooks(t, s, account)
+			}
+		}
+	})
+
+	t.Run("a release after the refill stays within the cap", func(t *testing.T) {
+		s, _ := openTestStore(t, nil)
+		account := credits.AnonymousAccount("192.0.2.11")
+		r, _, err := s.Reserve(ctx, account, allowance, time.Minute, refill(1))
+		if err != nil {
+			t.Fatal(err)
+		}
+		// the period turns while the whole allowance is reserved
+		if _, balance, err := s.Reserve(ctx, account, 0, time.Minute, refill(2)); err != nil || balance != 0 {
+			t.Fatalf("reserve in period 2: %s, %v", balance, err)
+		}
+		if balance, err := s.Release(ctx, r.ID); err != nil || balance != allowance {
+			t.Errorf("release: balance %s, %v; want the cap %s", balance, err, allowance)
+		}
+		if books := checkBooks(t, s, account); books.Credited != allowance || books.Balance != allowance {
+			t.Errorf("books %+v: want one allowance granted", books)
+		}
+		// and a reservation settled below its amount across the boundary: the rest comes back
+		// within the cap, and the next period tops up what was spent
+		r, _, err = s.Reserve(ctx, account, allowance, time.Minute, refill(2))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, balance, err := s.Reserve(ctx, account, 0, time.Minute, refill(3)); err != nil || balance != 0 {
+			t.Fatalf("reserve in period 3: %s, %v", balance, err)
+		}
+		if balance, err := s.Settle(ctx, r.ID, allowance/4, credits.Usage{}); err != nil || balance != allowance-allowance/4 {
+			t.Errorf("settle: balance %s, %v", balance, err)
+		}
+		if _, balance, err := s.Reserve(ctx, account, 0, time.Minute, refill(4)); err != nil || balance != allowance {
+			t.Errorf("period 4: balance %s, %v; want the cap", balance, err)
+		}
+		checkBooks(t, s, account)
+	})
 }
 
 func TestSettle(t *testing.T) {
