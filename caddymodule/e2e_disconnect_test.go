@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/caddymodule/mockbackend"
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/credits"
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/metering"
 )
@@ -71,6 +72,11 @@ func TestClientDisconnectStopsTheModel(t *testing.T) {
 	}
 	if settledIn > 1500*time.Millisecond {
 		t.Errorf("settled %s after the client left: the backend was not stopped (the whole stream takes 2 s)", settledIn)
+	}
+	// The mock stopped generating: it wrote a few chunks past the client's 3, not 40.
+	time.Sleep(200 * time.Millisecond) // longer than a chunk interval: a running stream would have written more
+	if sent := mockbackend.ChunksSent(e.mockName("slow"))["/v1/chat/completions"]; sent < 3 || sent > 12 {
+		t.Errorf("the backend wrote %d chunks, want about the 3 the client read (it was not stopped)", sent)
 	}
 	e.expectIdleGauges("slow")
 	e.checkAllAccounts(0)

@@ -402,3 +402,23 @@ func TestLedgerPropertyRandomRequests(t *testing.T) {
 	}
 	e.checkAllAccounts(0)
 }
+
+// TestChoicesAreCharged: with the mock honouring n, every choice is reserved and charged, JSON
+// and streamed: n=3 of 5 tokens is 15 output tokens.
+func TestChoicesAreCharged(t *testing.T) {
+	const in, out = "10", "1000"
+	e := startGateway(t, setup{gateway: backendBlock("m", "m", "mock-small", in, out), mocks: []mockSpec{{key: "m", lines: "models mock-small"}}})
+	u, k := e.userWithKey("choices@example.com", "5")
+	for _, stream := range []string{"false", "true"} {
+		body := `{"model":"mock-small","messages":[{"role":"user","content":"two words"}],"max_tokens":5,"n":3,"stream":` + stream + `}`
+		r := e.post("/v1/chat/completions", body, bearer(k.Key))
+		if r.status != http.StatusOK {
+			t.Fatalf("n=3 stream=%s: %s", stream, r)
+		}
+		st := e.settlements(u.ID)
+		if got := st[0]; got.Usage == nil || got.Usage.OutputTokens != 15 || got.Amount != cost(t, 2, 15, in, out) {
+			t.Errorf("n=3 stream=%s settled %+v (usage %+v), want 2 + 15 tokens", stream, got, got.Usage)
+		}
+	}
+	e.checkAllAccounts(0)
+}
