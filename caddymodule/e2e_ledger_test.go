@@ -326,6 +326,11 @@ func TestReservationLifetimeCoversTheWorstCase(t *testing.T) {
 	if err := caddy.Load(cfg, true); err != nil {
 		t.Fatalf("a 2m reservation_ttl: %v", err)
 	}
+	cfg = adapt(t, e.caddyfile(setup{gateway: `
+		on_disconnect sometimes` + slow("a"), mocks: []mockSpec{{key: "m", lines: "models mock-small"}}}))
+	if err := caddy.Load(cfg, true); err == nil || !strings.Contains(err.Error(), "on_disconnect") {
+		t.Fatalf("on_disconnect sometimes: %v, want refused", err)
+	}
 }
 
 // TestLedgerPropertyRandomRequests: random request bodies (n, tools, images, case variants,
