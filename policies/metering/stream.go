@@ -7,7 +7,8 @@ import (
 )
 
 // MaxMessage bounds the size of one SSE event or NDJSON line that a StreamMeter parses. A
-// longer one is written on as it comes, unparsed, and the meter holds at most this many bytes.
+// longer one is written on as it comes, unparsed (its bytes counted as generated text), and the
+// meter holds at most this many bytes.
 const MaxMessage = 1 << 20
 
 // Produced is what a stream has generated so far, counted whether or not the backend reports
@@ -100,10 +101,15 @@ func (m *StreamMeter) Write(dst io.Writer, p []byte) error {
 		switch {
 		case m.skipping:
 			w.write(p[:n])
+			m.produced.ContentBytes += int64(n)
 			m.skipping = !ended
 		case len(m.buf)+n > limit:
+			// Too long to parse: passed on, and its bytes counted as generated text, so that
+			// a stream of huge messages without usage is not free.
 			w.write(m.buf)
 			w.write(p[:n])
+			m.produced.Chunks++
+			m.produced.ContentBytes += int64(len(m.buf) + n)
 			m.buf = m.buf[:0]
 			m.skipping = !ended
 		case !ended:

@@ -461,6 +461,25 @@ func TestStreamMeterLimitBoundary(t *testing.T) {
 	}
 }
 
+func TestStreamMeterCountsUnparsedMessages(t *testing.T) {
+	// A message too long to parse still counts as generated text: a stream of huge messages
+	// without usage is never free.
+	msg := sseContent(strings.Repeat("x", 200))
+	for _, size := range []int{1, 13, len(msg)} {
+		m := &StreamMeter{Format: SSE, limit: 64, KeepText: true}
+		out := feedStrings(t, m, splitEvery(msg+msg, size))
+		if out != msg+msg {
+			t.Fatalf("writes of %d: output changed", size)
+		}
+		if p := m.Produced(); p.ContentBytes < int64(2*len(msg)) || p.Chunks != 2 {
+			t.Errorf("writes of %d: produced %+v, want the %d bytes of 2 unparsed messages", size, p, 2*len(msg))
+		}
+		if n := m.ProducedTokens(FamilyOpenAI); n < int64(2*len(msg))/4 {
+			t.Errorf("writes of %d: %d tokens produced, want at least a token per 4 bytes", size, n)
+		}
+	}
+}
+
 type failingWriter struct{ n int }
 
 var errClientGone = errors.New("client gone")
