@@ -37,4 +37,3 @@ func SetSigninLimit(name string, quota int64) (restore func()) {
 	namedPolicies[name] = p
 	return func() { namedPolicies[name] = old }
 }
-

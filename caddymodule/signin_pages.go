@@ -216,7 +216,9 @@ func (s *Signin) origin() string {
 
 // secureCookies reports whether the issuer is https: the browser talks TLS to the gateway (or
 // to the proxy in front of it), so the cookies are Secure, with the __Host- prefix.
-func (s *Signin) secureCookies() bool { return strings.HasPrefix(strings.ToLower(s.Issuer), "https://") }
+func (s *Signin) secureCookies() bool {
+	return strings.HasPrefix(strings.ToLower(s.Issuer), "https://")
+}
 
 // cookie is one of the gateway's cookies: HttpOnly, SameSite=Lax, for the whole site, and
 // Secure with the __Host- prefix when the issuer is https (whether or not this request came
