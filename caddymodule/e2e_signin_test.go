@@ -732,7 +732,8 @@ func hs256(input string, key []byte) string {
 	return input + "." + base64.RawURLEncoding.EncodeToString(m.Sum(nil))
 }
 
-// TestSigninConcurrentSignups: eight sign-ups of one email at once make one account.
+// TestSigninConcurrentSignups: eight sign-ups of one email at once make one account (those
+// past the address's five sign-ups, or that found no hashing slot in time, none).
 func TestSigninConcurrentSignups(t *testing.T) {
 	e := startGateway(t, signinSetup(""))
 	var wg sync.WaitGroup
@@ -754,7 +755,8 @@ func TestSigninConcurrentSignups(t *testing.T) {
 	for s := range statuses {
 		if s == http.StatusSeeOther {
 			created++
-		} else if s != http.StatusConflict && s != http.StatusTooManyRequests {
+		} else if s != http.StatusConflict && s != http.StatusTooManyRequests && s != http.StatusServiceUnavailable {
+			// 429: five sign-ups per address; 503: every password hashing slot stayed taken.
 			t.Errorf("status %d", s)
 		}
 	}
