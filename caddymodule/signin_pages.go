@@ -373,6 +373,9 @@ var dummyHash = sync.OnceValue(func() string {
 // wrong one counts against every throttle, a right one (or none checked: no slot) against none.
 func (g *Gateway) checkPassword(w http.ResponseWriter, r *http.Request, email, password string) (identity.User, error) {
 	addr, account := signinAddress(r), strings.ToLower(email)
+	if len(account) > 254 { // no account has a longer email: the throttles' keys stay small
+		account = account[:254]
+	}
 	// The per account and address limiter comes last: its headers are the ones that stay.
 	giveBack, err := g.admitNamed(w, namedAttempt{LimiterSigninIP, addr}, namedAttempt{LimiterSigninAccountWide, account},
 		namedAttempt{LimiterSigninAccount, account + " " + addr})
