@@ -144,7 +144,7 @@ func (rl *RateLimits) validate() error {
 var (
 	metricRateLimited = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "llm_gateway", Name: "rate_limited_total",
-		Help: "Requests refused with 429 rate_limit_exceeded, by tier (or sign-in limiter: signin_account, signin_ip) and the limit that refused (burst_per_second, requests_per_minute, requests_per_hour, requests_per_day, tokens_per_minute, concurrent, signin_per_15m).",
+		Help: "Requests refused with 429 rate_limit_exceeded, by tier (or sign-in limiter: signin_account, signin_account_wide, signin_ip, signup_ip) and the limit that refused (burst_per_second, requests_per_minute, requests_per_hour, requests_per_day, tokens_per_minute, concurrent, signin_per_15m, signup_per_hour).",
 	}, []string{"tier", "limit"})
 	metricConcurrent = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Namespace: "llm_gateway", Name: "concurrent_requests",
@@ -229,12 +229,25 @@ type userTier struct {
 	until time.Time
 }
 
-// Named limiters for the sign-in endpoints (a later piece of work): failed sign-ins per
-// account and per client address, 10 and 30 per 15 minutes.
+// Named limiters for the sign-in endpoints. Addresses are anonymous identities (an IPv4
+// address, an IPv6 /64). Failed sign-ins: 10 per 15 minutes per account and address (so that
+// guessing from one place locks out that place only, not the account's owner), 100 per 15
+// minutes per account from anywhere (distributed guessing), 30 per 15 minutes per address (a
+// sign-up counts: each is a password hash). Sign-ups: 5 per hour per address.
 const (
-	LimiterSigninAccount = "signin_account"
-	LimiterSigninIP      = "signin_ip"
+	LimiterSigninAccount     = "signin_account"
+	LimiterSigninAccountWide = "signin_account_wide"
+	LimiterSigninIP          = "signin_ip"
+	LimiterSignupIP          = "signup_ip"
 )
+
+// namedPolicies are the named limiters' limits (a variable for tests, which lower them).
+var namedPolicies = map[string]ratelimit.Policy{
+	LimiterSigninAccount:     {Limits: []ratelimit.Limit{{Name: "signin_per_15m", Quota: 10, Window: 15 * time.Minute}}},
+	LimiterSigninAccountWide: {Limits: []ratelimit.Limit{{Name: "signin_per_15m", Quota: 100, Window: 15 * time.Minute}}},
+	LimiterSigninIP:          {Limits: []ratelimit.Limit{{Name: "signin_per_15m", Quota: 30, Window: 15 * time.Minute}}},
+	LimiterSignupIP:          {Limits: []ratelimit.Limit{{Name: "signup_per_hour", Quota: 5, Window: time.Hour}}},
+}
 
 // provisionRateLimits builds the limiters of g.RateLimits (validated).
 func (g *Gateway) provisionRateLimits(reg prometheus.Registerer) error {
@@ -250,10 +263,7 @@ func (g *Gateway) provisionRateLimits(reg prometheus.Registerer) error {
 		}
 		return lim, err
 	}
-	for name, p := range map[string]ratelimit.Policy{
-		LimiterSigninAccount: {Limits: []ratelimit.Limit{{Name: "signin_per_15m", Quota: 10, Window: 15 * time.Minute}}},
-		LimiterSigninIP:      {Limits: []ratelimit.Limit{{Name: "signin_per_15m", Quota: 30, Window: 15 * time.Minute}}},
-	} {
+	for name, p := range namedPolicies {
 		lim, err := shared("named "+name, p)
 		if err != nil {
 			return err
@@ -282,7 +292,7 @@ func (g *Gateway) provisionRateLimits(reg prometheus.Registerer) error {
 	return nil
 }
 
-// namedLimiter is the limiter called name (LimiterSigninAccount, LimiterSigninIP), for routes
+// namedLimiter is the limiter called name (LimiterSigninAccount, ...), for routes
 // other than inference, e.g. sign-in: admit with admitNamed. Nil when there is none.
 func (g *Gateway) namedLimiter(name string) *ratelimit.Limiter {
 	if g.limits == nil {

@@ -134,8 +134,9 @@ func TestRetrySeconds(t *testing.T) {
 	}
 }
 
-// TestNamedLimitersForSignin: the sign-in limiters admit 10 attempts per account in 15
-// minutes and 30 per address, each key on its own, and answer the 429 with its headers.
+// TestNamedLimitersForSignin: the sign-in limiters admit 10 attempts per account (and
+// address) in 15 minutes, 100 per account, 30 per address and 5 sign-ups per address per
+// hour, each key on its own, and answer the 429 with its headers.
 func TestNamedLimitersForSignin(t *testing.T) {
 	now := time.Unix(2_000_000_000, 0)
 	t.Cleanup(SetRateLimitClock(func() time.Time { return now }))
@@ -173,6 +174,22 @@ func TestNamedLimitersForSignin(t *testing.T) {
 	}
 	if err := allow(httptestRecorder(), LimiterSigninIP, acct+"ip"); err == nil {
 		t.Error("31st attempt from one address admitted")
+	}
+	// The account-wide bound (100 per 15 minutes) and the sign-ups (5 per hour per address).
+	for _, c := range []struct {
+		limiter string
+		quota   int
+		retry   string
+	}{{LimiterSigninAccountWide, 100, "9"}, {LimiterSignupIP, 5, "720"}} {
+		for i := range c.quota {
+			if err := allow(httptestRecorder(), c.limiter, acct+"wide"); err != nil {
+				t.Fatalf("%s attempt %d: %v", c.limiter, i, err)
+			}
+		}
+		h := httptestRecorder()
+		if err := allow(h, c.limiter, acct+"wide"); err == nil || h.Header().Get("Retry-After") != c.retry {
+			t.Errorf("%s: attempt %d: %v, Retry-After %q, want %s", c.limiter, c.quota+1, err, h.Header().Get("Retry-After"), c.retry)
+		}
 	}
 	if g.namedLimiter("nope") != nil || allow(httptestRecorder(), "nope", "x") != nil {
 		t.Error("an unknown named limiter limits")

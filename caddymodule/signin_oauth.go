@@ -263,7 +263,9 @@ func tokenParams(r *http.Request) (url.Values, error) {
 }
 
 // tokenClient authenticates the client of a token request: HTTP Basic or client_secret in the
-// body for confidential clients, client_id alone for public ones.
+// body for confidential clients, client_id alone for public ones. It is the one check of
+// clients for both token endpoints (/oauth/token, and /auth/v1/token with the client id in
+// its apikey header).
 func (g *Gateway) tokenClient(r *http.Request, v url.Values) (signin.App, error) {
 	id, secret, basic := r.BasicAuth()
 	if basic {
@@ -473,6 +475,9 @@ func (g *Gateway) grantPassword(w http.ResponseWriter, r *http.Request, app sign
 		return nil, &oauthError{http.StatusTooManyRequests, "temporarily_unavailable", "too many attempts; retry after " + retrySeconds(rl.d.RetryAfter) + " s"}
 	case errors.Is(err, errWrongPassword):
 		return nil, grantError("wrong email or password")
+	case errors.Is(err, errHashBusy):
+		w.Header().Set("Retry-After", hashBusyRetry)
+		return nil, &oauthError{http.StatusServiceUnavailable, "temporarily_unavailable", "too many sign-ins at once; retry after " + hashBusyRetry + " s"}
 	case err != nil:
 		return nil, err
 	}
@@ -507,27 +512,30 @@ func (g *Gateway) serveSupabaseToken(w http.ResponseWriter, r *http.Request) {
 	if !postOnly(w, r) {
 		return
 	}
+	var in struct {
+		Email        string `json:"email"`
+		Password     string `json:"password"`
+		RefreshToken string `json:"refresh_token"`
+		ClientSecret string `json:"client_secret"`
+	}
+	if err := json.NewDecoder(r.Body).Decode(&in); err != nil {
+		writeOAuthError(w, &oauthError{http.StatusBadRequest, "invalid_request", "the body must be a JSON object"})
+		return
+	}
+	// The client is authenticated as at /oauth/token: a confidential one by its secret (HTTP
+	// Basic, whose id must then be the apikey, or client_secret in the body).
 	clientID := r.Header.Get("apikey")
-	app, err := g.store.signin.AppByID(r.Context(), clientID)
-	if clientID == "" || len(clientID) > 128 || errors.Is(err, identity.ErrNotFound) {
+	if clientID == "" {
 		writeOAuthError(w, &oauthError{http.StatusUnauthorized, "invalid_client", "the apikey header must name a registered app"})
 		return
 	}
+	app, err := g.tokenClient(r, url.Values{"client_id": {clientID}, "client_secret": {in.ClientSecret}})
 	if err != nil {
 		writeOAuthError(w, err)
 		return
 	}
 	if !app.FirstParty {
 		writeOAuthError(w, &oauthError{http.StatusBadRequest, "unauthorized_client", "this endpoint is for first-party apps only"})
-		return
-	}
-	var in struct {
-		Email        string `json:"email"`
-		Password     string `json:"password"`
-		RefreshToken string `json:"refresh_token"`
-	}
-	if err := json.NewDecoder(r.Body).Decode(&in); err != nil {
-		writeOAuthError(w, &oauthError{http.StatusBadRequest, "invalid_request", "the body must be a JSON object"})
 		return
 	}
 	var ans *tokenAnswer

@@ -182,12 +182,14 @@ func (g *Gateway) csrfToken(w http.ResponseWriter, r *http.Request) string {
 // errCSRF is a form post without a valid CSRF token or from another site.
 var errCSRF = errors.New("this form expired or did not come from this site: reload the page and try again")
 
-// checkForm parses a posted form and checks its CSRF token and the request's Origin.
+// checkForm parses a posted form and checks its CSRF token and the request's Origin, which
+// must be the issuer's (behind a TLS-terminating proxy the request itself says http while the
+// browser says https: the configured issuer is the truth).
 func (g *Gateway) checkForm(r *http.Request) error {
 	if err := r.ParseForm(); err != nil {
 		return invalid("", "unreadable form")
 	}
-	if o := r.Header.Get("Origin"); o != "" && o != "null" && o != g.selfOrigin(r) {
+	if o := r.Header.Get("Origin"); o != "" && o != "null" && !strings.EqualFold(o, g.Signin.origin()) {
 		return errCSRF
 	}
 	if !signin.CheckCSRF(g.Signin.secret, g.readCookie(r, csrfCookieName), r.PostForm.Get("csrf")) {
@@ -196,21 +198,35 @@ func (g *Gateway) checkForm(r *http.Request) error {
 	return nil
 }
 
-// selfOrigin is the origin the pages are served from.
-func (g *Gateway) selfOrigin(r *http.Request) string {
-	scheme := "http"
-	if r.TLS != nil {
-		scheme = "https"
+// origin is the origin the pages are served from: the issuer's, without a default port.
+func (s *Signin) origin() string {
+	u, err := url.Parse(s.Issuer)
+	if err != nil {
+		return s.Issuer
 	}
-	return scheme + "://" + r.Host
+	host := u.Host
+	if p := u.Port(); (u.Scheme == "https" && p == "443") || (u.Scheme == "http" && p == "80") {
+		host = u.Hostname()
+		if strings.Contains(host, ":") {
+			host = "[" + host + "]"
+		}
+	}
+	return u.Scheme + "://" + host
 }
 
-// cookie is one of the gateway's cookies: HttpOnly, SameSite=Lax, Secure over TLS (the
-// __Host- prefix then), for the whole site. maxAge < 0 deletes it; 0 makes a browser-session
-// cookie.
-func (g *Gateway) cookie(r *http.Request, name, value string, maxAge int) *http.Cookie {
+// secureCookies reports whether the issuer is https: the browser talks TLS to the gateway (or
+// to the proxy in front of it), so the cookies are Secure, with the __Host- prefix.
+func (s *Signin) secureCookies() bool {
+	return strings.HasPrefix(strings.ToLower(s.Issuer), "https://")
+}
+
+// cookie is one of the gateway's cookies: HttpOnly, SameSite=Lax, for the whole site, and
+// Secure with the __Host- prefix when the issuer is https (whether or not this request came
+// over TLS: a TLS-terminating proxy forwards plain HTTP). maxAge < 0 deletes it; 0 makes a
+// browser-session cookie.
+func (g *Gateway) cookie(_ *http.Request, name, value string, maxAge int) *http.Cookie {
 	c := &http.Cookie{Name: name, Value: value, Path: "/", HttpOnly: true, SameSite: http.SameSiteLaxMode, MaxAge: maxAge}
-	if r.TLS != nil {
+	if g.Signin.secureCookies() {
 		c.Name, c.Secure = "__Host-"+name, true
 	}
 	return c
@@ -218,7 +234,7 @@ func (g *Gateway) cookie(r *http.Request, name, value string, maxAge int) *http.
 
 // readCookie reads one of the gateway's cookies, by the name cookie gives it.
 func (g *Gateway) readCookie(r *http.Request, name string) string {
-	if r.TLS != nil {
+	if g.Signin.secureCookies() {
 		name = "__Host-" + name
 	}
 	c, err := r.Cookie(name)
@@ -332,6 +348,9 @@ func (g *Gateway) signinFailure(w http.ResponseWriter, err error) (int, string) 
 		return http.StatusTooManyRequests, "Too many attempts: try again in " + retrySeconds(rl.d.RetryAfter) + " seconds."
 	case errors.Is(err, errWrongPassword):
 		return http.StatusUnauthorized, wrongCredentials
+	case errors.Is(err, errHashBusy):
+		w.Header().Set("Retry-After", hashBusyRetry)
+		return http.StatusServiceUnavailable, "Too many sign-ins at once: try again in a few seconds."
 	default:
 		return http.StatusServiceUnavailable, "Signing in is unavailable right now; try again."
 	}
@@ -349,12 +368,17 @@ var dummyHash = sync.OnceValue(func() string {
 	return h
 })
 
-// checkPassword admits a sign-in attempt by the throttles (per client address and per
-// account), then checks the password; a wrong one counts against both throttles, a right one
-// against neither.
+// checkPassword admits a sign-in attempt by the throttles (per client address, per account,
+// and per account from this address), then checks the password holding a hashing slot; a
+// wrong one counts against every throttle, a right one (or none checked: no slot) against none.
 func (g *Gateway) checkPassword(w http.ResponseWriter, r *http.Request, email, password string) (identity.User, error) {
-	giveBack, err := g.admitNamed(w, namedAttempt{LimiterSigninIP, clientAddr(r).String()},
-		namedAttempt{LimiterSigninAccount, strings.ToLower(email)})
+	addr, account := signinAddress(r), strings.ToLower(email)
+	if len(account) > 254 { // no account has a longer email: the throttles' keys stay small
+		account = account[:254]
+	}
+	// The per account and address limiter comes last: its headers are the ones that stay.
+	giveBack, err := g.admitNamed(w, namedAttempt{LimiterSigninIP, addr}, namedAttempt{LimiterSigninAccountWide, account},
+		namedAttempt{LimiterSigninAccount, account + " " + addr})
 	if err != nil {
 		return identity.User{}, err
 	}
@@ -364,11 +388,19 @@ func (g *Gateway) checkPassword(w http.ResponseWriter, r *http.Request, email, p
 	if err != nil && !errors.Is(err, identity.ErrNotFound) {
 		return identity.User{}, err
 	}
-	hash := u.PasswordHash
-	if hash == "" { // an unknown email, or a user without a password: the same work
-		hash = dummyHash()
+	var ok bool
+	err = passwordHashing.do(r.Context(), func() {
+		hash := u.PasswordHash
+		if hash == "" { // an unknown email, or a user without a password: the same work
+			hash = dummyHash()
+		}
+		ok, _ = identity.CheckPassword(hash, password)
+	})
+	if err != nil {
+		giveBack()
+		return identity.User{}, err
 	}
-	if ok, _ := identity.CheckPassword(hash, password); !ok || u.PasswordHash == "" {
+	if !ok || u.PasswordHash == "" {
 		return identity.User{}, errWrongPassword
 	}
 	giveBack() // a right password is not an attempt to throttle
@@ -386,12 +418,26 @@ func (g *Gateway) signup(w http.ResponseWriter, r *http.Request) {
 		g.signupPage(w, r, http.StatusBadRequest, email, "Enter a plain email address, like ada@example.com.")
 		return
 	}
-	if _, err := g.admitNamed(w, namedAttempt{LimiterSigninIP, clientAddr(r).String()}); err != nil {
+	if pw := r.PostForm.Get("password"); len(pw) < identity.MinPasswordLen || len(pw) > identity.MaxPasswordLen {
+		g.signupPage(w, r, http.StatusBadRequest, email, "The password must be 8 to 256 characters.")
+		return
+	}
+	// A sign-up is a password hash (the address's sign-in attempts) and an account, maybe with
+	// credits (the address's sign-ups, whose headers stay).
+	from := signinAddress(r)
+	giveBack, err := g.admitNamed(w, namedAttempt{LimiterSigninIP, from}, namedAttempt{LimiterSignupIP, from})
+	if err != nil {
 		status, msg := g.signinFailure(w, err)
 		g.signupPage(w, r, status, email, msg)
 		return
 	}
-	hash, err := identity.HashPassword(r.PostForm.Get("password"))
+	var hash string
+	if herr := passwordHashing.do(r.Context(), func() { hash, err = identity.HashPassword(r.PostForm.Get("password")) }); herr != nil {
+		giveBack()
+		status, msg := g.signinFailure(w, herr)
+		g.signupPage(w, r, status, email, msg)
+		return
+	}
 	if err != nil {
 		g.signupPage(w, r, http.StatusBadRequest, email, "The password must be 8 to 256 characters.")
 		return

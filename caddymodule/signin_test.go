@@ -68,28 +68,52 @@ func TestSigninValidate(t *testing.T) {
 	}
 }
 
-// The cookies are HttpOnly and SameSite=Lax; over TLS they are Secure with the __Host- prefix,
-// and read back under that name.
+// The cookies are HttpOnly and SameSite=Lax; when the issuer is https they are Secure with the
+// __Host- prefix, and read back under that name, whether the request itself came over TLS or
+// not (behind a TLS-terminating proxy it does not); when the issuer is http, neither, even over
+// TLS.
 func TestSigninCookies(t *testing.T) {
-	g := &Gateway{}
+	plainGW := &Gateway{Signin: &Signin{Issuer: "http://gw.test"}}
+	secureGW := &Gateway{Signin: &Signin{Issuer: "https://gw.test"}}
 	plain := httptest.NewRequest(http.MethodGet, "http://gw.test/auth/login", nil)
-	c := g.cookie(plain, sessionCookieName, "v", 60)
-	if c.Name != sessionCookieName || c.Secure || !c.HttpOnly || c.SameSite != http.SameSiteLaxMode || c.Path != "/" {
-		t.Fatalf("plain cookie %+v", c)
+	tlsReq := httptest.NewRequest(http.MethodGet, "https://gw.test/auth/login", nil)
+	tlsReq.TLS = &tls.ConnectionState{}
+	for _, r := range []*http.Request{plain, tlsReq} {
+		c := plainGW.cookie(r, sessionCookieName, "v", 60)
+		if c.Name != sessionCookieName || c.Secure || !c.HttpOnly || c.SameSite != http.SameSiteLaxMode || c.Path != "/" {
+			t.Fatalf("http issuer: cookie %+v", c)
+		}
+		c = secureGW.cookie(r, sessionCookieName, "v", 60)
+		if c.Name != "__Host-"+sessionCookieName || !c.Secure || !c.HttpOnly || c.Domain != "" || c.Path != "/" {
+			t.Fatalf("https issuer (request TLS %v): cookie %+v", r.TLS != nil, c)
+		}
 	}
-	secure := httptest.NewRequest(http.MethodGet, "https://gw.test/auth/login", nil)
-	secure.TLS = &tls.ConnectionState{}
-	c = g.cookie(secure, sessionCookieName, "v", 60)
-	if c.Name != "__Host-"+sessionCookieName || !c.Secure || c.Domain != "" || c.Path != "/" {
-		t.Fatalf("TLS cookie %+v", c)
+	plain.AddCookie(&http.Cookie{Name: sessionCookieName, Value: "plain-name"})
+	if got := secureGW.readCookie(plain, sessionCookieName); got != "" {
+		t.Fatalf("with an https issuer the cookie without its prefix was read: %q", got)
 	}
-	secure.AddCookie(&http.Cookie{Name: sessionCookieName, Value: "plain-name"})
-	if got := g.readCookie(secure, sessionCookieName); got != "" {
-		t.Fatalf("over TLS the cookie without its prefix was read: %q", got)
-	}
-	secure.AddCookie(&http.Cookie{Name: "__Host-" + sessionCookieName, Value: "prefixed"})
-	if got := g.readCookie(secure, sessionCookieName); got != "prefixed" {
+	plain.AddCookie(&http.Cookie{Name: "__Host-" + sessionCookieName, Value: "prefixed"})
+	if got := secureGW.readCookie(plain, sessionCookieName); got != "prefixed" {
 		t.Fatalf("read %q", got)
+	}
+	if got := plainGW.readCookie(plain, sessionCookieName); got != "plain-name" {
+		t.Fatalf("http issuer read %q", got)
+	}
+}
+
+// The expected Origin of form posts is the issuer's, default port or not.
+func TestSigninOrigin(t *testing.T) {
+	for issuer, want := range map[string]string{
+		"https://gw.test":          "https://gw.test",
+		"https://gw.test:443":      "https://gw.test",
+		"https://gw.test:8443":     "https://gw.test:8443",
+		"http://127.0.0.1:80":      "http://127.0.0.1",
+		"http://[::1]:80":          "http://[::1]",
+		"https://[2001:db8::1]:99": "https://[2001:db8::1]:99",
+	} {
+		if got := (&Signin{Issuer: issuer}).origin(); got != want {
+			t.Errorf("origin of %s = %q, want %q", issuer, got, want)
+		}
 	}
 }
 

@@ -23,6 +23,10 @@ var stores = caddy.NewUsagePool()
 // sweepInterval is how often expired reservations are looked for.
 const sweepInterval = 10 * time.Second
 
+// signinSweepInterval is how often the sign-in state that is over (expired sessions, old codes,
+// dead refresh token families) is deleted from the store (signin.Store.Sweep).
+const signinSweepInterval = 10 * time.Minute
+
 // touchInterval is how often the last use times of API keys are written to the store.
 var touchInterval = 2 * time.Second
 
@@ -113,14 +117,16 @@ func openStore(ctx caddy.Context, cfg StoreConfig, logger *zap.Logger) (*storeHa
 	return val.(*storeHandle), key, nil
 }
 
-// sweep releases expired reservations and writes key use times until the store is closed,
-// writing the last use times one more time then.
+// sweep releases expired reservations, writes key use times and deletes the sign-in state
+// that is over until the store is closed, writing the last use times one more time then.
 func (h *storeHandle) sweep(ctx context.Context, logger *zap.Logger) {
 	defer close(h.done)
 	t := time.NewTicker(sweepInterval)
 	defer t.Stop()
 	touches := time.NewTicker(touchInterval)
 	defer touches.Stop()
+	signinSweep := time.NewTicker(signinSweepInterval)
+	defer signinSweep.Stop()
 	for {
 		select {
 		case <-ctx.Done():
@@ -130,6 +136,14 @@ func (h *storeHandle) sweep(ctx context.Context, logger *zap.Logger) {
 			return
 		case <-touches.C:
 			h.writeTouches(ctx, logger)
+		case now := <-signinSweep.C:
+			n, err := h.signin.Sweep(ctx, now)
+			if err != nil {
+				logger.Error("deleting expired sign-in state", zap.Error(err))
+				continue
+			}
+			logger.Debug("deleted expired sign-in state", zap.Int64("sessions", n.Sessions),
+				zap.Int64("codes", n.Codes), zap.Int64("refresh_tokens", n.RefreshTokens))
 		case now := <-t.C:
 			n, amount, err := h.ledger.ReleaseExpired(ctx, now)
 			if err != nil {

@@ -20,6 +20,28 @@ var (
 	ErrRefreshDead = errors.New("refresh token revoked or expired")
 )
 
+// Bounds of the sign-in state a store keeps (issue 11: nothing a caller repeats may grow it
+// without end).
+const (
+	// MaxSessionsPerUser bounds a user's sessions: CreateSession deletes the user's oldest
+	// beyond it (and the user's expired ones).
+	MaxSessionsPerUser = 20
+	// MaxFamiliesPerUser bounds a user's live refresh token families (a family is live while
+	// its newest token is neither revoked nor expired): CreateRefresh revokes the least
+	// recently used live families of the user beyond it.
+	MaxFamiliesPerUser = 50
+	// SweepRetention is how long Sweep keeps what is over before deleting it: authorization
+	// codes past their expiry (a replay within it still revokes what the code issued) and
+	// refresh token families since they were revoked or expired (longer than any refresh
+	// grace). Expired sessions are deleted at once.
+	SweepRetention = time.Hour
+)
+
+// Swept counts the rows one Sweep deleted.
+type Swept struct {
+	Sessions, Codes, RefreshTokens int64
+}
+
 // SigningKey is one of the gateway's own JWT signing keys (Ed25519).
 type SigningKey struct {
 	// KID names the key in JWT headers and the JWKS.
@@ -130,7 +152,8 @@ type Store interface {
 	// Apps lists every app, oldest first.
 	Apps(ctx context.Context) ([]App, error)
 
-	// CreateSession stores a session.
+	// CreateSession stores a session, and deletes the user's expired sessions and the oldest
+	// beyond MaxSessionsPerUser.
 	CreateSession(ctx context.Context, s Session) error
 	// SessionByHash returns the session (expired ones too: the caller checks ExpiresAt) or
 	// identity.ErrNotFound.
@@ -159,7 +182,9 @@ type Store interface {
 	// still marked used).
 	RedeemCode(ctx context.Context, hash [32]byte, at time.Time) (Code, error)
 
-	// CreateRefresh stores a new refresh token (the first of a family).
+	// CreateRefresh stores a new refresh token (the first of a family), and revokes the
+	// user's least recently used live families beyond MaxFamiliesPerUser (the new one
+	// counted), in one transaction.
 	CreateRefresh(ctx context.Context, t Refresh) error
 	// RotateRefresh rotates the live token oldHash to next (next.Family, UserID, ClientID,
 	// Scopes and Origin are set by the store from the old token) in one atomic step, and
@@ -179,6 +204,12 @@ type Store interface {
 	// RevokeRefreshByOrigin revokes every token of the families issued from the code whose
 	// SHA-256 (hex) is origin.
 	RevokeRefreshByOrigin(ctx context.Context, origin string, at time.Time) error
+
+	// Sweep deletes, as of now, the expired sessions, the authorization codes expired more
+	// than SweepRetention ago and the tokens of the refresh families revoked or expired more
+	// than SweepRetention ago (a family whose newest token is live keeps all its tokens, for
+	// reuse detection).
+	Sweep(ctx context.Context, now time.Time) (Swept, error)
 
 	// UserForSubject returns the user id linked to an external issuer's subject, or
 	// identity.ErrNotFound.

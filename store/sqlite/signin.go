@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/identity"
@@ -254,9 +255,10 @@ func scanApp(row rowScanner) (signin.App, error) {
 
 // ---- Sessions
 
-// CreateSession stores a session: only the hash of its token. identity.ErrConflict when the
-// hash is taken, identity.ErrNotFound when the user does not exist. A zero CreatedAt is set to
-// now.
+// CreateSession stores a session: only the hash of its token. In the same transaction it
+// deletes the user's other sessions that are expired, and the oldest beyond
+// signin.MaxSessionsPerUser. identity.ErrConflict when the hash is taken, identity.ErrNotFound
+// when the user does not exist. A zero CreatedAt is set to now.
 func (s *Store) CreateSession(ctx context.Context, se signin.Session) error {
 	switch {
 	case se.Hash == [32]byte{}:
@@ -266,8 +268,18 @@ func (s *Store) CreateSession(ctx context.Context, se signin.Session) error {
 	case se.ExpiresAt.IsZero():
 		return errors.New("create session: expiry is required")
 	}
-	_, err := s.write.ExecContext(ctx, `INSERT INTO sessions (hash, user_id, created_at, expires_at) VALUES (?, ?, ?, ?)`,
-		se.Hash[:], se.UserID, micros(s.orNow(se.CreatedAt)), micros(se.ExpiresAt))
+	se.CreatedAt = s.orNow(se.CreatedAt)
+	err := s.inWriteTx(ctx, func(tx *sql.Tx) error {
+		if _, err := tx.ExecContext(ctx, `INSERT INTO sessions (hash, user_id, created_at, expires_at) VALUES (?, ?, ?, ?)`,
+			se.Hash[:], se.UserID, micros(se.CreatedAt), micros(se.ExpiresAt)); err != nil {
+			return err
+		}
+		// The user's expired sessions, and the oldest beyond the bound, go.
+		_, err := tx.ExecContext(ctx, `DELETE FROM sessions WHERE user_id = ? AND hash != ? AND (expires_at <= ? OR hash IN (
+			SELECT hash FROM sessions WHERE user_id = ? ORDER BY created_at DESC, hash DESC LIMIT -1 OFFSET ?))`,
+			se.UserID, se.Hash[:], micros(s.now()), se.UserID, signin.MaxSessionsPerUser)
+		return err
+	})
 	switch {
 	case isUniqueViolation(err):
 		return identity.ErrConflict
@@ -525,7 +537,10 @@ const refreshColumns = `hash, family, user_id, client_id, scopes, origin, create
 // CreateRefresh stores a new refresh token, the first of a new family: only its hash.
 // identity.ErrConflict when the hash is taken or the family has tokens already (a family only
 // grows by RotateRefresh), identity.ErrNotFound when the user does not exist. A zero CreatedAt
-// is set to now. The token is stored live: RotatedAt, Successor and RevokedAt are ignored.
+// is set to now. The token is stored live: RotatedAt, Successor and RevokedAt are ignored. In
+// the same transaction, the user's live families (newest token not revoked and not expired at
+// CreatedAt) beyond signin.MaxFamiliesPerUser - 1 are revoked at CreatedAt, least recently
+// used (newest token made longest ago) first.
 func (s *Store) CreateRefresh(ctx context.Context, t signin.Refresh) error {
 	switch {
 	case t.Hash == [32]byte{}:
@@ -543,6 +558,16 @@ func (s *Store) CreateRefresh(ctx context.Context, t signin.Refresh) error {
 			return fmt.Errorf("create refresh token: family %s exists: %w", t.Family, identity.ErrConflict)
 		}
 		if !errors.Is(err, sql.ErrNoRows) {
+			return err
+		}
+		// The user's live families beyond the bound, the new one counted, are revoked: those
+		// whose newest token was made longest ago (the least recently used) first.
+		if _, err := tx.ExecContext(ctx, `UPDATE refresh_tokens SET revoked_at = ?
+			WHERE revoked_at IS NULL AND family IN (
+				SELECT family FROM refresh_tokens
+				WHERE user_id = ? AND rotated_at IS NULL AND revoked_at IS NULL AND expires_at > ?
+				ORDER BY created_at DESC, hash DESC LIMIT -1 OFFSET ?)`,
+			micros(t.CreatedAt), t.UserID, micros(t.CreatedAt), signin.MaxFamiliesPerUser-1); err != nil {
 			return err
 		}
 		return insertRefresh(ctx, tx, t)
@@ -733,6 +758,81 @@ func scanRefresh(row rowScanner) (signin.Refresh, error) {
 	t.RotatedAt = fromNullMicros(rotatedAt)
 	t.RevokedAt = fromNullMicros(revokedAt)
 	return t, nil
+}
+
+// ---- Sweeping
+
+// sweepChunk bounds the rows one statement of Sweep deletes, so that the write lock is never
+// held long (the flusher's commits wait for it).
+const sweepChunk = 1000
+
+// Sweep deletes, as of now: the expired sessions; the authorization codes expired at least
+// signin.SweepRetention ago; and every token of the refresh families whose newest token
+// expired, or that were revoked, at least signin.SweepRetention ago. A family whose newest
+// token is live keeps all its tokens (a rotated one presented again still revokes it). Rows go
+// in chunks of sweepChunk, each in its own statement.
+func (s *Store) Sweep(ctx context.Context, now time.Time) (signin.Swept, error) {
+	var out signin.Swept
+	cutoff := micros(now.Add(-signin.SweepRetention))
+	chunks := func(n *int64, query string, args ...any) error {
+		for {
+			res, err := s.write.ExecContext(ctx, query, args...)
+			if err != nil {
+				return err
+			}
+			k, err := res.RowsAffected()
+			if err != nil {
+				return err
+			}
+			*n += k
+			if k < sweepChunk {
+				return nil
+			}
+		}
+	}
+	if err := chunks(&out.Sessions, `DELETE FROM sessions WHERE hash IN (
+		SELECT hash FROM sessions WHERE expires_at <= ? LIMIT ?)`, micros(now), sweepChunk); err != nil {
+		return out, fail("sweep sessions", err)
+	}
+	if err := chunks(&out.Codes, `DELETE FROM auth_codes WHERE hash IN (
+		SELECT hash FROM auth_codes WHERE expires_at <= ? LIMIT ?)`, cutoff, sweepChunk); err != nil {
+		return out, fail("sweep authorization codes", err)
+	}
+	// A family died when its newest (unrotated) token expired or it was revoked (revocations
+	// take whole families); rotated tokens that are not revoked count for nothing. A dead
+	// family never comes back, so the list is read without the write lock.
+	rows, err := s.read.QueryContext(ctx, `SELECT family FROM refresh_tokens GROUP BY family
+		HAVING max(CASE WHEN revoked_at IS NOT NULL THEN revoked_at WHEN rotated_at IS NULL THEN expires_at ELSE 0 END) <= ?`,
+		cutoff)
+	if err != nil {
+		return out, fail("sweep refresh tokens", err)
+	}
+	var dead []any
+	for rows.Next() {
+		var f string
+		if err := rows.Scan(&f); err != nil {
+			rows.Close()
+			return out, fail("sweep refresh tokens", err)
+		}
+		dead = append(dead, f)
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return out, fail("sweep refresh tokens", err)
+	}
+	const familiesPerStatement = 100
+	for len(dead) > 0 {
+		batch := dead[:min(familiesPerStatement, len(dead))]
+		dead = dead[len(batch):]
+		res, err := s.write.ExecContext(ctx, `DELETE FROM refresh_tokens WHERE family IN (?`+
+			strings.Repeat(", ?", len(batch)-1)+`)`, batch...)
+		if err != nil {
+			return out, fail("sweep refresh tokens", err)
+		}
+		k, _ := res.RowsAffected()
+		out.RefreshTokens += k
+	}
+	return out, nil
 }
 
 // ---- External subjects

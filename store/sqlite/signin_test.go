@@ -988,6 +988,7 @@ func TestSigninFailuresAreStoreUnavailable(t *testing.T) {
 		"RevokeRefreshFamily":   func() error { return s.RevokeRefreshFamily(ctx, "f", now) },
 		"RevokeRefreshByOrigin": func() error { return s.RevokeRefreshByOrigin(ctx, "o", now) },
 		"UserForSubject":        func() error { _, err := s.UserForSubject(ctx, "i", "s"); return err },
+		"Sweep":                 func() error { _, err := s.Sweep(ctx, now); return err },
 		"LinkSubject":           func() error { return s.LinkSubject(ctx, "i", "s", "u1") },
 	} {
 		if err := call(); !errors.Is(err, credits.ErrStoreUnavailable) {
