@@ -271,7 +271,9 @@ func TestLargeAnswerIsCharged(t *testing.T) {
 	}
 	var doc struct {
 		Data  []struct{ Embedding []float64 }
-		Usage struct{ PromptTokens int64 `json:"prompt_tokens"` }
+		Usage struct {
+			PromptTokens int64 `json:"prompt_tokens"`
+		}
 	}
 	if err := json.Unmarshal(r.body, &doc); err != nil || len(doc.Data) != 16 || doc.Usage.PromptTokens == 0 {
 		t.Fatalf("the client's document: %v, %d vectors, usage %+v", err, len(doc.Data), doc.Usage)

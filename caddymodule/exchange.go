@@ -52,7 +52,7 @@ type exchange struct {
 	settled bool
 	gone    bool
 	// stop cancels the backend request (on_disconnect stop, for a streamed answer).
-	stop context.CancelFunc
+	stop      context.CancelFunc
 	charged   credits.Amount
 	remaining credits.Amount
 	usage     metering.Usage
@@ -512,9 +512,9 @@ func outcomeOf(status int) string {
 // attemptWriter is the ResponseWriter one backend attempt writes to. A 5xx answer is held
 // back (another backend may be tried); any other answer is committed to the client.
 type attemptWriter struct {
-	ex     *exchange
-	hdr    http.Header
-	status int
+	ex      *exchange
+	hdr     http.Header
+	status  int
 	failed  bool // the answer was a 5xx, or compressed, held back for failover
 	encoded bool // the answer was compressed although identity was asked for
 }
