@@ -79,6 +79,20 @@ func TestClientDisconnectStopsTheModel(t *testing.T) {
 		t.Errorf("the backend wrote %d chunks, want about the 3 the client read (it was not stopped)", sent)
 	}
 	e.expectIdleGauges("slow")
+
+	// A client that leaves before the first byte: the backend request is cancelled, nothing
+	// is charged, and no other backend is tried for nobody.
+	ctx2, cancel2 := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel2()
+	_, err = e.client.Do(e.newRequest(ctx2, http.MethodPost, e.gw+"/v1/chat/completions", body, map[string]string{
+		"Authorization": "Bearer " + k.Key, "X-Mock-Latency": "3s"}))
+	if err == nil {
+		t.Fatalf("a request the client gave up on answered")
+	}
+	if a2 := e.settledAudit(u.ID); a2.Balance != a.Balance || a2.Settled != a.Settled {
+		t.Errorf("books %+v after a client left before any answer, want %+v", a2, a)
+	}
+	e.expectIdleGauges("slow")
 	e.checkAllAccounts(0)
 }
 

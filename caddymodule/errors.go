@@ -23,6 +23,7 @@ var (
 	errNoOutput          = errors.New("backend failed before sending a response")
 	errUpstreamTimeout   = errors.New("backend did not answer in time")
 	errCutAnswer         = errors.New("backend's answer was cut short or is not valid JSON")
+	errClientLeft        = errors.New("the client went away before any answer")
 	errEncodedAnswer     = errors.New("backend compressed its answer although the gateway asked for identity encoding")
 )
 
@@ -193,6 +194,10 @@ func errorResponse(err error) *apiError {
 	case errors.Is(err, errUpstreamTimeout):
 		set(http.StatusGatewayTimeout, "upstream_timeout", "api_error")
 		e.Message = "the backend did not answer in time; no credits were charged"
+	case errors.Is(err, errClientLeft):
+		// Nobody reads it: the code is what the request is counted as.
+		set(499, "client_gone", "api_error")
+		e.Message = "the client went away before any answer; no credits were charged"
 	case errors.Is(err, errNoOutput), errors.Is(err, errCutAnswer), errors.Is(err, errEncodedAnswer):
 		set(http.StatusBadGateway, "upstream_error", "api_error")
 		e.Message = "the backend failed; no credits were charged"

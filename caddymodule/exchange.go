@@ -100,9 +100,6 @@ func (ex *exchange) proxy() error {
 
 	var lastErr error
 	for i := range ex.choices {
-		if ctx.Err() != nil {
-			break // the client left before any answer: nobody to try another backend for
-		}
 		c := &ex.choices[i]
 		b := g.Backends[c.Backend]
 		body, err := ex.inf.body(c.Model.Upstream)
@@ -137,6 +134,10 @@ func (ex *exchange) proxy() error {
 		}
 		if ex.mode == modeNone {
 			ex.aborted = false // nothing reached the client: the next backend may still answer
+			if ctx.Err() != nil {
+				lastErr = errClientLeft // the client's doing, not the backend's
+				break
+			}
 		}
 		if ex.mode != modeNone {
 			// This backend answered: finish with it, whatever happened after.
