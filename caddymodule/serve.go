@@ -85,6 +85,8 @@ type caller struct {
 	account credits.AccountID
 	userID  string
 	keyID   string
+	// keyChain is the key's rotation chain (identity.Key.ChainID), whose keys share its cap.
+	keyChain string
 	// keyCap and keyCapPeriod are the key's credit cap (0: none) and its period.
 	keyCap       credits.Amount
 	keyCapPeriod string
@@ -161,7 +163,7 @@ func (g *Gateway) identifyKey(ctx context.Context, presented string, clientIP ne
 	}
 	g.store.touch(k.ID, now)
 	return &caller{kind: "api_key", account: credits.UserAccount(k.UserID), userID: k.UserID, keyID: k.ID,
-		keyCap: k.CreditCap, keyCapPeriod: k.CreditCapPeriod, scopes: k.Scopes, models: k.Models,
+		keyChain: k.ChainID, keyCap: k.CreditCap, keyCapPeriod: k.CreditCapPeriod, scopes: k.Scopes, models: k.Models,
 		allowedIPs: k.AllowedIPs, expiresAt: k.ExpiresAt, tier: k.Tier, limitKey: "k:" + k.ID}, nil
 }
 
@@ -259,7 +261,7 @@ func (ex *exchange) reserve(choices []routing.Choice) error {
 	defer cancel()
 	if who.keyID != "" {
 		// The key's credit cap is held in the same step as the balance (keyLedger).
-		ctx = withKey(ctx, keyUse{id: who.keyID, cap: who.keyCap, period: who.keyCapPeriod})
+		ctx = withKey(ctx, keyUse{id: who.keyID, chain: who.keyChain, cap: who.keyCap, period: who.keyCapPeriod})
 	}
 	ttl := time.Duration(g.ReservationTTL)
 	cheapest := choices[0].Cost

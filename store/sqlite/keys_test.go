@@ -105,12 +105,14 @@ func TestKeyRoundTrip(t *testing.T) {
 	}
 	wantFull := full
 	wantFull.CreatedAt = created.Truncate(time.Microsecond)
+	wantFull.ChainID = "k1"
 	for _, p := range []**time.Time{&wantFull.ExpiresAt, &wantFull.RevokedAt, &wantFull.LastUsedAt} {
 		v := (**p).Truncate(time.Microsecond)
 		*p = &v
 	}
 	wantMinimal := minimal
 	wantMinimal.CreatedAt = clock.Now()
+	wantMinimal.ChainID = "k2"
 
 	for _, tc := range []struct {
 		id   string
