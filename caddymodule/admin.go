@@ -417,7 +417,7 @@ func (g *Gateway) adminRotateKey(r *http.Request, id string) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	return g.rotateKey(r.Context(), old, in)
+	return g.rotateKey(r.Context(), old, in, nil)
 }
 
 // rotateRequest is the body of a key rotation; grace_period_hours defaults to 24.
@@ -432,8 +432,9 @@ const maxGraceHours = 30 * 24
 // same lifetime from now), in one store transaction: old keeps working until the grace period
 // ends, then answers expired_api_key; the key old had replaced, if still in its grace period,
 // stops now, so a chain never has more than two live keys. A second rotation of old gets 409
-// conflict. The new key is returned once.
-func (g *Gateway) rotateKey(ctx context.Context, old identity.Key, in rotateRequest) (any, error) {
+// conflict. The new key expires no later than notAfter, when set (the expiry of the key that
+// asks for the rotation). The new key is returned once.
+func (g *Gateway) rotateKey(ctx context.Context, old identity.Key, in rotateRequest, notAfter *time.Time) (any, error) {
 	hours := 24.0
 	if in.GracePeriodHours != nil {
 		hours = *in.GracePeriodHours
@@ -448,6 +449,10 @@ func (g *Gateway) rotateKey(ctx context.Context, old identity.Key, in rotateRequ
 		Models: old.Models, CreatedAt: now}
 	if old.ExpiresAt != nil {
 		t := now.Add(old.ExpiresAt.Sub(old.CreatedAt))
+		next.ExpiresAt = &t
+	}
+	if notAfter != nil && (next.ExpiresAt == nil || next.ExpiresAt.After(*notAfter)) {
+		t := notAfter.UTC()
 		next.ExpiresAt = &t
 	}
 	nk, err := identity.NewKey(g.KeyPrefix)

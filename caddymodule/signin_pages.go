@@ -681,7 +681,7 @@ func (g *Gateway) accountAction(w http.ResponseWriter, r *http.Request) {
 	case len(parts) == 3 && parts[0] == "keys" && parts[2] == "rotate":
 		var old identity.Key
 		if old, err = g.ownKey(ctx, who, parts[1]); err == nil {
-			out, err = g.rotateKey(ctx, old, rotateRequest{})
+			out, err = g.rotateKey(ctx, old, rotateRequest{}, nil)
 		}
 	case len(parts) == 3 && parts[0] == "keys" && parts[2] == "revoke":
 		if _, err = g.ownKey(ctx, who, parts[1]); err == nil {
