@@ -307,11 +307,12 @@ func (g *Gateway) adminCreateKey(r *http.Request, userID string) (any, error) {
 	if _, err := g.store.users.UserByID(r.Context(), userID); err != nil {
 		return nil, err
 	}
-	return g.createKey(r.Context(), userID, in)
+	return g.createKey(r.Context(), userID, in, 0)
 }
 
-// createKey checks a key request, stores the key's hash, and returns the key once.
-func (g *Gateway) createKey(ctx context.Context, userID string, in keyRequest) (any, error) {
+// createKey checks a key request, stores the key's hash, and returns the key once. maxLive,
+// when above zero, bounds the user's live keys (see maxKeysPerUser): 400 at the bound.
+func (g *Gateway) createKey(ctx context.Context, userID string, in keyRequest, maxLive int) (any, error) {
 	if len(in.Name) > 200 {
 		return nil, invalid("name", "name too long (200)")
 	}
@@ -377,7 +378,9 @@ func (g *Gateway) createKey(ctx context.Context, userID string, in keyRequest) (
 		return nil, err
 	}
 	k.ID, k.Prefix, k.Hash = nk.ID, nk.Prefix, nk.Hash
-	if err := g.keys.CreateKey(ctx, k); err != nil {
+	if err := g.keys.CreateKeyWithin(ctx, k, maxLive); errors.Is(err, identity.ErrKeyLimit) {
+		return nil, invalid("", "a user may have at most %d live api keys (a key and its rotations count once): revoke one first", maxLive)
+	} else if err != nil {
 		return nil, err
 	}
 	v := viewKey(k)

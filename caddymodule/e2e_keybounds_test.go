@@ -243,3 +243,48 @@ func TestKeysNoRouteWidensCaller(t *testing.T) {
 		}
 	}
 }
+
+// TestKeysPerUserBound: a user has at most 100 live keys from the self-service API and the
+// account page (400 invalid_request past it, on both); a rotation is not refused at the
+// bound and does not add to it; revoking a key makes room; the operator's route is not bound.
+func TestKeysPerUserBound(t *testing.T) {
+	e := startGateway(t, signinSetup(""))
+	b := newBrowser(e)
+	b.signup("many@example.com", "many keys password")
+	user := e.userIDByEmail("many@example.com")
+	manager := e.createKey(user, map[string]any{"name": "manager", "scopes": allScopes})
+	create := func() *response {
+		return e.self(http.MethodPost, "/v1/auth/keys", map[string]any{"name": "one more"}, manager.Key)
+	}
+	var last boundView
+	for i := 1; i < 100; i++ {
+		var created struct {
+			APIKey boundView `json:"api_key"`
+		}
+		decodeInto(t, create(), http.StatusCreated, &created)
+		last = created.APIKey
+	}
+	eo := errorOf(t, create(), http.StatusBadRequest, "invalid_request")
+	if msg, _ := eo["message"].(string); !strings.Contains(msg, "100") {
+		t.Errorf("message %q does not state the bound", msg)
+	}
+	page := b.get("/account")
+	if r := b.do(http.MethodPost, "/account/keys", url.Values{"csrf": {csrf(t, page)}, "name": {"from the page"}}, nil); r.status != http.StatusBadRequest ||
+		!strings.Contains(string(r.body), "at most 100 live api keys") {
+		t.Errorf("account page at the bound: %s", r)
+	}
+	// A rotation at the bound: allowed, and it does not make room.
+	var rot rotation
+	decodeInto(t, e.self(http.MethodPost, "/v1/auth/keys/"+last.ID+"/rotate", map[string]any{"grace_period_hours": 1}, manager.Key), http.StatusOK, &rot)
+	errorOf(t, create(), http.StatusBadRequest, "invalid_request")
+	// Revoking one makes room for one.
+	if r := e.self(http.MethodDelete, "/v1/auth/keys/"+rot.NewKey.ID, nil, manager.Key); r.status != http.StatusOK {
+		t.Fatalf("revoke: %s", r)
+	}
+	if r := create(); r.status != http.StatusCreated {
+		t.Fatalf("after a revocation: %s", r)
+	}
+	errorOf(t, create(), http.StatusBadRequest, "invalid_request")
+	// The operator is not bound.
+	e.createKey(user, nil)
+}

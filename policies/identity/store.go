@@ -16,6 +16,8 @@ var (
 	// ErrNotRotatable: the key was already rotated, or is revoked or expired. It matches
 	// ErrConflict.
 	ErrNotRotatable = fmt.Errorf("%w: the key was already rotated, or is revoked or expired", ErrConflict)
+	// ErrKeyLimit: the user has as many live keys as a creation allows.
+	ErrKeyLimit = errors.New("the user has the most live api keys allowed")
 )
 
 // User is a person with an account of credits.
@@ -83,6 +85,11 @@ type Keys interface {
 	// CreateKey stores a new key, the first of its chain (ChainID is set to its ID);
 	// ErrConflict when the id is taken.
 	CreateKey(ctx context.Context, k Key) error
+	// CreateKeyWithin stores a new key as CreateKey does, unless its user already has maxLive
+	// live keys (maxLive > 0), counting the keys neither revoked, nor expired at the new key's
+	// CreatedAt, nor replaced by a rotation (so one per chain): then ErrKeyLimit, and nothing
+	// is stored. Creations at once never pass the bound.
+	CreateKeyWithin(ctx context.Context, k Key, maxLive int) error
 	// KeyByID returns the key (revoked and expired ones too) or ErrNotFound.
 	KeyByID(ctx context.Context, id string) (Key, error)
 	// KeysByUser lists a user's keys, newest first.

@@ -22,11 +22,40 @@ const keyColumns = `id, user_id, prefix, hash, name, scopes, allowed_ips, metada
 // does not exist. A zero CreatedAt is set to now. The key starts a chain of its own: its
 // ChainID is its id.
 func (s *Store) CreateKey(ctx context.Context, k identity.Key) error {
+	return s.CreateKeyWithin(ctx, k, 0)
+}
+
+// CreateKeyWithin stores a new key as CreateKey does, unless its user already has maxLive
+// keys (maxLive > 0) neither revoked, nor expired at the new key's CreatedAt, nor replaced by
+// a rotation (one per rotation chain): then identity.ErrKeyLimit, and nothing is stored. The
+// count and the insert are one write transaction, so creations at once never pass the bound.
+func (s *Store) CreateKeyWithin(ctx context.Context, k identity.Key, maxLive int) error {
 	if err := checkNewKey(k); err != nil {
 		return err
 	}
 	k.ChainID = k.ID
-	if err := s.inWriteTx(ctx, func(tx *sql.Tx) error { return s.insertKey(ctx, tx, k) }); err != nil {
+	if k.CreatedAt.IsZero() {
+		k.CreatedAt = s.now()
+	}
+	err := s.inWriteTx(ctx, func(tx *sql.Tx) error {
+		if maxLive > 0 {
+			var n int
+			err := tx.QueryRowContext(ctx, `SELECT count(*) FROM api_keys
+				WHERE user_id = ? AND revoked_at IS NULL AND rotated_to IS NULL AND (expires_at IS NULL OR expires_at > ?)`,
+				k.UserID, micros(k.CreatedAt)).Scan(&n)
+			if err != nil {
+				return err
+			}
+			if n >= maxLive {
+				return identity.ErrKeyLimit
+			}
+		}
+		return s.insertKey(ctx, tx, k)
+	})
+	switch {
+	case errors.Is(err, identity.ErrKeyLimit):
+		return fmt.Errorf("create key %s: user %s has %d live keys: %w", k.ID, k.UserID, maxLive, err)
+	case err != nil:
 		return fail("create key "+k.ID, err)
 	}
 	return nil
