@@ -311,7 +311,7 @@ func (g *Gateway) adminCreateKey(r *http.Request, userID string) (any, error) {
 }
 
 // createKey checks a key request, stores the key's hash, and returns the key once. maxLive,
-// when above zero, bounds the user's live keys (see maxKeysPerUser): 400 at the bound.
+// when above zero, bounds the user's live keys (Gateway.MaxKeysPerUser): 400 at the bound.
 func (g *Gateway) createKey(ctx context.Context, userID string, in keyRequest, maxLive int) (any, error) {
 	if len(in.Name) > 200 {
 		return nil, invalid("name", "name too long (200)")

@@ -288,3 +288,21 @@ func TestKeysPerUserBound(t *testing.T) {
 	// The operator is not bound.
 	e.createKey(user, nil)
 }
+
+// TestKeysPerUserBoundConfigured: max_keys_per_user sets the bound.
+func TestKeysPerUserBoundConfigured(t *testing.T) {
+	s := keysSetup("")
+	s.gateway = "\n\t\tmax_keys_per_user 3" + s.gateway
+	e := startGateway(t, s)
+	u := e.createUser("three@example.com", "1")
+	manager := e.createKey(u.ID, map[string]any{"name": "manager", "scopes": allScopes})
+	for range 2 {
+		if r := e.self(http.MethodPost, "/v1/auth/keys", map[string]any{"name": "one more"}, manager.Key); r.status != http.StatusCreated {
+			t.Fatalf("within the bound: %s", r)
+		}
+	}
+	eo := errorOf(t, e.self(http.MethodPost, "/v1/auth/keys", map[string]any{"name": "one too many"}, manager.Key), http.StatusBadRequest, "invalid_request")
+	if msg, _ := eo["message"].(string); !strings.Contains(msg, "at most 3 live api keys") {
+		t.Errorf("message %q", msg)
+	}
+}

@@ -36,11 +36,11 @@ import (
 // that expires. A user's token is bounded by its scopes only; listing and reading keys show
 // all the user's keys (never a secret) to a caller with keys:read.
 
-// maxKeysPerUser bounds the live keys of a user that the self-service API and the account page
-// create: a key neither revoked nor expired, each rotation chain counted once (the key in its
-// grace period after a rotation is not counted, so rotating is never refused by the bound).
-// One more is refused with 400. The operator's admin route is not bounded.
-const maxKeysPerUser = 100
+// defaultMaxKeysPerUser is the default of Gateway.MaxKeysPerUser: the live keys of a user
+// that the self-service API and the account page create, a key neither revoked nor expired,
+// each rotation chain counted once (the key in its grace period after a rotation is not
+// counted, so rotating is never refused by the bound).
+const defaultMaxKeysPerUser = 100
 
 // selfKeyPath is the prefix of the routes of one key.
 const selfKeyPath = "/v1/auth/keys/"
@@ -196,7 +196,7 @@ func (g *Gateway) selfCreateKey(r *http.Request, who *caller, _ string) (int, an
 	if err := inheritRestrictions(who, &in, g.clock()); err != nil {
 		return 0, nil, err
 	}
-	out, err := g.createKey(r.Context(), who.userID, in, maxKeysPerUser)
+	out, err := g.createKey(r.Context(), who.userID, in, int(g.MaxKeysPerUser))
 	if err != nil {
 		return 0, nil, err
 	}
