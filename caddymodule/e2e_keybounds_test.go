@@ -306,3 +306,41 @@ func TestKeysPerUserBoundConfigured(t *testing.T) {
 		t.Errorf("message %q", msg)
 	}
 }
+
+// TestRateLimitPerRotationChain: a key's own rate limits belong to its rotation chain, as its
+// cap does: rotating itself does not give a key a fresh allowance, and the old key and the new
+// one share it during the grace.
+func TestRateLimitPerRotationChain(t *testing.T) {
+	useFakeRateClock(t)
+	e := startGateway(t, setup{
+		gateway: rateLimitBackend + `
+		rate_limits {
+			default_tier free
+			tier free {
+				requests_per_minute 3
+			}
+			tier pro {
+				requests_per_minute 100
+			}
+		}`,
+		mocks: []mockSpec{{key: "mock", lines: "models mock-small"}},
+	})
+	var u userView
+	e.adminCall(http.MethodPost, "/llm_gateway/users", map[string]any{"email": "rl@example.com", "credits": 10, "tier": "pro"},
+		http.StatusCreated, &u, nil)
+	k := e.createKey(u.ID, map[string]any{"name": "free", "scopes": allScopes, "rate_limit_tier": "free"})
+	body := `{"model":"mock-small","messages":[{"role":"user","content":"hi"}],"max_tokens":16}`
+	for i := range 3 {
+		if r := e.post("/v1/chat/completions", body, bearer(k.Key)); r.status != http.StatusOK {
+			t.Fatalf("request %d: %s", i, r)
+		}
+	}
+	var rot rotation
+	decodeInto(t, e.self(http.MethodPost, "/v1/auth/keys/"+k.ID+"/rotate", map[string]any{"grace_period_hours": 1}, k.Key), http.StatusOK, &rot)
+	for _, key := range []string{rot.NewKey.Key, k.Key} {
+		eo := errorOf(t, e.post("/v1/chat/completions", body, bearer(key)), http.StatusTooManyRequests, "rate_limit_exceeded")
+		if d, _ := eo["details"].(map[string]any); d["tier"] != "free" {
+			t.Errorf("429 details %v, want the key's tier", d)
+		}
+	}
+}

@@ -98,7 +98,8 @@ type caller struct {
 	allowedIPs []string
 	expiresAt  *time.Time
 	// tier is the rate limit tier the key names ("": its user's); limitKey is what the rate
-	// limits key on: the key id, or the anonymous client address.
+	// limits key on: the key's rotation chain (a rotation is the same key to the limits), the
+	// user, or the anonymous client address.
 	tier     string
 	limitKey string
 }
@@ -162,9 +163,13 @@ func (g *Gateway) identifyKey(ctx context.Context, presented string, clientIP ne
 		return nil, err
 	}
 	g.store.touch(k.ID, now)
+	chain := k.ChainID
+	if chain == "" {
+		chain = k.ID
+	}
 	return &caller{kind: "api_key", account: credits.UserAccount(k.UserID), userID: k.UserID, keyID: k.ID,
-		keyChain: k.ChainID, keyCap: k.CreditCap, keyCapPeriod: k.CreditCapPeriod, scopes: k.Scopes, models: k.Models,
-		allowedIPs: k.AllowedIPs, expiresAt: k.ExpiresAt, tier: k.Tier, limitKey: "k:" + k.ID}, nil
+		keyChain: chain, keyCap: k.CreditCap, keyCapPeriod: k.CreditCapPeriod, scopes: k.Scopes, models: k.Models,
+		allowedIPs: k.AllowedIPs, expiresAt: k.ExpiresAt, tier: k.Tier, limitKey: "k:" + chain}, nil
 }
 
 // clock is the gateway's time: g.now, or time.Now.
