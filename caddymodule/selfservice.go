@@ -276,7 +276,7 @@ func (who *caller) covers(k identity.Key) error {
 	if who.kind != "api_key" {
 		return nil // a user's token or session: bounded by its scopes only
 	}
-	if who.keyCap > 0 && (k.UserID != who.userID || k.ChainID != who.keyChain) {
+	if who.keyCap > 0 && k.ChainID != who.keyChain {
 		return outOfBounds("spending is not this key's: a key with a credit cap acts only on its own rotation chain")
 	}
 	if len(who.allowedIPs) > 0 {
