@@ -18,17 +18,17 @@ import (
 // not to one key of it: a rotation does not start the spending again, and the old key and the
 // new one share the cap during the grace period.
 //
-// The cap is exact under concurrency, and all-or-none with the balance: each capped key has an
-// in-memory account of spent (in the current period) and reserved credits. Reserve takes the
-// amount into the key's reserved under the key's lock, checking the cap in the same critical
-// section, and only then asks the ledger for the balance; if the ledger refuses, the amount
-// is given back to the key. Settle moves the reservation from the key's reserved to its spent
-// by the real cost; Release gives it back. So at every moment spent + reserved <= cap, whatever
-// the interleaving. A chain's spent is loaded from the ledger's settle entries naming one of
-// its keys (ChainSpent) the first time one of its keys reserves in this process, and restarts from zero when a new
-// period begins. The embedded store belongs to one process, so this process sees every
-// reservation of the key; a refusal by the cap can only be pessimistic, never optimistic, while
-// another reservation of the key is being refused by the balance.
+// The cap is exact under concurrency, and all-or-none with the balance: each chain of a capped
+// key has an in-memory account of spent (in the current period) and reserved credits. Reserve
+// takes the amount into the chain's reserved under the chain's lock, checking the cap in the
+// same critical section, and only then asks the ledger for the balance; if the ledger refuses,
+// the amount is given back. Settle moves the reservation from reserved to spent by the real
+// cost; Release gives it back. So at every moment spent + reserved <= cap, whatever the
+// interleaving. A chain's spent is loaded from the ledger's settle entries naming one of its
+// keys (ChainSpent) the first time one of its keys reserves in this process, and restarts from
+// zero when a new period begins. The embedded store belongs to one process, so this process
+// sees every reservation of the chain; a refusal by the cap can only be pessimistic, never
+// optimistic, while another reservation of the chain is being refused by the balance.
 type keyLedger struct {
 	credits.Ledger
 	// spent is what the keys of a chain spent since a time, from the store's settle entries.
