@@ -307,11 +307,12 @@ func (g *Gateway) adminCreateKey(r *http.Request, userID string) (any, error) {
 	if _, err := g.store.users.UserByID(r.Context(), userID); err != nil {
 		return nil, err
 	}
-	return g.createKey(r.Context(), userID, in)
+	return g.createKey(r.Context(), userID, in, 0)
 }
 
-// createKey checks a key request, stores the key's hash, and returns the key once.
-func (g *Gateway) createKey(ctx context.Context, userID string, in keyRequest) (any, error) {
+// createKey checks a key request, stores the key's hash, and returns the key once. maxLive,
+// when above zero, bounds the user's live keys (Gateway.MaxKeysPerUser): 400 at the bound.
+func (g *Gateway) createKey(ctx context.Context, userID string, in keyRequest, maxLive int) (any, error) {
 	if len(in.Name) > 200 {
 		return nil, invalid("name", "name too long (200)")
 	}
@@ -377,7 +378,9 @@ func (g *Gateway) createKey(ctx context.Context, userID string, in keyRequest) (
 		return nil, err
 	}
 	k.ID, k.Prefix, k.Hash = nk.ID, nk.Prefix, nk.Hash
-	if err := g.keys.CreateKey(ctx, k); err != nil {
+	if err := g.keys.CreateKeyWithin(ctx, k, maxLive); errors.Is(err, identity.ErrKeyLimit) {
+		return nil, invalid("", "a user may have at most %d live api keys (a key and its rotations count once): revoke one first", maxLive)
+	} else if err != nil {
 		return nil, err
 	}
 	v := viewKey(k)
@@ -417,7 +420,7 @@ func (g *Gateway) adminRotateKey(r *http.Request, id string) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	return g.rotateKey(r.Context(), old, in)
+	return g.rotateKey(r.Context(), old, in, nil)
 }
 
 // rotateRequest is the body of a key rotation; grace_period_hours defaults to 24.
@@ -432,8 +435,9 @@ const maxGraceHours = 30 * 24
 // same lifetime from now), in one store transaction: old keeps working until the grace period
 // ends, then answers expired_api_key; the key old had replaced, if still in its grace period,
 // stops now, so a chain never has more than two live keys. A second rotation of old gets 409
-// conflict. The new key is returned once.
-func (g *Gateway) rotateKey(ctx context.Context, old identity.Key, in rotateRequest) (any, error) {
+// conflict. The new key expires no later than notAfter, when set (the expiry of the key that
+// asks for the rotation). The new key is returned once.
+func (g *Gateway) rotateKey(ctx context.Context, old identity.Key, in rotateRequest, notAfter *time.Time) (any, error) {
 	hours := 24.0
 	if in.GracePeriodHours != nil {
 		hours = *in.GracePeriodHours
@@ -448,6 +452,10 @@ func (g *Gateway) rotateKey(ctx context.Context, old identity.Key, in rotateRequ
 		Models: old.Models, CreatedAt: now}
 	if old.ExpiresAt != nil {
 		t := now.Add(old.ExpiresAt.Sub(old.CreatedAt))
+		next.ExpiresAt = &t
+	}
+	if notAfter != nil && (next.ExpiresAt == nil || next.ExpiresAt.After(*notAfter)) {
+		t := notAfter.UTC()
 		next.ExpiresAt = &t
 	}
 	nk, err := identity.NewKey(g.KeyPrefix)

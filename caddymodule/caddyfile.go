@@ -31,6 +31,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	llm_gateway {
 //		store sqlite <path>
 //		key_prefix <prefix>
+//		max_keys_per_user <n>
 //		max_request_body <size>
 //		max_tokens_default <n>
 //		max_tokens_cap <n>
@@ -113,6 +114,10 @@ func (g *Gateway) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("max_request_body: %v", err)
 			}
 			g.MaxRequestBody = int64(n)
+		case "max_keys_per_user":
+			if err := oneInt64(d, &g.MaxKeysPerUser); err != nil {
+				return err
+			}
 		case "max_tokens_default":
 			if err := oneInt64(d, &g.MaxTokensDefault); err != nil {
 				return err

@@ -433,3 +433,52 @@ func TestKeysBola(t *testing.T) {
 	// Without credentials: 401.
 	errorOf(t, e.request(http.MethodGet, e.gw+"/v1/auth/keys", nil, nil), http.StatusUnauthorized, "missing_api_key")
 }
+
+// TestKeysCapSharedByRotationChain: a key's credit cap belongs to its rotation chain. A capped
+// key with keys:write rotating itself gets a successor that continues its spending, not a new
+// cap; the old key during its grace and the new one share the cap; four rotations later, the
+// chain has made exactly the requests the cap covers.
+func TestKeysCapSharedByRotationChain(t *testing.T) {
+	e := startGateway(t, keysSetup(""))
+	per := cost(t, 0, 16, "0", keysOut)
+	u := e.createUser("chain@example.com", (100 * per).String())
+	k := e.createKey(u.ID, map[string]any{"name": "capped", "scopes": allScopes, "credit_cap": json.Number((2 * per).String())})
+	ok := 0
+	try := func(key string) {
+		t.Helper()
+		r := e.post("/v1/chat/completions", keysChat, bearer(key))
+		switch r.status {
+		case http.StatusOK:
+			ok++
+		case http.StatusPaymentRequired:
+			errorOf(t, r, http.StatusPaymentRequired, "insufficient_credits")
+		default:
+			t.Fatalf("request: %s", r)
+		}
+	}
+	try(k.Key)
+	old := k.Key
+	var rot rotation
+	decodeInto(t, e.self(http.MethodPost, "/v1/auth/keys/"+k.ID+"/rotate", map[string]any{"grace_period_hours": 1}, old), http.StatusOK, &rot)
+	// During the grace: the old key and the new one, one cap of 2 between them.
+	try(old)
+	try(rot.NewKey.Key)
+	try(old)
+	if ok != 2 {
+		t.Errorf("%d requests admitted by the old and the new key, want 2 (the cap)", ok)
+	}
+	cur := rot.NewKey
+	for range 3 {
+		decodeInto(t, e.self(http.MethodPost, "/v1/auth/keys/"+cur.ID+"/rotate", map[string]any{"grace_period_hours": 1}, cur.Key), http.StatusOK, &rot)
+		try(rot.NewKey.Key)
+		try(cur.Key)
+		cur = rot.NewKey
+	}
+	if ok != 2 {
+		t.Errorf("%d requests admitted over 4 rotations, want 2 (the cap)", ok)
+	}
+	if got := e.balance(u.ID); got != 98*per {
+		t.Errorf("balance %s, want %s", got, 98*per)
+	}
+	e.settledAudit(u.ID)
+}

@@ -73,6 +73,11 @@ type Gateway struct {
 	// Default: "sk_live".
 	KeyPrefix string `json:"key_prefix,omitempty"`
 
+	// MaxKeysPerUser bounds a user's live API keys created through the self-service API and the
+	// account page, each rotation chain counted once (rotating is never refused); one more is
+	// refused with 400. The operator's admin route is not bounded. Default: 100.
+	MaxKeysPerUser int64 `json:"max_keys_per_user,omitempty"`
+
 	// ReservationTTL is how long a reservation may stay open before it is released as orphaned
 	// (after a crash). It must cover the longest a request can run: its attempts on up to
 	// Failover backends, each bounded by that backend's timeout, and the store calls around
@@ -227,6 +232,9 @@ func (g *Gateway) Provision(ctx caddy.Context) error {
 	if g.KeyPrefix == "" {
 		g.KeyPrefix = "sk_live"
 	}
+	if g.MaxKeysPerUser == 0 {
+		g.MaxKeysPerUser = defaultMaxKeysPerUser
+	}
 	if g.DrainTimeout == 0 {
 		g.DrainTimeout = caddy.Duration(30 * time.Second)
 	}
@@ -368,6 +376,9 @@ func (g *Gateway) Validate() error {
 	}
 	if !identity.ValidPrefix(g.KeyPrefix) {
 		return fmt.Errorf("key_prefix %q: lowercase letters and digits in parts joined by _", g.KeyPrefix)
+	}
+	if g.MaxKeysPerUser < 0 || g.MaxKeysPerUser > 1_000_000 {
+		return errors.New("max_keys_per_user must be from 1 to 1000000")
 	}
 	if g.MaxTokensDefault < 0 || g.MaxTokensCap < g.MaxTokensDefault {
 		return errors.New("max_tokens_default must be between 0 and max_tokens_cap")

@@ -13,32 +13,34 @@ import (
 // keyLedger is the store's ledger with what API keys add to it: every reservation made with a
 // key (named in the context by withKey) is remembered until it is closed, so that its settle
 // entry names the key (credits.Usage.KeyID), and a key with a credit cap is admitted only
-// while what it spent in the cap's period plus what it holds reserved plus the new amount fits
-// under the cap.
+// while what its rotation chain spent in the cap's period plus what the chain holds reserved
+// plus the new amount fits under the cap. The cap belongs to the chain (identity.Key.ChainID),
+// not to one key of it: a rotation does not start the spending again, and the old key and the
+// new one share the cap during the grace period.
 //
-// The cap is exact under concurrency, and all-or-none with the balance: each capped key has an
-// in-memory account of spent (in the current period) and reserved credits. Reserve takes the
-// amount into the key's reserved under the key's lock, checking the cap in the same critical
-// section, and only then asks the ledger for the balance; if the ledger refuses, the amount
-// is given back to the key. Settle moves the reservation from the key's reserved to its spent
-// by the real cost; Release gives it back. So at every moment spent + reserved <= cap, whatever
-// the interleaving. A key's spent is loaded from the ledger's settle entries naming it
-// (KeySpent) the first time the key reserves in this process, and restarts from zero when a new
-// period begins. The embedded store belongs to one process, so this process sees every
-// reservation of the key; a refusal by the cap can only be pessimistic, never optimistic, while
-// another reservation of the key is being refused by the balance.
+// The cap is exact under concurrency, and all-or-none with the balance: each chain of a capped
+// key has an in-memory account of spent (in the current period) and reserved credits. Reserve
+// takes the amount into the chain's reserved under the chain's lock, checking the cap in the
+// same critical section, and only then asks the ledger for the balance; if the ledger refuses,
+// the amount is given back. Settle moves the reservation from reserved to spent by the real
+// cost; Release gives it back. So at every moment spent + reserved <= cap, whatever the
+// interleaving. A chain's spent is loaded from the ledger's settle entries naming one of its
+// keys (ChainSpent) the first time one of its keys reserves in this process, and restarts from
+// zero when a new period begins. The embedded store belongs to one process, so this process
+// sees every reservation of the chain; a refusal by the cap can only be pessimistic, never
+// optimistic, while another reservation of the chain is being refused by the balance.
 type keyLedger struct {
 	credits.Ledger
-	// spent is what a key spent since a time, from the store's settle entries.
-	spent func(ctx context.Context, keyID string, since time.Time) (credits.Amount, error)
+	// spent is what the keys of a chain spent since a time, from the store's settle entries.
+	spent func(ctx context.Context, chainID string, since time.Time) (credits.Amount, error)
 
 	mu   sync.Mutex
-	caps map[string]*keySpending // by key id, capped keys only
+	caps map[string]*keySpending // by chain id, chains of capped keys only
 	held map[string]heldByKey    // by reservation id, open reservations made with a key
 	now  func() time.Time        // the clock of cap periods
 }
 
-// keySpending is the in-memory account of one capped key.
+// keySpending is the in-memory account of the chain of one capped key.
 type keySpending struct {
 	mu       sync.Mutex
 	loaded   bool
@@ -55,11 +57,20 @@ type heldByKey struct {
 	capped *keySpending // nil for a key without a cap
 }
 
-// keyUse is the key a reservation is made with, and its cap.
+// keyUse is the key a reservation is made with, its chain and its cap.
 type keyUse struct {
 	id     string
+	chain  string         // the key's ChainID ("": the key is alone in its chain)
 	cap    credits.Amount // 0: no cap
 	period string
+}
+
+// chainID names the spending k's cap counts: its chain's.
+func (k keyUse) chainID() string {
+	if k.chain == "" {
+		return k.id
+	}
+	return k.chain
 }
 
 type keyUseCtx struct{}
@@ -102,7 +113,7 @@ func (l *keyLedger) Reserve(ctx context.Context, account credits.AccountID, amou
 	}
 	var ks *keySpending
 	if k.cap > 0 {
-		ks = l.spending(k.id)
+		ks = l.spending(k.chainID())
 		if err := l.hold(ctx, ks, k, amount); err != nil {
 			return credits.Reservation{}, 0, err
 		}
@@ -122,7 +133,7 @@ func (l *keyLedger) Reserve(ctx context.Context, account credits.AccountID, amou
 	return res, balance, nil
 }
 
-// spending is the account of the capped key id, made on first use.
+// spending is the account of the chain of a capped key, made on first use.
 func (l *keyLedger) spending(id string) *keySpending {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -140,8 +151,8 @@ func (l *keyLedger) hold(ctx context.Context, ks *keySpending, k keyUse, amount 
 	defer ks.mu.Unlock()
 	start := identity.CapPeriodStart(k.period, l.now())
 	if !ks.loaded {
-		// No reservation of this key was made in this process yet: the ledger knows all it spent.
-		spent, err := l.spent(ctx, k.id, start)
+		// No reservation of this chain was made in this process yet: the ledger knows all it spent.
+		spent, err := l.spent(ctx, k.chainID(), start)
 		if err != nil {
 			return err
 		}

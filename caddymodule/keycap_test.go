@@ -174,3 +174,43 @@ func TestKeyLedgerPeriod(t *testing.T) {
 		t.Fatalf("a new day: %v", err)
 	}
 }
+
+// TestKeyLedgerChain: the keys of one rotation chain share its cap (what the chain spent
+// before this process counts once, asked by the chain's id), each settle entry names the key
+// that spent, and another chain has its own cap.
+func TestKeyLedgerChain(t *testing.T) {
+	const per = credits.Credit
+	f := &fakeLedger{balance: 100 * per, open: map[string]credits.Amount{}}
+	var asked []string
+	l := newKeyLedger(f, func(_ context.Context, chain string, _ time.Time) (credits.Amount, error) {
+		asked = append(asked, chain)
+		return per, nil
+	})
+	old := withKey(context.Background(), keyUse{id: "k1", chain: "k1", cap: 3 * per})
+	next := withKey(context.Background(), keyUse{id: "k2", chain: "k1", cap: 3 * per})
+	for _, ctx := range []context.Context{old, next} {
+		r, _, err := l.Reserve(ctx, "user:u", per, time.Minute, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := l.Settle(ctx, r.ID, per, credits.Usage{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// 1 before + 2 now = the cap of 3, whichever key asks.
+	for _, ctx := range []context.Context{old, next} {
+		var kc *keyCapReached
+		if _, _, err := l.Reserve(ctx, "user:u", 1, time.Minute, nil); !errors.As(err, &kc) || kc.spent != 3*per {
+			t.Errorf("over the chain's cap: %v", err)
+		}
+	}
+	if len(asked) != 1 || asked[0] != "k1" {
+		t.Errorf("spending read for %v, want once for chain k1", asked)
+	}
+	if len(f.settled) != 2 || f.settled[0].KeyID != "k1" || f.settled[1].KeyID != "k2" {
+		t.Errorf("settled %+v, want one entry per key", f.settled)
+	}
+	if _, _, err := l.Reserve(withKey(context.Background(), keyUse{id: "k9", chain: "k9", cap: 3 * per}), "user:u", 2*per, time.Minute, nil); err != nil {
+		t.Errorf("another chain: %v", err)
+	}
+}

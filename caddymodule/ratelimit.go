@@ -19,9 +19,9 @@ import (
 )
 
 // RateLimits are the request, token and concurrency limits of the inference routes, by tier.
-// Each caller is limited on its own: an API key by its id, an anonymous caller by its client
-// address (IPv4, or IPv6 /64). Every limit of a tier and the credit reservation are taken all
-// or none.
+// Each caller is limited on its own: an API key by its rotation chain (the key and its
+// successors), an anonymous caller by its client address (IPv4, or IPv6 /64). Every limit of a
+// tier and the credit reservation are taken all or none.
 type RateLimits struct {
 	// DefaultTier is the tier of keys whose key and user name none (or a tier not configured).
 	// Default: "free" when the tiers are the built-in ones, the only tier when there is one.

@@ -28,9 +28,19 @@ import (
 //	GET    /v1/credits                credits:read balance and recent ledger entries (?limit=, at most 100)
 //	GET    /v1/usage                  usage:read   tokens and credits by UTC day and model (?days=, at most 366)
 //
-// A key with keys:write acts for its owner: the keys it creates may have no more scopes than
-// it has, and, when it is limited to some models, no other models; their credit caps are their
-// own.
+// No route widens its caller. A key with keys:write acts for its owner, within its own
+// bounds: the keys it creates, rotates or revokes are no broader than itself (scopes a subset
+// of its own, allowlist within its own, models among its own, expiry no later, the same rate
+// limit tier); a key with a credit cap creates no keys and acts only on its own rotation chain
+// (the keys of a chain share one cap). The successor of a rotation never outlives a caller
+// that expires. A user's token is bounded by its scopes only; listing and reading keys show
+// all the user's keys (never a secret) to a caller with keys:read.
+
+// defaultMaxKeysPerUser is the default of Gateway.MaxKeysPerUser: the live keys of a user
+// that the self-service API and the account page create, a key neither revoked nor expired,
+// each rotation chain counted once (the key in its grace period after a rotation is not
+// counted, so rotating is never refused by the bound).
+const defaultMaxKeysPerUser = 100
 
 // selfKeyPath is the prefix of the routes of one key.
 const selfKeyPath = "/v1/auth/keys/"
@@ -170,10 +180,8 @@ func (g *Gateway) selfCreateKey(r *http.Request, who *caller, _ string) (int, an
 	if err := identity.ValidateScopes(in.Scopes); err != nil {
 		return 0, nil, invalid("scopes", "%v", err)
 	}
-	for _, s := range in.Scopes {
-		if s == identity.ScopeAll && !slices.Contains(who.scopes, identity.ScopeAll) || !identity.HasScope(who.scopes, s) {
-			return 0, nil, &missingScope{scope: s}
-		}
+	if err := who.holdsScopes(in.Scopes); err != nil {
+		return 0, nil, err
 	}
 	if len(who.models) > 0 {
 		if len(in.Models) == 0 {
@@ -188,7 +196,7 @@ func (g *Gateway) selfCreateKey(r *http.Request, who *caller, _ string) (int, an
 	if err := inheritRestrictions(who, &in, g.clock()); err != nil {
 		return 0, nil, err
 	}
-	out, err := g.createKey(r.Context(), who.userID, in)
+	out, err := g.createKey(r.Context(), who.userID, in, int(g.MaxKeysPerUser))
 	if err != nil {
 		return 0, nil, err
 	}
@@ -201,10 +209,17 @@ var errCappedCreator = &statusError{http.StatusForbidden, "a key with a credit c
 
 // inheritRestrictions keeps a key created by a restricted key at least as restricted: no wider
 // address allowlist (the creator's when none is asked), no later expiry (the creator's when none
-// is asked), and no key at all from a key with a credit cap.
+// is asked), the creator's rate limit tier, and no key at all from a key with a credit cap.
 func inheritRestrictions(who *caller, in *keyRequest, now time.Time) error {
 	if who.keyCap > 0 {
 		return errCappedCreator
+	}
+	switch {
+	case in.Tier == "":
+		in.Tier = who.tier
+	case in.Tier != who.tier:
+		// Tiers are not ordered: another one may be better. The operator sets them.
+		return invalid("rate_limit_tier", "rate_limit_tier can only be the creating credential's (%q)", who.tier)
 	}
 	if len(who.allowedIPs) > 0 {
 		if len(in.AllowedIPs) == 0 {
@@ -233,6 +248,66 @@ func inheritRestrictions(who *caller, in *keyRequest, now time.Time) error {
 	return nil
 }
 
+// holdsScopes refuses scopes the caller does not hold; "*" only from a caller holding "*".
+func (who *caller) holdsScopes(scopes []string) error {
+	for _, s := range scopes {
+		if s == identity.ScopeAll && !slices.Contains(who.scopes, identity.ScopeAll) || !identity.HasScope(who.scopes, s) {
+			return &missingScope{scope: s}
+		}
+	}
+	return nil
+}
+
+// outOfBounds is a 403: the key a self-service route would act on is broader than the caller.
+func outOfBounds(what string) error {
+	return &statusError{http.StatusForbidden, "this key acts only on keys no broader than itself: the key's " + what}
+}
+
+// covers checks that the key k, which a self-service route would rotate or revoke, is no
+// broader than the caller: every scope of k held by the caller, and, for a key with such
+// restrictions, k's allowlist within the caller's, k's models among the caller's, k expiring
+// no later, k with the caller's tier, and, for a key with a credit cap, k in the caller's own
+// rotation chain (another key's cap would add to what the caller may spend). So rotating k
+// yields the caller nothing it does not already have.
+func (who *caller) covers(k identity.Key) error {
+	if err := who.holdsScopes(k.Scopes); err != nil {
+		return err
+	}
+	if who.kind != "api_key" {
+		return nil // a user's token or session: bounded by its scopes only
+	}
+	if who.keyCap > 0 && k.ChainID != who.keyChain {
+		return outOfBounds("spending is not this key's: a key with a credit cap acts only on its own rotation chain")
+	}
+	if len(who.allowedIPs) > 0 {
+		if len(k.AllowedIPs) == 0 {
+			return outOfBounds("allowed_ips are wider (any address)")
+		}
+		for _, p := range k.AllowedIPs {
+			if !prefixWithin(p, who.allowedIPs) {
+				return outOfBounds("allowed_ips are wider")
+			}
+		}
+	}
+	if len(who.models) > 0 {
+		if len(k.Models) == 0 {
+			return outOfBounds("models are wider (all)")
+		}
+		for _, m := range k.Models {
+			if !slices.Contains(who.models, m) {
+				return outOfBounds("models are wider")
+			}
+		}
+	}
+	if who.expiresAt != nil && (k.ExpiresAt == nil || k.ExpiresAt.After(*who.expiresAt)) {
+		return outOfBounds("expiry is later")
+	}
+	if k.Tier != who.tier {
+		return outOfBounds("rate_limit_tier is another")
+	}
+	return nil
+}
+
 // prefixWithin reports whether the address or prefix s lies inside one of the list's prefixes.
 func prefixWithin(s string, list []string) bool {
 	p, err := netip.ParsePrefix(s)
@@ -254,7 +329,11 @@ func prefixWithin(s string, list []string) bool {
 }
 
 func (g *Gateway) selfRevokeKey(r *http.Request, who *caller, id string) (int, any, error) {
-	if _, err := g.ownKey(r.Context(), who, id); err != nil {
+	k, err := g.ownKey(r.Context(), who, id)
+	if err != nil {
+		return 0, nil, err
+	}
+	if err := who.covers(k); err != nil {
 		return 0, nil, err
 	}
 	out, err := g.adminRevokeKey(r.Context(), id)
@@ -273,7 +352,10 @@ func (g *Gateway) selfRotateKey(r *http.Request, who *caller, id string) (int, a
 	if err != nil {
 		return 0, nil, err
 	}
-	out, err := g.rotateKey(r.Context(), old, in)
+	if err := who.covers(old); err != nil {
+		return 0, nil, err
+	}
+	out, err := g.rotateKey(r.Context(), old, in, who.expiresAt)
 	if err != nil {
 		return 0, nil, err
 	}

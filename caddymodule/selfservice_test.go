@@ -40,6 +40,15 @@ func TestInheritRestrictions(t *testing.T) {
 		{name: "a later expiry is refused", who: restricted, in: keyRequest{ExpiresAt: &later}, wantErr: true},
 		{name: "outliving by days is refused", who: restricted, in: keyRequest{ExpiresInDays: days(3)}, wantErr: true},
 		{name: "a capped key creates no keys", who: &caller{keyCap: credits.Credit}, wantErr: true},
+		{name: "the creator's tier is inherited", who: &caller{tier: "pro"},
+			check: func(t *testing.T, in keyRequest) {
+				if in.Tier != "pro" {
+					t.Fatalf("tier %q", in.Tier)
+				}
+			}},
+		{name: "the creator's own tier may be named", who: &caller{tier: "pro"}, in: keyRequest{Tier: "pro"}},
+		{name: "another tier is refused", who: &caller{tier: "free"}, in: keyRequest{Tier: "enterprise"}, wantErr: true},
+		{name: "a user's token names no tier", who: &caller{kind: "jwt"}, in: keyRequest{Tier: "enterprise"}, wantErr: true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			in := tc.in

@@ -85,6 +85,8 @@ type caller struct {
 	account credits.AccountID
 	userID  string
 	keyID   string
+	// keyChain is the key's rotation chain (identity.Key.ChainID), whose keys share its cap.
+	keyChain string
 	// keyCap and keyCapPeriod are the key's credit cap (0: none) and its period.
 	keyCap       credits.Amount
 	keyCapPeriod string
@@ -96,7 +98,8 @@ type caller struct {
 	allowedIPs []string
 	expiresAt  *time.Time
 	// tier is the rate limit tier the key names ("": its user's); limitKey is what the rate
-	// limits key on: the key id, or the anonymous client address.
+	// limits key on: the key's rotation chain (a rotation is the same key to the limits), the
+	// user, or the anonymous client address.
 	tier     string
 	limitKey string
 }
@@ -160,9 +163,13 @@ func (g *Gateway) identifyKey(ctx context.Context, presented string, clientIP ne
 		return nil, err
 	}
 	g.store.touch(k.ID, now)
+	chain := k.ChainID
+	if chain == "" {
+		chain = k.ID
+	}
 	return &caller{kind: "api_key", account: credits.UserAccount(k.UserID), userID: k.UserID, keyID: k.ID,
-		keyCap: k.CreditCap, keyCapPeriod: k.CreditCapPeriod, scopes: k.Scopes, models: k.Models,
-		allowedIPs: k.AllowedIPs, expiresAt: k.ExpiresAt, tier: k.Tier, limitKey: "k:" + k.ID}, nil
+		keyChain: chain, keyCap: k.CreditCap, keyCapPeriod: k.CreditCapPeriod, scopes: k.Scopes, models: k.Models,
+		allowedIPs: k.AllowedIPs, expiresAt: k.ExpiresAt, tier: k.Tier, limitKey: "k:" + chain}, nil
 }
 
 // clock is the gateway's time: g.now, or time.Now.
@@ -259,7 +266,7 @@ func (ex *exchange) reserve(choices []routing.Choice) error {
 	defer cancel()
 	if who.keyID != "" {
 		// The key's credit cap is held in the same step as the balance (keyLedger).
-		ctx = withKey(ctx, keyUse{id: who.keyID, cap: who.keyCap, period: who.keyCapPeriod})
+		ctx = withKey(ctx, keyUse{id: who.keyID, chain: who.keyChain, cap: who.keyCap, period: who.keyCapPeriod})
 	}
 	ttl := time.Duration(g.ReservationTTL)
 	cheapest := choices[0].Cost

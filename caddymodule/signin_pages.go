@@ -723,11 +723,11 @@ func (g *Gateway) accountAction(w http.ResponseWriter, r *http.Request) {
 	switch {
 	case len(parts) == 1 && parts[0] == "keys":
 		name := strings.TrimSpace(r.PostForm.Get("name"))
-		out, err = g.createKey(ctx, u.ID, keyRequest{Name: name})
+		out, err = g.createKey(ctx, u.ID, keyRequest{Name: name}, int(g.MaxKeysPerUser))
 	case len(parts) == 3 && parts[0] == "keys" && parts[2] == "rotate":
 		var old identity.Key
 		if old, err = g.ownKey(ctx, who, parts[1]); err == nil {
-			out, err = g.rotateKey(ctx, old, rotateRequest{})
+			out, err = g.rotateKey(ctx, old, rotateRequest{}, nil)
 		}
 	case len(parts) == 3 && parts[0] == "keys" && parts[2] == "revoke":
 		if _, err = g.ownKey(ctx, who, parts[1]); err == nil {

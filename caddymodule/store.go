@@ -106,7 +106,7 @@ func openStore(ctx caddy.Context, cfg StoreConfig, logger *zap.Logger) (*storeHa
 			metricCreditsReleasedAtStart.Add(amount.Credits())
 		}
 		sweepCtx, stop := context.WithCancel(context.Background())
-		h := &storeHandle{ledger: newKeyLedger(timedLedger{s}, s.KeySpent), users: s, keys: s, signin: s, usage: s.UsageByDay,
+		h := &storeHandle{ledger: newKeyLedger(timedLedger{s}, s.ChainSpent), users: s, keys: s, signin: s, usage: s.UsageByDay,
 			openReservations: s.OpenReservations, close: s.Close, stop: stop, done: make(chan struct{})}
 		go h.sweep(sweepCtx, logger)
 		return h, nil

@@ -70,6 +70,13 @@ func (c *KeyCache) CreateKey(ctx context.Context, k Key) error {
 	return err
 }
 
+// CreateKeyWithin stores the key within the bound and drops any cached "not found" for its id.
+func (c *KeyCache) CreateKeyWithin(ctx context.Context, k Key, maxLive int) error {
+	err := c.Keys.CreateKeyWithin(ctx, k, maxLive)
+	c.Forget(k.ID)
+	return err
+}
+
 // RevokeKey revokes the key in the store and forgets it here at once.
 func (c *KeyCache) RevokeKey(ctx context.Context, id string, at time.Time) error {
 	err := c.Keys.RevokeKey(ctx, id, at)

@@ -23,6 +23,10 @@ func (s *countingKeys) CreateKey(_ context.Context, k Key) error {
 	return nil
 }
 
+func (s *countingKeys) CreateKeyWithin(ctx context.Context, k Key, _ int) error {
+	return s.CreateKey(ctx, k)
+}
+
 func (s *countingKeys) KeyByID(_ context.Context, id string) (Key, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()

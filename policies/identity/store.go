@@ -16,6 +16,8 @@ var (
 	// ErrNotRotatable: the key was already rotated, or is revoked or expired. It matches
 	// ErrConflict.
 	ErrNotRotatable = fmt.Errorf("%w: the key was already rotated, or is revoked or expired", ErrConflict)
+	// ErrKeyLimit: the user has as many live keys as a creation allows.
+	ErrKeyLimit = errors.New("the user has the most live api keys allowed")
 )
 
 // User is a person with an account of credits.
@@ -62,6 +64,10 @@ type Key struct {
 	// keeps working until ExpiresAt, the end of the grace period.
 	RotatedTo    string     `json:"rotated_to,omitempty"`
 	DeprecatedAt *time.Time `json:"deprecated_at,omitempty"`
+	// ChainID names the key's rotation chain: the id of the first key, which this one replaced
+	// through rotations (its own id when it replaced none). The keys of a chain share one
+	// credit cap: what one spent counts for all.
+	ChainID string `json:"chain_id,omitempty"`
 }
 
 // Users stores people.
@@ -76,8 +82,14 @@ type Users interface {
 
 // Keys stores API keys.
 type Keys interface {
-	// CreateKey stores a new key; ErrConflict when the id is taken.
+	// CreateKey stores a new key, the first of its chain (ChainID is set to its ID);
+	// ErrConflict when the id is taken.
 	CreateKey(ctx context.Context, k Key) error
+	// CreateKeyWithin stores a new key as CreateKey does, unless its user already has maxLive
+	// live keys (maxLive > 0), counting the keys neither revoked, nor expired at the new key's
+	// CreatedAt, nor replaced by a rotation (so one per chain): then ErrKeyLimit, and nothing
+	// is stored. Creations at once never pass the bound.
+	CreateKeyWithin(ctx context.Context, k Key, maxLive int) error
 	// KeyByID returns the key (revoked and expired ones too) or ErrNotFound.
 	KeyByID(ctx context.Context, id string) (Key, error)
 	// KeysByUser lists a user's keys, newest first.
@@ -90,8 +102,9 @@ type Keys interface {
 	// RotateKey replaces the key oldID by next in one transaction: next is stored, and the old
 	// key is marked rotated to next.ID at time at, with its expiry brought forward to graceEnd
 	// (never moved later). The key the old one replaced, if it is still in its own grace period,
-	// expires at at: a chain of rotations never has more than two live keys. It reports the ids
-	// of the keys whose expiry changed. ErrNotFound when there is no such key; ErrNotRotatable
-	// when it was already rotated, or is revoked or expired at at.
+	// expires at at: a chain of rotations never has more than two live keys. next joins the old
+	// key's chain (its ChainID is the old key's). It reports the ids of the keys whose expiry
+	// changed. ErrNotFound when there is no such key; ErrNotRotatable when it was already
+	// rotated, or is revoked or expired at at.
 	RotateKey(ctx context.Context, oldID string, next Key, at, graceEnd time.Time) ([]string, error)
 }

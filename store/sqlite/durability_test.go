@@ -500,6 +500,8 @@ func TestLegacyReservationsAreReleased(t *testing.T) {
 	for _, stmt := range []string{
 		`DROP TRIGGER reservations_in_memory`,
 		`DELETE FROM schema_migrations WHERE version > 1`,
+		`DROP INDEX api_keys_by_chain`, // migration 0005
+		`ALTER TABLE api_keys DROP COLUMN chain_id`,
 		`DROP INDEX api_keys_by_rotated_to`,
 		`DROP INDEX ledger_by_key`,
 		`ALTER TABLE api_keys DROP COLUMN rotated_to`,

@@ -15,16 +15,47 @@ import (
 
 // keyColumns are the columns scanKey reads.
 const keyColumns = `id, user_id, prefix, hash, name, scopes, allowed_ips, metadata, tier, credit_cap,
-	models, created_at, expires_at, revoked_at, last_used_at, credit_cap_period, rotated_to, deprecated_at`
+	models, created_at, expires_at, revoked_at, last_used_at, credit_cap_period, rotated_to, deprecated_at, chain_id`
 
 // CreateKey stores a new key: only its hash, never the key itself. It reports
 // identity.ErrConflict when the id or the hash is taken, and identity.ErrNotFound when its user
-// does not exist. A zero CreatedAt is set to now.
+// does not exist. A zero CreatedAt is set to now. The key starts a chain of its own: its
+// ChainID is its id.
 func (s *Store) CreateKey(ctx context.Context, k identity.Key) error {
+	return s.CreateKeyWithin(ctx, k, 0)
+}
+
+// CreateKeyWithin stores a new key as CreateKey does, unless its user already has maxLive
+// keys (maxLive > 0) neither revoked, nor expired at the new key's CreatedAt, nor replaced by
+// a rotation (one per rotation chain): then identity.ErrKeyLimit, and nothing is stored. The
+// count and the insert are one write transaction, so creations at once never pass the bound.
+func (s *Store) CreateKeyWithin(ctx context.Context, k identity.Key, maxLive int) error {
 	if err := checkNewKey(k); err != nil {
 		return err
 	}
-	if err := s.inWriteTx(ctx, func(tx *sql.Tx) error { return s.insertKey(ctx, tx, k) }); err != nil {
+	k.ChainID = k.ID
+	if k.CreatedAt.IsZero() {
+		k.CreatedAt = s.now()
+	}
+	err := s.inWriteTx(ctx, func(tx *sql.Tx) error {
+		if maxLive > 0 {
+			var n int
+			err := tx.QueryRowContext(ctx, `SELECT count(*) FROM api_keys
+				WHERE user_id = ? AND revoked_at IS NULL AND rotated_to IS NULL AND (expires_at IS NULL OR expires_at > ?)`,
+				k.UserID, micros(k.CreatedAt)).Scan(&n)
+			if err != nil {
+				return err
+			}
+			if n >= maxLive {
+				return identity.ErrKeyLimit
+			}
+		}
+		return s.insertKey(ctx, tx, k)
+	})
+	switch {
+	case errors.Is(err, identity.ErrKeyLimit):
+		return fmt.Errorf("create key %s: user %s has %d live keys: %w", k.ID, k.UserID, maxLive, err)
+	case err != nil:
 		return fail("create key "+k.ID, err)
 	}
 	return nil
@@ -41,7 +72,7 @@ func checkNewKey(k identity.Key) error {
 	return nil
 }
 
-// insertKey inserts k, checked by checkNewKey, with tx; see CreateKey.
+// insertKey inserts k, checked by checkNewKey and with its ChainID set, with tx; see CreateKey.
 func (s *Store) insertKey(ctx context.Context, tx *sql.Tx, k identity.Key) error {
 	if k.CreatedAt.IsZero() {
 		k.CreatedAt = s.now()
@@ -56,12 +87,12 @@ func (s *Store) insertKey(ctx context.Context, tx *sql.Tx, k identity.Key) error
 	}
 	_, err := tx.ExecContext(ctx, `INSERT INTO api_keys
 		(id, user_id, prefix, hash, name, scopes, allowed_ips, metadata, tier, credit_cap, models,
-		 created_at, expires_at, revoked_at, last_used_at, credit_cap_period)
-		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+		 created_at, expires_at, revoked_at, last_used_at, credit_cap_period, chain_id)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
 		k.ID, k.UserID, k.Prefix, k.Hash[:], k.Name, string(lists[0]), string(lists[1]), string(lists[2]),
 		k.Tier, k.CreditCap, string(lists[3]),
 		micros(k.CreatedAt), nullMicros(k.ExpiresAt), nullMicros(k.RevokedAt), nullMicros(k.LastUsedAt),
-		k.CreditCapPeriod)
+		k.CreditCapPeriod, k.ChainID)
 	switch {
 	case isUniqueViolation(err):
 		return identity.ErrConflict
@@ -129,7 +160,7 @@ func (s *Store) RevokeKey(ctx context.Context, id string, at time.Time) error {
 // rotated to next.ID at at, only if it is not rotated already, revoked or expired at at
 // (identity.ErrNotRotatable; identity.ErrNotFound when there is no such key), and its expiry is
 // brought forward to graceEnd; the key it replaced, if still in its grace period, expires at
-// at; next is inserted. It reports the ids of the keys whose expiry changed. Two rotations of
+// at; next is inserted in the old key's chain (its ChainID is ignored). It reports the ids of the keys whose expiry changed. Two rotations of
 // one key at once: one wins, the other gets identity.ErrNotRotatable and stores nothing.
 func (s *Store) RotateKey(ctx context.Context, oldID string, next identity.Key, at, graceEnd time.Time) ([]string, error) {
 	if err := checkNewKey(next); err != nil {
@@ -179,6 +210,9 @@ func (s *Store) RotateKey(ctx context.Context, oldID string, next identity.Key, 
 		if err := rows.Close(); err != nil {
 			return err
 		}
+		if err := tx.QueryRowContext(ctx, `SELECT chain_id FROM api_keys WHERE id = ?`, oldID).Scan(&next.ChainID); err != nil {
+			return err
+		}
 		return s.insertKey(ctx, tx, next)
 	})
 	switch {
@@ -190,20 +224,22 @@ func (s *Store) RotateKey(ctx context.Context, oldID string, next identity.Key, 
 	return changed, nil
 }
 
-// KeySpent is what the key spent since the given time: the sum of the settle entries that name
-// it, once everything queued before the call is committed.
-func (s *Store) KeySpent(ctx context.Context, keyID string, since time.Time) (credits.Amount, error) {
+// ChainSpent is what the keys of a rotation chain (identity.Key.ChainID) spent since the
+// given time: the sum of the settle entries that name one of them, once everything queued
+// before the call is committed.
+func (s *Store) ChainSpent(ctx context.Context, chainID string, since time.Time) (credits.Amount, error) {
 	if err := s.usable(ctx); err != nil {
-		return 0, fmt.Errorf("spending of key %s: %w", keyID, err)
+		return 0, fmt.Errorf("spending of key chain %s: %w", chainID, err)
 	}
 	if err := s.flush(ctx); err != nil {
-		return 0, fmt.Errorf("spending of key %s: %w", keyID, err)
+		return 0, fmt.Errorf("spending of key chain %s: %w", chainID, err)
 	}
 	var spent credits.Amount
 	err := s.read.QueryRowContext(ctx, `SELECT coalesce(sum(amount), 0) FROM ledger
-		WHERE key_id = ? AND created_at >= ? AND kind = 'settle'`, keyID, micros(since)).Scan(&spent)
+		WHERE key_id IN (SELECT id FROM api_keys WHERE chain_id = ?) AND created_at >= ? AND kind = 'settle'`,
+		chainID, micros(since)).Scan(&spent)
 	if err != nil {
-		return 0, fail("spending of key "+keyID, err)
+		return 0, fail("spending of key chain "+chainID, err)
 	}
 	return spent, nil
 }
@@ -285,7 +321,7 @@ func scanKey(row rowScanner) (identity.Key, error) {
 	)
 	err := row.Scan(&k.ID, &k.UserID, &k.Prefix, &hash, &k.Name, &scopes, &allowedIPs, &meta, &k.Tier,
 		&k.CreditCap, &models, &createdAt, &expiresAt, &revokedAt, &lastUsedAt, &k.CreditCapPeriod, &rotatedTo,
-		&deprecatedAt)
+		&deprecatedAt, &k.ChainID)
 	if err != nil {
 		return identity.Key{}, err
 	}

@@ -6,8 +6,11 @@ import (
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/hex"
+	"errors"
+	"fmt"
 	"os"
 	"reflect"
+	"sync"
 	"testing"
 	"time"
 
@@ -105,12 +108,14 @@ func TestKeyRoundTrip(t *testing.T) {
 	}
 	wantFull := full
 	wantFull.CreatedAt = created.Truncate(time.Microsecond)
+	wantFull.ChainID = "k1"
 	for _, p := range []**time.Time{&wantFull.ExpiresAt, &wantFull.RevokedAt, &wantFull.LastUsedAt} {
 		v := (**p).Truncate(time.Microsecond)
 		*p = &v
 	}
 	wantMinimal := minimal
 	wantMinimal.CreatedAt = clock.Now()
+	wantMinimal.ChainID = "k2"
 
 	for _, tc := range []struct {
 		id   string
@@ -327,4 +332,73 @@ func storeFileBytes(t *testing.T, path, label string) []byte {
 		t.Fatalf("%s: nothing to scan", label)
 	}
 	return all
+}
+
+// TestCreateKeyWithin: the bound counts the user's keys neither revoked, nor expired, nor
+// rotated; a refusal stores nothing; creations at once never pass it.
+func TestCreateKeyWithin(t *testing.T) {
+	ctx := context.Background()
+	clock := newTestClock()
+	s, _ := openWithUser(t, clock)
+	now := clock.Now()
+	key := func(id string) identity.Key {
+		k := testKey(id, id, now)
+		k.ExpiresAt = nil
+		return k
+	}
+	for _, id := range []string{"a", "b", "c"} {
+		if err := s.CreateKeyWithin(ctx, key(id), 3); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.CreateKeyWithin(ctx, key("d"), 3); !errors.Is(err, identity.ErrKeyLimit) {
+		t.Fatalf("over the bound: %v", err)
+	}
+	if _, err := s.KeyByID(ctx, "d"); !errors.Is(err, identity.ErrNotFound) {
+		t.Errorf("the refused key was stored: %v", err)
+	}
+	if err := s.CreateKey(ctx, key("unbound")); err != nil {
+		t.Errorf("CreateKey is not bound: %v", err)
+	}
+	// Not counted: a revoked key, an expired one, one replaced by a rotation (its successor is).
+	if err := s.RevokeKey(ctx, "a", now); err != nil {
+		t.Fatal(err)
+	}
+	expired := key("e")
+	past := now.Add(-time.Second)
+	expired.ExpiresAt = &past
+	if err := s.CreateKey(ctx, expired); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.RotateKey(ctx, "b", key("b2"), now, now.Add(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	// Live and counted: b2, c, unbound.
+	if err := s.CreateKeyWithin(ctx, key("f"), 4); err != nil {
+		t.Errorf("room for one: %v", err)
+	}
+	if err := s.CreateKeyWithin(ctx, key("g"), 4); !errors.Is(err, identity.ErrKeyLimit) {
+		t.Errorf("at the bound again: %v", err)
+	}
+
+	// Creations at once: exactly the room left is taken.
+	const n = 10
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() { errs[i] = s.CreateKeyWithin(ctx, key(fmt.Sprintf("n%d", i)), 8) })
+	}
+	wg.Wait()
+	made := 0
+	for _, err := range errs {
+		switch {
+		case err == nil:
+			made++
+		case !errors.Is(err, identity.ErrKeyLimit):
+			t.Errorf("concurrent creation: %v", err)
+		}
+	}
+	if made != 4 {
+		t.Errorf("%d keys made at once, want 4", made)
+	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"path/filepath"
 	"slices"
 	"sync"
 	"testing"
@@ -101,6 +102,79 @@ func TestRotateKey(t *testing.T) {
 	}
 }
 
+// TestKeyChains: a created key starts its own chain (whatever ChainID it was given); each
+// rotation puts the new key in the old key's chain.
+func TestKeyChains(t *testing.T) {
+	ctx := context.Background()
+	clock := newTestClock()
+	s, _ := openWithUser(t, clock)
+	now := clock.Now()
+	k1 := testKey("k1", "one", now)
+	k1.ChainID = "elsewhere"
+	if err := s.CreateKey(ctx, k1); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.CreateKey(ctx, testKey("other", "other", now)); err != nil {
+		t.Fatal(err)
+	}
+	for i, id := range []string{"k2", "k3", "k4"} {
+		next := testKey(id, id, now)
+		next.ChainID = "elsewhere"
+		if _, err := s.RotateKey(ctx, fmt.Sprintf("k%d", i+1), next, now, now.Add(time.Hour)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for id, want := range map[string]string{"k1": "k1", "k2": "k1", "k3": "k1", "k4": "k1", "other": "other"} {
+		if k, err := s.KeyByID(ctx, id); err != nil || k.ChainID != want {
+			t.Errorf("key %s: chain %q, %v; want %q", id, k.ChainID, err, want)
+		}
+	}
+}
+
+// TestChainsOfExistingKeys: migration 0005 gives the keys stored before it their chains, from
+// the rotations recorded.
+func TestChainsOfExistingKeys(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "gateway.db")
+	s := openAt(t, path, Options{})
+	if err := s.CreateUser(ctx, identity.User{ID: "u1", Email: "u1@example.com"}); err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	for _, id := range []string{"a1", "b1"} {
+		if err := s.CreateKey(ctx, testKey(id, id, now)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, r := range [][2]string{{"a1", "a2"}, {"a2", "a3"}, {"b1", "b2"}} {
+		if _, err := s.RotateKey(ctx, r[0], testKey(r[1], r[1], now), now, now.Add(time.Hour)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	db := openRawForTest(t, path)
+	for _, stmt := range []string{
+		`DELETE FROM schema_migrations WHERE version = 5`,
+		`DROP INDEX api_keys_by_chain`,
+		`ALTER TABLE api_keys DROP COLUMN chain_id`,
+	} {
+		if _, err := db.ExecContext(ctx, stmt); err != nil {
+			t.Fatalf("%s: %v", stmt, err)
+		}
+	}
+	db.Close()
+
+	s = openAt(t, path, Options{})
+	defer s.Close()
+	for id, want := range map[string]string{"a1": "a1", "a2": "a1", "a3": "a1", "b1": "b1", "b2": "b1"} {
+		if k, err := s.KeyByID(ctx, id); err != nil || k.ChainID != want {
+			t.Errorf("key %s: chain %q, %v; want %q", id, k.ChainID, err, want)
+		}
+	}
+}
+
 // TestConcurrentRotations: 20 rotations of one key at once: one wins, the others get
 // ErrNotRotatable, and two keys are live.
 func TestConcurrentRotations(t *testing.T) {
@@ -137,7 +211,7 @@ func TestConcurrentRotations(t *testing.T) {
 	}
 }
 
-func TestKeySpentAndUsageByDay(t *testing.T) {
+func TestChainSpentAndUsageByDay(t *testing.T) {
 	ctx := context.Background()
 	clock := newTestClock()
 	s, _ := openWithUser(t, clock)
@@ -151,12 +225,21 @@ func TestKeySpentAndUsageByDay(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// ka and its successor ka2 are one chain; kb another.
+	for _, id := range []string{"ka", "kb"} {
+		if err := s.CreateKey(ctx, testKey(id, id, day1)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := s.RotateKey(ctx, "ka", testKey("ka2", "ka2", day1), day1, day1.Add(48*time.Hour)); err != nil {
+		t.Fatal(err)
+	}
 	settle("ka", "m1", 1*c)
 	settle("ka", "m2", 2*c)
 	settle("kb", "m1", 4*c)
 	clock.Advance(24 * time.Hour)
 	day2 := clock.Now()
-	settle("ka", "m1", 8*c)
+	settle("ka2", "m1", 8*c)
 	settle("", "m1", 16*c)
 
 	for _, tc := range []struct {
@@ -166,20 +249,21 @@ func TestKeySpentAndUsageByDay(t *testing.T) {
 	}{
 		{"ka", time.Time{}, 11 * c},
 		{"ka", day2, 8 * c},
+		{"ka2", time.Time{}, 0}, // a chain is named by its first key
 		{"kb", time.Time{}, 4 * c},
 		{"kb", day2, 0},
 		{"nobody", time.Time{}, 0},
 	} {
-		if got, err := s.KeySpent(ctx, tc.key, tc.since); err != nil || got != tc.want {
-			t.Errorf("KeySpent(%s, %s) = %s, %v; want %s", tc.key, tc.since, got, err, tc.want)
+		if got, err := s.ChainSpent(ctx, tc.key, tc.since); err != nil || got != tc.want {
+			t.Errorf("ChainSpent(%s, %s) = %s, %v; want %s", tc.key, tc.since, got, err, tc.want)
 		}
 	}
 	entries, err := s.Entries(ctx, account, 1)
 	if err != nil || len(entries) != 1 || entries[0].Usage == nil || entries[0].Usage.KeyID != "" {
 		t.Errorf("newest entry %+v, %v", entries, err)
 	}
-	if entries, _ := s.Entries(ctx, account, 2); entries[1].Usage.KeyID != "ka" {
-		t.Errorf("settle entry key %q, want ka", entries[1].Usage.KeyID)
+	if entries, _ := s.Entries(ctx, account, 2); entries[1].Usage.KeyID != "ka2" {
+		t.Errorf("settle entry key %q, want ka2", entries[1].Usage.KeyID)
 	}
 
 	usage, err := s.UsageByDay(ctx, account, day1.Add(-time.Hour))
