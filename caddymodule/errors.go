@@ -22,6 +22,9 @@ var (
 	errTooLarge          = errors.New("request body too large")
 	errNoOutput          = errors.New("backend failed before sending a response")
 	errUpstreamTimeout   = errors.New("backend did not answer in time")
+	// errOriginNotAllowed: a browser page on an origin the configuration does not allow sent
+	// an inference request it could send without a CORS preflight (checkOrigin).
+	errOriginNotAllowed = errors.New("this origin may not call the gateway: list it in allowed_origins")
 )
 
 // badRequest is a 400 invalid_request naming the parameter at fault.
@@ -117,6 +120,8 @@ func errorResponse(err error) *apiError {
 		bearer()
 	case errors.Is(err, identity.ErrIPNotAllowed):
 		set(http.StatusForbidden, "ip_not_allowed", "permission_error")
+	case errors.Is(err, errOriginNotAllowed):
+		set(http.StatusForbidden, "origin_not_allowed", "permission_error")
 	case errors.Is(err, errInvalidToken):
 		set(http.StatusUnauthorized, "invalid_token", "authentication_error")
 		e.Message = "invalid token"

@@ -184,16 +184,7 @@ func upstreamErrorKind(err error, aw *attemptWriter) string {
 func (ex *exchange) commit(hdr http.Header, status int) {
 	c := ex.choice
 	h := ex.w.Header()
-	for k, v := range hdr {
-		switch k {
-		case "Set-Cookie", "Content-Length", "Alt-Svc", "Server":
-			continue
-		}
-		if ex.limits != nil && rateLimitFields[k] {
-			continue // the gateway's own rate limits are reported, not the backend's
-		}
-		h[k] = v
-	}
+	copyBackendHeaders(h, hdr, ex.limits != nil)
 	h.Set("X-Gateway-Model", c.Model.Name)
 	h.Set("X-Gateway-Backend", c.BackendName)
 	ct := strings.ToLower(hdr.Get("Content-Type"))
@@ -483,6 +474,7 @@ func stripCredentials(h http.Header) {
 	for _, k := range credentialHeaders {
 		h.Del(k)
 	}
+	stripClientContext(h)
 }
 
 type readCloser struct{ *bytes.Reader }

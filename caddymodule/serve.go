@@ -192,6 +192,11 @@ func (c *caller) allowedModel() func(string) bool {
 // before anything was written is answered by ServeHTTP.
 func (ex *exchange) run() error {
 	g, r := ex.g, ex.r
+	if ex.ep != epModels && ex.ep != epTags {
+		if err := g.checkOrigin(r); err != nil {
+			return err
+		}
+	}
 	who, err := g.identify(r)
 	if err != nil {
 		return err
