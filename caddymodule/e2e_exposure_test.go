@@ -214,3 +214,140 @@ func TestForeignOriginSimpleRequestRefused(t *testing.T) {
 	}
 	e.checkAllAccounts(0)
 }
+
+// TestErrorShapePerSurface: on /api/* every gateway error is Ollama's shape, error a string
+// (ollama-js shows an object as "[object Object]") with code and details beside it; the same
+// refusals on /v1/* keep the OpenAI shape (API.md §5).
+func TestErrorShapePerSurface(t *testing.T) {
+	e := startGateway(t, setup{
+		gateway: `
+		max_request_body 2KB
+		failover 1
+		allowed_origins http://app.example
+		rate_limits {
+			default_tier roomy
+			tier roomy {
+				requests_per_minute 1000
+			}
+			tier tight {
+				requests_per_minute 1
+			}
+		}
+		backend ollama {
+			url {mock.ollama}
+			style ollama
+			health_check {
+				disabled
+			}
+			model m {
+				input_price 100
+				output_price 200
+			}
+		}
+		backend oai {
+			url {mock.oai}
+			health_check {
+				disabled
+			}
+			model m {
+				input_price 100
+				output_price 200
+			}
+		}
+		backend gone {
+			url {closed}
+			style ollama
+			dial_timeout 1s
+			health_check {
+				disabled
+			}
+			model m-gone {
+				input_price 1
+				output_price 1
+			}
+		}
+		backend gone-oai {
+			url {closed2}
+			dial_timeout 1s
+			health_check {
+				disabled
+			}
+			model m-gone {
+				input_price 1
+				output_price 1
+			}
+		}`,
+		mocks: []mockSpec{{key: "ollama", lines: "models m m-gone"}, {key: "oai", lines: "models m m-gone"}},
+	})
+	u, k := e.userWithKey("shape@example.com", "10")
+	poor, _ := e.userWithKey("poor@example.com", "0.000001")
+	poorKey := e.createKey(poor.ID, map[string]any{"name": "poor"})
+	scoped := e.createKey(u.ID, map[string]any{"name": "models", "scopes": []string{"models:read"}})
+	limited, _ := e.userWithKey("limited@example.com", "10")
+	tight := e.createKey(limited.ID, map[string]any{"name": "tight", "rate_limit_tier": "tight"})
+	auth := bearer(k.Key)
+	chat := `{"model":"m","messages":[{"role":"user","content":"hi"}]}`
+	// The tight key's one request a minute, spent before the table.
+	if r := e.post("/api/chat", chat, bearer(tight.Key)); r.status != http.StatusOK {
+		t.Fatalf("the tight key's first request: %s", r)
+	}
+	cases := []struct {
+		name, method, body string
+		hdr                map[string]string
+		status             int
+		code               string
+	}{
+		{"bad json", "POST", `{"model":`, auth, 400, "invalid_request"},
+		{"no credentials", "POST", chat, nil, 401, "missing_api_key"},
+		{"bad key", "POST", chat, bearer(flipLast(k.Key)), 401, "invalid_api_key"},
+		{"no credits", "POST", chat, bearer(poorKey.Key), 402, "insufficient_credits"},
+		{"scope", "POST", chat, bearer(scoped.Key), 403, "insufficient_scope"},
+		{"foreign origin", "POST", chat, map[string]string{"Origin": "http://evil.example", "Content-Type": "text/plain"}, 403, "origin_not_allowed"},
+		{"unknown model", "POST", `{"model":"nope","messages":[{"role":"user","content":"hi"}]}`, auth, 404, "model_not_found"},
+		{"method", "GET", "", auth, 405, "method_not_allowed"},
+		{"too large", "POST", `{"model":"m","messages":[{"role":"user","content":"` + strings.Repeat("x", 4096) + `"}]}`, auth, 413, "request_too_large"},
+		{"rate limited", "POST", chat, bearer(tight.Key), 429, "rate_limit_exceeded"},
+		{"backend down", "POST", `{"model":"m-gone","messages":[{"role":"user","content":"hi"}]}`, auth, 502, "upstream_error"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			var body any
+			if c.body != "" {
+				body = c.body
+			}
+			r := e.request(c.method, e.gw+"/api/chat", body, c.hdr)
+			if r.status != c.status {
+				t.Fatalf("/api/chat: want %d, got %s", c.status, r)
+			}
+			if ct := r.header.Get("Content-Type"); !strings.HasPrefix(ct, "application/json") {
+				t.Errorf("/api/chat: Content-Type %q", ct)
+			}
+			m := r.object(t)
+			if msg, ok := m["error"].(string); !ok || msg == "" {
+				t.Errorf("/api/chat: error is not a message string: %s", r)
+			}
+			if m["code"] != c.code {
+				t.Errorf("/api/chat: code %v, want %s", m["code"], c.code)
+			}
+			if _, ok := m["success"]; ok {
+				t.Errorf("/api/chat: the OpenAI envelope leaked: %s", r)
+			}
+			if c.status == 402 {
+				if d, _ := m["details"].(map[string]any); d["required"] == nil {
+					t.Errorf("/api/chat: 402 without details.required: %s", r)
+				}
+			}
+			// The same refusal on the OpenAI surface keeps its shape.
+			r = e.request(c.method, e.gw+"/v1/chat/completions", body, c.hdr)
+			errorOf(t, r, c.status, c.code)
+			if _, ok := r.object(t)["error"].(map[string]any); !ok {
+				t.Errorf("/v1/chat/completions: error is not an object: %s", r)
+			}
+		})
+	}
+	// The Ollama catalog route too.
+	r := e.request(http.MethodGet, e.gw+"/api/tags", nil, bearer(flipLast(k.Key)))
+	if msg, ok := r.object(t)["error"].(string); r.status != 401 || !ok || msg == "" {
+		t.Errorf("/api/tags with a bad key: %s", r)
+	}
+}

@@ -219,8 +219,9 @@ func oauthErrorFor(err error) *oauthError {
 	}
 }
 
-// writeError writes err as the JSON error of API.md §5.
-func writeError(w http.ResponseWriter, err error) *apiError {
+// writeError writes err as the JSON error of API.md §5, in the shape the client of r's path
+// reads (errorShapeOf).
+func writeError(w http.ResponseWriter, r *http.Request, err error) *apiError {
 	e := errorResponse(err)
 	h := w.Header()
 	for k, v := range e.headers {
@@ -229,11 +230,60 @@ func writeError(w http.ResponseWriter, err error) *apiError {
 	h.Set("Content-Type", "application/json")
 	h.Set("Cache-Control", "no-store")
 	h.Del("Content-Length")
-	body, _ := json.Marshal(struct {
-		Success bool      `json:"success"`
-		Error   *apiError `json:"error"`
-	}{false, e})
+	var body []byte
+	switch errorShapeOf(r.URL.Path) {
+	case shapeOllama:
+		body, _ = json.Marshal(struct {
+			Error   string         `json:"error"`
+			Code    string         `json:"code"`
+			Param   *string        `json:"param,omitempty"`
+			Details map[string]any `json:"details,omitempty"`
+		}{e.Message, e.Code, e.Param, e.Details})
+	case shapeAnthropic:
+		type inner struct {
+			Type    string `json:"type"`
+			Message string `json:"message"`
+		}
+		body, _ = json.Marshal(struct {
+			Type    string         `json:"type"`
+			Error   inner          `json:"error"`
+			Code    string         `json:"code"`
+			Details map[string]any `json:"details,omitempty"`
+		}{"error", inner{e.Type, e.Message}, e.Code, e.Details})
+	default:
+		body, _ = json.Marshal(struct {
+			Success bool      `json:"success"`
+			Error   *apiError `json:"error"`
+		}{false, e})
+	}
 	w.WriteHeader(e.status)
 	_, _ = w.Write(append(body, '\n'))
 	return e
+}
+
+// errorShape is the JSON error body a family of clients reads.
+type errorShape int
+
+const (
+	// shapeOpenAI: {"success": false, "error": {"code", "type", "message", "param", "details"}}
+	// (OpenAI SDKs read error.message; the generic seed's clients read success).
+	shapeOpenAI errorShape = iota
+	// shapeOllama: {"error": "<message>", "code", "details"}: Ollama clients read error as a
+	// string (ollama-js shows an object as "[object Object]").
+	shapeOllama
+	// shapeAnthropic: {"type": "error", "error": {"type", "message"}, "code", "details"}.
+	shapeAnthropic
+)
+
+// errorShapeOf is the error shape of a request path: Ollama's on /api/*, Anthropic's on
+// /v1/messages*, OpenAI's elsewhere (the admin API included).
+func errorShapeOf(path string) errorShape {
+	switch {
+	case strings.HasPrefix(path, "/api/"):
+		return shapeOllama
+	case path == "/v1/messages" || strings.HasPrefix(path, "/v1/messages/"):
+		return shapeAnthropic
+	default:
+		return shapeOpenAI
+	}
 }

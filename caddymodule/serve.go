@@ -45,7 +45,7 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	if r.Method != ep.method() {
 		w.Header().Set("Allow", ep.method()+", OPTIONS")
-		writeError(w, &statusError{http.StatusMethodNotAllowed, "use " + ep.method() + " on " + r.URL.Path})
+		writeError(w, r, &statusError{http.StatusMethodNotAllowed, "use " + ep.method() + " on " + r.URL.Path})
 		return nil
 	}
 	ex := &exchange{g: g, ep: ep, w: w, r: r, start: time.Now()}
@@ -58,7 +58,7 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	err := ex.run()
 	if err != nil {
 		ex.peekLimitHeaders()
-		e := writeError(w, err)
+		e := writeError(w, r, err)
 		ex.outcome = e.Code
 		if e.status == http.StatusPaymentRequired {
 			g.metrics.insufficient.WithLabelValues(ex.authKind()).Inc()
