@@ -351,3 +351,87 @@ func TestErrorShapePerSurface(t *testing.T) {
 		t.Errorf("/api/tags with a bad key: %s", r)
 	}
 }
+
+// TestUnknownGatewayRoutesAnswerJSON: every path under /v1/ and /api/ the gateway does not
+// serve answers the contract's JSON error in its surface's shape (404 not_found, or 501
+// not_implemented for an API of a surface it speaks but does not serve yet), with CORS for an
+// allowed origin, instead of the site's plain-text 404; the sign-in routes under /api/ and
+// elsewhere keep working, and paths outside the prefixes still reach the next handler.
+func TestUnknownGatewayRoutesAnswerJSON(t *testing.T) {
+	e := startGateway(t, setup{
+		gateway: `
+		allowed_origins http://app.example
+		signin {
+			issuer {gw}
+		}` + backendBlock("oai", "oai", "m", "100", "200"),
+		mocks: []mockSpec{{key: "oai", lines: "models m"}},
+	})
+	_, k := e.userWithKey("routes@example.com", "10")
+	for _, c := range []struct {
+		method, path string
+		status       int
+		code         string
+		shape        string // "openai", "ollama" or "anthropic"
+	}{
+		{"POST", "/v1/responses", 501, "not_implemented", "openai"},
+		{"GET", "/v1/responses/resp_1", 501, "not_implemented", "openai"},
+		{"POST", "/v1/completions", 501, "not_implemented", "openai"},
+		{"POST", "/v1/audio/speech", 501, "not_implemented", "openai"},
+		{"POST", "/v1/images/generations", 501, "not_implemented", "openai"},
+		{"POST", "/v1/messages", 501, "not_implemented", "anthropic"},
+		{"POST", "/v1/messages/count_tokens", 501, "not_implemented", "anthropic"},
+		{"POST", "/api/embed", 501, "not_implemented", "ollama"},
+		{"POST", "/api/embeddings", 501, "not_implemented", "ollama"},
+		{"POST", "/v1/nonsense", 404, "not_found", "openai"},
+		{"GET", "/v1/", 404, "not_found", "openai"},
+		{"POST", "/v1/chat/completions/", 404, "not_found", "openai"},
+		{"POST", "/v1/completionsX", 404, "not_found", "openai"},
+		{"GET", "/api/nonsense", 404, "not_found", "ollama"},
+		{"DELETE", "/api/pull", 404, "not_found", "ollama"},
+	} {
+		r := e.request(c.method, e.gw+c.path, `{}`, map[string]string{"Authorization": "Bearer " + k.Key, "Origin": "http://app.example"})
+		if r.status != c.status {
+			t.Errorf("%s %s: want %d, got %s", c.method, c.path, c.status, r)
+			continue
+		}
+		if ct := r.header.Get("Content-Type"); !strings.HasPrefix(ct, "application/json") {
+			t.Errorf("%s %s: Content-Type %q", c.method, c.path, ct)
+		}
+		if r.header.Get("Access-Control-Allow-Origin") != "http://app.example" {
+			t.Errorf("%s %s: no CORS for the allowed origin, the browser cannot read the error", c.method, c.path)
+		}
+		m := r.object(t)
+		switch c.shape {
+		case "openai":
+			errorOf(t, r, c.status, c.code)
+		case "ollama":
+			if msg, _ := m["error"].(string); msg == "" || m["code"] != c.code {
+				t.Errorf("%s %s: not Ollama's shape: %s", c.method, c.path, r)
+			}
+		case "anthropic":
+			eo, _ := m["error"].(map[string]any)
+			if m["type"] != "error" || eo == nil || eo["message"] == "" || eo["type"] == "" || m["code"] != c.code {
+				t.Errorf("%s %s: not Anthropic's shape: %s", c.method, c.path, r)
+			}
+		}
+	}
+	// The sign-in routes (one of them under /api/) and the gateway's own routes still work.
+	for _, c := range []struct {
+		method, path string
+		status       int
+	}{
+		{"GET", "/.well-known/oauth-authorization-server", 200},
+		{"GET", "/auth/login", 200},
+		{"GET", "/api/third-party/auth", 400},
+		{"GET", "/v1/models", 200},
+	} {
+		r := e.request(c.method, e.gw+c.path, nil, bearer(k.Key))
+		if r.status != c.status {
+			t.Errorf("%s %s: want %d, got %s", c.method, c.path, c.status, r)
+		}
+	}
+	// Outside the prefixes the next handler answers (the site's own 404).
+	if r := e.request(http.MethodGet, e.gw+"/elsewhere", nil, nil); r.status != http.StatusNotFound || strings.HasPrefix(r.header.Get("Content-Type"), "application/json") {
+		t.Errorf("GET /elsewhere: %s %q", r, r.header.Get("Content-Type"))
+	}
+}

@@ -92,6 +92,7 @@ func errorResponse(err error) *apiError {
 		se *statusError
 		rl *rateLimited
 		tt *tooManyTokens
+		ur *unknownRoute
 	)
 	switch {
 	case errors.As(err, &br):
@@ -177,6 +178,12 @@ func errorResponse(err error) *apiError {
 		}
 		p := "model"
 		e.Param = &p
+	case errors.As(err, &ur):
+		if ur.notImplemented {
+			set(http.StatusNotImplemented, "not_implemented", "invalid_request_error")
+		} else {
+			set(http.StatusNotFound, "not_found", "invalid_request_error")
+		}
 	case errors.Is(err, identity.ErrNotFound), errors.Is(err, errRouteAbsent):
 		set(http.StatusNotFound, "not_found", "invalid_request_error")
 		e.Message = "not found"

@@ -34,6 +34,12 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 			h(g, w, r)
 			return nil
 		}
+		if u := unservedRoute(r); u != nil {
+			if !g.cors(w, r) {
+				writeError(w, r, u)
+			}
+			return nil
+		}
 		return next.ServeHTTP(w, r)
 	}
 	if g.cors(w, r) {
