@@ -3,6 +3,7 @@ package caddymodule_test
 import (
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"net/url"
 	"os"
@@ -19,49 +20,9 @@ import (
 // store) lets a newcomer without account or key chat with "cheapest" on anonymous credits
 // until a 402 sends them to sign in (API.md §1).
 func TestMakeRunNewcomerCurl(t *testing.T) {
-	raw, err := os.ReadFile("../Caddyfile.example")
-	if err != nil {
-		t.Fatalf("reading Caddyfile.example: %v", err)
-	}
-	dir := t.TempDir()
-	t.Setenv("XDG_CONFIG_HOME", filepath.Join(dir, "config"))
-	t.Setenv("XDG_DATA_HOME", filepath.Join(dir, "data"))
-	text := string(raw)
-	// Every port of the example moves to a free one; the store and the logs move to dir.
-	ports := map[string]int{}
-	text = regexp.MustCompile(`(localhost|127\.0\.0\.1):(\d{2,5})\b`).ReplaceAllStringFunc(text, func(m string) string {
-		host, port, _ := strings.Cut(m, ":")
-		if _, ok := ports[port]; !ok {
-			ports[port] = freePort(t)
-		}
-		return fmt.Sprintf("%s:%d", host, ports[port])
-	})
-	text = strings.ReplaceAll(text, "./data/", dir+"/")
-	accessLog := filepath.Join(dir, "access.log")
-	text = regexp.MustCompile(`(?m)^(\s*)log \{$`).ReplaceAllString(text, "${1}log {\n${1}\toutput file "+accessLog)
-	text = regexp.MustCompile(`(?m)^(\s*)log$`).ReplaceAllString(text, "${1}log {\n${1}\toutput file "+accessLog+"\n${1}}")
-	text = strings.Replace(text, "{\n", "{\n\tlog {\n\t\toutput file "+filepath.Join(dir, "caddy.log")+"\n\t}\n\tpersist_config off\n", 1)
-	gwPort, ok := ports["8080"]
-	if !ok {
-		t.Fatalf("Caddyfile.example no longer serves on port 8080:\n%s", raw)
-	}
-	adminPort, ok := ports["2019"]
-	if !ok {
-		t.Fatalf("Caddyfile.example no longer has its admin endpoint on 2019")
-	}
-	if err := caddy.Load(adapt(t, text), true); err != nil {
-		t.Fatalf("loading Caddyfile.example: %v\n%s", err, text)
-	}
-	t.Cleanup(func() { _ = caddy.Stop() })
-	e := &env{t: t, dir: dir, mockPorts: map[string]int{}, admin: fmt.Sprintf("http://localhost:%d", adminPort), gw: fmt.Sprintf("http://localhost:%d", gwPort),
-		client: &http.Client{Timeout: 30 * time.Second}, dbPath: filepath.Join(dir, "gateway.db")}
-	e.waitAdmin()
-	// The example's mock backends (their sites are the ones answering /mock/stats).
-	for port, p := range ports {
-		if port != "8080" && port != "2019" && port != "3000" {
-			e.mockPorts[port] = p
-		}
-	}
+	e, ports := startExample(t)
+	gwPort := ports["8080"]
+	dir := e.dir
 
 	// The newcomer's curl, as API.md §1 gives it.
 	curl := `{"model":"cheapest","messages":[{"role":"user","content":"hi"}]}`
@@ -149,6 +110,86 @@ func TestMakeRunNewcomerCurl(t *testing.T) {
 		}
 		if n := strings.Count(string(b), k.Key[strings.LastIndexByte(k.Key, '_')+1:]); n > 0 {
 			t.Errorf("%s of the shipped configuration holds the API key's secret %d times", name, n)
+		}
+	}
+}
+
+// startExample runs Caddyfile.example as shipped, with every port moved to a free one (ports maps
+// the example's port to the one used) and the store and logs in a temp dir; it stops it when the
+// test ends.
+func startExample(t *testing.T) (*env, map[string]int) {
+	raw, err := os.ReadFile("../Caddyfile.example")
+	if err != nil {
+		t.Fatalf("reading Caddyfile.example: %v", err)
+	}
+	dir := t.TempDir()
+	t.Setenv("XDG_CONFIG_HOME", filepath.Join(dir, "config"))
+	t.Setenv("XDG_DATA_HOME", filepath.Join(dir, "data"))
+	text := string(raw)
+	// Every port of the example moves to a free one; the store and the logs move to dir.
+	ports := map[string]int{}
+	text = regexp.MustCompile(`(localhost|127\.0\.0\.1|//):(\d{2,5})\b`).ReplaceAllStringFunc(text, func(m string) string {
+		host, port, _ := strings.Cut(m, ":")
+		if _, ok := ports[port]; !ok {
+			ports[port] = freePort(t)
+		}
+		return fmt.Sprintf("%s:%d", host, ports[port])
+	})
+	text = strings.ReplaceAll(text, "./data/", dir+"/")
+	accessLog := filepath.Join(dir, "access.log")
+	text = regexp.MustCompile(`(?m)^(\s*)log \{$`).ReplaceAllString(text, "${1}log {\n${1}\toutput file "+accessLog)
+	text = regexp.MustCompile(`(?m)^(\s*)log$`).ReplaceAllString(text, "${1}log {\n${1}\toutput file "+accessLog+"\n${1}}")
+	text = strings.Replace(text, "{\n", "{\n\tlog {\n\t\toutput file "+filepath.Join(dir, "caddy.log")+"\n\t}\n\tpersist_config off\n", 1)
+	gwPort, ok := ports["8080"]
+	if !ok {
+		t.Fatalf("Caddyfile.example no longer serves on port 8080:\n%s", raw)
+	}
+	adminPort, ok := ports["2019"]
+	if !ok {
+		t.Fatalf("Caddyfile.example no longer has its admin endpoint on 2019")
+	}
+	if err := caddy.Load(adapt(t, text), true); err != nil {
+		t.Fatalf("loading Caddyfile.example: %v\n%s", err, text)
+	}
+	t.Cleanup(func() { _ = caddy.Stop() })
+	e := &env{t: t, dir: dir, mockPorts: map[string]int{}, admin: fmt.Sprintf("http://localhost:%d", adminPort), gw: fmt.Sprintf("http://localhost:%d", gwPort),
+		client: &http.Client{Timeout: 30 * time.Second}, dbPath: filepath.Join(dir, "gateway.db")}
+	e.waitAdmin()
+	// The example's mock backends (their sites are the ones answering /mock/stats).
+	for port, p := range ports {
+		if port != "8080" && port != "2019" && port != "3000" {
+			e.mockPorts[port] = p
+		}
+	}
+	return e, ports
+}
+
+// TestExampleServesItsHosts: the shipped configuration answers the gateway by both names its
+// allowed_origins use (localhost and 127.0.0.1), and any other Host fails loudly with a JSON
+// 421, never with Caddy's empty 200 (which the openai SDK reads as an empty completion).
+func TestExampleServesItsHosts(t *testing.T) {
+	e, ports := startExample(t)
+	byIP := fmt.Sprintf("http://127.0.0.1:%d", ports["8080"])
+	curl := `{"model":"cheapest","messages":[{"role":"user","content":"hi"}]}`
+	poll(t, 20*time.Second, "a chat answer on 127.0.0.1", func() (bool, string) {
+		r := e.request(http.MethodPost, byIP+"/v1/chat/completions", curl, nil)
+		return r.status == http.StatusOK && r.header.Get("X-Credits-Charged") != "", r.String()
+	})
+	if r := e.request(http.MethodGet, byIP+"/v1/models", nil, nil); r.status != http.StatusOK || r.object(t)["object"] != "list" {
+		t.Errorf("GET /v1/models on 127.0.0.1: %s", r)
+	}
+	for _, host := range []string{"evil.example", fmt.Sprintf("gateway.example:%d", ports["8080"]), "[::1]"} {
+		for _, path := range []string{"/v1/chat/completions", "/", "/api/chat"} {
+			req := e.newRequest(t.Context(), http.MethodPost, byIP+path, curl, nil)
+			req.Host = host
+			resp, err := e.client.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			r := &response{status: resp.StatusCode, header: resp.Header, body: b}
+			errorOf(t, r, http.StatusMisdirectedRequest, "misdirected_request")
 		}
 	}
 }
