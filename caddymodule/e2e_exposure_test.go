@@ -435,3 +435,22 @@ func TestUnknownGatewayRoutesAnswerJSON(t *testing.T) {
 		t.Errorf("GET /elsewhere: %s %q", r, r.header.Get("Content-Type"))
 	}
 }
+
+// TestBackendQueryKeptClientQueryDropped: a backend URL's own query (Azure's api-version) is
+// sent on every request, under its path prefix; the client's query string never reaches the
+// backend, nor overrides the backend's parameters.
+func TestBackendQueryKeptClientQueryDropped(t *testing.T) {
+	b := newExposedBackend(t)
+	e := exposedGateway(t, b, "")
+	chat := `{"model":"m","messages":[{"role":"user","content":"hi"}]}`
+	for _, q := range []string{"", "?foo=bar", "?api-version=evil&stream=true", "?x=%2F..%2F&user=someone"} {
+		if r := e.post("/v1/chat/completions"+q, chat, nil); r.status != http.StatusOK {
+			t.Fatalf("query %q: %s", q, r)
+		}
+		reqs := b.requests()
+		got := reqs[len(reqs)-1].URL
+		if got.Path != "/base/v1/chat/completions" || got.RawQuery != "api-version=2024-10-21" {
+			t.Errorf("client query %q: the backend got %s, want /base/v1/chat/completions?api-version=2024-10-21", q, got)
+		}
+	}
+}

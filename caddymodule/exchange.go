@@ -96,6 +96,7 @@ func (ex *exchange) proxy() error {
 		req.URL = cloneURL(ex.r.URL)
 		req.URL.Path = b.base + ex.r.URL.Path
 		req.URL.RawPath = ""
+		req.URL.RawQuery = upstreamQuery(b, ex.ep, ex.r.URL.Query())
 		req.Body = readCloser{bytes.NewReader(body)}
 		req.ContentLength = int64(len(body))
 		// The request's own header map: it is this handler's to change (Caddy's access log

@@ -2,6 +2,7 @@ package caddymodule
 
 import (
 	"net/http"
+	"net/url"
 	"strings"
 )
 
@@ -62,4 +63,33 @@ func unservedRoute(r *http.Request) *unknownRoute {
 		}
 	}
 	return e
+}
+
+// passedQuery names, per endpoint, the parameters of the client's query string a backend gets
+// (none yet: chat, embeddings and the Ollama routes take everything in the body). A surface whose
+// API defines query parameters lists them here.
+var passedQuery = map[endpoint][]string{}
+
+// upstreamQuery is the query string of a request to backend b: the backend URL's own query
+// (e.g. Azure's api-version), then the client's parameters its endpoint passes on, unless the
+// backend's query sets them already.
+func upstreamQuery(b *Backend, ep endpoint, client url.Values) string {
+	names := passedQuery[ep]
+	if len(names) == 0 {
+		return b.query
+	}
+	own, _ := url.ParseQuery(b.query)
+	q := b.query
+	for _, n := range names {
+		if own.Has(n) {
+			continue
+		}
+		for _, v := range client[n] {
+			if q != "" {
+				q += "&"
+			}
+			q += url.QueryEscape(n) + "=" + url.QueryEscape(v)
+		}
+	}
+	return q
 }
