@@ -279,6 +279,7 @@ func (g *Gateway) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return err
 	}
+	g.initMetricLabels()
 	activeGateways.add(g)
 	return nil
 }
