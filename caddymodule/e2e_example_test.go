@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -40,10 +41,11 @@ func TestMakeRunNewcomerCurl(t *testing.T) {
 	if charged := amountOf(t, r.header.Get("X-Credits-Charged")); charged <= 0 {
 		t.Errorf("the first answer charged %s", charged)
 	}
-	// ... until the anonymous credits run out.
+	// ... until the anonymous credits run out: long answers (X-Mock-Completion-Tokens) spend
+	// them within the anonymous tier's rate limits.
 	var last *response
-	for i := 0; i < 500 && last == nil; i++ {
-		r := e.post("/v1/chat/completions", curl, nil)
+	for i := 0; i < 50 && last == nil; i++ {
+		r := e.post("/v1/chat/completions", curl, map[string]string{"X-Mock-Completion-Tokens": "200"})
 		switch r.status {
 		case http.StatusOK:
 		case http.StatusPaymentRequired:
@@ -53,7 +55,7 @@ func TestMakeRunNewcomerCurl(t *testing.T) {
 		}
 	}
 	if last == nil {
-		t.Fatalf("no 402 after 500 requests")
+		t.Fatalf("no 402 after 50 requests")
 	}
 	errorOf(t, last, http.StatusPaymentRequired, "insufficient_credits")
 	loc := last.header.Get("Location")
@@ -216,4 +218,35 @@ func (e *env) mockTotal() int64 {
 		}
 	}
 	return n
+}
+
+// TestExampleRateLimited: the shipped configuration has the built-in rate limit tiers on,
+// anonymous callers included: their answers carry the X-RateLimit-* and RateLimit fields of the
+// free tier, as a keyed user's do.
+func TestExampleRateLimited(t *testing.T) {
+	e, _ := startExample(t)
+	curl := `{"model":"cheapest","messages":[{"role":"user","content":"hi"}]}`
+	var r *response
+	poll(t, 20*time.Second, "an anonymous chat answer", func() (bool, string) {
+		r = e.post("/v1/chat/completions", curl, nil)
+		return r.status == http.StatusOK, r.String()
+	})
+	check := func(who string, r *response, policies ...string) {
+		t.Helper()
+		for _, h := range []string{"X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset", "X-RateLimit-Policy", "RateLimit-Policy", "RateLimit"} {
+			if r.header.Get(h) == "" {
+				t.Errorf("%s: no %s on %s", who, h, r)
+			}
+		}
+		if got := r.header.Get("X-RateLimit-Policy"); !slices.Contains(policies, got) {
+			t.Errorf("%s: X-RateLimit-Policy %q, want one of the tier's %q", who, got, policies)
+		}
+	}
+	check("anonymous", r, "10;w=1", "60;w=60")
+	_, k := e.userWithKey("limited@example.com", "1")
+	r = e.post("/v1/chat/completions", curl, bearer(k.Key))
+	if r.status != http.StatusOK {
+		t.Fatalf("keyed chat: %s", r)
+	}
+	check("a user's key", r, "10;w=1", "60;w=60")
 }
