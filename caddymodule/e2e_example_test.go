@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -117,9 +118,9 @@ func TestMakeRunNewcomerCurl(t *testing.T) {
 }
 
 // startExample runs Caddyfile.example as shipped, with every port moved to a free one (ports maps
-// the example's port to the one used) and the store and logs in a temp dir; it stops it when the
-// test ends.
-func startExample(t *testing.T) (*env, map[string]int) {
+// the example's port to the one used) and the store and logs in a temp dir, after the edits if
+// any; it stops it when the test ends.
+func startExample(t *testing.T, edits ...func(string) string) (*env, map[string]int) {
 	raw, err := os.ReadFile("../Caddyfile.example")
 	if err != nil {
 		t.Fatalf("reading Caddyfile.example: %v", err)
@@ -128,6 +129,9 @@ func startExample(t *testing.T) (*env, map[string]int) {
 	t.Setenv("XDG_CONFIG_HOME", filepath.Join(dir, "config"))
 	t.Setenv("XDG_DATA_HOME", filepath.Join(dir, "data"))
 	text := string(raw)
+	for _, edit := range edits {
+		text = edit(text)
+	}
 	// Every port of the example moves to a free one; the store and the logs move to dir.
 	ports := map[string]int{}
 	text = regexp.MustCompile(`(localhost|127\.0\.0\.1|//):(\d{2,5})\b`).ReplaceAllStringFunc(text, func(m string) string {
@@ -249,4 +253,109 @@ func TestExampleRateLimited(t *testing.T) {
 		t.Fatalf("keyed chat: %s", r)
 	}
 	check("a user's key", r, "10;w=1", "60;w=60")
+}
+
+// TestExampleClosesSlowClients (RELIABILITY.md row 49): with the shipped server timeouts
+// (shortened to 2 s here), 50 clients trickling a body after Content-Length: 100000 and 20
+// trickling their headers are all closed within a few seconds, without a reservation or a
+// backend request; a normal request meanwhile answers at once, and a stream that lasts longer
+// than the read timeouts is not cut (there is no write timeout).
+func TestExampleClosesSlowClients(t *testing.T) {
+	e, ports := startExample(t, func(s string) string {
+		for _, d := range []string{"read_header", "read_body"} {
+			re := regexp.MustCompile(`(?m)^(\s*` + d + `) \S+$`)
+			if !re.MatchString(s) {
+				t.Fatalf("Caddyfile.example sets no %s timeout", d)
+			}
+			s = re.ReplaceAllString(s, "${1} 2s")
+		}
+		return s
+	})
+	curl := `{"model":"cheapest","messages":[{"role":"user","content":"hi"}]}`
+	_, k := e.userWithKey("slow@example.com", "10")
+	poll(t, 20*time.Second, "a chat answer", func() (bool, string) {
+		r := e.post("/v1/chat/completions", curl, bearer(k.Key))
+		return r.status == http.StatusOK, r.String()
+	})
+	before := e.mockTotal()
+	addr := fmt.Sprintf("127.0.0.1:%d", ports["8080"])
+	start := time.Now()
+	const slowBodies, slowHeaders = 50, 20
+	type end struct {
+		after  time.Duration
+		answer string
+		body   bool
+	}
+	closed := make(chan end, slowBodies+slowHeaders)
+	stop := make(chan struct{})
+	defer close(stop)
+	for i := range slowBodies + slowHeaders {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		first := "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{"
+		if i >= slowBodies {
+			first = "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nX-Slow: "
+		}
+		if _, err := c.Write([]byte(first)); err != nil {
+			t.Fatal(err)
+		}
+		// One byte every 200 ms, until the gateway closes the connection.
+		go func() {
+			tick := time.NewTicker(200 * time.Millisecond)
+			defer tick.Stop()
+			for {
+				select {
+				case <-stop:
+					return
+				case <-tick.C:
+					if _, err := c.Write([]byte(" ")); err != nil {
+						return
+					}
+				}
+			}
+		}()
+		go func() {
+			b, _ := io.ReadAll(c) // an answer (408), then EOF; or a reset
+			closed <- end{time.Since(start), string(b), i < slowBodies}
+		}()
+	}
+	// Meanwhile a normal request answers at once, and a stream outlives the read timeouts.
+	time.Sleep(500 * time.Millisecond)
+	t0 := time.Now()
+	if r := e.post("/v1/chat/completions", curl, bearer(k.Key)); r.status != http.StatusOK {
+		t.Errorf("a normal request beside the slow clients: %s", r)
+	} else if d := time.Since(t0); d > time.Second {
+		t.Errorf("a normal request beside the slow clients took %s", d)
+	}
+	streamDone := make(chan *response, 1)
+	go func() {
+		hdr := bearer(k.Key)
+		hdr["X-Mock-Chunks"], hdr["X-Mock-Chunk-Interval"] = "8", "400ms"
+		streamDone <- e.post("/v1/chat/completions", `{"model":"cheapest","stream":true,"messages":[{"role":"user","content":"hi"}]}`, hdr)
+	}()
+	deadline := time.After(8 * time.Second)
+	for range slowBodies + slowHeaders {
+		select {
+		case c := <-closed:
+			if c.after < time.Second {
+				t.Errorf("a slow client was closed after %s, before its read timeout", c.after)
+			}
+			if c.body && !strings.HasPrefix(c.answer, "HTTP/1.1 408 ") {
+				t.Errorf("a slow body was answered %q, want 408", truncate(c.answer, 300))
+			}
+		case <-deadline:
+			t.Fatalf("slow clients still connected %s after they started (read timeouts 2 s)", time.Since(start))
+		}
+	}
+	r := <-streamDone
+	if r.status != http.StatusOK || !strings.Contains(string(r.body), "[DONE]") {
+		t.Errorf("a stream of 3 s beside 2 s read timeouts: %s", r)
+	}
+	if got := e.mockTotal() - before; got != 2 {
+		t.Errorf("the backends got %d requests, want the 2 normal ones", got)
+	}
+	e.checkAllAccounts(0)
 }

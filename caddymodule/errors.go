@@ -22,6 +22,7 @@ var (
 	errTooLarge          = errors.New("request body too large")
 	errNoOutput          = errors.New("backend failed before sending a response")
 	errUpstreamTimeout   = errors.New("backend did not answer in time")
+	errBodyTimeout       = errors.New("the request body did not arrive in time")
 	// errOriginNotAllowed: a browser page on an origin the configuration does not allow sent
 	// an inference request it could send without a CORS preflight (checkOrigin).
 	errOriginNotAllowed = errors.New("this origin may not call the gateway: list it in allowed_origins")
@@ -103,6 +104,8 @@ func errorResponse(err error) *apiError {
 	case errors.Is(err, identity.ErrTwoCredentials):
 		set(http.StatusBadRequest, "invalid_request", "invalid_request_error")
 		e.Message = "send one credential per request"
+	case errors.Is(err, errBodyTimeout):
+		set(http.StatusRequestTimeout, "request_timeout", "invalid_request_error")
 	case errors.Is(err, errTooLarge):
 		set(http.StatusRequestEntityTooLarge, "request_too_large", "invalid_request_error")
 	case errors.Is(err, errMissingCredential):

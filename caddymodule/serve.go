@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/netip"
 	"net/url"
@@ -223,6 +224,9 @@ func (ex *exchange) run() error {
 	}
 	buf := bytes.NewBuffer(make([]byte, 0, max(r.ContentLength, 0)+bytes.MinRead))
 	if _, err := buf.ReadFrom(io.LimitReader(r.Body, g.MaxRequestBody+1)); err != nil {
+		if ne, ok := errors.AsType[net.Error](err); ok && ne.Timeout() {
+			return errBodyTimeout // the server's read timeout (timeouts read_body) passed
+		}
 		return invalid("", "reading the request body: %v", err)
 	}
 	body := buf.Bytes()
