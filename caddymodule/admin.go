@@ -53,7 +53,7 @@ var (
 func serveAdmin(w http.ResponseWriter, r *http.Request) error {
 	g := activeGateways.current()
 	if g == nil {
-		writeError(w, &statusError{http.StatusServiceUnavailable, errNoGateway.Error()})
+		writeError(w, r, &statusError{http.StatusServiceUnavailable, errNoGateway.Error()})
 		return nil
 	}
 	parts := strings.Split(strings.Trim(strings.TrimPrefix(r.URL.Path, "/llm_gateway/"), "/"), "/")
@@ -97,7 +97,7 @@ func serveAdmin(w http.ResponseWriter, r *http.Request) error {
 		err = errRouteAbsent
 	}
 	if err != nil {
-		writeError(w, err)
+		writeError(w, r, err)
 		return nil
 	}
 	body, _ := json.MarshalIndent(out, "", "  ")

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"net"
 	"net/url"
+	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -60,7 +61,11 @@ func reverseProxyConfig(b *Backend, u *url.URL) (json.RawMessage, error) {
 	if !hc.Disabled {
 		// Two failed checks in a row mark the backend down: the first check runs while Caddy
 		// is still starting, possibly before a backend in the same process listens.
-		active := map[string]any{"uri": b.base + hc.Path, "interval": hc.Interval, "timeout": hc.Timeout, "fails": 2}
+		uri := b.base + hc.Path
+		if b.query != "" && !strings.Contains(hc.Path, "?") {
+			uri += "?" + b.query
+		}
+		active := map[string]any{"uri": uri, "interval": hc.Interval, "timeout": hc.Timeout, "fails": 2}
 		if len(b.Headers) > 0 {
 			hdr := map[string][]string{}
 			for k, v := range b.Headers {

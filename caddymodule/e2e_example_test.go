@@ -3,11 +3,14 @@ package caddymodule_test
 import (
 	"encoding/json"
 	"fmt"
+	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -19,49 +22,9 @@ import (
 // store) lets a newcomer without account or key chat with "cheapest" on anonymous credits
 // until a 402 sends them to sign in (API.md §1).
 func TestMakeRunNewcomerCurl(t *testing.T) {
-	raw, err := os.ReadFile("../Caddyfile.example")
-	if err != nil {
-		t.Fatalf("reading Caddyfile.example: %v", err)
-	}
-	dir := t.TempDir()
-	t.Setenv("XDG_CONFIG_HOME", filepath.Join(dir, "config"))
-	t.Setenv("XDG_DATA_HOME", filepath.Join(dir, "data"))
-	text := string(raw)
-	// Every port of the example moves to a free one; the store and the logs move to dir.
-	ports := map[string]int{}
-	text = regexp.MustCompile(`(localhost|127\.0\.0\.1):(\d{2,5})\b`).ReplaceAllStringFunc(text, func(m string) string {
-		host, port, _ := strings.Cut(m, ":")
-		if _, ok := ports[port]; !ok {
-			ports[port] = freePort(t)
-		}
-		return fmt.Sprintf("%s:%d", host, ports[port])
-	})
-	text = strings.ReplaceAll(text, "./data/", dir+"/")
-	accessLog := filepath.Join(dir, "access.log")
-	text = regexp.MustCompile(`(?m)^(\s*)log \{$`).ReplaceAllString(text, "${1}log {\n${1}\toutput file "+accessLog)
-	text = regexp.MustCompile(`(?m)^(\s*)log$`).ReplaceAllString(text, "${1}log {\n${1}\toutput file "+accessLog+"\n${1}}")
-	text = strings.Replace(text, "{\n", "{\n\tlog {\n\t\toutput file "+filepath.Join(dir, "caddy.log")+"\n\t}\n\tpersist_config off\n", 1)
-	gwPort, ok := ports["8080"]
-	if !ok {
-		t.Fatalf("Caddyfile.example no longer serves on port 8080:\n%s", raw)
-	}
-	adminPort, ok := ports["2019"]
-	if !ok {
-		t.Fatalf("Caddyfile.example no longer has its admin endpoint on 2019")
-	}
-	if err := caddy.Load(adapt(t, text), true); err != nil {
-		t.Fatalf("loading Caddyfile.example: %v\n%s", err, text)
-	}
-	t.Cleanup(func() { _ = caddy.Stop() })
-	e := &env{t: t, dir: dir, mockPorts: map[string]int{}, admin: fmt.Sprintf("http://localhost:%d", adminPort), gw: fmt.Sprintf("http://localhost:%d", gwPort),
-		client: &http.Client{Timeout: 30 * time.Second}, dbPath: filepath.Join(dir, "gateway.db")}
-	e.waitAdmin()
-	// The example's mock backends (their sites are the ones answering /mock/stats).
-	for port, p := range ports {
-		if port != "8080" && port != "2019" && port != "3000" {
-			e.mockPorts[port] = p
-		}
-	}
+	e, ports := startExample(t)
+	gwPort := ports["8080"]
+	dir := e.dir
 
 	// The newcomer's curl, as API.md §1 gives it.
 	curl := `{"model":"cheapest","messages":[{"role":"user","content":"hi"}]}`
@@ -79,10 +42,11 @@ func TestMakeRunNewcomerCurl(t *testing.T) {
 	if charged := amountOf(t, r.header.Get("X-Credits-Charged")); charged <= 0 {
 		t.Errorf("the first answer charged %s", charged)
 	}
-	// ... until the anonymous credits run out.
+	// ... until the anonymous credits run out: long answers (X-Mock-Completion-Tokens) spend
+	// them within the anonymous tier's rate limits.
 	var last *response
-	for i := 0; i < 500 && last == nil; i++ {
-		r := e.post("/v1/chat/completions", curl, nil)
+	for i := 0; i < 50 && last == nil; i++ {
+		r := e.post("/v1/chat/completions", curl, map[string]string{"X-Mock-Completion-Tokens": "200"})
 		switch r.status {
 		case http.StatusOK:
 		case http.StatusPaymentRequired:
@@ -92,7 +56,7 @@ func TestMakeRunNewcomerCurl(t *testing.T) {
 		}
 	}
 	if last == nil {
-		t.Fatalf("no 402 after 500 requests")
+		t.Fatalf("no 402 after 50 requests")
 	}
 	errorOf(t, last, http.StatusPaymentRequired, "insufficient_credits")
 	loc := last.header.Get("Location")
@@ -153,6 +117,89 @@ func TestMakeRunNewcomerCurl(t *testing.T) {
 	}
 }
 
+// startExample runs Caddyfile.example as shipped, with every port moved to a free one (ports maps
+// the example's port to the one used) and the store and logs in a temp dir, after the edits if
+// any; it stops it when the test ends.
+func startExample(t *testing.T, edits ...func(string) string) (*env, map[string]int) {
+	raw, err := os.ReadFile("../Caddyfile.example")
+	if err != nil {
+		t.Fatalf("reading Caddyfile.example: %v", err)
+	}
+	dir := t.TempDir()
+	t.Setenv("XDG_CONFIG_HOME", filepath.Join(dir, "config"))
+	t.Setenv("XDG_DATA_HOME", filepath.Join(dir, "data"))
+	text := string(raw)
+	for _, edit := range edits {
+		text = edit(text)
+	}
+	// Every port of the example moves to a free one; the store and the logs move to dir.
+	ports := map[string]int{}
+	text = regexp.MustCompile(`(localhost|127\.0\.0\.1|//):(\d{2,5})\b`).ReplaceAllStringFunc(text, func(m string) string {
+		host, port, _ := strings.Cut(m, ":")
+		if _, ok := ports[port]; !ok {
+			ports[port] = freePort(t)
+		}
+		return fmt.Sprintf("%s:%d", host, ports[port])
+	})
+	text = strings.ReplaceAll(text, "./data/", dir+"/")
+	accessLog := filepath.Join(dir, "access.log")
+	text = regexp.MustCompile(`(?m)^(\s*)log \{$`).ReplaceAllString(text, "${1}log {\n${1}\toutput file "+accessLog)
+	text = regexp.MustCompile(`(?m)^(\s*)log$`).ReplaceAllString(text, "${1}log {\n${1}\toutput file "+accessLog+"\n${1}}")
+	text = strings.Replace(text, "{\n", "{\n\tlog {\n\t\toutput file "+filepath.Join(dir, "caddy.log")+"\n\t}\n\tpersist_config off\n", 1)
+	gwPort, ok := ports["8080"]
+	if !ok {
+		t.Fatalf("Caddyfile.example no longer serves on port 8080:\n%s", raw)
+	}
+	adminPort, ok := ports["2019"]
+	if !ok {
+		t.Fatalf("Caddyfile.example no longer has its admin endpoint on 2019")
+	}
+	if err := caddy.Load(adapt(t, text), true); err != nil {
+		t.Fatalf("loading Caddyfile.example: %v\n%s", err, text)
+	}
+	t.Cleanup(func() { _ = caddy.Stop() })
+	e := &env{t: t, dir: dir, mockPorts: map[string]int{}, admin: fmt.Sprintf("http://localhost:%d", adminPort), gw: fmt.Sprintf("http://localhost:%d", gwPort),
+		client: &http.Client{Timeout: 30 * time.Second}, dbPath: filepath.Join(dir, "gateway.db")}
+	e.waitAdmin()
+	// The example's mock backends (their sites are the ones answering /mock/stats).
+	for port, p := range ports {
+		if port != "8080" && port != "2019" && port != "3000" {
+			e.mockPorts[port] = p
+		}
+	}
+	return e, ports
+}
+
+// TestExampleServesItsHosts: the shipped configuration answers the gateway by both names its
+// allowed_origins use (localhost and 127.0.0.1), and any other Host fails loudly with a JSON
+// 421, never with Caddy's empty 200 (which the openai SDK reads as an empty completion).
+func TestExampleServesItsHosts(t *testing.T) {
+	e, ports := startExample(t)
+	byIP := fmt.Sprintf("http://127.0.0.1:%d", ports["8080"])
+	curl := `{"model":"cheapest","messages":[{"role":"user","content":"hi"}]}`
+	poll(t, 20*time.Second, "a chat answer on 127.0.0.1", func() (bool, string) {
+		r := e.request(http.MethodPost, byIP+"/v1/chat/completions", curl, nil)
+		return r.status == http.StatusOK && r.header.Get("X-Credits-Charged") != "", r.String()
+	})
+	if r := e.request(http.MethodGet, byIP+"/v1/models", nil, nil); r.status != http.StatusOK || r.object(t)["object"] != "list" {
+		t.Errorf("GET /v1/models on 127.0.0.1: %s", r)
+	}
+	for _, host := range []string{"evil.example", fmt.Sprintf("gateway.example:%d", ports["8080"]), "[::1]"} {
+		for _, path := range []string{"/v1/chat/completions", "/", "/api/chat"} {
+			req := e.newRequest(t.Context(), http.MethodPost, byIP+path, curl, nil)
+			req.Host = host
+			resp, err := e.client.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			r := &response{status: resp.StatusCode, header: resp.Header, body: b}
+			errorOf(t, r, http.StatusMisdirectedRequest, "misdirected_request")
+		}
+	}
+}
+
 // mockTotal is how many model requests the example's mock backends got, together.
 func (e *env) mockTotal() int64 {
 	e.t.Helper()
@@ -175,4 +222,140 @@ func (e *env) mockTotal() int64 {
 		}
 	}
 	return n
+}
+
+// TestExampleRateLimited: the shipped configuration has the built-in rate limit tiers on,
+// anonymous callers included: their answers carry the X-RateLimit-* and RateLimit fields of the
+// free tier, as a keyed user's do.
+func TestExampleRateLimited(t *testing.T) {
+	e, _ := startExample(t)
+	curl := `{"model":"cheapest","messages":[{"role":"user","content":"hi"}]}`
+	var r *response
+	poll(t, 20*time.Second, "an anonymous chat answer", func() (bool, string) {
+		r = e.post("/v1/chat/completions", curl, nil)
+		return r.status == http.StatusOK, r.String()
+	})
+	check := func(who string, r *response, policies ...string) {
+		t.Helper()
+		for _, h := range []string{"X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset", "X-RateLimit-Policy", "RateLimit-Policy", "RateLimit"} {
+			if r.header.Get(h) == "" {
+				t.Errorf("%s: no %s on %s", who, h, r)
+			}
+		}
+		if got := r.header.Get("X-RateLimit-Policy"); !slices.Contains(policies, got) {
+			t.Errorf("%s: X-RateLimit-Policy %q, want one of the tier's %q", who, got, policies)
+		}
+	}
+	check("anonymous", r, "10;w=1", "60;w=60")
+	_, k := e.userWithKey("limited@example.com", "1")
+	r = e.post("/v1/chat/completions", curl, bearer(k.Key))
+	if r.status != http.StatusOK {
+		t.Fatalf("keyed chat: %s", r)
+	}
+	check("a user's key", r, "10;w=1", "60;w=60")
+}
+
+// TestExampleClosesSlowClients (RELIABILITY.md row 49): with the shipped server timeouts
+// (shortened to 2 s here), 50 clients trickling a body after Content-Length: 100000 and 20
+// trickling their headers are all closed within a few seconds, without a reservation or a
+// backend request; a normal request meanwhile answers at once, and a stream that lasts longer
+// than the read timeouts is not cut (there is no write timeout).
+func TestExampleClosesSlowClients(t *testing.T) {
+	e, ports := startExample(t, func(s string) string {
+		for _, d := range []string{"read_header", "read_body"} {
+			re := regexp.MustCompile(`(?m)^(\s*` + d + `) \S+$`)
+			if !re.MatchString(s) {
+				t.Fatalf("Caddyfile.example sets no %s timeout", d)
+			}
+			s = re.ReplaceAllString(s, "${1} 2s")
+		}
+		return s
+	})
+	curl := `{"model":"cheapest","messages":[{"role":"user","content":"hi"}]}`
+	_, k := e.userWithKey("slow@example.com", "10")
+	poll(t, 20*time.Second, "a chat answer", func() (bool, string) {
+		r := e.post("/v1/chat/completions", curl, bearer(k.Key))
+		return r.status == http.StatusOK, r.String()
+	})
+	before := e.mockTotal()
+	addr := fmt.Sprintf("127.0.0.1:%d", ports["8080"])
+	start := time.Now()
+	const slowBodies, slowHeaders = 50, 20
+	type end struct {
+		after  time.Duration
+		answer string
+		body   bool
+	}
+	closed := make(chan end, slowBodies+slowHeaders)
+	stop := make(chan struct{})
+	defer close(stop)
+	for i := range slowBodies + slowHeaders {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		first := "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{"
+		if i >= slowBodies {
+			first = "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nX-Slow: "
+		}
+		if _, err := c.Write([]byte(first)); err != nil {
+			t.Fatal(err)
+		}
+		// One byte every 200 ms, until the gateway closes the connection.
+		go func() {
+			tick := time.NewTicker(200 * time.Millisecond)
+			defer tick.Stop()
+			for {
+				select {
+				case <-stop:
+					return
+				case <-tick.C:
+					if _, err := c.Write([]byte(" ")); err != nil {
+						return
+					}
+				}
+			}
+		}()
+		go func() {
+			b, _ := io.ReadAll(c) // an answer (408), then EOF; or a reset
+			closed <- end{time.Since(start), string(b), i < slowBodies}
+		}()
+	}
+	// Meanwhile a normal request answers at once, and a stream outlives the read timeouts.
+	time.Sleep(500 * time.Millisecond)
+	t0 := time.Now()
+	if r := e.post("/v1/chat/completions", curl, bearer(k.Key)); r.status != http.StatusOK {
+		t.Errorf("a normal request beside the slow clients: %s", r)
+	} else if d := time.Since(t0); d > time.Second {
+		t.Errorf("a normal request beside the slow clients took %s", d)
+	}
+	streamDone := make(chan *response, 1)
+	go func() {
+		hdr := bearer(k.Key)
+		hdr["X-Mock-Chunks"], hdr["X-Mock-Chunk-Interval"] = "8", "400ms"
+		streamDone <- e.post("/v1/chat/completions", `{"model":"cheapest","stream":true,"messages":[{"role":"user","content":"hi"}]}`, hdr)
+	}()
+	deadline := time.After(8 * time.Second)
+	for range slowBodies + slowHeaders {
+		select {
+		case c := <-closed:
+			if c.after < time.Second {
+				t.Errorf("a slow client was closed after %s, before its read timeout", c.after)
+			}
+			if c.body && !strings.HasPrefix(c.answer, "HTTP/1.1 408 ") {
+				t.Errorf("a slow body was answered %q, want 408", truncate(c.answer, 300))
+			}
+		case <-deadline:
+			t.Fatalf("slow clients still connected %s after they started (read timeouts 2 s)", time.Since(start))
+		}
+	}
+	r := <-streamDone
+	if r.status != http.StatusOK || !strings.Contains(string(r.body), "[DONE]") {
+		t.Errorf("a stream of 3 s beside 2 s read timeouts: %s", r)
+	}
+	if got := e.mockTotal() - before; got != 2 {
+		t.Errorf("the backends got %d requests, want the 2 normal ones", got)
+	}
+	e.checkAllAccounts(0)
 }

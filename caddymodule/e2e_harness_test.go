@@ -961,6 +961,13 @@ func errorOf(t testing.TB, r *response, status int, code string) map[string]any 
 		t.Errorf("error Content-Type %q", ct)
 	}
 	m := r.object(t)
+	if msg, ok := m["error"].(string); ok {
+		// The Ollama shape (on /api/*): {"error": "<message>", "code", "details"}.
+		if m["code"] != code || msg == "" {
+			t.Errorf("Ollama-shaped error: code %v, want %s, message %q: %s", m["code"], code, msg, r)
+		}
+		return map[string]any{"code": m["code"], "message": msg, "param": m["param"], "details": m["details"]}
+	}
 	if m["success"] != false {
 		t.Errorf("error body success = %v, want false: %s", m["success"], r)
 	}

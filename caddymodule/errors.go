@@ -25,6 +25,10 @@ var (
 	errCutAnswer         = errors.New("backend's answer was cut short or is not valid JSON")
 	errClientLeft        = errors.New("the client went away before any answer")
 	errEncodedAnswer     = errors.New("backend compressed its answer although the gateway asked for identity encoding")
+	errBodyTimeout       = errors.New("the request body did not arrive in time")
+	// errOriginNotAllowed: a browser page on an origin the configuration does not allow sent
+	// an inference request it could send without a CORS preflight (checkOrigin).
+	errOriginNotAllowed = errors.New("this origin may not call the gateway: list it in allowed_origins")
 )
 
 // badRequest is a 400 invalid_request naming the parameter at fault.
@@ -92,6 +96,7 @@ func errorResponse(err error) *apiError {
 		se *statusError
 		rl *rateLimited
 		tt *tooManyTokens
+		ur *unknownRoute
 	)
 	switch {
 	case errors.As(err, &br):
@@ -102,6 +107,8 @@ func errorResponse(err error) *apiError {
 	case errors.Is(err, identity.ErrTwoCredentials):
 		set(http.StatusBadRequest, "invalid_request", "invalid_request_error")
 		e.Message = "send one credential per request"
+	case errors.Is(err, errBodyTimeout):
+		set(http.StatusRequestTimeout, "request_timeout", "invalid_request_error")
 	case errors.Is(err, errTooLarge):
 		set(http.StatusRequestEntityTooLarge, "request_too_large", "invalid_request_error")
 	case errors.Is(err, errMissingCredential):
@@ -120,6 +127,8 @@ func errorResponse(err error) *apiError {
 		bearer()
 	case errors.Is(err, identity.ErrIPNotAllowed):
 		set(http.StatusForbidden, "ip_not_allowed", "permission_error")
+	case errors.Is(err, errOriginNotAllowed):
+		set(http.StatusForbidden, "origin_not_allowed", "permission_error")
 	case errors.Is(err, errInvalidToken):
 		set(http.StatusUnauthorized, "invalid_token", "authentication_error")
 		e.Message = "invalid token"
@@ -175,6 +184,12 @@ func errorResponse(err error) *apiError {
 		}
 		p := "model"
 		e.Param = &p
+	case errors.As(err, &ur):
+		if ur.notImplemented {
+			set(http.StatusNotImplemented, "not_implemented", "invalid_request_error")
+		} else {
+			set(http.StatusNotFound, "not_found", "invalid_request_error")
+		}
 	case errors.Is(err, identity.ErrNotFound), errors.Is(err, errRouteAbsent):
 		set(http.StatusNotFound, "not_found", "invalid_request_error")
 		e.Message = "not found"
@@ -221,8 +236,9 @@ func oauthErrorFor(err error) *oauthError {
 	}
 }
 
-// writeError writes err as the JSON error of API.md §5.
-func writeError(w http.ResponseWriter, err error) *apiError {
+// writeError writes err as the JSON error of API.md §5, in the shape the client of r's path
+// reads (errorShapeOf).
+func writeError(w http.ResponseWriter, r *http.Request, err error) *apiError {
 	e := errorResponse(err)
 	h := w.Header()
 	for k, v := range e.headers {
@@ -231,11 +247,60 @@ func writeError(w http.ResponseWriter, err error) *apiError {
 	h.Set("Content-Type", "application/json")
 	h.Set("Cache-Control", "no-store")
 	h.Del("Content-Length")
-	body, _ := json.Marshal(struct {
-		Success bool      `json:"success"`
-		Error   *apiError `json:"error"`
-	}{false, e})
+	var body []byte
+	switch errorShapeOf(r.URL.Path) {
+	case shapeOllama:
+		body, _ = json.Marshal(struct {
+			Error   string         `json:"error"`
+			Code    string         `json:"code"`
+			Param   *string        `json:"param,omitempty"`
+			Details map[string]any `json:"details,omitempty"`
+		}{e.Message, e.Code, e.Param, e.Details})
+	case shapeAnthropic:
+		type inner struct {
+			Type    string `json:"type"`
+			Message string `json:"message"`
+		}
+		body, _ = json.Marshal(struct {
+			Type    string         `json:"type"`
+			Error   inner          `json:"error"`
+			Code    string         `json:"code"`
+			Details map[string]any `json:"details,omitempty"`
+		}{"error", inner{e.Type, e.Message}, e.Code, e.Details})
+	default:
+		body, _ = json.Marshal(struct {
+			Success bool      `json:"success"`
+			Error   *apiError `json:"error"`
+		}{false, e})
+	}
 	w.WriteHeader(e.status)
 	_, _ = w.Write(append(body, '\n'))
 	return e
+}
+
+// errorShape is the JSON error body a family of clients reads.
+type errorShape int
+
+const (
+	// shapeOpenAI: {"success": false, "error": {"code", "type", "message", "param", "details"}}
+	// (OpenAI SDKs read error.message; the generic seed's clients read success).
+	shapeOpenAI errorShape = iota
+	// shapeOllama: {"error": "<message>", "code", "details"}: Ollama clients read error as a
+	// string (ollama-js shows an object as "[object Object]").
+	shapeOllama
+	// shapeAnthropic: {"type": "error", "error": {"type", "message"}, "code", "details"}.
+	shapeAnthropic
+)
+
+// errorShapeOf is the error shape of a request path: Ollama's on /api/*, Anthropic's on
+// /v1/messages*, OpenAI's elsewhere (the admin API included).
+func errorShapeOf(path string) errorShape {
+	switch {
+	case strings.HasPrefix(path, "/api/"):
+		return shapeOllama
+	case path == "/v1/messages" || strings.HasPrefix(path, "/v1/messages/"):
+		return shapeAnthropic
+	default:
+		return shapeOpenAI
+	}
 }

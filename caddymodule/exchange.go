@@ -113,6 +113,7 @@ func (ex *exchange) proxy() error {
 		req.URL = cloneURL(ex.r.URL)
 		req.URL.Path = b.base + ex.r.URL.Path
 		req.URL.RawPath = ""
+		req.URL.RawQuery = upstreamQuery(b, ex.ep, ex.r.URL.Query())
 		req.Body = readCloser{bytes.NewReader(body)}
 		req.ContentLength = int64(len(body))
 		// The request's own header map: it is this handler's to change (Caddy's access log
@@ -273,16 +274,7 @@ func (ex *exchange) startStream(hdr http.Header, format metering.Format) {
 func (ex *exchange) passHeaders(hdr http.Header) {
 	c := ex.choice
 	h := ex.w.Header()
-	for k, v := range hdr {
-		switch k {
-		case "Set-Cookie", "Content-Length", "Alt-Svc", "Server":
-			continue
-		}
-		if ex.limits != nil && rateLimitFields[k] {
-			continue // the gateway's own rate limits are reported, not the backend's
-		}
-		h[k] = v
-	}
+	copyBackendHeaders(h, hdr, ex.limits != nil)
 	h.Set("X-Gateway-Model", c.Model.Name)
 	h.Set("X-Gateway-Backend", c.BackendName)
 }
@@ -587,6 +579,7 @@ func stripCredentials(h http.Header) {
 	for _, k := range credentialHeaders {
 		h.Del(k)
 	}
+	stripClientContext(h)
 }
 
 type readCloser struct{ *bytes.Reader }

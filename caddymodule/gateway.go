@@ -145,7 +145,9 @@ type Backend struct {
 	// Required, unique.
 	Name string `json:"name"`
 	// URL is the server's base address, e.g. "http://127.0.0.1:11434". A path, if any, is
-	// prepended to the request paths (/v1/..., /api/...).
+	// prepended to the request paths (/v1/..., /api/...); a query, if any (e.g.
+	// "?api-version=2024-10-21"), is sent on every request, health checks included. The
+	// client's own query is not passed on.
 	URL string `json:"url"`
 	// Style is the API the server speaks: "openai" (default) or "ollama".
 	Style routing.Style `json:"style,omitempty"`
@@ -167,6 +169,7 @@ type Backend struct {
 
 	proxy *reverseproxy.Handler
 	base  string // URL path prefix
+	query string // URL query (e.g. api-version=...), sent on every request
 }
 
 // Model is one model of a backend with its price.
@@ -298,6 +301,7 @@ func (g *Gateway) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return err
 	}
+	g.initMetricLabels()
 	activeGateways.add(g)
 	return nil
 }
@@ -320,6 +324,7 @@ func (b *Backend) provision(ctx caddy.Context) error {
 		return fmt.Errorf("url: %w", err)
 	}
 	b.base = strings.TrimSuffix(u.Path, "/")
+	b.query = u.RawQuery
 	raw, err := reverseProxyConfig(b, u)
 	if err != nil {
 		return err

@@ -9,6 +9,8 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/credits"
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/ratelimit"
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/routing"
 )
 
 // The gateway's metrics. Collectors are created once per process and registered in every
@@ -56,7 +58,7 @@ var (
 	}, []string{"auth"})
 	metricUpstreamErrors = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "llm_gateway", Name: "upstream_errors_total",
-		Help: "Backend attempts that produced no answer, by backend and kind (connect, timeout, status_5xx).",
+		Help: "Backend attempts that produced no answer, by backend and kind (connect, timeout, status_5xx, cut: a JSON answer cut or not JSON, encoded: compressed against Accept-Encoding identity).",
 	}, []string{"backend", "kind"})
 	metricFailovers = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "llm_gateway", Name: "failovers_total",
@@ -243,4 +245,84 @@ func (l timedLedger) Credit(ctx context.Context, account credits.AccountID, amou
 	start := time.Now()
 	defer func() { storeCreditDuration.Observe(time.Since(start).Seconds()) }()
 	return l.Ledger.Credit(ctx, account, amount, reason, idempotencyKey)
+}
+
+// serverOutcomes are the outcomes a request can end with on the server's side (the alert rules
+// divide by them), initialised at zero for every endpoint.
+var serverOutcomes = []string{"upstream_error", "upstream_timeout", "no_backend_available", "store_unavailable",
+	"internal_error", "rate_limit_exceeded", "insufficient_credits"}
+
+// initMetricLabels creates, at zero, the series of the label sets this configuration can
+// produce, so a scrape right after start shows them (a rate() or an alert over a series that
+// appears only with its first event misses that event): requests by endpoint, model, backend
+// and auth kind (ok, and the server-side outcomes), upstream errors and failovers per backend,
+// tokens and charges per model and backend, credit movements, 402s per auth kind, and 429s per
+// tier and limit.
+func (g *Gateway) initMetricLabels() {
+	m := g.metrics
+	auths := []string{"api_key"}
+	if g.Anonymous != nil {
+		auths = append(auths, "anonymous")
+	}
+	if g.Signin != nil {
+		auths = append(auths, "jwt")
+	}
+	for _, ep := range []endpoint{epChat, epEmbeddings, epOllamaChat, epOllamaGenerate} {
+		kind := routing.KindChat
+		if ep == epEmbeddings {
+			kind = routing.KindEmbeddings
+		}
+		for _, l := range g.catalog.List(ep.format(), nil) {
+			if l.Kind != kind {
+				continue
+			}
+			for _, b := range l.Backends {
+				for _, a := range auths {
+					m.requests.WithLabelValues(ep.String(), l.Name, b, a, "ok")
+				}
+			}
+		}
+		for _, a := range auths {
+			for _, o := range serverOutcomes {
+				m.requests.WithLabelValues(ep.String(), "none", "none", a, o)
+			}
+		}
+		m.duration.WithLabelValues(ep.String(), "ok")
+	}
+	for _, a := range auths {
+		m.insufficient.WithLabelValues(a)
+	}
+	for _, k := range []string{"reserved", "settled", "refunded", "overage"} {
+		m.credits.WithLabelValues(k)
+	}
+	for _, b := range g.Backends {
+		for _, k := range []string{"connect", "timeout", "status_5xx", "cut", "encoded"} {
+			m.upstreamErrors.WithLabelValues(b.Name, k)
+		}
+		m.failovers.WithLabelValues(b.Name)
+		m.inflight.WithLabelValues(b.Name)
+		for _, model := range b.Models {
+			m.charged.WithLabelValues(model.Name, b.Name)
+			m.ttft.WithLabelValues(model.Name, b.Name)
+			for _, d := range []string{"input", "output"} {
+				m.tokens.WithLabelValues(model.Name, b.Name, d)
+			}
+		}
+	}
+	if g.RateLimits != nil {
+		for name, t := range g.RateLimits.Tiers {
+			p := t.policy()
+			for _, l := range p.Limits {
+				metricRateLimited.WithLabelValues(name, l.Name)
+			}
+			if p.Concurrent > 0 {
+				metricRateLimited.WithLabelValues(name, ratelimit.ConcurrentLimit)
+			}
+		}
+	}
+	if g.Signin != nil {
+		for _, name := range []string{LimiterSigninAccount, LimiterSigninIP} {
+			metricRateLimited.WithLabelValues(name, "signin_per_15m")
+		}
+	}
 }

@@ -60,7 +60,7 @@ func (g *Gateway) serveSelfService(w http.ResponseWriter, r *http.Request, ep en
 	r.Body = http.MaxBytesReader(w, r.Body, 64<<10)
 	status, out, err := g.selfServiceRoute(w, r, ep)
 	if err != nil {
-		writeError(w, err)
+		writeError(w, r, err)
 		return
 	}
 	body, _ := json.Marshal(out)

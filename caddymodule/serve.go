@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/netip"
 	"net/url"
@@ -34,6 +35,12 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 			h(g, w, r)
 			return nil
 		}
+		if u := unservedRoute(r); u != nil {
+			if !g.cors(w, r) {
+				writeError(w, r, u)
+			}
+			return nil
+		}
 		return next.ServeHTTP(w, r)
 	}
 	if g.cors(w, r) {
@@ -45,7 +52,7 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	if r.Method != ep.method() {
 		w.Header().Set("Allow", ep.method()+", OPTIONS")
-		writeError(w, &statusError{http.StatusMethodNotAllowed, "use " + ep.method() + " on " + r.URL.Path})
+		writeError(w, r, &statusError{http.StatusMethodNotAllowed, "use " + ep.method() + " on " + r.URL.Path})
 		return nil
 	}
 	ex := &exchange{g: g, ep: ep, w: w, r: r, start: time.Now()}
@@ -58,7 +65,7 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	err := ex.run()
 	if err != nil {
 		ex.peekLimitHeaders()
-		e := writeError(w, err)
+		e := writeError(w, r, err)
 		ex.outcome = e.Code
 		if e.status == http.StatusPaymentRequired {
 			g.metrics.insufficient.WithLabelValues(ex.authKind()).Inc()
@@ -199,6 +206,11 @@ func (c *caller) allowedModel() func(string) bool {
 // before anything was written is answered by ServeHTTP.
 func (ex *exchange) run() error {
 	g, r := ex.g, ex.r
+	if ex.ep != epModels && ex.ep != epTags {
+		if err := g.checkOrigin(r); err != nil {
+			return err
+		}
+	}
 	who, err := g.identify(r)
 	if err != nil {
 		return err
@@ -219,6 +231,9 @@ func (ex *exchange) run() error {
 	}
 	buf := bytes.NewBuffer(make([]byte, 0, max(r.ContentLength, 0)+bytes.MinRead))
 	if _, err := buf.ReadFrom(io.LimitReader(r.Body, g.MaxRequestBody+1)); err != nil {
+		if ne, ok := errors.AsType[net.Error](err); ok && ne.Timeout() {
+			return errBodyTimeout // the server's read timeout (timeouts read_body) passed
+		}
 		return invalid("", "reading the request body: %v", err)
 	}
 	body := buf.Bytes()
