@@ -117,7 +117,7 @@ func TestDashboardQueriesAgainstPrometheus(t *testing.T) {
 		t.Error("no failover was counted")
 	}
 
-	// The credit counters' identity: reserved + overage = settled + refunded + released after
+	// The credit counters' identity: reserved = settled + refunded + released after
 	// expiry + open, so their difference did not move.
 	if d := ledgerDrift(t, samples); math.Abs(d-drift0) > 1e-9 {
 		t.Errorf("ledger drift moved from %v to %v", drift0, d)
@@ -335,7 +335,7 @@ func gatewayLines(raw string) string {
 	return b.String()
 }
 
-// ledgerDrift is reserved + overage - settled - refunded - released after expiry - open
+// ledgerDrift is reserved - settled - refunded - released after expiry - open
 // credits: it moves only when credits are lost track of.
 func ledgerDrift(t *testing.T, s []sample) float64 {
 	t.Helper()
@@ -344,7 +344,7 @@ func ledgerDrift(t *testing.T, s []sample) float64 {
 		return v
 	}
 	kind := func(k string) float64 { return get("llm_gateway_credits_total", map[string]string{"kind": k}) }
-	return kind("reserved") + kind("overage") - kind("settled") - kind("refunded") -
+	return kind("reserved") - kind("settled") - kind("refunded") -
 		get("llm_gateway_credits_released_expired_total", nil) - get("llm_gateway_reservations_open_credits", nil)
 }
 

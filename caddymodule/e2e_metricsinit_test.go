@@ -82,7 +82,7 @@ func TestMetricsZeroAtStart(t *testing.T) {
 	for _, o := range []string{"upstream_error", "no_backend_available", "store_unavailable", "rate_limit_exceeded"} {
 		present("llm_gateway_requests_total", map[string]string{"endpoint": "chat", "model": "none", "backend": "none", "auth": "anonymous", "outcome": o})
 	}
-	for _, k := range []string{"reserved", "settled", "refunded", "overage"} {
+	for _, k := range []string{"reserved", "settled", "refunded", "unbilled"} {
 		present("llm_gateway_credits_total", map[string]string{"kind": k})
 	}
 	present("llm_gateway_insufficient_credits_total", map[string]string{"auth": "anonymous"})

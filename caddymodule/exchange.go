@@ -406,9 +406,9 @@ func (ex *exchange) settle(u metering.Usage, reported bool) {
 	}
 	// The reservation bounds what a request costs: a backend reporting more (it ignored the
 	// output bound, or the prompt was dearer than its bound) is charged the reservation, and
-	// the rest is counted as overage, so no balance ever goes below zero.
-	overage := max(cost-ex.res.Amount, 0)
-	cost -= overage
+	// the rest is counted as unbilled, so no balance ever goes below zero.
+	unbilled := max(cost-ex.res.Amount, 0)
+	cost -= unbilled
 	ctx, cancel := context.WithTimeout(context.Background(), storeTimeout)
 	defer cancel()
 	balance, err := ex.g.store.ledger.Settle(ctx, ex.res.ID, cost, credits.Usage{
@@ -423,12 +423,12 @@ func (ex *exchange) settle(u metering.Usage, reported bool) {
 	m := ex.g.metrics
 	m.credits.WithLabelValues("settled").Add(cost.Credits())
 	m.credits.WithLabelValues("refunded").Add(max(ex.res.Amount-cost, 0).Credits())
-	if overage > 0 {
-		m.credits.WithLabelValues("overage").Add(overage.Credits())
+	if unbilled > 0 {
+		m.credits.WithLabelValues("unbilled").Add(unbilled.Credits())
 		ex.g.logger.Warn("backend reported usage above the reservation: charged the reservation",
 			zap.String("backend", c.BackendName), zap.String("model", c.Model.Name),
 			zap.Int64("input_tokens", u.InputTokens), zap.Int64("output_tokens", u.OutputTokens),
-			zap.String("unbilled", overage.String()))
+			zap.String("unbilled", unbilled.String()))
 	}
 	m.tokens.WithLabelValues(c.Model.Name, c.BackendName, "input").Add(float64(u.InputTokens))
 	m.tokens.WithLabelValues(c.Model.Name, c.BackendName, "output").Add(float64(u.OutputTokens))

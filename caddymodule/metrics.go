@@ -38,7 +38,7 @@ var (
 	}, []string{"model", "backend", "direction"})
 	metricCredits = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "llm_gateway", Name: "credits_total",
-		Help: "Credits moved by requests: reserved, settled (charged), refunded (returned at settlement or release) and overage (charged beyond the reservation, so reserved + overage = settled + refunded + released after expiry + open).",
+		Help: "Credits moved by requests: reserved, settled (charged), refunded (returned at settlement or release), so reserved = settled + refunded + released after expiry + open; and unbilled (a cost the backend reported above the reservation, not charged: a request never costs more than it reserved).",
 	}, []string{"kind"})
 	metricCreditsReleasedExpired = prometheus.NewCounter(prometheus.CounterOpts{
 		Namespace: "llm_gateway", Name: "credits_released_expired_total",
@@ -292,7 +292,7 @@ func (g *Gateway) initMetricLabels() {
 	for _, a := range auths {
 		m.insufficient.WithLabelValues(a)
 	}
-	for _, k := range []string{"reserved", "settled", "refunded", "overage"} {
+	for _, k := range []string{"reserved", "settled", "refunded", "unbilled"} {
 		m.credits.WithLabelValues(k)
 	}
 	for _, b := range g.Backends {
