@@ -31,7 +31,7 @@ fuzz:
 	  done; \
 	done
 
-## bench: the gateway beside plain Caddy reverse_proxy and the mock backend directly (see README)
+## bench: the gateway beside plain Caddy reverse_proxy and the backend directly, in front of the mock and of the foreign fake (see README)
 bench: build
 	$(GO) run ./cmd/llmbench -caddy $(BIN) -rate-limits
 
