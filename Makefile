@@ -33,7 +33,7 @@ fuzz:
 
 ## bench: the gateway beside plain Caddy reverse_proxy and the backend directly, in front of the mock and of the foreign fake (see README)
 bench: build
-	$(GO) run ./cmd/llmbench -caddy $(BIN) -rate-limits
+	$(GO) run ./cmd/llmbench -caddy $(BIN) -rate-limits $(BENCH_FLAGS)
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi

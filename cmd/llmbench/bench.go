@@ -107,6 +107,18 @@ func (b *bench) run(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
+		if slices.Contains(cfg.peers, "portkey") {
+			p, err := b.startPortkey(ctx, "fake-portkey", fake.addr)
+			switch {
+			case errors.Is(err, errPeerUnavailable):
+				logln("leaving portkey out: " + err.Error())
+				b.res.notes = append(b.res.notes, "portkey left out: "+err.Error())
+			case err != nil:
+				return err
+			default:
+				set.peers = append(set.peers, p)
+			}
+		}
 		b.sets = append(b.sets, set)
 	}
 	var targets []*target
@@ -157,12 +169,16 @@ type backendSet struct {
 	caddy       *target
 	gateway     *target
 	limited     *target // nil without -rate-limits
+	peers       []*peer // gateways of other projects in front of it (-peers)
 }
 
 func (s *backendSet) targets() []*target {
 	ts := []*target{s.direct, s.caddy, s.gateway}
 	if s.limited != nil {
 		ts = append(ts, s.limited)
+	}
+	for _, p := range s.peers {
+		ts = append(ts, p.t)
 	}
 	return ts
 }
@@ -292,7 +308,7 @@ func (b *bench) proxying(ctx context.Context, targets []*target) error {
 				res.notes = append(res.notes, fmt.Sprintf("round %d, %s: %d of %d TTFT streams within the time bound", r+1, t.name, n, cfg.ttftN))
 			}
 
-			logln(fmt.Sprintf("round %d %-14s %8.0f req/s (c=%d)  p50 %.3f ms  p99 %.3f ms (c=1)  TTFT p50 %.3f ms (%d streams)  errors %d",
+			logln(fmt.Sprintf("round %d %-19s %8.0f req/s (c=%d)  p50 %.3f ms  p99 %.3f ms (c=1)  TTFT p50 %.3f ms (%d streams)  errors %d",
 				r+1, t.name, tp.rps(), cfg.conc, ms(pct(lat.lat, .5)), ms(pct(lat.lat, .99)), ms(pct(tt.ttft, .5)), n,
 				tp.errs+lat.errs+tt.errs))
 		}

@@ -23,6 +23,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"slices"
 	"strings"
 	"syscall"
@@ -58,6 +59,8 @@ type config struct {
 	keepTmp        bool
 	rateLimits     bool
 	backends       []string
+	peers          []string
+	peersDir       string
 }
 
 func parseFlags() config {
@@ -89,6 +92,11 @@ func parseFlags() config {
 	backends := fs.String("backends", "mock,fake", "comma-separated backends that the throughput, latency and TTFT measurements are made in front of, one table each:\n"+
 		"mock (llm_mock_backend, required: the targets, CPU and memory measurements use it) and fake (the foreign OpenAI-compatible\n"+
 		"fake of the peers-bench kit, cmd/llmbench/fakebackend, run as `llmbench fake`, a process of this program)")
+	peers := fs.String("peers", "", "comma-separated gateways of other projects to measure in front of the fake (needs fake in -backends), in the same rounds:\n"+
+		"portkey (@portkey-ai/gateway "+portkeyVersion+" from npm, installed into -peers-dir on first use, run by node). A peer that cannot be\n"+
+		"installed or started (no node or npm, no registry) is left out with a note")
+	cacheDir, _ := os.UserCacheDir()
+	fs.StringVar(&c.peersDir, "peers-dir", filepath.Join(cacheDir, "llmbench", "peers"), "where the -peers are installed, kept between runs")
 	fs.BoolVar(&c.keepTmp, "keep-tmp", false, "keep the temporary folder (its path is printed) instead of removing it")
 	fs.Usage = func() {
 		o := fs.Output()
@@ -118,6 +126,11 @@ Flags:
 	for _, name := range strings.Split(*backends, ",") {
 		if name = strings.TrimSpace(name); name != "" {
 			c.backends = append(c.backends, name)
+		}
+	}
+	for _, name := range strings.Split(*peers, ",") {
+		if name = strings.TrimSpace(name); name != "" {
+			c.peers = append(c.peers, name)
 		}
 	}
 	if c.quick {
@@ -170,6 +183,17 @@ func (c config) validate() error {
 		if slices.Index(c.backends, name) != i {
 			return fmt.Errorf("-backends: %s given twice", name)
 		}
+	}
+	for i, name := range c.peers {
+		if name != "portkey" {
+			return fmt.Errorf("-peers: unknown peer %q (portkey)", name)
+		}
+		if slices.Index(c.peers, name) != i {
+			return fmt.Errorf("-peers: %s given twice", name)
+		}
+	}
+	if len(c.peers) > 0 && !slices.Contains(c.backends, "fake") {
+		return fmt.Errorf("-peers needs fake in -backends (the peers are measured in front of it)")
 	}
 	return nil
 }

@@ -87,6 +87,12 @@ func (b *bench) report() string {
 				label string
 			}{set.limited, "gateway with rate limits"})
 		}
+		for _, p := range set.peers {
+			rows = append(rows, struct {
+				t     *target
+				label string
+			}{p.t, p.label})
+		}
 		for _, row := range rows {
 			n := row.t.name
 			w("| %s | %s | ×%s | %s | %s | %s | %d |\n", row.label, f0(r.med("rps", n)), f2(r.pairwise("rps", n, set.caddy.name, ratio)),
