@@ -2,6 +2,7 @@
 GO       ?= go
 BIN      := bin/caddy
 FUZZTIME ?= 10s
+BENCH_FLAGS ?=
 
 .PHONY: build run test test-unit fuzz bench lint clean
 
