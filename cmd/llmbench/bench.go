@@ -168,8 +168,8 @@ type backendSet struct {
 	direct      *target
 	caddy       *target
 	gateway     *target
-	limited     *target // nil without -rate-limits
-	peers       []*peer // gateways of other projects in front of it (-peers)
+	limited     *target          // nil without -rate-limits
+	peers       []*labeledTarget // gateways of other projects in front of it (-peers)
 }
 
 func (s *backendSet) targets() []*target {

@@ -84,3 +84,41 @@ func TestPortkeyWithoutNodeIsLeftOut(t *testing.T) {
 		t.Fatalf("got %v, want errPeerUnavailable", err)
 	}
 }
+
+// The report has one table per backend, with the rows the run measured, each ratio taken to
+// plain Caddy in front of the same backend.
+func TestReportHasOneTablePerBackend(t *testing.T) {
+	b := &bench{cfg: config{rounds: 1, conc: 32, keys: 1, caddyBin: "/nonexistent", rateLimits: true}, res: newResults()}
+	for _, name := range []string{"mock", "fake"} {
+		set := &backendSet{name: name, label: "backend " + name}
+		mk := func(role string) *target { return &target{name: targetName(name, role)} }
+		set.direct, set.caddy, set.gateway, set.limited = mk("direct"), mk("caddy"), mk("gateway"), mk("gateway-limits")
+		if name == "fake" {
+			set.peers = []*labeledTarget{{"Portkey", mk("portkey")}}
+		}
+		b.sets = append(b.sets, set)
+	}
+	rps := map[string]float64{"direct": 8000, "caddy": 4000, "gateway": 3000, "gateway-limits": 2000,
+		"fake-direct": 20000, "fake-caddy": 5000, "fake-gateway": 4000, "fake-gateway-limits": 3500, "fake-portkey": 500}
+	for n, v := range rps {
+		b.res.add("rps", n, v)
+		b.res.add("cpureq", n, 1e6/v)
+	}
+	out := b.report()
+	for _, want := range []string{
+		"### In front of backend mock\n",
+		"| gateway (key, reservation, settlement, metering) | 3000 | ×0.75 | 333.3 |",
+		"| gateway with rate limits | 2000 | ×0.50 | 500.0 |",
+		"### In front of backend fake\n",
+		"| backend direct | 20000 | ×4.00 | 50.0 |",
+		"| gateway (key, reservation, settlement, metering) | 4000 | ×0.80 | 250.0 |",
+		"| Portkey | 500 | ×0.10 | 2000.0 |",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("report lacks %q", want)
+		}
+	}
+	if strings.Count(out, "### In front of") != 2 {
+		t.Errorf("want 2 per-backend tables:\n%s", out)
+	}
+}

@@ -23,8 +23,9 @@ const portkeyVersion = "1.15.2"
 //go:embed portkey/*.cjs
 var portkeyPreloads embed.FS
 
-// peer is a gateway of another project measured in front of a backend.
-type peer struct {
+// labeledTarget is a target with its row label in the report: a gateway of another project
+// measured in front of a backend (-peers), or one of the project's own targets.
+type labeledTarget struct {
 	label string
 	t     *target
 }
@@ -35,7 +36,7 @@ var errPeerUnavailable = errors.New("peer unavailable")
 
 // startPortkey installs (once, under peersDir) and starts the Portkey gateway in front of the
 // OpenAI-compatible backend at backendAddr, as a target named name.
-func (b *bench) startPortkey(ctx context.Context, name, backendAddr string) (*peer, error) {
+func (b *bench) startPortkey(ctx context.Context, name, backendAddr string) (*labeledTarget, error) {
 	node, errNode := exec.LookPath("node")
 	npm, errNpm := exec.LookPath("npm")
 	if errNode != nil || errNpm != nil {
@@ -96,7 +97,7 @@ func (b *bench) startPortkey(ctx context.Context, name, backendAddr string) (*pe
 		p.stop()
 		return nil, fmt.Errorf("%w: %v", errPeerUnavailable, err)
 	}
-	return &peer{label: "Portkey gateway " + portkeyVersion + " (npm)", t: t}, nil
+	return &labeledTarget{label: "Portkey gateway " + portkeyVersion + " (npm)", t: t}, nil
 }
 
 func lastLines(s string, n int) string {

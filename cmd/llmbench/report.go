@@ -68,31 +68,21 @@ func (b *bench) report() string {
 	// One summary table per backend.
 	w("## Per backend\n\n")
 	w("The same measurements in front of each backend, in the same interleaved rounds. CPU/request: utime+stime of the serving "+
-		"process alone during the c=%d run, divided by the requests it answered; ×plain Caddy: req/s over plain Caddy's in front "+
-		"of the same backend, within each round.\n\n", cfg.conc)
+		"process alone during the c=%d run, divided by the requests sent; ×plain Caddy: req/s over plain Caddy's in front "+
+		"of the same backend, within each round. The fake's streams are shaped like the mock's (%d chunks, %s apart).\n\n",
+		cfg.conc, cfg.ttftChunks, cfg.ttftInterval)
 	for _, set := range b.sets {
 		w("### In front of %s\n\n", set.label)
 		w("| target | req/s c=%d | × plain Caddy | µs CPU/request | p50 ms c=1 | TTFT p50 ms c=1 | failed requests |\n|---|---:|---:|---:|---:|---:|---:|\n", cfg.conc)
-		rows := []struct {
-			t     *target
-			label string
-		}{
-			{set.direct, "backend direct"},
-			{set.caddy, "plain Caddy reverse_proxy"},
-			{set.gateway, "gateway (key, reservation, settlement, metering)"},
+		rows := []*labeledTarget{
+			{"backend direct", set.direct},
+			{"plain Caddy reverse_proxy", set.caddy},
+			{"gateway (key, reservation, settlement, metering)", set.gateway},
 		}
 		if set.limited != nil {
-			rows = append(rows, struct {
-				t     *target
-				label string
-			}{set.limited, "gateway with rate limits"})
+			rows = append(rows, &labeledTarget{"gateway with rate limits", set.limited})
 		}
-		for _, p := range set.peers {
-			rows = append(rows, struct {
-				t     *target
-				label string
-			}{p.t, p.label})
-		}
+		rows = append(rows, set.peers...)
 		for _, row := range rows {
 			n := row.t.name
 			w("| %s | %s | ×%s | %s | %s | %s | %d |\n", row.label, f0(r.med("rps", n)), f2(r.pairwise("rps", n, set.caddy.name, ratio)),
