@@ -2,6 +2,7 @@
 GO       ?= go
 BIN      := bin/caddy
 FUZZTIME ?= 10s
+BENCH_FLAGS ?=
 
 .PHONY: build run test test-unit fuzz bench lint clean
 
@@ -31,9 +32,9 @@ fuzz:
 	  done; \
 	done
 
-## bench: the gateway beside plain Caddy reverse_proxy and the mock backend directly (see README)
+## bench: the gateway beside plain Caddy reverse_proxy and the backend directly, in front of the mock and of the foreign fake (see README)
 bench: build
-	$(GO) run ./cmd/llmbench -caddy $(BIN) -rate-limits
+	$(GO) run ./cmd/llmbench -caddy $(BIN) -rate-limits $(BENCH_FLAGS)
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -29,7 +30,8 @@ type bench struct {
 	mock    *proc
 	caddy   *proc
 	gateway *proc
-	limited *proc // the gateway with rate limits (-rate-limits)
+	limited *proc         // the gateway with rate limits (-rate-limits)
+	sets    []*backendSet // the mock's first, then the fake's (-backends)
 
 	start              time.Time
 	loadStart, loadEnd string
@@ -86,29 +88,49 @@ func (b *bench) run(ctx context.Context) error {
 	}); err != nil {
 		return err
 	}
-	if b.caddy, err = b.startPlainCaddy(ctx, "caddy", false); err != nil {
+	mock, err := b.startSet(ctx, "mock", "the mock backend (llm_mock_backend)", b.mock)
+	if err != nil {
 		return err
 	}
-	if b.gateway, err = b.startGateway(ctx, "gateway", "", ""); err != nil {
-		return err
+	b.sets = append(b.sets, mock)
+	b.caddy, b.gateway = mock.caddy.proc, mock.gateway.proc
+	if mock.limited != nil {
+		b.limited = mock.limited.proc
 	}
-
-	direct := &target{name: "direct", url: b.mock.baseURL() + "/v1/chat/completions", keys: []string{b.key}, proc: b.mock}
-	caddy := &target{name: "caddy", url: b.caddy.baseURL() + "/v1/chat/completions", keys: []string{b.key}, proc: b.caddy}
-	gateway := &target{name: "gateway", url: b.gateway.baseURL() + "/v1/chat/completions", keys: []string{b.key}, proc: b.gateway}
-	targets := []*target{direct, caddy, gateway}
-	if cfg.rateLimits {
-		if b.limited, err = b.startGateway(ctx, "gateway-limits", "", generousRateLimits); err != nil {
+	if slices.Contains(cfg.backends, "fake") {
+		// Its streams shaped like the mock's for the TTFT measurement.
+		fake, err := startFake(ctx, b.root, "fake", "-chunks", strconv.Itoa(cfg.ttftChunks), "-interval", cfg.ttftInterval.String())
+		if err != nil {
 			return err
 		}
-		targets = append(targets, &target{name: "gateway-limits", url: b.limited.baseURL() + "/v1/chat/completions",
-			keys: []string{b.key}, proc: b.limited})
+		set, err := b.startSet(ctx, "fake", "the foreign fake backend (peers-bench fake, cmd/llmbench/fakebackend)", fake)
+		if err != nil {
+			return err
+		}
+		if slices.Contains(cfg.peers, "portkey") {
+			p, err := b.startPortkey(ctx, "fake-portkey", fake.addr)
+			switch {
+			case errors.Is(err, errPeerUnavailable):
+				logln("leaving portkey out: " + err.Error())
+				b.res.notes = append(b.res.notes, "portkey left out: "+err.Error())
+			case err != nil:
+				return err
+			default:
+				set.peers = append(set.peers, p)
+			}
+		}
+		b.sets = append(b.sets, set)
+	}
+	var targets []*target
+	for _, set := range b.sets {
+		targets = append(targets, set.targets()...)
 	}
 	for _, t := range targets {
 		if err := smoke(ctx, t); err != nil {
 			return err
 		}
 	}
+	caddy, gateway := mock.caddy, mock.gateway
 
 	if err := b.proxying(ctx, targets); err != nil {
 		return err
@@ -137,17 +159,80 @@ func (b *bench) run(ctx context.Context) error {
 	return nil
 }
 
-// startPlainCaddy starts plain Caddy reverse_proxy to the mock, with a loopback admin
-// endpoint when withAdmin (for /debug/vars).
-func (b *bench) startPlainCaddy(ctx context.Context, name string, withAdmin bool) (*proc, error) {
+// backendSet is one backend and what is measured in front of it, as one table of the report
+// shows them: the backend directly, plain Caddy reverse_proxy to it, the gateway with it as its
+// backend and, with -rate-limits, the same gateway with a rate_limits tier.
+type backendSet struct {
+	name, label string
+	backend     *proc
+	direct      *target
+	caddy       *target
+	gateway     *target
+	limited     *target          // nil without -rate-limits
+	peers       []*labeledTarget // gateways of other projects in front of it (-peers)
+}
+
+func (s *backendSet) targets() []*target {
+	ts := []*target{s.direct, s.caddy, s.gateway}
+	if s.limited != nil {
+		ts = append(ts, s.limited)
+	}
+	for _, p := range s.peers {
+		ts = append(ts, p.t)
+	}
+	return ts
+}
+
+// targetName is the name of a target in front of the backend: the bare role for the mock (the
+// names the rest of the report uses), prefixed with the backend's name for the others.
+func targetName(backend, role string) string {
+	if backend == "mock" {
+		return role
+	}
+	return backend + "-" + role
+}
+
+// startSet starts plain Caddy and the gateway(s) in front of backend, which is running.
+func (b *bench) startSet(ctx context.Context, name, label string, backend *proc) (*backendSet, error) {
+	s := &backendSet{name: name, label: label, backend: backend}
+	newTarget := func(role string, p *proc) *target {
+		return &target{name: targetName(name, role), url: p.baseURL() + "/v1/chat/completions", keys: []string{b.key}, proc: p}
+	}
+	s.direct = newTarget("direct", backend)
+	p, err := b.startPlainCaddy(ctx, targetName(name, "caddy"), backend.addr, false)
+	if err != nil {
+		return nil, err
+	}
+	s.caddy = newTarget("caddy", p)
+	if p, err = b.startGatewayTo(ctx, targetName(name, "gateway"), "bench-"+name, backend.addr, "", ""); err != nil {
+		return nil, err
+	}
+	s.gateway = newTarget("gateway", p)
+	if b.cfg.rateLimits {
+		if p, err = b.startGatewayTo(ctx, targetName(name, "gateway-limits"), "bench-"+name, backend.addr, "", generousRateLimits); err != nil {
+			return nil, err
+		}
+		s.limited = newTarget("gateway-limits", p)
+	}
+	return s, nil
+}
+
+// startPlainCaddy starts plain Caddy reverse_proxy to the backend at backendAddr, with a
+// loopback admin endpoint when withAdmin (for /debug/vars).
+func (b *bench) startPlainCaddy(ctx context.Context, name, backendAddr string, withAdmin bool) (*proc, error) {
 	return startCaddy(ctx, b.cfg.caddyBin, b.root, name, withAdmin, func(addr, admin, dir string) string {
-		return caddyCaddyfile(addr, admin, dir, b.mock.addr)
+		return caddyCaddyfile(addr, admin, dir, backendAddr)
 	})
 }
 
-// startGateway starts a gateway on db, or on a fresh copy of the seeded store when db is "",
-// with extra in its llm_gateway block.
+// startGateway starts a gateway in front of the mock on db, or on a fresh copy of the seeded
+// store when db is "", with extra in its llm_gateway block.
 func (b *bench) startGateway(ctx context.Context, name, db, extra string) (*proc, error) {
+	return b.startGatewayTo(ctx, name, "bench-mock", b.mock.addr, db, extra)
+}
+
+// startGatewayTo is startGateway with the backend named backendName at backendAddr.
+func (b *bench) startGatewayTo(ctx context.Context, name, backendName, backendAddr, db, extra string) (*proc, error) {
 	if db == "" {
 		f, err := os.CreateTemp(b.root, name+"-*.db")
 		if err != nil {
@@ -161,7 +246,7 @@ func (b *bench) startGateway(ctx context.Context, name, db, extra string) (*proc
 		}
 	}
 	return startCaddy(ctx, b.cfg.caddyBin, b.root, name, true, func(addr, admin, dir string) string {
-		return gatewayCaddyfile(addr, admin, dir, b.mock.addr, db, extra)
+		return gatewayCaddyfile(addr, admin, dir, backendName, backendAddr, db, extra)
 	})
 }
 
@@ -204,6 +289,8 @@ func (b *bench) proxying(ctx context.Context, targets []*target) error {
 			c1, err1 := cpuTicks(t.proc.pid())
 			res.add("rps", t.name, nanIf(tp.ok == 0, tp.rps()))
 			res.add("cores", t.name, nanIf(err0 != nil || err1 != nil, float64(c1-c0)/float64(b.hz)/tp.elapsed.Seconds()))
+			res.add("cpureq", t.name, nanIf(err0 != nil || err1 != nil || tp.ok+tp.errs == 0,
+				float64(c1-c0)*1e6/float64(b.hz)/float64(tp.ok+tp.errs)))
 			res.fail(t.name, tp.errs, tp.firstErr)
 
 			lat := runLoad(ctx, cl, t, 1, cfg.duration, cfg.maxRequests, true)
@@ -221,7 +308,7 @@ func (b *bench) proxying(ctx context.Context, targets []*target) error {
 				res.notes = append(res.notes, fmt.Sprintf("round %d, %s: %d of %d TTFT streams within the time bound", r+1, t.name, n, cfg.ttftN))
 			}
 
-			logln(fmt.Sprintf("round %d %-8s %8.0f req/s (c=%d)  p50 %.3f ms  p99 %.3f ms (c=1)  TTFT p50 %.3f ms (%d streams)  errors %d",
+			logln(fmt.Sprintf("round %d %-19s %8.0f req/s (c=%d)  p50 %.3f ms  p99 %.3f ms (c=1)  TTFT p50 %.3f ms (%d streams)  errors %d",
 				r+1, t.name, tp.rps(), cfg.conc, ms(pct(lat.lat, .5)), ms(pct(lat.lat, .99)), ms(pct(tt.ttft, .5)), n,
 				tp.errs+lat.errs+tt.errs))
 		}
@@ -413,7 +500,7 @@ func (b *bench) memory(ctx context.Context) error {
 				err error
 			)
 			if kind == "caddy" {
-				p, err = b.startPlainCaddy(ctx, "caddy-mem", true)
+				p, err = b.startPlainCaddy(ctx, "caddy-mem", b.mock.addr, true)
 			} else {
 				p, err = b.startGateway(ctx, "gateway-mem", "", "")
 			}

@@ -18,9 +18,10 @@ import (
 // target is one thing requests are sent to.
 type target struct {
 	name string
-	url  string   // the chat completions URL
-	keys []string // API keys sent as Authorization: Bearer, one after the other
-	proc *proc    // the serving process, whose CPU and memory are read
+	url  string      // the chat completions URL
+	keys []string    // API keys sent as Authorization: Bearer, one after the other
+	hdr  http.Header // more request headers (a peer's routing headers), nil for most
+	proc *proc       // the serving process, whose CPU and memory are read
 }
 
 // Every target gets the same request bytes (the mock and plain Caddy ignore the key; the
@@ -52,6 +53,9 @@ func (t *target) request(ctx context.Context, body []byte, i int64) *http.Reques
 		panic(err) // a URL we made
 	}
 	req.Header.Set("Content-Type", "application/json")
+	for k, v := range t.hdr {
+		req.Header[k] = v
+	}
 	if len(t.keys) > 0 {
 		req.Header.Set("Authorization", "Bearer "+t.keys[int(i%int64(len(t.keys)))])
 	}

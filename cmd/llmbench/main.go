@@ -1,6 +1,8 @@
 // Command llmbench benchmarks the LLM gateway beside plain Caddy reverse_proxy and the mock
 // backend called directly, all on 127.0.0.1 and all started by it as separate processes of one
-// Caddy binary (make bench):
+// Caddy binary (make bench); and, with -backends mock,fake (the default), the same in front of
+// a backend we did not write, the peers-bench kit's fake (package fakebackend, run as
+// `llmbench fake`, a process of this program), for 1 and 2:
 //
 //  1. non-streaming chat completions: throughput at concurrency 32, p50/p99 latency at c=1;
 //  2. time to first token (first "data:" line) of streamed completions at c=1;
@@ -16,12 +18,18 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"os"
 	"os/signal"
+	"path/filepath"
+	"slices"
+	"strings"
 	"syscall"
 	"time"
+
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/cmd/llmbench/fakebackend"
 )
 
 // config is the command line.
@@ -50,6 +58,9 @@ type config struct {
 	tmpDir         string
 	keepTmp        bool
 	rateLimits     bool
+	backends       []string
+	peers          []string
+	peersDir       string
 }
 
 func parseFlags() config {
@@ -78,6 +89,14 @@ func parseFlags() config {
 	fs.IntVar(&c.spreadKeys, "spread-keys", 1000, "also measure CPU per request on the large store with requests spread over this many different keys\n(informative: each lookup then reads a different row of the big table, not the same hot one); 0: skip")
 	fs.StringVar(&c.tmpDir, "tmpdir", "", "where the run's temporary folder (Caddyfiles, SQLite files, logs) is made; default: the system's")
 	fs.BoolVar(&c.rateLimits, "rate-limits", false, "also run a gateway with a rate_limits block of one generous tier (every limit kind on, none reached)\nbeside the one without, in the same interleaved rounds of the throughput and CPU measurements, to measure what\nadmission by the rate limits costs")
+	backends := fs.String("backends", "mock,fake", "comma-separated backends that the throughput, latency and TTFT measurements are made in front of, one table each:\n"+
+		"mock (llm_mock_backend, required: the targets, CPU and memory measurements use it) and fake (the foreign OpenAI-compatible\n"+
+		"fake of the peers-bench kit, cmd/llmbench/fakebackend, run as `llmbench fake`, a process of this program)")
+	peers := fs.String("peers", "", "comma-separated gateways of other projects to measure in front of the fake (needs fake in -backends), in the same rounds:\n"+
+		"portkey (@portkey-ai/gateway "+portkeyVersion+" from npm, installed into -peers-dir on first use, run by node). A peer that cannot be\n"+
+		"installed or started (no node or npm, no registry) is left out with a note")
+	cacheDir, _ := os.UserCacheDir()
+	fs.StringVar(&c.peersDir, "peers-dir", filepath.Join(cacheDir, "llmbench", "peers"), "where the -peers are installed, kept between runs")
 	fs.BoolVar(&c.keepTmp, "keep-tmp", false, "keep the temporary folder (its path is printed) instead of removing it")
 	fs.Usage = func() {
 		o := fs.Output()
@@ -85,9 +104,10 @@ func parseFlags() config {
 
 It starts, as separate processes of the -caddy binary: the mock backend (llm_mock_backend, admin off),
 plain Caddy reverse_proxy to it (admin off), and the gateway (llm_gateway on an SQLite store seeded with
-one user, plenty of credits and one API key; admin on a free loopback port). Then, in interleaved rounds:
-  1. non-streaming throughput at c=-conc and p50/p99 latency at c=1, for each of the three;
-  2. time to the first "data:" line of streamed completions at c=1, for each of the three;
+one user, plenty of credits and one API key; admin on a free loopback port); and the same in front of the
+foreign fake backend (-backends), which runs as "llmbench fake -addr ...". Then, in interleaved rounds:
+  1. non-streaming throughput at c=-conc and p50/p99 latency at c=1, for each of them;
+  2. time to the first "data:" line of streamed completions at c=1, for each of them;
   3. CPU per request (utime+stime from /proc) of the gateway with 1 key and with -keys keys in its store
      (a second gateway process on a second file), and of plain Caddy, at c=-cpu-conc;
   4. memory per open stream: VmRSS growth of a freshly started gateway and plain Caddy with -streams
@@ -96,12 +116,23 @@ It prints a markdown report (medians over rounds; ratios and differences taken w
 writes it to -out. Every child is stopped at the end, on error and on interrupt.
 
 Usage: go run ./cmd/llmbench [flags]
+       llmbench fake [-addr 127.0.0.1:9000] [-delay 0] [-chunks 20] [-interval 10ms]
 
 Flags:
 `)
 		fs.PrintDefaults()
 	}
 	flag.Parse()
+	for _, name := range strings.Split(*backends, ",") {
+		if name = strings.TrimSpace(name); name != "" {
+			c.backends = append(c.backends, name)
+		}
+	}
+	for _, name := range strings.Split(*peers, ",") {
+		if name = strings.TrimSpace(name); name != "" {
+			c.peers = append(c.peers, name)
+		}
+	}
 	if c.quick {
 		set := map[string]bool{}
 		fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
@@ -142,11 +173,41 @@ func (c config) validate() error {
 		return fmt.Errorf("-spread-keys must be from 0 to -keys minus 1")
 	case c.pprofSeconds < 1:
 		return fmt.Errorf("-pprof-seconds must be at least 1")
+	case !slices.Contains(c.backends, "mock"):
+		return fmt.Errorf("-backends must include mock (the targets, the CPU and the memory measurements use it)")
+	}
+	for i, name := range c.backends {
+		if name != "mock" && name != "fake" {
+			return fmt.Errorf("-backends: unknown backend %q (mock, fake)", name)
+		}
+		if slices.Index(c.backends, name) != i {
+			return fmt.Errorf("-backends: %s given twice", name)
+		}
+	}
+	for i, name := range c.peers {
+		if name != "portkey" {
+			return fmt.Errorf("-peers: unknown peer %q (portkey)", name)
+		}
+		if slices.Index(c.peers, name) != i {
+			return fmt.Errorf("-peers: %s given twice", name)
+		}
+	}
+	if len(c.peers) > 0 && !slices.Contains(c.backends, "fake") {
+		return fmt.Errorf("-peers needs fake in -backends (the peers are measured in front of it)")
 	}
 	return nil
 }
 
 func main() {
+	// `llmbench fake [flags]` is the foreign fake backend, which the benchmark runs as a process
+	// of this very program.
+	if len(os.Args) > 1 && os.Args[1] == "fake" {
+		if err := fakebackend.Main(os.Args[2:]); err != nil && !errors.Is(err, flag.ErrHelp) {
+			fmt.Fprintln(os.Stderr, "llmbench fake:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	cfg := parseFlags()
 	if flag.NArg() > 0 {
 		fmt.Fprintf(os.Stderr, "llmbench: unexpected arguments %q (see -h)\n", flag.Args())

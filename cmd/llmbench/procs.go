@@ -85,15 +85,15 @@ http://%s {
 `, addr, benchModel, chunks, chunkInterval)
 }
 
-// caddyCaddyfile: plain reverse_proxy to the mock, Caddy's defaults otherwise (no access log);
-// admin off unless admin is set.
-func caddyCaddyfile(addr, admin, dir, mock string) string {
+// caddyCaddyfile: plain reverse_proxy to the backend (the mock or the fake), Caddy's defaults
+// otherwise (no access log); admin off unless admin is set.
+func caddyCaddyfile(addr, admin, dir, backend string) string {
 	return globalOptions(admin, dir) + fmt.Sprintf(`
 http://%s {
 	bind 127.0.0.1
 	reverse_proxy %s
 }
-`, addr, mock)
+`, addr, backend)
 }
 
 // generousRateLimits turns every kind of rate limit on, far above what the bench can send.
@@ -109,16 +109,17 @@ const generousRateLimits = `
 			}
 		}`
 
-// gatewayCaddyfile: the gateway on its SQLite file with one OpenAI-style backend, the mock; the
-// admin endpoint on loopback for pprof. No access log, like plain Caddy. extra is added to its
-// llm_gateway block (generousRateLimits for the gateway with rate limits).
-func gatewayCaddyfile(addr, admin, dir, mock, db, extra string) string {
+// gatewayCaddyfile: the gateway on its SQLite file with one OpenAI-style backend, named
+// backendName at backendAddr (the mock or the fake); the admin endpoint on loopback for pprof.
+// No access log, like plain Caddy. extra is added to its llm_gateway block (generousRateLimits
+// for the gateway with rate limits).
+func gatewayCaddyfile(addr, admin, dir, backendName, backendAddr, db, extra string) string {
 	return globalOptions(admin, dir) + fmt.Sprintf(`
 http://%s {
 	bind 127.0.0.1
 	llm_gateway {
 		store sqlite %s%s
-		backend bench-mock {
+		backend %s {
 			url http://%s
 			style openai
 			health_check {
@@ -132,7 +133,7 @@ http://%s {
 	}
 	respond "Not found" 404
 }
-`, addr, db, extra, mock, benchModel)
+`, addr, db, extra, backendName, backendAddr, benchModel)
 }
 
 // startCaddy writes the Caddyfile that makeConfig returns for the given ports into a folder of
@@ -158,19 +159,44 @@ func startCaddy(ctx context.Context, caddyBin, root, name string, withAdmin bool
 	if err := os.WriteFile(cfg, []byte(makeConfig(addr, admin, dir)), 0o600); err != nil {
 		return nil, err
 	}
-	logPath := filepath.Join(dir, "caddy.log")
+	cmd := exec.Command(caddyBin, "run", "--config", cfg, "--adapter", "caddyfile")
+	cmd.Env = append(os.Environ(),
+		"XDG_DATA_HOME="+filepath.Join(dir, "xdg-data"),
+		"XDG_CONFIG_HOME="+filepath.Join(dir, "xdg-config"))
+	return spawn(ctx, cmd, name, addr, admin, dir, 20*time.Second)
+}
+
+// startFake starts the foreign fake backend (package fakebackend) as a process of this very
+// program, `llmbench fake -addr ... args...`, in a folder of its own under root.
+func startFake(ctx context.Context, root, name string, args ...string) (*proc, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return nil, fmt.Errorf("finding this program to run the fake backend: %w", err)
+	}
+	addr, err := freePort()
+	if err != nil {
+		return nil, err
+	}
+	dir, err := os.MkdirTemp(root, name+"-")
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(self, append([]string{"fake", "-addr", addr}, args...)...)
+	return spawn(ctx, cmd, name, addr, "", dir, 20*time.Second)
+}
+
+// spawn starts cmd in dir, its output in dir's log, in a new process group, and waits (at most
+// timeout) until addr accepts connections.
+func spawn(ctx context.Context, cmd *exec.Cmd, name, addr, admin, dir string, timeout time.Duration) (*proc, error) {
+	logPath := filepath.Join(dir, name+".log")
 	logf, err := os.Create(logPath)
 	if err != nil {
 		return nil, err
 	}
 	defer logf.Close() // the child has its own descriptor
 
-	cmd := exec.Command(caddyBin, "run", "--config", cfg, "--adapter", "caddyfile")
 	cmd.Dir = dir
 	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.Env = append(os.Environ(),
-		"XDG_DATA_HOME="+filepath.Join(dir, "xdg-data"),
-		"XDG_CONFIG_HOME="+filepath.Join(dir, "xdg-config"))
 	// Own process group, so that stopping kills whatever it started too; and killed with
 	// this process should it die without cleaning up.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
@@ -187,15 +213,15 @@ func startCaddy(ctx context.Context, caddyBin, root, name string, withAdmin bool
 		close(p.done)
 	}()
 
-	if err := p.waitListening(ctx, 20*time.Second); err != nil {
+	if err := p.waitListening(ctx, timeout); err != nil {
 		p.stop()
 		return nil, fmt.Errorf("%s: %w\n%s", name, err, p.logTail(20))
 	}
-	logf2 := fmt.Sprintf("started %s pid %d on %s", name, p.pid(), addr)
+	msg := fmt.Sprintf("started %s pid %d on %s", name, p.pid(), addr)
 	if admin != "" {
-		logf2 += " (admin " + admin + ")"
+		msg += " (admin " + admin + ")"
 	}
-	logln(logf2)
+	logln(msg)
 	return p, nil
 }
 

@@ -25,7 +25,7 @@ func (b *bench) report() string {
 	var s strings.Builder
 	w := func(format string, a ...any) { fmt.Fprintf(&s, format, a...) }
 
-	w("# llmbench: gateway vs plain Caddy vs the mock backend\n\n")
+	w("# llmbench: gateway vs plain Caddy vs the backend directly\n\n")
 	mode := ""
 	if cfg.quick {
 		mode = " **(-quick: rough figures)**"
@@ -65,8 +65,34 @@ func (b *bench) report() string {
 	}
 	w("\n")
 
+	// One summary table per backend.
+	w("## Per backend\n\n")
+	w("The same measurements in front of each backend, in the same interleaved rounds. CPU/request: utime+stime of the serving "+
+		"process alone during the c=%d run, divided by the requests sent; ×plain Caddy: req/s over plain Caddy's in front "+
+		"of the same backend, within each round. The fake's streams are shaped like the mock's (%d chunks, %s apart).\n\n",
+		cfg.conc, cfg.ttftChunks, cfg.ttftInterval)
+	for _, set := range b.sets {
+		w("### In front of %s\n\n", set.label)
+		w("| target | req/s c=%d | × plain Caddy | µs CPU/request | p50 ms c=1 | TTFT p50 ms c=1 | failed requests |\n|---|---:|---:|---:|---:|---:|---:|\n", cfg.conc)
+		rows := []*labeledTarget{
+			{"backend direct", set.direct},
+			{"plain Caddy reverse_proxy", set.caddy},
+			{"gateway (key, reservation, settlement, metering)", set.gateway},
+		}
+		if set.limited != nil {
+			rows = append(rows, &labeledTarget{"gateway with rate limits", set.limited})
+		}
+		rows = append(rows, set.peers...)
+		for _, row := range rows {
+			n := row.t.name
+			w("| %s | %s | ×%s | %s | %s | %s | %d |\n", row.label, f0(r.med("rps", n)), f2(r.pairwise("rps", n, set.caddy.name, ratio)),
+				f1(r.med("cpureq", n)), f3(r.med("p50", n)), f3(r.med("ttft50", n)), r.errs[n])
+		}
+		w("\n")
+	}
+
 	// Non-streaming and TTFT.
-	w("## Non-streaming chat completions and time to first token\n\n")
+	w("## Non-streaming chat completions and time to first token (the mock)\n\n")
 	w("| target | req/s, c=%d | CPU cores used, c=%d | p50 ms, c=1 | p99 ms, c=1 | TTFT p50 ms | TTFT p99 ms | whole stream p50 ms | failed requests |\n", cfg.conc, cfg.conc)
 	w("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 	proxied := []struct{ name, label string }{{"direct", "mock, direct"}, {"caddy", "plain Caddy reverse_proxy"}, {"gateway", "gateway"}}
@@ -165,8 +191,8 @@ func (b *bench) report() string {
 	for k := range r.vals {
 		keys = append(keys, k)
 	}
-	order := map[string]int{"rps": 0, "cores": 1, "p50": 2, "p99": 3, "ttft50": 4, "ttft99": 5, "stream50": 6, "cpu": 7,
-		"cpurps": 8, "rssidle": 9, "rssopen": 10, "streamsopen": 11, "kbps": 12, "livekbps": 13}
+	order := map[string]int{"rps": 0, "cores": 1, "cpureq": 2, "p50": 3, "p99": 4, "ttft50": 5, "ttft99": 6, "stream50": 7, "cpu": 8,
+		"cpurps": 9, "rssidle": 10, "rssopen": 11, "streamsopen": 12, "kbps": 13, "livekbps": 14}
 	slices.SortFunc(keys, func(a, b string) int {
 		ma, ta, _ := strings.Cut(a, "/")
 		mb, tb, _ := strings.Cut(b, "/")
@@ -175,7 +201,8 @@ func (b *bench) report() string {
 		}
 		return strings.Compare(ta, tb)
 	})
-	labels := map[string]string{"rps": "req/s c=" + fmt.Sprint(cfg.conc), "cores": "CPU cores used c=" + fmt.Sprint(cfg.conc), "p50": "p50 ms c=1", "p99": "p99 ms c=1",
+	labels := map[string]string{"rps": "req/s c=" + fmt.Sprint(cfg.conc), "cores": "CPU cores used c=" + fmt.Sprint(cfg.conc),
+		"cpureq": "µs CPU/request c=" + fmt.Sprint(cfg.conc), "p50": "p50 ms c=1", "p99": "p99 ms c=1",
 		"ttft50": "TTFT p50 ms", "ttft99": "TTFT p99 ms", "stream50": "whole stream p50 ms", "cpu": "µs CPU/request",
 		"cpurps": "req/s in CPU run", "rssidle": "idle VmRSS MB", "rssopen": "VmRSS streams open MB",
 		"streamsopen": "streams open", "kbps": "KB per open stream (VmRSS)",
