@@ -93,7 +93,8 @@ func exposedGateway(t *testing.T, b *exposedBackend, extra string) *env {
 // the client (API.md §5's CORS is the gateway's, for its own allowed origins): a backend's
 // Access-Control-Allow-Origin: * with credentials, its cookies, Server, Alt-Svc and internal
 // fields never do, for buffered and streamed answers, and a disallowed origin gets no CORS
-// grant. The client's browser context (Origin, Referer, Cookie, Sec-Fetch-*) does not reach the
+// grant. The client's browser context (Origin, Referer, Cookie, Sec-Fetch-*), its body encoding
+// and the provider account fields (OpenAI-Organization, OpenAI-Project) do not reach the
 // backend; other headers (X-Mock-*) do.
 func TestBackendHeadersAllowlisted(t *testing.T) {
 	b := newExposedBackend(t)
@@ -108,7 +109,8 @@ func TestBackendHeadersAllowlisted(t *testing.T) {
 		{"streamed, foreign origin", "http://evil.example", strings.Replace(chat, `{"model"`, `{"stream":true,"model"`, 1)},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			hdr := map[string]string{"Referer": "http://evil.example/page", "Cookie": "site=1", "Sec-Fetch-Site": "cross-site", "X-Mock-Probe": "yes"}
+			hdr := map[string]string{"Referer": "http://evil.example/page", "Cookie": "site=1", "Sec-Fetch-Site": "cross-site", "X-Mock-Probe": "yes",
+				"OpenAI-Organization": "org-of-the-callers-choice", "OpenAI-Project": "proj_x", "Content-Encoding": "identity"}
 			if tc.origin != "" {
 				hdr["Origin"] = tc.origin
 			}
@@ -137,7 +139,7 @@ func TestBackendHeadersAllowlisted(t *testing.T) {
 			}
 			reqs := b.requests()
 			got := reqs[len(reqs)-1].Header
-			for _, k := range []string{"Origin", "Referer", "Cookie", "Sec-Fetch-Site"} {
+			for _, k := range []string{"Origin", "Referer", "Cookie", "Sec-Fetch-Site", "Openai-Organization", "Openai-Project", "Content-Encoding"} {
 				if v := got.Values(k); len(v) > 0 {
 					t.Errorf("the client's %s %q reached the backend", k, v)
 				}

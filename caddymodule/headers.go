@@ -38,9 +38,13 @@ func copyBackendHeaders(dst, src http.Header, gatewayLimits bool) {
 // clientContextHeaders are request fields of a browser or of the client's own network that no
 // backend needs: where the request comes from (Origin, Referer, the Fetch metadata), what the
 // client's proxies said about it (Caddy's reverse proxy sets X-Forwarded-* itself, from the
-// trusted client address), and its CORS preflight fields.
+// trusted client address), and its CORS preflight fields; the body's encoding (the gateway
+// sends the body it re-encoded, as identity); and the fields that choose which account of the
+// operator's a provider bills (OpenAI-Organization, OpenAI-Project: per backend, in the
+// configuration, never the caller's to pick).
 var clientContextHeaders = []string{"Origin", "Referer", "Forwarded", "X-Real-Ip", "Via",
-	"Access-Control-Request-Method", "Access-Control-Request-Headers"}
+	"Access-Control-Request-Method", "Access-Control-Request-Headers", "Content-Encoding",
+	"Openai-Organization", "Openai-Project"}
 
 // stripClientContext removes clientContextHeaders and the Sec-Fetch-* fields from a request
 // going to a backend.
