@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/openai/openai-go/v3"
+	"github.com/openai/openai-go/v3/option"
 )
 
 // TestMakeRunNewcomerCurl: what `make run` runs (Caddyfile.example, on free ports and a temp
@@ -358,4 +360,54 @@ func TestExampleClosesSlowClients(t *testing.T) {
 		t.Errorf("the backends got %d requests, want the 2 normal ones", got)
 	}
 	e.checkAllAccounts(0)
+}
+
+// TestExampleAnswersWhatClientsRead: against Caddyfile.example as shipped, the clients people
+// point at it read real answers: the openai SDK on http://127.0.0.1 gets a completion and the
+// model list (not Caddy's empty 200), an Ollama client reads error as a string on /api/*, and an
+// unknown or not yet served route under /v1/ answers the contract's JSON, not a text page.
+func TestExampleAnswersWhatClientsRead(t *testing.T) {
+	e, ports := startExample(t)
+	byIP := fmt.Sprintf("http://127.0.0.1:%d", ports["8080"])
+	// No key, as a newcomer: the anonymous allowance answers (the SDK's Authorization header
+	// is removed, since an unknown key would be refused, not taken as anonymous).
+	client := openai.NewClient(option.WithBaseURL(byIP+"/v1/"), option.WithMaxRetries(0), option.WithHeaderDel("Authorization"))
+	var c *openai.ChatCompletion
+	poll(t, 20*time.Second, "a completion through the SDK", func() (bool, string) {
+		var err error
+		c, err = client.Chat.Completions.New(t.Context(), openai.ChatCompletionNewParams{
+			Model: "cheapest", Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage("hi")},
+		})
+		return err == nil, fmt.Sprint(err)
+	})
+	if len(c.Choices) != 1 || c.Choices[0].Message.Content == "" {
+		t.Errorf("the SDK read an empty completion: %+v", c)
+	}
+	models, err := client.Models.List(t.Context())
+	if err != nil || len(models.Data) < 2 {
+		t.Errorf("the SDK's model list: %v, %+v", err, models)
+	}
+
+	// Ollama clients read error as a string.
+	r := e.request(http.MethodPost, byIP+"/api/chat", `{"model":"cheapest"}`, nil)
+	var ollama struct {
+		Error any    `json:"error"`
+		Code  string `json:"code"`
+	}
+	if err := json.Unmarshal(r.body, &ollama); err != nil || r.status != http.StatusBadRequest || ollama.Code != "invalid_request" {
+		t.Errorf("a bad /api/chat: %s", r)
+	}
+	if s, ok := ollama.Error.(string); !ok || s == "" {
+		t.Errorf("on /api/chat, error is %T %v: ollama-js shows an object as \"[object Object]\"", ollama.Error, ollama.Error)
+	}
+
+	// Routes under /v1/ answer JSON: 501 for an API not served yet, 404 for none.
+	for path, want := range map[string]string{"/v1/responses": "not_implemented", "/v1/no-such-route": "not_found"} {
+		r := e.request(http.MethodPost, byIP+path, `{}`, nil)
+		status := http.StatusNotFound
+		if want == "not_implemented" {
+			status = http.StatusNotImplemented
+		}
+		errorOf(t, r, status, want)
+	}
 }
