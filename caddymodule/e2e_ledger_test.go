@@ -150,6 +150,17 @@ func TestReservationBoundsTheCost(t *testing.T) {
 	if a.Balance != credits.Amount(micro(t, "1"))-reserved || a.Balance < 0 {
 		t.Errorf("balance %s, want 1 - %s", a.Balance, reserved)
 	}
+
+	// Nor does a key's spending pass its cap that way: a cap covering one reservation admits
+	// one over-reporting request, charged the reservation, and refuses the next.
+	capped := e.createKey(u.ID, map[string]any{"name": "capped", "credit_cap": json.Number(reserved.String())})
+	over := map[string]string{"Authorization": "Bearer " + capped.Key, "X-Script-Usage": "1000000,1000000"}
+	if r := e.post("/v1/chat/completions", body, over); r.status != http.StatusOK || amountOf(t, r.header.Get("X-Credits-Charged")) != reserved {
+		t.Fatalf("capped key, over-reporting backend: %s, charged %s", r, r.header.Get("X-Credits-Charged"))
+	}
+	if r := e.post("/v1/chat/completions", body, over); r.status != http.StatusPaymentRequired && r.status != http.StatusForbidden {
+		t.Errorf("a second request past the key's cap: %s", r)
+	}
 	e.checkAllAccounts(0)
 }
 
