@@ -214,7 +214,8 @@ func parseInference(format routing.Format, body []byte, maxPriceHeader string, l
 		return nil, err
 	}
 	// What the model reads must be there; the backend judges it.
-	if err := checkPrompt(sf.PromptRule, sf.Prompt, f[sf.Prompt]); err != nil {
+	prompts, err := checkPrompt(sf.PromptRule, sf.Prompt, f[sf.Prompt])
+	if err != nil {
 		return nil, err
 	}
 	// Everything in the body can reach the model (messages, system, tools, functions,
@@ -246,6 +247,9 @@ func parseInference(format routing.Format, body []byte, maxPriceHeader string, l
 			}
 			inf.choices = max(inf.choices, n)
 		}
+	}
+	if sf.Batch {
+		inf.choices *= prompts
 	}
 	if raw, ok := f[sf.Echo]; sf.Echo != "" && ok && !isNull(raw) {
 		var echo bool
@@ -342,59 +346,66 @@ func (inf *inference) boundOutput(sf *routing.Surface, lim requestLimits) error 
 	return nil
 }
 
-// checkPrompt checks that the prompt member raw (named field) is there as rule says.
-func checkPrompt(rule routing.PromptRule, field string, raw json.RawMessage) error {
+// checkPrompt checks that the prompt member raw (named field) is there as rule says, and
+// returns how many prompts it holds (PromptTexts: an array of several; else 1).
+func checkPrompt(rule routing.PromptRule, field string, raw json.RawMessage) (int64, error) {
 	switch rule {
 	case routing.PromptMessages:
 		// The body is valid JSON already: an array whose first element is an object will do
 		// here; the backend judges the messages themselves.
 		msgs := bytes.TrimSpace(raw)
 		if len(msgs) < 2 || msgs[0] != '[' || bytes.TrimSpace(msgs[1:])[0] != '{' {
-			return invalid(field, "%s is required and must be a non-empty array of objects", field)
+			return 0, invalid(field, "%s is required and must be a non-empty array of objects", field)
 		}
 	case routing.PromptString:
 		var p string
 		if err := json.Unmarshal(raw, &p); err != nil {
-			return invalid(field, "%s is required and must be a string", field)
+			return 0, invalid(field, "%s is required and must be a string", field)
 		}
 	case routing.PromptInput:
 		in := bytes.TrimSpace(raw)
 		if len(in) == 0 || (in[0] != '"' && in[0] != '[') || bytes.Equal(in, []byte("[]")) || bytes.Equal(in, []byte(`""`)) {
-			return invalid(field, "%s is required: a string or a non-empty array", field)
+			return 0, invalid(field, "%s is required: a string or a non-empty array", field)
 		}
 	case routing.PromptTexts:
-		if !isTexts(raw) {
-			return invalid(field, "%s is required: a string, or a non-empty array of strings, of token ids or of token id arrays", field)
+		n := textPrompts(raw)
+		if n == 0 {
+			return 0, invalid(field, "%s is required: a string, or a non-empty array of strings, of token ids or of token id arrays", field)
 		}
+		return n, nil
 	}
-	return nil
+	return 1, nil
 }
 
-// isTexts reports whether raw is a non-empty string, or a non-empty array of strings, of
-// token ids, or of non-empty arrays of token ids.
-func isTexts(raw json.RawMessage) bool {
-	var s string
-	if err := json.Unmarshal(raw, &s); err == nil && len(bytes.TrimSpace(raw)) > 0 && bytes.TrimSpace(raw)[0] == '"' {
-		return s != ""
+// textPrompts returns how many prompts raw holds: 1 for a non-empty string or a non-empty
+// array of token ids, the length of a non-empty array of strings or of non-empty arrays of
+// token ids; 0 for anything else.
+func textPrompts(raw json.RawMessage) int64 {
+	if t := bytes.TrimSpace(raw); len(t) > 0 && t[0] == '"' {
+		var s string
+		if json.Unmarshal(raw, &s) != nil || s == "" {
+			return 0
+		}
+		return 1
 	}
 	var strs []string
 	if err := json.Unmarshal(raw, &strs); err == nil && len(strs) > 0 {
-		return true
+		return int64(len(strs))
 	}
 	var ids []uint32
 	if err := json.Unmarshal(raw, &ids); err == nil && len(ids) > 0 {
-		return true
+		return 1
 	}
 	var lists [][]uint32
 	if err := json.Unmarshal(raw, &lists); err != nil || len(lists) == 0 {
-		return false
+		return 0
 	}
 	for _, l := range lists {
 		if len(l) == 0 {
-			return false
+			return 0
 		}
 	}
-	return true
+	return int64(len(lists))
 }
 
 // outputBound reads a max_tokens-like field: absent or null means the default; otherwise a

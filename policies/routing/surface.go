@@ -52,6 +52,9 @@ type Surface struct {
 	// ChoiceFields ask for several choices (n, best_of): the output is bounded by the largest
 	// of them times the output bound.
 	ChoiceFields []string
+	// Batch: the prompt may be an array of prompts, each answered with its own choices (the
+	// number of prompts multiplies the choices).
+	Batch bool
 	// Echo, when set, is a boolean member that makes the prompt part of every choice's
 	// output: the prompt's bytes are added to the output bound of each choice.
 	Echo string
@@ -146,7 +149,7 @@ var Surfaces = [...]Surface{
 		Name: "completions", Method: http.MethodPost, Path: "/v1/completions",
 		Scope: identity.ScopeChatWrite, Kind: KindChat, Styles: []Style{StyleOpenAI}, Errors: ErrorsOpenAI,
 		Prompt: "prompt", PromptRule: PromptTexts,
-		OutputFields: []string{"max_tokens"}, ChoiceFields: []string{"n", "best_of"}, Echo: "echo",
+		OutputFields: []string{"max_tokens"}, ChoiceFields: []string{"n", "best_of"}, Batch: true, Echo: "echo",
 		Streams: true, IncludeUsage: true,
 		Checked: map[string][]string{
 			"":               {"prompt", "stream_options", "max_tokens", "n", "best_of", "echo"},
