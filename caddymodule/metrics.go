@@ -270,7 +270,7 @@ func (g *Gateway) initMetricLabels() {
 	for i := range routing.Surfaces {
 		ep := epSurface + endpoint(i)
 		sf := ep.surface()
-		if sf.List {
+		if ep.lists() {
 			continue
 		}
 		for _, l := range g.catalog.List(ep.format(), nil) {

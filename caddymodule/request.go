@@ -54,6 +54,9 @@ func (e endpoint) format() routing.Format { return routing.Format(e - epSurface)
 // surface is the description of a surface endpoint.
 func (e endpoint) surface() *routing.Surface { return e.format().Surface() }
 
+// lists reports whether a surface endpoint lists the catalog.
+func (e endpoint) lists() bool { return e.surface().List != routing.ListNone }
+
 // method is the HTTP method of a surface endpoint.
 func (e endpoint) method() string { return e.surface().Method }
 

@@ -206,8 +206,7 @@ func (c *caller) allowedModel() func(string) bool {
 // before anything was written is answered by ServeHTTP.
 func (ex *exchange) run() error {
 	g, r := ex.g, ex.r
-	sf := ex.ep.surface()
-	if !sf.List {
+	if !ex.ep.lists() {
 		if err := g.checkOrigin(r); err != nil {
 			return err
 		}
@@ -220,7 +219,7 @@ func (ex *exchange) run() error {
 	if !identity.HasScope(who.scopes, ex.ep.scope()) {
 		return &missingScope{scope: ex.ep.scope()}
 	}
-	if sf.List {
+	if ex.ep.lists() {
 		g.writeCatalog(ex.w, ex.ep.format(), who)
 		ex.outcome = "ok"
 		return nil
@@ -431,7 +430,7 @@ func (g *Gateway) writeCatalog(w http.ResponseWriter, format routing.Format, who
 	const unit = "credits per 1M tokens"
 	list := g.catalog.List(format, who.allowedModel())
 	var out any
-	if sf.Errors == routing.ErrorsOpenAI {
+	if sf.List == routing.ListOpenAIModels {
 		type model struct {
 			ID       string   `json:"id"`
 			Object   string   `json:"object"`

@@ -30,7 +30,7 @@ func TestSurfaces(t *testing.T) {
 		if errorShapeOf(sf.Path) != prefix {
 			t.Errorf("%s: error shape %d, its clients read %d", sf.Path, errorShapeOf(sf.Path), prefix)
 		}
-		if sf.List {
+		if sf.List != routing.ListNone {
 			if sf.Method != http.MethodGet {
 				t.Errorf("%s: a list is a GET", sf.Path)
 			}

@@ -23,7 +23,9 @@ const (
 
 // Surface describes one API route the gateway serves itself, once: everything the gateway's
 // pipeline (identify, admit, route, reserve, proxy, meter, settle) needs to know of it. The
-// pipeline has no other knowledge of a route: serving a new one is adding its Surface.
+// pipeline has no other knowledge of a route: serving a new one is adding its Surface. The
+// usage of every surface is read by the same parsers (metering.UsageFromJSON and the
+// StreamMeter know OpenAI's usage, its chat deltas and legacy texts, and Ollama's counters).
 type Surface struct {
 	// Name is the endpoint label of the metrics.
 	Name string
@@ -31,8 +33,9 @@ type Surface struct {
 	Method, Path string
 	// Scope is what a credential needs to call it.
 	Scope string
-	// List: the route lists the catalog (no body, no charge).
-	List bool
+	// List, when set, makes the route a listing of the catalog in that shape (no body, no
+	// charge): the models of Kind (any kind when empty) that a backend of Styles serves.
+	List ListShape
 	// Kind is the kind of model it needs; Styles the backend styles that serve it.
 	Kind   Kind
 	Styles []Style
@@ -87,6 +90,18 @@ const (
 	// PromptTexts: a non-empty string, or a non-empty array of strings, or of token ids, or
 	// of non-empty arrays of token ids (OpenAI's legacy completions).
 	PromptTexts
+)
+
+// ListShape is the shape of a catalog listing.
+type ListShape int
+
+const (
+	// ListNone: the route is not a listing.
+	ListNone ListShape = iota
+	// ListOpenAIModels: {"object": "list", "data": [{"id", "object": "model", ...}]}.
+	ListOpenAIModels
+	// ListOllamaTags: {"models": [{"name", "model", "modified_at", ...}]}.
+	ListOllamaTags
 )
 
 // ErrorShape is the JSON error body a family of clients reads.
@@ -169,11 +184,11 @@ var Surfaces = [...]Surface{
 		Checked: map[string][]string{"": {"prompt"}},
 	},
 	FormatOpenAIModels: {
-		Name: "models", Method: http.MethodGet, Path: "/v1/models", List: true,
+		Name: "models", Method: http.MethodGet, Path: "/v1/models", List: ListOpenAIModels,
 		Scope: identity.ScopeModelsRead, Styles: openAIStyles, Errors: ErrorsOpenAI,
 	},
 	FormatOllamaTags: {
-		Name: "tags", Method: http.MethodGet, Path: "/api/tags", List: true,
+		Name: "tags", Method: http.MethodGet, Path: "/api/tags", List: ListOllamaTags,
 		Scope: identity.ScopeModelsRead, Kind: KindChat, Styles: ollamaStyles, Errors: ErrorsOllama,
 	},
 }
