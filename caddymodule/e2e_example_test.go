@@ -101,6 +101,15 @@ func TestMakeRunNewcomerCurl(t *testing.T) {
 			t.Errorf("keyed curl %v: %s", h, r)
 		}
 	}
+	// The tour's legacy completion and Ollama embedding (README) are served by the shipped mocks.
+	for path, body := range map[string]string{
+		"/v1/completions": `{"model":"mock-small","prompt":"once upon a time","max_tokens":8}`,
+		"/api/embed":      `{"model":"nomic-mock","input":["hi","there"]}`,
+	} {
+		if r := e.post(path, body, bearer(k.Key)); r.status != http.StatusOK || amountOf(t, r.header.Get("X-Credits-Charged")) <= 0 {
+			t.Errorf("%s of the tour: %s", path, r)
+		}
+	}
 	if err := caddy.Stop(); err != nil {
 		t.Logf("stopping caddy: %v", err)
 	}

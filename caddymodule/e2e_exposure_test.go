@@ -377,13 +377,14 @@ func TestUnknownGatewayRoutesAnswerJSON(t *testing.T) {
 	}{
 		{"POST", "/v1/responses", 501, "not_implemented", "openai"},
 		{"GET", "/v1/responses/resp_1", 501, "not_implemented", "openai"},
-		{"POST", "/v1/completions", 501, "not_implemented", "openai"},
+		{"POST", "/v1/completions", 400, "invalid_request", "openai"}, // served: {} has no model
 		{"POST", "/v1/audio/speech", 501, "not_implemented", "openai"},
 		{"POST", "/v1/images/generations", 501, "not_implemented", "openai"},
 		{"POST", "/v1/messages", 501, "not_implemented", "anthropic"},
 		{"POST", "/v1/messages/count_tokens", 501, "not_implemented", "anthropic"},
-		{"POST", "/api/embed", 501, "not_implemented", "ollama"},
-		{"POST", "/api/embeddings", 501, "not_implemented", "ollama"},
+		{"POST", "/api/embed", 400, "invalid_request", "ollama"},
+		{"POST", "/api/embeddings", 400, "invalid_request", "ollama"},
+		{"POST", "/api/show", 501, "not_implemented", "ollama"},
 		{"POST", "/v1/nonsense", 404, "not_found", "openai"},
 		{"GET", "/v1/", 404, "not_found", "openai"},
 		{"POST", "/v1/chat/completions/", 404, "not_found", "openai"},

@@ -32,7 +32,8 @@ const (
 // text " w<i>".
 const faultyChunks = 8
 
-// faultyBackend answers OpenAI chat completions and embeddings and Ollama chat and generate,
+// faultyBackend answers OpenAI chat and legacy completions and embeddings and Ollama chat,
+// generate and embed,
 // JSON or streamed, with usage (prompt 11, output 8), breaking where X-Fault says. It is
 // written for this test, not the mock.
 func faultyBackend(t testing.TB) *httptest.Server {
@@ -40,7 +41,7 @@ func faultyBackend(t testing.TB) *httptest.Server {
 		body, _ := io.ReadAll(r.Body)
 		fault := faultPoint(r.Header.Get("X-Fault"))
 		stream := strings.Contains(string(body), `"stream":true`) ||
-			strings.HasPrefix(r.URL.Path, "/api/") && !strings.Contains(string(body), `"stream":false`)
+			strings.HasPrefix(r.URL.Path, "/api/") && r.URL.Path != "/api/embed" && !strings.Contains(string(body), `"stream":false`)
 		abort := func() {
 			if rc := http.NewResponseController(w); rc.Flush() == nil {
 				conn, _, err := rc.Hijack()
@@ -113,6 +114,21 @@ func faultyAnswer(path string, stream bool, pad string) (msgs []string, usage, e
 	case path == "/v1/embeddings":
 		return []string{`{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.5,0.25]}],"pad":"` + pad + `"`},
 			`,"usage":{"prompt_tokens":11,"total_tokens":11}`, "}", "application/json"
+	case path == "/api/embed":
+		return []string{`{"model":"o","embeddings":[[0.5,0.25]],"pad":"` + pad + `"`}, `,"prompt_eval_count":11`, "}", "application/json"
+	case path == "/v1/completions" && stream:
+		for i := range faultyChunks {
+			msgs = append(msgs, `data: {"id":"c","object":"text_completion","choices":[{"index":0,"text":"`+text(i)+`","finish_reason":null}]}`+"\n\n")
+		}
+		return msgs, `data: {"id":"c","object":"text_completion","choices":[],"usage":{"prompt_tokens":11,"completion_tokens":8}}` + "\n\n",
+			"data: [DONE]\n\n", "text/event-stream"
+	case path == "/v1/completions":
+		var content strings.Builder
+		for i := range faultyChunks {
+			content.WriteString(text(i))
+		}
+		return []string{`{"id":"c","object":"text_completion","choices":[{"index":0,"text":"` + content.String() + pad + `","finish_reason":"stop"}]`},
+			`,"usage":{"prompt_tokens":11,"completion_tokens":8}`, "}", "application/json"
 	case path == "/v1/chat/completions" && stream:
 		for i := range faultyChunks {
 			msgs = append(msgs, `data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"`+text(i)+`"},"finish_reason":null}]}`+"\n\n")
@@ -168,6 +184,9 @@ func TestBillMatchesWhatWasServed(t *testing.T) {
 		{"/v1/chat/completions", `{"model":"%s","messages":[{"role":"user","content":"hi"}],"max_tokens":50}`, false, "openai", "chat", metering.FamilyOpenAI},
 		{"/v1/chat/completions", `{"model":"%s","messages":[{"role":"user","content":"hi"}],"max_tokens":50,"stream":true}`, true, "openai", "chat", metering.FamilyOpenAI},
 		{"/v1/embeddings", `{"model":"%s","input":"hello there"}`, false, "openai", "embeddings", metering.FamilyOpenAI},
+		{"/v1/completions", `{"model":"%s","prompt":"hi","max_tokens":50}`, false, "openai", "chat", metering.FamilyOpenAI},
+		{"/v1/completions", `{"model":"%s","prompt":"hi","max_tokens":50,"stream":true}`, true, "openai", "chat", metering.FamilyOpenAI},
+		{"/api/embed", `{"model":"%s","input":"hello there"}`, false, "ollama", "embeddings", metering.FamilyEstimate},
 		{"/api/chat", `{"model":"%s","messages":[{"role":"user","content":"hi"}],"stream":false,"options":{"num_predict":50}}`, false, "ollama", "chat", metering.FamilyEstimate},
 		{"/api/chat", `{"model":"%s","messages":[{"role":"user","content":"hi"}],"options":{"num_predict":50}}`, true, "ollama", "chat", metering.FamilyEstimate},
 		{"/api/generate", `{"model":"%s","prompt":"hi","stream":false,"options":{"num_predict":50}}`, false, "ollama", "chat", metering.FamilyEstimate},
@@ -198,7 +217,7 @@ func TestBillMatchesWhatWasServed(t *testing.T) {
 	usageCost := func(outTokens int64) credits.Amount { return cost(t, 11, outTokens, in, out) }
 
 	for _, tg := range targets {
-		embeddings := tg.path == "/v1/embeddings"
+		embeddings := tg.kind == "embeddings"
 		outBound := int64(50)
 		if embeddings {
 			outBound = 0

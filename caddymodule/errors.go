@@ -292,9 +292,19 @@ const (
 	shapeAnthropic
 )
 
-// errorShapeOf is the error shape of a request path: Ollama's on /api/*, Anthropic's on
-// /v1/messages*, OpenAI's elsewhere (the admin API included).
+// errorShapeOf is the error shape of a request path: its surface's (routing.Surfaces), else
+// Ollama's on /api/*, Anthropic's on /v1/messages*, OpenAI's elsewhere (the admin API included).
 func errorShapeOf(path string) errorShape {
+	if f, ok := routing.SurfaceAt(path); ok {
+		switch f.Surface().Errors {
+		case routing.ErrorsOllama:
+			return shapeOllama
+		case routing.ErrorsAnthropic:
+			return shapeAnthropic
+		default:
+			return shapeOpenAI
+		}
+	}
 	switch {
 	case strings.HasPrefix(path, "/api/"):
 		return shapeOllama

@@ -267,13 +267,14 @@ func (g *Gateway) initMetricLabels() {
 	if g.Signin != nil {
 		auths = append(auths, "jwt")
 	}
-	for _, ep := range []endpoint{epChat, epEmbeddings, epOllamaChat, epOllamaGenerate} {
-		kind := routing.KindChat
-		if ep == epEmbeddings {
-			kind = routing.KindEmbeddings
+	for i := range routing.Surfaces {
+		ep := epSurface + endpoint(i)
+		sf := ep.surface()
+		if ep.lists() {
+			continue
 		}
 		for _, l := range g.catalog.List(ep.format(), nil) {
-			if l.Kind != kind {
+			if l.Kind != sf.Kind {
 				continue
 			}
 			for _, b := range l.Backends {

@@ -510,7 +510,7 @@ func (ex *exchange) peekLimitHeaders() {
 	if g.limits == nil || g.limits.def == nil || ex.who == nil || (ex.limits != nil && ex.limits.headers) {
 		return
 	}
-	if ex.ep == epModels || ex.ep == epTags {
+	if ex.ep.lists() {
 		return // the catalog routes are not limited
 	}
 	t := g.tierOf(ex.r.Context(), ex.who)

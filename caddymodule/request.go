@@ -3,84 +3,65 @@ package caddymodule
 import (
 	"bytes"
 	"encoding/json"
-	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/credits"
-	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/identity"
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/routing"
 )
 
-// endpoint is a route the gateway serves itself.
+// endpoint is a route the gateway serves itself: one of the self-service API, or an API
+// surface (epSurface + its routing.Format), described in routing.Surfaces.
 type endpoint int
 
 const (
 	epNone endpoint = iota
-	epChat
-	epEmbeddings
-	epOllamaChat
-	epOllamaGenerate
-	epModels
-	epTags
 	// The self-service API (selfservice.go).
 	epAuthKeys // /v1/auth/keys
 	epAuthKey  // /v1/auth/keys/{id}[/rotate]
 	epCredits
 	epUsage
+	// epSurface is the first API surface.
+	epSurface
 )
 
-var endpoints = map[string]endpoint{
-	"/v1/chat/completions": epChat,
-	"/v1/embeddings":       epEmbeddings,
-	"/api/chat":            epOllamaChat,
-	"/api/generate":        epOllamaGenerate,
-	"/v1/models":           epModels,
-	"/api/tags":            epTags,
-	"/v1/auth/keys":        epAuthKeys,
-	"/v1/credits":          epCredits,
-	"/v1/usage":            epUsage,
-}
-
-// endpointNames are the endpoint metric label values.
-var endpointNames = [...]string{"", "chat", "embeddings", "ollama_chat", "ollama_generate", "models", "tags",
-	"auth_keys", "auth_key", "credits", "usage"}
-
-func (e endpoint) String() string { return endpointNames[e] }
-
-// method is the HTTP method of the endpoint.
-func (e endpoint) method() string {
-	if e == epModels || e == epTags {
-		return http.MethodGet
+var endpoints = func() map[string]endpoint {
+	m := map[string]endpoint{
+		"/v1/auth/keys": epAuthKeys,
+		"/v1/credits":   epCredits,
+		"/v1/usage":     epUsage,
 	}
-	return http.MethodPost
+	for i := range routing.Surfaces {
+		m[routing.Surfaces[i].Path] = epSurface + endpoint(i)
+	}
+	return m
+}()
+
+// selfServiceNames are the endpoint metric label values of the self-service API.
+var selfServiceNames = [...]string{"", "auth_keys", "auth_key", "credits", "usage"}
+
+func (e endpoint) String() string {
+	if e >= epSurface {
+		return e.surface().Name
+	}
+	return selfServiceNames[e]
 }
 
-// scope is what a credential needs to call the endpoint.
-func (e endpoint) scope() string {
-	switch e {
-	case epEmbeddings:
-		return identity.ScopeEmbeddingsWrite
-	case epModels, epTags:
-		return identity.ScopeModelsRead
-	default:
-		return identity.ScopeChatWrite
-	}
-}
+// format is the routing format of a surface endpoint.
+func (e endpoint) format() routing.Format { return routing.Format(e - epSurface) }
 
-// format is the wire format of an inference endpoint.
-func (e endpoint) format() routing.Format {
-	switch e {
-	case epEmbeddings:
-		return routing.FormatOpenAIEmbeddings
-	case epOllamaChat:
-		return routing.FormatOllamaChat
-	case epOllamaGenerate:
-		return routing.FormatOllamaGenerate
-	default:
-		return routing.FormatOpenAIChat
-	}
-}
+// surface is the description of a surface endpoint.
+func (e endpoint) surface() *routing.Surface { return e.format().Surface() }
+
+// lists reports whether a surface endpoint lists the catalog.
+func (e endpoint) lists() bool { return e.surface().List != routing.ListNone }
+
+// method is the HTTP method of a surface endpoint.
+func (e endpoint) method() string { return e.surface().Method }
+
+// scope is what a credential needs to call a surface endpoint.
+func (e endpoint) scope() string { return e.surface().Scope }
 
 // inference is a parsed inference request body: the fields the gateway acts on, and all the
 // others kept as they came so the body can be re-encoded for each backend.
@@ -95,6 +76,8 @@ type inference struct {
 	// cost is their product.
 	outputBound int64
 	choices     int64
+	// echoBound is what the prompt adds to each choice's output when it is echoed (its bytes).
+	echoBound int64
 	// inputBound is the most prompt tokens the request can cost: one token per byte of the
 	// whole body (a byte-level tokenizer never makes more), and imageTokens per image.
 	inputBound int64
@@ -104,8 +87,9 @@ type inference struct {
 	raw []byte
 }
 
-// outputTotal is the most output tokens the request can cost: every choice at its bound.
-func (inf *inference) outputTotal() int64 { return inf.outputBound * inf.choices }
+// outputTotal is the most output tokens the request can cost: every choice at its bound, and
+// the prompt again in each when it is echoed.
+func (inf *inference) outputTotal() int64 { return (inf.outputBound + inf.echoBound) * inf.choices }
 
 // requestLimits are the bounds a request body must respect.
 type requestLimits struct {
@@ -124,17 +108,38 @@ const maxChoices = 128
 const imageTokens = 2560
 
 // checkedFields are, per level of a request body, the members the gateway reads, rewrites or
-// counts. A member whose name differs from one of them only by case, as encoding/json folds
-// names (Unicode's simple folds included: "K" is "k"), is refused: a Go backend would
-// read it in place of the one the gateway billed.
-var checkedFields = map[string][]string{
-	"": {"model", "messages", "prompt", "input", "stream", "stream_options", "max_tokens",
-		"max_completion_tokens", "n", "best_of", "options", "max_price", "images", "system",
-		"context", "suffix", "tools", "functions", "tool_choice", "response_format", "logprobs",
-		"top_logprobs", "dimensions", "raw", "template", "format"},
-	"options":        {"num_predict", "num_ctx"},
-	"stream_options": {"include_usage"},
-}
+// counts on any route (routing.CommonChecked and every surface's Checked). A member whose name
+// differs from one of them only by case, as encoding/json folds names (Unicode's simple folds
+// included: "K" is "k"), is refused: a Go backend would read it in place of the one the
+// gateway billed.
+var checkedFields = func() map[string][]string {
+	out := map[string][]string{}
+	add := func(m map[string][]string) {
+		for level, names := range m {
+			for _, n := range names {
+				if !slices.Contains(out[level], n) {
+					out[level] = append(out[level], n)
+				}
+			}
+		}
+	}
+	add(routing.CommonChecked)
+	for i := range routing.Surfaces {
+		add(routing.Surfaces[i].Checked)
+	}
+	return out
+}()
+
+// longestChecked is the length of the longest checked name.
+var longestChecked = func() int {
+	n := 0
+	for _, names := range checkedFields {
+		for _, name := range names {
+			n = max(n, len(name))
+		}
+	}
+	return n
+}()
 
 // foldedFields maps each checked name, ASCII-lowercased, to itself, per level.
 var foldedFields = func() map[string]map[string]string {
@@ -167,7 +172,7 @@ func checkFolding(level string, obj map[string]json.RawMessage) error {
 // foldsOnto returns the checked field of level that key folds onto, if any.
 func foldsOnto(level, key string) (string, bool) {
 	// A fold takes an ASCII letter to at most three bytes (U+212A KELVIN SIGN is "k").
-	if len(key) > 3*len("max_completion_tokens") {
+	if len(key) > 3*longestChecked {
 		return "", false
 	}
 	var lower [32]byte
@@ -194,8 +199,9 @@ func foldsOnto(level, key string) (string, bool) {
 	return "", false
 }
 
-// parseInference reads and checks an inference request body.
+// parseInference reads and checks an inference request body of the surface of format.
 func parseInference(format routing.Format, body []byte, maxPriceHeader string, lim requestLimits) (*inference, error) {
+	sf := format.Surface()
 	inf := &inference{format: format, choices: 1, raw: body}
 	if err := json.Unmarshal(body, &inf.fields); err != nil || inf.fields == nil {
 		return nil, invalid("", "the request body must be a JSON object")
@@ -210,117 +216,71 @@ func parseInference(format routing.Format, body []byte, maxPriceHeader string, l
 	if err := checkModelName(inf.model); err != nil {
 		return nil, err
 	}
-
 	// What the model reads must be there; the backend judges it.
-	switch format {
-	case routing.FormatOpenAIChat, routing.FormatOllamaChat:
-		// The body is valid JSON already: an array whose first element is an object will do
-		// here; the backend judges the messages themselves.
-		msgs := bytes.TrimSpace(f["messages"])
-		if len(msgs) < 2 || msgs[0] != '[' || bytes.TrimSpace(msgs[1:])[0] != '{' {
-			return nil, invalid("messages", "messages is required and must be a non-empty array of objects")
-		}
-	case routing.FormatOllamaGenerate:
-		var p string
-		if err := json.Unmarshal(f["prompt"], &p); err != nil {
-			return nil, invalid("prompt", "prompt is required and must be a string")
-		}
-	case routing.FormatOpenAIEmbeddings:
-		in := bytes.TrimSpace(f["input"])
-		if len(in) == 0 || (in[0] != '"' && in[0] != '[') || bytes.Equal(in, []byte("[]")) || bytes.Equal(in, []byte(`""`)) {
-			return nil, invalid("input", "input is required: a string or a non-empty array")
-		}
+	prompts, err := checkPrompt(sf.PromptRule, sf.Prompt, f[sf.Prompt])
+	if err != nil {
+		return nil, err
 	}
 	// Everything in the body can reach the model (messages, system, tools, functions,
 	// response_format, context, suffix, images): the bound counts all of it.
 	inf.inputBound = int64(len(body)) + imageTokens*countImages(body)
 
-	// Streaming: OpenAI defaults to off, Ollama to on.
-	inf.stream = format == routing.FormatOllamaChat || format == routing.FormatOllamaGenerate
+	inf.stream = sf.StreamDefault
 	if raw, ok := f["stream"]; ok && !isNull(raw) {
 		if err := json.Unmarshal(raw, &inf.stream); err != nil {
 			return nil, invalid("stream", "stream must be a boolean")
 		}
 	}
-	if format == routing.FormatOpenAIEmbeddings {
+	if !sf.Streams {
 		inf.stream = false
 	}
 
 	// The output bound, given or defaulted, always sent on to the backend.
-	switch format {
-	case routing.FormatOpenAIChat:
-		// max_completion_tokens (newer) or max_tokens: the tighter of those given bounds the
-		// output, and every one given is sent as that bound, so no backend reads a larger one.
-		inf.outputBound = 0
-		for _, field := range []string{"max_tokens", "max_completion_tokens"} {
-			if raw, ok := f[field]; ok && !isNull(raw) {
-				n, err := outputBound(raw, field, lim)
-				if err != nil {
-					return nil, err
-				}
-				if inf.outputBound == 0 || n < inf.outputBound {
-					inf.outputBound = n
-				}
-			}
+	if len(sf.OutputFields) > 0 {
+		if err := inf.boundOutput(sf, lim); err != nil {
+			return nil, err
 		}
-		if inf.outputBound == 0 {
-			inf.outputBound = lim.maxTokensDefault
-			f["max_tokens"] = jsonInt(inf.outputBound)
+	}
+	// Several choices (n, best_of for the servers that take it), each up to the bound.
+	for _, field := range sf.ChoiceFields {
+		if raw, ok := f[field]; ok && !isNull(raw) {
+			n, err := strconv.ParseInt(string(bytes.TrimSpace(raw)), 10, 64)
+			if err != nil || n < 1 || n > maxChoices {
+				return nil, invalid(field, "%s must be a whole number from 1 to %d", field, maxChoices)
+			}
+			inf.choices = max(inf.choices, n)
 		}
-		for _, field := range []string{"max_tokens", "max_completion_tokens"} {
-			if raw, ok := f[field]; ok && !isNull(raw) {
-				f[field] = jsonInt(inf.outputBound)
-			}
+	}
+	if sf.Batch {
+		inf.choices *= prompts
+	}
+	if raw, ok := f[sf.Echo]; sf.Echo != "" && ok && !isNull(raw) {
+		var echo bool
+		if err := json.Unmarshal(raw, &echo); err != nil {
+			return nil, invalid(sf.Echo, "%s must be a boolean", sf.Echo)
 		}
-		// n choices (best_of for the servers that take it), each up to the bound.
-		for _, field := range []string{"n", "best_of"} {
-			if raw, ok := f[field]; ok && !isNull(raw) {
-				n, err := strconv.ParseInt(string(bytes.TrimSpace(raw)), 10, 64)
-				if err != nil || n < 1 || n > maxChoices {
-					return nil, invalid(field, "%s must be a whole number from 1 to %d", field, maxChoices)
-				}
-				inf.choices = max(inf.choices, n)
-			}
+		if echo {
+			inf.echoBound = int64(len(f[sf.Prompt]))
 		}
-		if inf.stream {
-			var so map[string]json.RawMessage
-			if raw, ok := f["stream_options"]; ok && !isNull(raw) {
-				if err := json.Unmarshal(raw, &so); err != nil {
-					return nil, invalid("stream_options", "stream_options must be an object")
-				}
-				if err := checkFolding("stream_options", so); err != nil {
-					return nil, err
-				}
+	}
+	if inf.stream && sf.IncludeUsage {
+		var so map[string]json.RawMessage
+		if raw, ok := f["stream_options"]; ok && !isNull(raw) {
+			if err := json.Unmarshal(raw, &so); err != nil {
+				return nil, invalid("stream_options", "stream_options must be an object")
 			}
-			if so == nil {
-				so = map[string]json.RawMessage{}
-			}
-			var want bool
-			_ = json.Unmarshal(so["include_usage"], &want)
-			inf.clientWantsUsage = want
-			so["include_usage"] = json.RawMessage("true")
-			f["stream_options"], _ = json.Marshal(so)
-		}
-	case routing.FormatOllamaChat, routing.FormatOllamaGenerate:
-		var opts map[string]json.RawMessage
-		if raw, ok := f["options"]; ok && !isNull(raw) {
-			if err := json.Unmarshal(raw, &opts); err != nil {
-				return nil, invalid("options", "options must be an object")
-			}
-			if err := checkFolding("options", opts); err != nil {
+			if err := checkFolding("stream_options", so); err != nil {
 				return nil, err
 			}
 		}
-		if opts == nil {
-			opts = map[string]json.RawMessage{}
+		if so == nil {
+			so = map[string]json.RawMessage{}
 		}
-		n, err := outputBound(opts["num_predict"], "options.num_predict", lim)
-		if err != nil {
-			return nil, err
-		}
-		inf.outputBound = n
-		opts["num_predict"] = jsonInt(n)
-		f["options"], _ = json.Marshal(opts)
+		var want bool
+		_ = json.Unmarshal(so["include_usage"], &want)
+		inf.clientWantsUsage = want
+		so["include_usage"] = json.RawMessage("true")
+		f["stream_options"], _ = json.Marshal(so)
 	}
 
 	// The price ceiling, from the body or the X-Max-Price header; never sent on.
@@ -340,6 +300,115 @@ func parseInference(format routing.Format, body []byte, maxPriceHeader string, l
 		}
 	}
 	return inf, nil
+}
+
+// boundOutput sets the output bound from the surface's output fields (in the top level or
+// in sf.OutputIn): the tightest of those given, every one given sent as that bound so no
+// backend reads a larger one; none given, the default, sent as the first.
+func (inf *inference) boundOutput(sf *routing.Surface, lim requestLimits) error {
+	obj, prefix := inf.fields, ""
+	if sf.OutputIn != "" {
+		prefix = sf.OutputIn + "."
+		obj = nil
+		if raw, ok := inf.fields[sf.OutputIn]; ok && !isNull(raw) {
+			if err := json.Unmarshal(raw, &obj); err != nil {
+				return invalid(sf.OutputIn, "%s must be an object", sf.OutputIn)
+			}
+			if err := checkFolding(sf.OutputIn, obj); err != nil {
+				return err
+			}
+		}
+		if obj == nil {
+			obj = map[string]json.RawMessage{}
+		}
+	}
+	inf.outputBound = 0
+	for _, field := range sf.OutputFields {
+		if raw, ok := obj[field]; ok && !isNull(raw) {
+			n, err := outputBound(raw, prefix+field, lim)
+			if err != nil {
+				return err
+			}
+			if inf.outputBound == 0 || n < inf.outputBound {
+				inf.outputBound = n
+			}
+		}
+	}
+	if inf.outputBound == 0 {
+		inf.outputBound = lim.maxTokensDefault
+		obj[sf.OutputFields[0]] = jsonInt(inf.outputBound)
+	}
+	for _, field := range sf.OutputFields {
+		if raw, ok := obj[field]; ok && !isNull(raw) {
+			obj[field] = jsonInt(inf.outputBound)
+		}
+	}
+	if sf.OutputIn != "" {
+		inf.fields[sf.OutputIn], _ = json.Marshal(obj)
+	}
+	return nil
+}
+
+// checkPrompt checks that the prompt member raw (named field) is there as rule says, and
+// returns how many prompts it holds (PromptTexts: an array of several; else 1).
+func checkPrompt(rule routing.PromptRule, field string, raw json.RawMessage) (int64, error) {
+	switch rule {
+	case routing.PromptMessages:
+		// The body is valid JSON already: an array whose first element is an object will do
+		// here; the backend judges the messages themselves.
+		msgs := bytes.TrimSpace(raw)
+		if len(msgs) < 2 || msgs[0] != '[' || bytes.TrimSpace(msgs[1:])[0] != '{' {
+			return 0, invalid(field, "%s is required and must be a non-empty array of objects", field)
+		}
+	case routing.PromptString:
+		var p string
+		if err := json.Unmarshal(raw, &p); err != nil {
+			return 0, invalid(field, "%s is required and must be a string", field)
+		}
+	case routing.PromptInput:
+		in := bytes.TrimSpace(raw)
+		if len(in) == 0 || (in[0] != '"' && in[0] != '[') || bytes.Equal(in, []byte("[]")) || bytes.Equal(in, []byte(`""`)) {
+			return 0, invalid(field, "%s is required: a string or a non-empty array", field)
+		}
+	case routing.PromptTexts:
+		n := textPrompts(raw)
+		if n == 0 {
+			return 0, invalid(field, "%s is required: a string, or a non-empty array of strings, of token ids or of token id arrays", field)
+		}
+		return n, nil
+	}
+	return 1, nil
+}
+
+// textPrompts returns how many prompts raw holds: 1 for a non-empty string or a non-empty
+// array of token ids, the length of a non-empty array of strings or of non-empty arrays of
+// token ids; 0 for anything else.
+func textPrompts(raw json.RawMessage) int64 {
+	if t := bytes.TrimSpace(raw); len(t) > 0 && t[0] == '"' {
+		var s string
+		if json.Unmarshal(raw, &s) != nil || s == "" {
+			return 0
+		}
+		return 1
+	}
+	var strs []string
+	if err := json.Unmarshal(raw, &strs); err == nil && len(strs) > 0 {
+		return int64(len(strs))
+	}
+	var ids []uint32
+	if err := json.Unmarshal(raw, &ids); err == nil && len(ids) > 0 {
+		return 1
+	}
+	var lists [][]uint32
+	if err := json.Unmarshal(raw, &lists); err != nil || len(lists) == 0 {
+		return 0
+	}
+	for _, l := range lists {
+		if len(l) == 0 {
+			return 0
+		}
+	}
+	return int64(len(lists))
 }
 
 // outputBound reads a max_tokens-like field: absent or null means the default; otherwise a

@@ -138,7 +138,37 @@ func FuzzParseInference(f *testing.F) {
 	f.Add(`{"model":"m","Model":"x","MAX_TOKENS":5000,"messages":[{}]}`, "")
 	f.Add(`{"model":"m","messages":[{}],"max_to\u212aens":9,"n":3,"options":{"Num_Predict":-1}}`, "")
 	f.Add(`{"model":"m","messages":[{"content":[{"type":"image_url"}],"images":["a","b"]}],"best_of":2}`, "")
+	f.Add(`{"model":"m","prompt":["a","b"],"n":2,"best_of":3,"echo":true,"max_tokens":7}`, "")
+	f.Add(`{"model":"m","prompt":[[1,2],[3]],"stream":true,"Echo":true}`, "")
+	f.Add(`{"model":"e","input":["a"],"prompt":"b"}`, "")
 	f.Fuzz(func(t *testing.T, body, header string) {
+		// Every surface: what a Go backend reads of the model and of the choices is what the
+		// gateway billed; a legacy completion's output bound too.
+		for _, format := range []routing.Format{routing.FormatOpenAICompletions, routing.FormatOllamaEmbed, routing.FormatOllamaEmbeddings,
+			routing.FormatOpenAIEmbeddings, routing.FormatOllamaGenerate} {
+			inf, err := parseInference(format, []byte(body), header, testLimits)
+			if err != nil {
+				continue
+			}
+			out, _ := inf.body("up")
+			var read struct {
+				Model     string
+				MaxTokens *int64 `json:"max_tokens"`
+				N         *int64
+				BestOf    *int64 `json:"best_of"`
+			}
+			if err := json.Unmarshal(out, &read); err != nil || read.Model != "up" {
+				t.Fatalf("format %d: a Go backend reads model %q (%v) from %s", format, read.Model, err, out)
+			}
+			if format == routing.FormatOpenAICompletions && (read.MaxTokens == nil || *read.MaxTokens != inf.outputBound) {
+				t.Fatalf("a Go backend reads max_tokens %v from %s; billed %d", read.MaxTokens, out, inf.outputBound)
+			}
+			for _, v := range []*int64{read.N, read.BestOf} {
+				if v != nil && *v > inf.choices {
+					t.Fatalf("format %d: a Go backend reads %d choices from %s; billed %d", format, *v, out, inf.choices)
+				}
+			}
+		}
 		// What a Go backend reads (encoding/json folds names) is what the gateway billed.
 		if inf, err := parseInference(routing.FormatOllamaChat, []byte(body), header, testLimits); err == nil {
 			out, _ := inf.body("up")

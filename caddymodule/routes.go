@@ -15,12 +15,12 @@ var gatewayPrefixes = []string{"/v1/", "/api/"}
 // yet: 501 not_implemented. A path ending in "/" names the route and everything under it.
 var notImplementedRoutes = []string{
 	// OpenAI
-	"/v1/responses", "/v1/responses/", "/v1/completions", "/v1/audio/", "/v1/images/", "/v1/moderations",
+	"/v1/responses", "/v1/responses/", "/v1/audio/", "/v1/images/", "/v1/moderations",
 	"/v1/realtime", "/v1/realtime/",
 	// Anthropic
 	"/v1/messages", "/v1/messages/",
 	// Ollama
-	"/api/embed", "/api/embeddings", "/api/show", "/api/ps", "/api/version",
+	"/api/show", "/api/ps", "/api/version",
 }
 
 // unknownRoute is a path under the gateway's prefixes that it does not serve.
@@ -65,16 +65,11 @@ func unservedRoute(r *http.Request) *unknownRoute {
 	return e
 }
 
-// passedQuery names, per endpoint, the parameters of the client's query string a backend gets
-// (none yet: chat, embeddings and the Ollama routes take everything in the body). A surface whose
-// API defines query parameters lists them here.
-var passedQuery = map[endpoint][]string{}
-
 // upstreamQuery is the query string of a request to backend b: the backend URL's own query
-// (e.g. Azure's api-version), then the client's parameters its endpoint passes on, unless the
-// backend's query sets them already.
+// (e.g. Azure's api-version), then the client's parameters its surface passes on (its Query),
+// unless the backend's query sets them already.
 func upstreamQuery(b *Backend, ep endpoint, client url.Values) string {
-	names := passedQuery[ep]
+	names := ep.surface().Query
 	if len(names) == 0 {
 		return b.query
 	}

@@ -206,7 +206,7 @@ func (c *caller) allowedModel() func(string) bool {
 // before anything was written is answered by ServeHTTP.
 func (ex *exchange) run() error {
 	g, r := ex.g, ex.r
-	if ex.ep != epModels && ex.ep != epTags {
+	if !ex.ep.lists() {
 		if err := g.checkOrigin(r); err != nil {
 			return err
 		}
@@ -219,8 +219,8 @@ func (ex *exchange) run() error {
 	if !identity.HasScope(who.scopes, ex.ep.scope()) {
 		return &missingScope{scope: ex.ep.scope()}
 	}
-	if ex.ep == epModels || ex.ep == epTags {
-		g.writeCatalog(ex.w, ex.ep, who)
+	if ex.ep.lists() {
+		g.writeCatalog(ex.w, ex.ep.format(), who)
 		ex.outcome = "ok"
 		return nil
 	}
@@ -418,13 +418,10 @@ func isTokenList(s string) bool {
 	return true
 }
 
-// writeCatalog answers GET /v1/models (OpenAI list) and GET /api/tags (Ollama list) with what
-// the caller may use and the prices, "cheapest" included.
-func (g *Gateway) writeCatalog(w http.ResponseWriter, ep endpoint, who *caller) {
-	format := routing.FormatOpenAIChat
-	if ep == epTags {
-		format = routing.FormatOllamaChat
-	}
+// writeCatalog answers a catalog list, GET /v1/models (OpenAI list) or GET /api/tags (Ollama
+// list, chat models), with what the caller may use and the prices, "cheapest" included.
+func (g *Gateway) writeCatalog(w http.ResponseWriter, format routing.Format, who *caller) {
+	sf := format.Surface()
 	type pricing struct {
 		Input  credits.Amount `json:"input"`
 		Output credits.Amount `json:"output"`
@@ -433,7 +430,7 @@ func (g *Gateway) writeCatalog(w http.ResponseWriter, ep endpoint, who *caller) 
 	const unit = "credits per 1M tokens"
 	list := g.catalog.List(format, who.allowedModel())
 	var out any
-	if ep == epModels {
+	if sf.List == routing.ListOpenAIModels {
 		type model struct {
 			ID       string   `json:"id"`
 			Object   string   `json:"object"`
@@ -461,7 +458,7 @@ func (g *Gateway) writeCatalog(w http.ResponseWriter, ep endpoint, who *caller) 
 		}
 		models := []tag{{Name: routing.Cheapest, Model: routing.Cheapest, ModifiedAt: "1970-01-01T00:00:00Z", Details: map[string]any{}}}
 		for _, l := range list {
-			if l.Kind != routing.KindChat {
+			if l.Kind != sf.Kind {
 				continue
 			}
 			models = append(models, tag{Name: l.Name, Model: l.Name, ModifiedAt: "1970-01-01T00:00:00Z",

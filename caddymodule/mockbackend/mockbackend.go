@@ -83,17 +83,20 @@ const (
 // MockBackend is a MOCK model backend, for tests and the demo only. It serves:
 //
 //	POST /v1/chat/completions   OpenAI chat completions, JSON or SSE (stream: true)
+//	POST /v1/completions        OpenAI legacy completions, JSON or SSE (stream: true)
 //	POST /v1/embeddings         OpenAI embeddings
 //	GET  /v1/models             OpenAI model list
 //	POST /api/chat              Ollama chat, NDJSON unless stream: false
 //	POST /api/generate          Ollama generate, NDJSON unless stream: false
+//	POST /api/embed             Ollama embeddings, with prompt_eval_count
+//	POST /api/embeddings        Ollama's older embeddings: no usage, as Ollama answers
 //	GET  /api/tags              Ollama model list
 //	GET  /mock/stats            {"name": ..., "requests": {path: count},
 //	                             "chunks_sent": {path: count}}; DELETE resets both (204)
 //
 // It is a terminal handler: it never calls the next handler, and answers 404 (JSON) for
 // other paths. The stats count every request received, whatever its answer (a refused
-// one too), under its path for the six model paths and under "other" for the rest;
+// one too), under its path for the nine model paths and under "other" for the rest;
 // requests to /mock/stats are not counted. chunks_sent counts, per path, the stream
 // messages (SSE events, [DONE] included, and NDJSON lines) actually written and flushed:
 // a stream stops at the first message after its client went away (the request's context
@@ -103,8 +106,9 @@ const (
 //
 //   - Prompt tokens are the number of whitespace-separated words in all message contents
 //     (chat; a content is a string or an array of parts, of which only {"type":"text"}
-//     parts count; roles do not count), in the prompt (generate), or in all inputs
-//     (embeddings); at least 1.
+//     parts count; roles do not count), in the prompt (generate, legacy completions, whose
+//     token id arrays count one token per id), or in all inputs (embeddings, embed); at
+//     least 1.
 //   - Completion tokens are CompletionTokens, capped by the request's max_tokens or
 //     max_completion_tokens (OpenAI; the smaller when both are given) or options.num_predict
 //     (Ollama) when that is positive. When the cap applies, finish_reason / done_reason is
@@ -120,6 +124,9 @@ const (
 //     each choice's last one with its finish_reason); the pause of ChunkInterval comes
 //     before each step, not between the messages of a step. n × completion tokens is at
 //     most 1000000 (else 400).
+//   - A legacy completion (/v1/completions) is the same with choices[].text, n choices per
+//     prompt of an array of prompts (index i × n + j); max_tokens caps it. With echo: true
+//     each choice's text starts with its prompt (not counted in completion_tokens).
 //   - The usage is the last member of every JSON answer and stream message that carries
 //     it (OpenAI's "usage", Ollama's counters ending with eval_count and eval_duration), as
 //     real servers put it: a reader may look for it in the tail of a large answer.
@@ -136,7 +143,7 @@ const (
 //
 // X-Mock-Compress makes the mock compress its answer, as a faulty backend would, whatever
 // the request's Accept-Encoding says (identity included): the body of every answer of the
-// six model endpoints once the X-Mock-* headers are read (JSON answers, their errors and
+// nine model endpoints once the X-Mock-* headers are read (JSON answers, their errors and
 // the injected error fault, SSE and NDJSON) is gzip (RFC 1952) or
 // deflate (the zlib format, RFC 1950, as HTTP's "deflate" means) with Content-Encoding set,
 // and a JSON answer's Content-Length is that of the compressed body. A stream flushes the
@@ -144,7 +151,7 @@ const (
 // aborts within the compressed stream, and truncate compresses the truncated content.
 // There is no config field for it.
 //
-// A header with a bad value answers 400. Faults and latency apply to the six model
+// A header with a bad value answers 400. Faults and latency apply to the nine model
 // endpoints, never to /mock/stats. A request body over 10 MiB answers 413
 // request_too_large. Errors have OpenAI's shape on /v1 paths and Ollama's on /api paths.
 type MockBackend struct {

@@ -41,10 +41,13 @@ type endpoint struct {
 
 var endpoints = map[string]endpoint{
 	"/v1/chat/completions": {http.MethodPost, styleOpenAI, serveChatCompletions},
+	"/v1/completions":      {http.MethodPost, styleOpenAI, serveCompletions},
 	"/v1/embeddings":       {http.MethodPost, styleOpenAI, serveEmbeddings},
 	"/v1/models":           {http.MethodGet, styleOpenAI, serveModels},
 	"/api/chat":            {http.MethodPost, styleOllama, serveOllamaChat},
 	"/api/generate":        {http.MethodPost, styleOllama, serveOllamaGenerate},
+	"/api/embed":           {http.MethodPost, styleOllama, serveOllamaEmbed},
+	"/api/embeddings":      {http.MethodPost, styleOllama, serveOllamaEmbeddings},
 	"/api/tags":            {http.MethodGet, styleOllama, serveOllamaTags},
 }
 
@@ -655,6 +658,163 @@ func serveChatCompletions(x *exchange) {
 	x.send([]byte("data: [DONE]\n\n"))
 }
 
+// OpenAI legacy completions.
+
+type completionRequest struct {
+	Model         string          `json:"model"`
+	Prompt        json.RawMessage `json:"prompt"`
+	Stream        bool            `json:"stream"`
+	StreamOptions *struct {
+		IncludeUsage bool `json:"include_usage"`
+	} `json:"stream_options"`
+	MaxTokens int  `json:"max_tokens"`
+	N         *int `json:"n"`
+	Echo      bool `json:"echo"`
+}
+
+type completion struct {
+	ID                string             `json:"id"`
+	Object            string             `json:"object"`
+	Created           int64              `json:"created"`
+	Model             string             `json:"model"`
+	SystemFingerprint string             `json:"system_fingerprint"`
+	Choices           []completionChoice `json:"choices"`
+	Usage             *usage             `json:"usage,omitempty"` // last, as real servers put it
+}
+
+type completionChoice struct {
+	Text         string    `json:"text"`
+	Index        int       `json:"index"`
+	Logprobs     *struct{} `json:"logprobs"`
+	FinishReason *string   `json:"finish_reason"`
+}
+
+// completionPrompts reads a legacy completion's prompt: a string, an array of strings, an
+// array of token ids, or an array of token id arrays. It returns the prompts as text (a token
+// id array as its ids, space-separated) and their tokens (words, or ids).
+func completionPrompts(raw json.RawMessage) (prompts []string, tokens int, err error) {
+	var one string
+	if err := json.Unmarshal(raw, &one); err == nil && len(raw) > 0 && raw[0] == '"' {
+		return []string{one}, countWords(one), nil
+	}
+	var many []string
+	if err := json.Unmarshal(raw, &many); err == nil && len(many) > 0 {
+		for _, p := range many {
+			tokens += countWords(p)
+		}
+		return many, tokens, nil
+	}
+	ids := func(l []int) string {
+		var b strings.Builder
+		for i, id := range l {
+			if i > 0 {
+				b.WriteByte(' ')
+			}
+			b.WriteString(strconv.Itoa(id))
+		}
+		return b.String()
+	}
+	var list []int
+	if err := json.Unmarshal(raw, &list); err == nil && len(list) > 0 {
+		return []string{ids(list)}, len(list), nil
+	}
+	var lists [][]int
+	if err := json.Unmarshal(raw, &lists); err == nil && len(lists) > 0 {
+		for _, l := range lists {
+			prompts = append(prompts, ids(l))
+			tokens += len(l)
+		}
+		return prompts, tokens, nil
+	}
+	return nil, 0, errors.New("must be a string, or a non-empty array of strings, of token ids or of token id arrays")
+}
+
+func serveCompletions(x *exchange) {
+	var req completionRequest
+	if !x.decode(&req, func() string { return req.Model }) {
+		return
+	}
+	prompts, prompt, err := completionPrompts(req.Prompt)
+	if err != nil {
+		x.fail(http.StatusBadRequest, "invalid_request", "mock backend: prompt: "+err.Error())
+		return
+	}
+	prompt = max(prompt, 1)
+	n := 1
+	if req.N != nil {
+		n = *req.N
+	}
+	if n < 1 || n > maxChoices {
+		x.fail(http.StatusBadRequest, "invalid_request",
+			fmt.Sprintf("mock backend: n: %d is not between 1 and %d", n, maxChoices))
+		return
+	}
+	choices := n * len(prompts)
+	completionN, capped := completionTokens(x.set.completionTokens, req.MaxTokens)
+	if choices*completionN > maxGeneratedTokens {
+		x.fail(http.StatusBadRequest, "invalid_request",
+			fmt.Sprintf("mock backend: choices × %d completion tokens is more than %d", completionN, maxGeneratedTokens))
+		return
+	}
+	u := usage{PromptTokens: prompt, CompletionTokens: choices * completionN, TotalTokens: prompt + choices*completionN}
+	id := "cmpl-mock-" + strconv.FormatInt(completionSeq.Add(1), 10)
+	created := time.Now().Unix()
+	finish := finishReason(capped)
+	echoed := func(j int) string {
+		if req.Echo {
+			return prompts[j/n]
+		}
+		return ""
+	}
+
+	if !req.Stream {
+		text := generatedPieces(completionN, 1)[0]
+		out := completion{
+			ID: id, Object: "text_completion", Created: created, Model: req.Model,
+			SystemFingerprint: systemFingerprint, Choices: make([]completionChoice, choices), Usage: &u,
+		}
+		for j := range out.Choices {
+			out.Choices[j] = completionChoice{Index: j, Text: echoed(j) + text, FinishReason: &finish}
+		}
+		x.reply(out)
+		return
+	}
+
+	if !x.startStream("text/event-stream") {
+		return
+	}
+	pieces := generatedPieces(completionN, x.set.chunks)
+	for i, piece := range pieces {
+		if !x.pause() || x.cutHere(i, len(pieces)) {
+			return
+		}
+		for j := range choices {
+			c := completionChoice{Index: j, Text: piece}
+			if i == 0 {
+				c.Text = echoed(j) + piece
+			}
+			if i == len(pieces)-1 {
+				c.FinishReason = &finish
+			}
+			if !x.sendJSON(completion{
+				ID: id, Object: "text_completion", Created: created, Model: req.Model,
+				SystemFingerprint: systemFingerprint, Choices: []completionChoice{c},
+			}) {
+				return
+			}
+		}
+	}
+	if req.StreamOptions != nil && req.StreamOptions.IncludeUsage {
+		if !x.pause() || !x.sendJSON(completion{
+			ID: id, Object: "text_completion", Created: created, Model: req.Model,
+			SystemFingerprint: systemFingerprint, Choices: []completionChoice{}, Usage: &u,
+		}) {
+			return
+		}
+	}
+	x.send([]byte("data: [DONE]\n\n"))
+}
+
 // OpenAI embeddings.
 
 type embeddingsRequest struct {
@@ -889,6 +1049,67 @@ func (x *exchange) ollamaAnswer(modelName string, chat bool, prompt int, stream 
 	if x.pause() {
 		x.sendJSON(done(""))
 	}
+}
+
+// Ollama embeddings.
+
+type ollamaEmbedRequest struct {
+	Model string          `json:"model"`
+	Input json.RawMessage `json:"input"`
+}
+
+// ollamaEmbedResponse is /api/embed's answer; its usage (prompt_eval_count) last, as
+// Ollama puts it.
+type ollamaEmbedResponse struct {
+	Model           string      `json:"model"`
+	Embeddings      [][]float32 `json:"embeddings"`
+	TotalDuration   int64       `json:"total_duration"`
+	LoadDuration    int64       `json:"load_duration"`
+	PromptEvalCount int         `json:"prompt_eval_count"`
+}
+
+// serveOllamaEmbed answers /api/embed: one vector per input, prompt_eval_count the words of
+// all inputs (at least 1).
+func serveOllamaEmbed(x *exchange) {
+	var req ollamaEmbedRequest
+	if !x.decode(&req, func() string { return req.Model }) {
+		return
+	}
+	inputs, err := embeddingInputs(req.Input)
+	if err != nil {
+		x.fail(http.StatusBadRequest, "invalid_request", "mock backend: input: "+err.Error())
+		return
+	}
+	out := ollamaEmbedResponse{Model: req.Model, Embeddings: make([][]float32, len(inputs))}
+	words := 0
+	for i, in := range inputs {
+		words += countWords(in)
+		out.Embeddings[i] = embeddingVector(in, x.mock.Dimensions)
+	}
+	now := time.Now()
+	out.TotalDuration = max(now.Sub(x.start).Nanoseconds(), 1)
+	out.LoadDuration = max(x.ready.Sub(x.start).Nanoseconds(), 1)
+	out.PromptEvalCount = max(words, 1)
+	x.reply(out)
+}
+
+// serveOllamaEmbeddings answers the older /api/embeddings: one vector for the prompt, and no
+// usage at all, as Ollama answers it.
+func serveOllamaEmbeddings(x *exchange) {
+	var req struct {
+		Model  string  `json:"model"`
+		Prompt *string `json:"prompt"`
+	}
+	if !x.decode(&req, func() string { return req.Model }) {
+		return
+	}
+	if req.Prompt == nil {
+		x.fail(http.StatusBadRequest, "invalid_request", "mock backend: prompt is required")
+		return
+	}
+	x.reply(struct {
+		Embedding []float32 `json:"embedding"`
+	}{embeddingVector(*req.Prompt, x.mock.Dimensions)})
 }
 
 // Ollama model list.

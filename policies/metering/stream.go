@@ -17,8 +17,9 @@ type Produced struct {
 	// Chunks is the number of messages that carried generated text.
 	Chunks int64
 	// ContentBytes is the number of bytes of generated text, decoded from JSON: message
-	// content (SSE delta.content, Ollama message.content or response), reasoning text
-	// (reasoning_content, reasoning, thinking) and tool call arguments.
+	// content (SSE delta.content or a legacy completion's text, Ollama message.content or
+	// response), reasoning text (reasoning_content, reasoning, thinking) and tool call
+	// arguments.
 	ContentBytes int64
 }
 
@@ -414,6 +415,14 @@ func (c *chunk) read(data []byte) {
 					switch {
 					case keyIs(k, "delta"), keyIs(k, "message"):
 						n := messageText(v, c.keep)
+						c.text += n
+						if c.keep != nil {
+							c.kept += n
+						}
+					case keyIs(k, "text") && len(v) > 0 && v[0] == '"':
+						// A legacy completion's choice: its text.
+						n := textLen(v)
+						keepString(c.keep, v)
 						c.text += n
 						if c.keep != nil {
 							c.kept += n

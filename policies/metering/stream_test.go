@@ -633,3 +633,22 @@ func TestStreamMeterLinearTime(t *testing.T) {
 		}
 	}
 }
+
+func TestStreamMeterLegacyCompletions(t *testing.T) {
+	// A legacy completion's chunks carry their text in choices[].text: it is generated text,
+	// kept for the tokenizer like a chat delta's content.
+	stream := `data: {"id":"c","object":"text_completion","choices":[{"index":0,"text":"tok1 tok2","logprobs":null,"finish_reason":null}]}` + "\n\n" +
+		`data: {"id":"c","object":"text_completion","choices":[{"index":0,"text":" tok3\n","logprobs":null,"finish_reason":"length"}]}` + "\n\n"
+	for _, size := range []int{1, 7, len(stream)} {
+		m := &StreamMeter{Format: SSE, KeepText: true}
+		if out := feedStrings(t, m, splitEvery(stream, size)); out != stream {
+			t.Fatalf("writes of %d: output changed:\n%s", size, out)
+		}
+		if p := m.Produced(); p.Chunks != 2 || p.ContentBytes != int64(len("tok1 tok2 tok3\n")) {
+			t.Errorf("writes of %d: produced %+v, want 2 chunks of %d bytes", size, p, len("tok1 tok2 tok3\n"))
+		}
+		if got := string(m.Text()); got != "tok1 tok2 tok3\n" {
+			t.Errorf("writes of %d: kept %q", size, got)
+		}
+	}
+}

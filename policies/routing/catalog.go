@@ -1,6 +1,8 @@
 // Package routing turns a request's model name into an ordered list of backends: the catalog
 // of what each configured backend serves at what price, and the ranking by this request's
-// expected cost ("cheapest", a concrete model, an optional price ceiling).
+// expected cost ("cheapest", a concrete model, an optional price ceiling). It also describes,
+// once each, the API surfaces the gateway serves (Surfaces): their routes, the body members
+// that bound their cost, their error shape and the backend styles that serve them.
 package routing
 
 import (
@@ -19,10 +21,11 @@ const Cheapest = "cheapest"
 type Style string
 
 const (
-	// StyleOpenAI backends serve /v1/chat/completions, /v1/embeddings and /v1/models.
+	// StyleOpenAI backends serve /v1/chat/completions, /v1/completions, /v1/embeddings and
+	// /v1/models.
 	StyleOpenAI Style = "openai"
-	// StyleOllama backends serve Ollama's /api/chat, /api/generate and /api/tags, and also its
-	// OpenAI-compatible /v1 endpoints.
+	// StyleOllama backends serve Ollama's /api/chat, /api/generate, /api/embed,
+	// /api/embeddings and /api/tags, and also its OpenAI-compatible /v1 chat and embeddings.
 	StyleOllama Style = "ollama"
 )
 
@@ -33,34 +36,6 @@ const (
 	KindChat       Kind = "chat"
 	KindEmbeddings Kind = "embeddings"
 )
-
-// Format is the wire format of an inference request.
-type Format int
-
-const (
-	FormatOpenAIChat Format = iota
-	FormatOpenAIEmbeddings
-	FormatOllamaChat
-	FormatOllamaGenerate
-)
-
-// Kind is the kind of model a request of this format needs.
-func (f Format) Kind() Kind {
-	if f == FormatOpenAIEmbeddings {
-		return KindEmbeddings
-	}
-	return KindChat
-}
-
-// Serves reports whether a backend of style s accepts requests in format f.
-func (f Format) ServedBy(s Style) bool {
-	switch f {
-	case FormatOllamaChat, FormatOllamaGenerate:
-		return s == StyleOllama
-	default:
-		return s == StyleOpenAI || s == StyleOllama
-	}
-}
 
 // Model is one model a backend serves.
 type Model struct {

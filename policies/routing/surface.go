@@ -1,0 +1,225 @@
+package routing
+
+import (
+	"net/http"
+
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/identity"
+)
+
+// Format is the wire format of a request: the index of its Surface in Surfaces.
+type Format int
+
+const (
+	FormatOpenAIChat Format = iota
+	FormatOpenAIEmbeddings
+	FormatOllamaChat
+	FormatOllamaGenerate
+	FormatOpenAICompletions
+	FormatOllamaEmbed
+	FormatOllamaEmbeddings
+	FormatOpenAIModels
+	FormatOllamaTags
+)
+
+// Surface describes one API route the gateway serves itself, once: everything the gateway's
+// pipeline (identify, admit, route, reserve, proxy, meter, settle) needs to know of it. The
+// pipeline has no other knowledge of a route: serving a new one is adding its Surface. The
+// usage of every surface is read by the same parsers (metering.UsageFromJSON and the
+// StreamMeter know OpenAI's usage, its chat deltas and legacy texts, and Ollama's counters).
+type Surface struct {
+	// Name is the endpoint label of the metrics.
+	Name string
+	// Method and Path are the route.
+	Method, Path string
+	// Scope is what a credential needs to call it.
+	Scope string
+	// List, when set, makes the route a listing of the catalog in that shape (no body, no
+	// charge): the models of Kind (any kind when empty) that a backend of Styles serves.
+	List ListShape
+	// Kind is the kind of model it needs; Styles the backend styles that serve it.
+	Kind   Kind
+	Styles []Style
+	// Errors is the shape of the gateway's own errors on the route.
+	Errors ErrorShape
+
+	// Prompt is the body member the model reads, which must be present, and how it is
+	// checked (the backend judges its contents).
+	Prompt     string
+	PromptRule PromptRule
+	// OutputIn is the object the output bound fields sit in ("" for the top level,
+	// "options" for Ollama); OutputFields bound the output tokens of one choice: the tightest
+	// given bounds it and every one given is sent as that bound; none given, the first is set
+	// to the default. None: the route produces no output tokens (embeddings).
+	OutputIn     string
+	OutputFields []string
+	// ChoiceFields ask for several choices (n, best_of): the output is bounded by the largest
+	// of them times the output bound.
+	ChoiceFields []string
+	// Batch: the prompt may be an array of prompts, each answered with its own choices (the
+	// number of prompts multiplies the choices).
+	Batch bool
+	// Echo, when set, is a boolean member that makes the prompt part of every choice's
+	// output: the prompt's bytes are added to the output bound of each choice.
+	Echo string
+	// Streams: the route may stream (member "stream"); StreamDefault is its default.
+	Streams, StreamDefault bool
+	// IncludeUsage: a stream is asked for its usage with stream_options.include_usage
+	// (OpenAI SSE), which the client gets only if it asked for it itself.
+	IncludeUsage bool
+	// Checked are, per level of the body ("" for the top), the members the gateway reads,
+	// rewrites or counts on this route, besides those of every route (CommonChecked). A
+	// member whose name folds onto one of any route's (as encoding/json folds names) is
+	// refused: a Go backend would read it in place of the one the gateway billed.
+	Checked map[string][]string
+	// Query are the parameters of the client's query string passed on to the backend.
+	Query []string
+}
+
+// PromptRule is how a surface's prompt member is checked.
+type PromptRule int
+
+const (
+	// PromptNone: no prompt (the catalog lists).
+	PromptNone PromptRule = iota
+	// PromptMessages: a non-empty array whose first element is an object.
+	PromptMessages
+	// PromptString: a string.
+	PromptString
+	// PromptInput: a non-empty string or a non-empty array.
+	PromptInput
+	// PromptTexts: a non-empty string, or a non-empty array of strings, or of token ids, or
+	// of non-empty arrays of token ids (OpenAI's legacy completions).
+	PromptTexts
+)
+
+// ListShape is the shape of a catalog listing.
+type ListShape int
+
+const (
+	// ListNone: the route is not a listing.
+	ListNone ListShape = iota
+	// ListOpenAIModels: {"object": "list", "data": [{"id", "object": "model", ...}]}.
+	ListOpenAIModels
+	// ListOllamaTags: {"models": [{"name", "model", "modified_at", ...}]}.
+	ListOllamaTags
+)
+
+// ErrorShape is the JSON error body a family of clients reads.
+type ErrorShape int
+
+const (
+	ErrorsOpenAI ErrorShape = iota
+	ErrorsOllama
+	ErrorsAnthropic
+)
+
+var (
+	openAIStyles = []Style{StyleOpenAI, StyleOllama}
+	ollamaStyles = []Style{StyleOllama}
+)
+
+// CommonChecked are the members every route's folding check covers (model, max_price, the
+// fields that reach the model and are counted in the input bound).
+var CommonChecked = map[string][]string{
+	"": {"model", "max_price", "stream", "system", "context", "suffix", "tools", "functions", "tool_choice",
+		"response_format", "logprobs", "top_logprobs", "dimensions", "raw", "template", "format", "images", "options"},
+}
+
+// Surfaces are the routes the gateway serves, indexed by Format.
+var Surfaces = [...]Surface{
+	FormatOpenAIChat: {
+		Name: "chat", Method: http.MethodPost, Path: "/v1/chat/completions",
+		Scope: identity.ScopeChatWrite, Kind: KindChat, Styles: openAIStyles, Errors: ErrorsOpenAI,
+		Prompt: "messages", PromptRule: PromptMessages,
+		OutputFields: []string{"max_tokens", "max_completion_tokens"}, ChoiceFields: []string{"n", "best_of"},
+		Streams: true, IncludeUsage: true,
+		Checked: map[string][]string{
+			"":               {"messages", "stream_options", "max_tokens", "max_completion_tokens", "n", "best_of"},
+			"stream_options": {"include_usage"},
+		},
+	},
+	FormatOpenAIEmbeddings: {
+		Name: "embeddings", Method: http.MethodPost, Path: "/v1/embeddings",
+		Scope: identity.ScopeEmbeddingsWrite, Kind: KindEmbeddings, Styles: openAIStyles, Errors: ErrorsOpenAI,
+		Prompt: "input", PromptRule: PromptInput,
+		Checked: map[string][]string{"": {"input"}},
+	},
+	FormatOllamaChat: {
+		Name: "ollama_chat", Method: http.MethodPost, Path: "/api/chat",
+		Scope: identity.ScopeChatWrite, Kind: KindChat, Styles: ollamaStyles, Errors: ErrorsOllama,
+		Prompt: "messages", PromptRule: PromptMessages,
+		OutputIn: "options", OutputFields: []string{"num_predict"},
+		Streams: true, StreamDefault: true,
+		Checked: map[string][]string{"": {"messages"}, "options": {"num_predict", "num_ctx"}},
+	},
+	FormatOllamaGenerate: {
+		Name: "ollama_generate", Method: http.MethodPost, Path: "/api/generate",
+		Scope: identity.ScopeChatWrite, Kind: KindChat, Styles: ollamaStyles, Errors: ErrorsOllama,
+		Prompt: "prompt", PromptRule: PromptString,
+		OutputIn: "options", OutputFields: []string{"num_predict"},
+		Streams: true, StreamDefault: true,
+		Checked: map[string][]string{"": {"prompt"}, "options": {"num_predict", "num_ctx"}},
+	},
+	FormatOpenAICompletions: {
+		Name: "completions", Method: http.MethodPost, Path: "/v1/completions",
+		Scope: identity.ScopeChatWrite, Kind: KindChat, Styles: []Style{StyleOpenAI}, Errors: ErrorsOpenAI,
+		Prompt: "prompt", PromptRule: PromptTexts,
+		OutputFields: []string{"max_tokens"}, ChoiceFields: []string{"n", "best_of"}, Batch: true, Echo: "echo",
+		Streams: true, IncludeUsage: true,
+		Checked: map[string][]string{
+			"":               {"prompt", "stream_options", "max_tokens", "n", "best_of", "echo"},
+			"stream_options": {"include_usage"},
+		},
+	},
+	FormatOllamaEmbed: {
+		Name: "ollama_embed", Method: http.MethodPost, Path: "/api/embed",
+		Scope: identity.ScopeEmbeddingsWrite, Kind: KindEmbeddings, Styles: ollamaStyles, Errors: ErrorsOllama,
+		Prompt: "input", PromptRule: PromptInput,
+		Checked: map[string][]string{"": {"input"}},
+	},
+	FormatOllamaEmbeddings: {
+		Name: "ollama_embeddings", Method: http.MethodPost, Path: "/api/embeddings",
+		Scope: identity.ScopeEmbeddingsWrite, Kind: KindEmbeddings, Styles: ollamaStyles, Errors: ErrorsOllama,
+		Prompt: "prompt", PromptRule: PromptString,
+		Checked: map[string][]string{"": {"prompt"}},
+	},
+	FormatOpenAIModels: {
+		Name: "models", Method: http.MethodGet, Path: "/v1/models", List: ListOpenAIModels,
+		Scope: identity.ScopeModelsRead, Styles: openAIStyles, Errors: ErrorsOpenAI,
+	},
+	FormatOllamaTags: {
+		Name: "tags", Method: http.MethodGet, Path: "/api/tags", List: ListOllamaTags,
+		Scope: identity.ScopeModelsRead, Kind: KindChat, Styles: ollamaStyles, Errors: ErrorsOllama,
+	},
+}
+
+// surfaceByPath indexes Surfaces by path.
+var surfaceByPath = func() map[string]Format {
+	m := map[string]Format{}
+	for i := range Surfaces {
+		m[Surfaces[i].Path] = Format(i)
+	}
+	return m
+}()
+
+// SurfaceAt returns the format of the route at path, if the gateway serves it.
+func SurfaceAt(path string) (Format, bool) {
+	f, ok := surfaceByPath[path]
+	return f, ok
+}
+
+// Surface returns the description of format f.
+func (f Format) Surface() *Surface { return &Surfaces[f] }
+
+// Kind is the kind of model a request of this format needs.
+func (f Format) Kind() Kind { return Surfaces[f].Kind }
+
+// ServedBy reports whether a backend of style s accepts requests in format f.
+func (f Format) ServedBy(s Style) bool {
+	for _, st := range Surfaces[f].Styles {
+		if st == s {
+			return true
+		}
+	}
+	return false
+}
