@@ -134,7 +134,7 @@ func migrateWith(ctx context.Context, pool *pgxpool.Pool, ms []migration) error 
 			return fail("reading schema_migrations", err)
 		}
 		if latest > len(ms) {
-			return fmt.Errorf("database schema version %d is newer than this build's %d", latest, len(ms))
+			return fmt.Errorf("%w: database schema version %d, this build's %d", errNewerSchema, latest, len(ms))
 		}
 		for _, m := range ms[latest:] {
 			if _, err := tx.Exec(ctx, m.sql); err != nil {
@@ -146,11 +146,17 @@ func migrateWith(ctx context.Context, pool *pgxpool.Pool, ms []migration) error 
 		}
 		return nil
 	})
-	if err != nil {
+	if errors.Is(err, errNewerSchema) {
 		return fmt.Errorf("migrating: %w", err)
+	}
+	if err != nil {
+		return fail("migrating", err) // the database cannot be used as it is
 	}
 	return nil
 }
+
+// errNewerSchema: the database was migrated by a later build, which this one cannot serve.
+var errNewerSchema = errors.New("the database schema is newer than this build's")
 
 // verdicts are the errors that tell the caller something about its request rather than about
 // the store; they are returned as they are.
