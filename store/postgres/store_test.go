@@ -357,3 +357,26 @@ func TestMoneyColumnsAreIntegers(t *testing.T) {
 		}
 	}
 }
+
+// TestOpenErrorsHideThePassword: the DSN's password is in no error Open returns.
+func TestOpenErrorsHideThePassword(t *testing.T) {
+	const secret = "s3cret-pw-4242"
+	for _, dsn := range []string{
+		"postgres://postgres:" + secret + "@127.0.0.1:1/none?sslmode=disable&connect_timeout=2",
+		"postgres://postgres:" + secret + "@127.0.0.1:notaport/none",
+		"host=127.0.0.1 port=1 user=postgres password=" + secret + " dbname=none sslmode=disable connect_timeout=2",
+		"host=127.0.0.1 port=x user=postgres password=" + secret,
+	} {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		s, err := Open(ctx, dsn)
+		cancel()
+		if err == nil {
+			s.Close()
+			t.Errorf("open of %q succeeded", strings.ReplaceAll(dsn, secret, "***"))
+			continue
+		}
+		if strings.Contains(err.Error(), secret) {
+			t.Errorf("the password is in the error: %s", strings.ReplaceAll(err.Error(), secret, "***"))
+		}
+	}
+}
