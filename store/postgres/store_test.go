@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"strings"
 	"testing"
@@ -378,5 +379,39 @@ func TestOpenErrorsHideThePassword(t *testing.T) {
 		if strings.Contains(err.Error(), secret) {
 			t.Errorf("the password is in the error: %s", strings.ReplaceAll(err.Error(), secret, "***"))
 		}
+	}
+}
+
+// TestBalanceOverflowIsRefused: a settlement or a credit that would take a balance below int64
+// is ErrOverflow (not the store's failure) and changes nothing. (Through the API alone a
+// balance this low cannot be reached, so it is set in the database directly.)
+func TestBalanceOverflowIsRefused(t *testing.T) {
+	ctx := context.Background()
+	s := openTestStore(t)
+	account := credits.UserAccount("poor")
+	if _, _, err := s.Credit(ctx, account, 10, "", ""); err != nil {
+		t.Fatal(err)
+	}
+	r, _, err := s.Reserve(ctx, account, 0, time.Minute, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const floor = credits.Amount(math.MinInt64 + 10)
+	if _, err := s.pool.Exec(ctx, `UPDATE accounts SET balance = $2 WHERE id = $1`, account, floor); err != nil {
+		t.Fatal(err)
+	}
+	for name, call := range map[string]func() error{
+		"settle": func() error { _, err := s.Settle(ctx, r.ID, 11, credits.Usage{}); return err },
+		"credit": func() error { _, _, err := s.Credit(ctx, account, -11, "", ""); return err },
+	} {
+		if err := call(); !errors.Is(err, credits.ErrOverflow) || errors.Is(err, credits.ErrStoreUnavailable) {
+			t.Errorf("%s: error = %v, want ErrOverflow", name, err)
+		}
+		if b, err := s.Balance(ctx, account); err != nil || b != floor {
+			t.Errorf("%s: balance now %d, %v", name, b, err)
+		}
+	}
+	if _, err := s.Settle(ctx, r.ID, 10, credits.Usage{}); err != nil {
+		t.Errorf("settle down to the floor: %v", err)
 	}
 }
