@@ -1,0 +1,200 @@
+// Package postgres is a credits.Ledger on PostgreSQL, for several gateway instances sharing
+// one record of money. Every money operation is one statement, or one transaction of
+// statements that lock what they change (conditional UPDATEs, DELETE ... RETURNING, INSERT ...
+// ON CONFLICT): nothing is read and then written on the strength of the read, so that any
+// number of instances can work on the same accounts and reservations at once.
+//
+// It is the foundation of issue 12: no configuration directive opens it yet.
+package postgres
+
+import (
+	"context"
+	"embed"
+	"errors"
+	"fmt"
+	"io/fs"
+	"path"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/credits"
+)
+
+// Store is the ledger on one PostgreSQL database. It is safe for concurrent use, and any
+// number of Stores (in as many processes) can share a database.
+type Store struct {
+	pool *pgxpool.Pool
+}
+
+var _ credits.Ledger = (*Store)(nil)
+
+// Open connects to the database named by dsn (a PostgreSQL URL or key=value string, as pgx
+// reads it) and brings its schema up to date. A failure to reach the database is
+// credits.ErrStoreUnavailable.
+func Open(ctx context.Context, dsn string) (*Store, error) {
+	cfg, err := pgxpool.ParseConfig(dsn)
+	if err != nil {
+		// The DSN may hold a password: pgx's parse errors redact it; say no more than that.
+		return nil, fmt.Errorf("postgres store: parsing the dsn: %w", err)
+	}
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		return nil, fail("postgres store: connecting", err)
+	}
+	if err := migrate(ctx, pool); err != nil {
+		pool.Close()
+		return nil, fmt.Errorf("postgres store: %w", err)
+	}
+	return &Store{pool: pool}, nil
+}
+
+// Close closes the store's connections, waiting for those in use to be returned.
+func (s *Store) Close() error {
+	s.pool.Close()
+	return nil
+}
+
+// migrationFiles are the schema changes, named <version>_<what>.sql with versions counting
+// from 1 without gaps. A released file never changes: a new change is a new file.
+//
+//go:embed migrations/*.sql
+var migrationFiles embed.FS
+
+// migration is one schema change.
+type migration struct {
+	version int
+	name    string
+	sql     string
+}
+
+// loadMigrations reads the migrations in files in version order.
+func loadMigrations(files fs.FS) ([]migration, error) {
+	names, err := fs.Glob(files, "migrations/*.sql")
+	if err != nil {
+		return nil, err
+	}
+	var ms []migration
+	for _, name := range names {
+		base := path.Base(name)
+		num, _, ok := strings.Cut(base, "_")
+		version, err := strconv.Atoi(num)
+		if !ok || err != nil || version <= 0 {
+			return nil, fmt.Errorf("migration %s: name is not <version>_<what>.sql", base)
+		}
+		body, err := fs.ReadFile(files, name)
+		if err != nil {
+			return nil, fmt.Errorf("migration %s: %w", base, err)
+		}
+		ms = append(ms, migration{version: version, name: strings.TrimSuffix(base, ".sql"), sql: string(body)})
+	}
+	slices.SortFunc(ms, func(a, b migration) int { return a.version - b.version })
+	for i, m := range ms {
+		if m.version != i+1 {
+			return nil, fmt.Errorf("migration %s: expected version %d", m.name, i+1)
+		}
+	}
+	return ms, nil
+}
+
+// migrationLock is the key of the advisory lock migrations hold: any number of instances
+// opening the same database at once apply each migration once.
+const migrationLock = 0x6c6c6d67772d6d31 // "llmgw-m1"
+
+// migrate applies every embedded migration the database has not recorded in
+// schema_migrations, in order, in one transaction under the migration lock: a failed
+// migration leaves nothing behind.
+func migrate(ctx context.Context, pool *pgxpool.Pool) error {
+	ms, err := loadMigrations(migrationFiles)
+	if err != nil {
+		return err
+	}
+	return migrateWith(ctx, pool, ms)
+}
+
+// migrateWith applies the migrations ms (see migrate).
+func migrateWith(ctx context.Context, pool *pgxpool.Pool, ms []migration) error {
+	err := pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock($1)`, int64(migrationLock)); err != nil {
+			return fail("taking the migration lock", err)
+		}
+		if _, err := tx.Exec(ctx, `CREATE TABLE IF NOT EXISTS schema_migrations (
+			version    INTEGER     NOT NULL PRIMARY KEY,
+			name       TEXT        NOT NULL,
+			applied_at timestamptz NOT NULL DEFAULT now()
+		)`); err != nil {
+			return fail("creating schema_migrations", err)
+		}
+		var latest int
+		if err := tx.QueryRow(ctx, `SELECT coalesce(max(version), 0) FROM schema_migrations`).Scan(&latest); err != nil {
+			return fail("reading schema_migrations", err)
+		}
+		if latest > len(ms) {
+			return fmt.Errorf("%w: database schema version %d, this build's %d", errNewerSchema, latest, len(ms))
+		}
+		for _, m := range ms[latest:] {
+			if _, err := tx.Exec(ctx, m.sql); err != nil {
+				return fmt.Errorf("migration %s: %w", m.name, err)
+			}
+			if _, err := tx.Exec(ctx, `INSERT INTO schema_migrations (version, name) VALUES ($1, $2)`, m.version, m.name); err != nil {
+				return fmt.Errorf("migration %s: %w", m.name, err)
+			}
+		}
+		return nil
+	})
+	if errors.Is(err, errNewerSchema) {
+		return fmt.Errorf("migrating: %w", err)
+	}
+	if err != nil {
+		return fail("migrating", err) // the database cannot be used as it is
+	}
+	return nil
+}
+
+// errNewerSchema: the database was migrated by a later build, which this one cannot serve.
+var errNewerSchema = errors.New("the database schema is newer than this build's")
+
+// verdicts are the errors that tell the caller something about its request rather than about
+// the store; they are returned as they are.
+var verdicts = []error{
+	credits.ErrInsufficientCredits,
+	credits.ErrReservationClosed,
+	credits.ErrUnknownAccount,
+	credits.ErrIdempotencyConflict,
+	credits.ErrInvalidAmount,
+	credits.ErrOverflow,
+	credits.ErrStoreUnavailable, // already wrapped
+}
+
+// fail wraps a failure of op: a verdict as it is, an arithmetic overflow in the database as
+// credits.ErrOverflow, anything else as credits.ErrStoreUnavailable.
+func fail(op string, err error) error {
+	for _, v := range verdicts {
+		if errors.Is(err, v) {
+			return fmt.Errorf("%s: %w", op, err)
+		}
+	}
+	if pgCode(err) == codeNumericOutOfRange {
+		return fmt.Errorf("%s: %w", op, credits.ErrOverflow)
+	}
+	return fmt.Errorf("%s: %w: %w", op, credits.ErrStoreUnavailable, err)
+}
+
+// SQLSTATE codes the store tells apart.
+const (
+	codeNumericOutOfRange = "22003"
+	codeUniqueViolation   = "23505"
+)
+
+// pgCode is the SQLSTATE of a PostgreSQL error, "" for other errors.
+func pgCode(err error) string {
+	var e *pgconn.PgError
+	if errors.As(err, &e) {
+		return e.Code
+	}
+	return ""
+}
