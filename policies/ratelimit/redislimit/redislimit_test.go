@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -236,6 +237,10 @@ func TestSameDecisionsAsInProcess(t *testing.T) {
 			{Name: "requests_per_minute", Quota: 1, Window: time.Minute},
 			{Name: "tokens_per_minute", Unit: ratelimit.Tokens, Quota: 100, Window: time.Minute},
 		}}, []op{adm(10), adm(101), adm(100), release}},
+		{"equal_waits_name_the_first", ratelimit.Policy{Limits: []ratelimit.Limit{
+			{Name: "first", Quota: 1, Window: time.Minute},
+			{Name: "second", Quota: 1, Window: time.Minute},
+		}}, []op{adm(0), adm(0), wait(time.Second), adm(0)}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -302,5 +307,411 @@ func TestSameDecisionsRandom(t *testing.T) {
 				}
 			})
 		}
+	}
+}
+
+// instances are n clients of the test Redis, each with its own limiter of policy p under one
+// prefix, as n gateway instances would be.
+func instances(t *testing.T, n int, p ratelimit.Policy, o Options) []*Limiter {
+	t.Helper()
+	rdb := connect(t)
+	o.Prefix = testPrefix(t, rdb)
+	var ls []*Limiter
+	for range n {
+		c := redis.NewClient(&redis.Options{Addr: redisAddr})
+		t.Cleanup(func() { _ = c.Close() })
+		l, err := New(c, p, o)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ls = append(ls, l)
+	}
+	return ls
+}
+
+// TestLimitSharedAcrossInstances: a limit of N per hour over three instances asking at once
+// admits N in total, not 3N, on Redis's clock.
+func TestLimitSharedAcrossInstances(t *testing.T) {
+	const n = 20
+	ls := instances(t, 3, ratelimit.Policy{Limits: []ratelimit.Limit{{Name: "requests_per_hour", Quota: n, Window: time.Hour}}}, Options{})
+	var admitted atomic.Int64
+	var wg sync.WaitGroup
+	for _, l := range ls {
+		for range 4 {
+			wg.Go(func() {
+				for range 10 {
+					tk, d, err := l.AdmitContext(context.Background(), "k", 0)
+					if err != nil {
+						t.Error(err)
+						return
+					}
+					if d.Allowed {
+						admitted.Add(1)
+						tk.Release()
+					} else if d.Refused != "requests_per_hour" || d.RetryAfter <= 0 || d.RetryAfter > time.Hour/n {
+						t.Errorf("refusal %+v", d)
+					}
+				}
+			})
+		}
+	}
+	wg.Wait()
+	if got := admitted.Load(); got != n {
+		t.Fatalf("three instances admitted %d, want %d in total", got, n)
+	}
+}
+
+// TestConcurrencySharedAcrossInstances: a concurrency bound of C holds over three instances;
+// a slot freed on one lets one more in on another.
+func TestConcurrencySharedAcrossInstances(t *testing.T) {
+	const c = 3
+	ls := instances(t, 3, ratelimit.Policy{Concurrent: c}, Options{})
+	ctx := context.Background()
+	var mu sync.Mutex
+	var held []ratelimit.Ticket
+	var wg sync.WaitGroup
+	for _, l := range ls {
+		for range 10 {
+			wg.Go(func() {
+				tk, d, err := l.AdmitContext(ctx, "k", 0)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				if d.Allowed {
+					mu.Lock()
+					held = append(held, tk)
+					mu.Unlock()
+				} else if d.Refused != ratelimit.ConcurrentLimit || d.RetryAfter != time.Second {
+					t.Errorf("refusal %+v", d)
+				}
+			})
+		}
+	}
+	wg.Wait()
+	if len(held) != c {
+		t.Fatalf("30 at once over three instances: %d admitted, want %d", len(held), c)
+	}
+	if n, err := ls[2].InFlight(ctx, "k"); err != nil || n != c {
+		t.Fatalf("in flight %d (%v), want %d", n, err, c)
+	}
+	held[0].Release()
+	for i, l := range ls {
+		tk, d, err := l.AdmitContext(ctx, "k", 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if d.Allowed != (i == 0) {
+			t.Fatalf("after one release, instance %d: %+v", i, d)
+		}
+		if d.Allowed {
+			held[0] = tk
+		}
+	}
+	for i := range held {
+		held[i].Settle(0)
+	}
+	if n, err := ls[0].InFlight(ctx, "k"); err != nil || n != 0 {
+		t.Fatalf("in flight %d (%v) after every end", n, err)
+	}
+}
+
+// TestCrashedSlotsComeBack: the slots of an instance that never ends its tickets (it
+// crashed) are free again after the slot TTL, and not before.
+func TestCrashedSlotsComeBack(t *testing.T) {
+	const ttl = 400 * time.Millisecond
+	ls := instances(t, 2, ratelimit.Policy{Concurrent: 2}, Options{SlotTTL: ttl})
+	ctx := context.Background()
+	start := time.Now()
+	for range 2 {
+		if _, d, err := ls[0].AdmitContext(ctx, "k", 0); err != nil || !d.Allowed {
+			t.Fatalf("%+v %v", d, err)
+		}
+	}
+	// Instance 0 crashes, its tickets never ended.
+	_, d, err := ls[1].AdmitContext(ctx, "k", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if early := time.Since(start) < ttl; early && (d.Allowed || d.Refused != ratelimit.ConcurrentLimit) {
+		t.Fatalf("a slot came back before its TTL: %+v", d)
+	}
+	time.Sleep(ttl + 50*time.Millisecond)
+	for range 2 {
+		tk, d, err := ls[1].AdmitContext(ctx, "k", 0)
+		if err != nil || !d.Allowed {
+			t.Fatalf("after the slot TTL: %+v %v", d, err)
+		}
+		defer tk.Release()
+	}
+	if _, d, _ := ls[1].AdmitContext(ctx, "k", 0); d.Allowed {
+		t.Fatal("the bound does not hold after the crashed slots came back")
+	}
+}
+
+// dump is every key of the limiter's caller key with its value (TATs, and the slots with
+// their expiry), to compare states.
+func dump(t *testing.T, rdb *redis.Client, l *Limiter, key string) map[string]string {
+	t.Helper()
+	ctx := context.Background()
+	out := map[string]string{}
+	ks := l.keys(key)
+	for _, k := range ks[:len(ks)-1] {
+		v, err := rdb.Get(ctx, k).Result()
+		if err == redis.Nil {
+			continue
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		out[k] = v
+	}
+	slots, err := rdb.ZRangeWithScores(ctx, ks[len(ks)-1], 0, -1).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, z := range slots {
+		out[fmt.Sprint(z.Member)] = fmt.Sprint(z.Score)
+	}
+	return out
+}
+
+// TestRefusalTakesNothing: a request refused by one limit (or too large for it, or without a
+// free slot) leaves every key of the caller in Redis as it was.
+func TestRefusalTakesNothing(t *testing.T) {
+	rdb := connect(t)
+	tests := []struct {
+		name    string
+		prepare func(l *Limiter) // brings one limit to refusal
+		tokens  int64
+		refused string
+	}{
+		{"per_minute", func(l *Limiter) {
+			for range 10 {
+				tk, _, _ := l.AdmitContext(context.Background(), "k", 0)
+				tk.Release()
+			}
+		}, 0, "requests_per_minute"},
+		{"tokens", func(l *Limiter) {
+			tk, _, _ := l.AdmitContext(context.Background(), "k", 99000)
+			tk.Release()
+		}, 5000, "tokens_per_minute"},
+		{"too_large", func(l *Limiter) {
+			tk, _, _ := l.AdmitContext(context.Background(), "k", 10)
+			tk.Release()
+		}, 200000, "tokens_per_minute"},
+		{"concurrent", func(l *Limiter) {
+			for range 5 {
+				l.AdmitContext(context.Background(), "k", 100) // held
+			}
+		}, 0, ratelimit.ConcurrentLimit},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			l := simulated(t, rdb, tierPolicy(), newSimClock())
+			tt.prepare(l)
+			before := dump(t, rdb, l, "k")
+			if len(before) == 0 {
+				t.Fatal("nothing stored")
+			}
+			_, d, err := l.AdmitContext(context.Background(), "k", tt.tokens)
+			if err != nil || d.Allowed || d.Refused != tt.refused {
+				t.Fatalf("decision %+v (%v), want refused by %s", d, err, tt.refused)
+			}
+			after := dump(t, rdb, l, "k")
+			if fmt.Sprint(after) != fmt.Sprint(before) {
+				t.Fatalf("a refusal changed the state:\nbefore %v\nafter  %v", before, after)
+			}
+		})
+	}
+}
+
+// TestRetryAfterOnRedisClock: on Redis's clock, a refused request passes once its
+// RetryAfter has gone by.
+func TestRetryAfterOnRedisClock(t *testing.T) {
+	ls := instances(t, 2, ratelimit.Policy{Limits: []ratelimit.Limit{{Name: "burst_per_second", Quota: 5, Window: time.Second, Burst: 1}}}, Options{})
+	ctx := context.Background()
+	if _, d, err := ls[0].AdmitContext(ctx, "k", 0); err != nil || !d.Allowed {
+		t.Fatalf("%+v %v", d, err)
+	}
+	_, d, err := ls[1].AdmitContext(ctx, "k", 0)
+	if err != nil || d.Allowed || d.RetryAfter <= 0 || d.RetryAfter > 200*time.Millisecond {
+		t.Fatalf("second at once: %+v %v", d, err)
+	}
+	if d.Tightest.Remaining != 0 || d.Tightest.Reset <= 0 || d.Tightest.Reset > 200*time.Millisecond {
+		t.Fatalf("tightest %+v", d.Tightest)
+	}
+	time.Sleep(d.RetryAfter + 5*time.Millisecond)
+	if _, d, err := ls[1].AdmitContext(ctx, "k", 0); err != nil || !d.Allowed {
+		t.Fatalf("after RetryAfter: %+v %v", d, err)
+	}
+}
+
+// commandCounter counts the commands a client sends.
+type commandCounter struct{ n atomic.Int64 }
+
+func (c *commandCounter) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (c *commandCounter) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		c.n.Add(1)
+		return next(ctx, cmd)
+	}
+}
+func (c *commandCounter) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		c.n.Add(1)
+		return next(ctx, cmds)
+	}
+}
+
+// TestRoundTrips: an admission over every limit of a tier and its slot is one command, a
+// settlement one, an end that changes nothing none; a script Redis lost is sent again.
+func TestRoundTrips(t *testing.T) {
+	rdb := connect(t)
+	var cc commandCounter
+	rdb.AddHook(&cc)
+	ctx := context.Background()
+	noBound := tierPolicy()
+	noBound.Concurrent = 0
+	lb, err := New(rdb, noBound, Options{Prefix: testPrefix(t, rdb)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := New(rdb, tierPolicy(), Options{Prefix: testPrefix(t, rdb)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tk, d, err := l.AdmitContext(ctx, "warm", 0) // loads the scripts if Redis has not got them
+	tk.Settle(1)
+	tk, _, _ = l.AdmitContext(ctx, "warm", 0)
+	tk.Cancel()
+	cc.n.Store(0)
+	count := func(what string, want int64, f func()) {
+		t.Helper()
+		before := cc.n.Load()
+		f()
+		if got := cc.n.Load() - before; got != want {
+			t.Fatalf("%s: %d commands, want %d", what, got, want)
+		}
+	}
+	count("admit", 1, func() {
+		tk, d, err = l.AdmitContext(ctx, "k", 500)
+		if err != nil || !d.Allowed {
+			t.Fatal(d, err)
+		}
+	})
+	count("settle", 1, func() { tk.Settle(300) })
+	count("admit and release without a bound", 1, func() {
+		tk, _, _ := lb.AdmitContext(ctx, "k", 500)
+		tk.Release() // nothing to give back, no slot: no round trip
+	})
+	count("refusal", 1, func() {
+		if _, d, _ := l.AdmitContext(ctx, "k", 1<<20); !d.TooLarge {
+			t.Fatal(d)
+		}
+	})
+	count("peek", 1, func() {
+		if s, err := l.PeekContext(ctx, "k"); err != nil || s.Remaining != 9 {
+			t.Fatal(s, err)
+		}
+	})
+	if err := rdb.ScriptFlush(ctx).Err(); err != nil {
+		t.Fatal(err)
+	}
+	tk, d, err = l.AdmitContext(ctx, "k", 0)
+	if err != nil || !d.Allowed {
+		t.Fatalf("after SCRIPT FLUSH: %+v %v", d, err)
+	}
+	tk.Release()
+	if s, err := l.PeekContext(ctx, "k"); err != nil || s.Remaining != 8 {
+		t.Fatal(s, err)
+	}
+}
+
+// TestUnreachable: without Redis, admission is an error and takes nothing; a ticket's end
+// reports its failure.
+func TestUnreachable(t *testing.T) {
+	rdb := connect(t)
+	var failed []error
+	var mu sync.Mutex
+	l, err := New(rdb, tierPolicy(), Options{Prefix: testPrefix(t, rdb), OnFinishError: func(err error) {
+		mu.Lock()
+		failed = append(failed, err)
+		mu.Unlock()
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	tk, d, err := l.AdmitContext(ctx, "k", 10)
+	if err != nil || !d.Allowed {
+		t.Fatal(d, err)
+	}
+	// The same limiter on a closed port.
+	down := redis.NewClient(&redis.Options{Addr: "127.0.0.1:1", MaxRetries: -1, DialTimeout: 200 * time.Millisecond})
+	defer down.Close()
+	l.rdb = down
+	tk2, d, err := l.AdmitContext(ctx, "k", 10)
+	if err == nil || d.Allowed || tk2.Admitted() {
+		t.Fatalf("without redis: %+v, %v", d, err)
+	}
+	tk.Settle(5)
+	mu.Lock()
+	n := len(failed)
+	mu.Unlock()
+	if n != 1 {
+		t.Fatalf("%d finish errors reported, want 1", n)
+	}
+}
+
+func TestNewRejects(t *testing.T) {
+	rdb := connect(t)
+	lim := func(name string) ratelimit.Limit {
+		return ratelimit.Limit{Name: name, Quota: 1, Window: time.Second}
+	}
+	bad := []struct {
+		p ratelimit.Policy
+		o Options
+	}{
+		{ratelimit.Policy{Limits: []ratelimit.Limit{{Name: "x", Quota: 0, Window: time.Second}}}, Options{}},
+		{ratelimit.Policy{Limits: []ratelimit.Limit{lim("x"), lim("x")}}, Options{}},
+		{ratelimit.Policy{Limits: []ratelimit.Limit{lim("")}}, Options{}},
+		{ratelimit.Policy{Limits: []ratelimit.Limit{lim("a}b")}}, Options{}},
+		{ratelimit.Policy{Limits: []ratelimit.Limit{{Name: "x", Quota: 1, Window: 30 * 24 * time.Hour}}}, Options{}},
+		{ratelimit.Policy{}, Options{Prefix: "a{b"}},
+		{ratelimit.Policy{}, Options{SlotTTL: -1}},
+	}
+	for i, b := range bad {
+		if _, err := New(rdb, b.p, b.o); err == nil {
+			t.Errorf("policy %d accepted", i)
+		}
+	}
+}
+
+// TestDebtAfterExpiry: a token limit's TAT is kept while a ticket may settle (the slot TTL
+// and the tolerance past it), and a debt settled against one gone (evicted) counts from now.
+func TestDebtAfterExpiry(t *testing.T) {
+	rdb := connect(t)
+	ctx := context.Background()
+	p := ratelimit.Policy{Limits: []ratelimit.Limit{{Name: "tokens_per_minute", Unit: ratelimit.Tokens, Quota: 1000, Window: time.Minute}}}
+	l, err := New(rdb, p, Options{Prefix: testPrefix(t, rdb), SlotTTL: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := newSimClock()
+	l.now = c.now
+	tk, d, err := l.AdmitContext(ctx, "k", 100)
+	if err != nil || !d.Allowed {
+		t.Fatal(d, err)
+	}
+	key := l.keys("k")[0]
+	if ttl := rdb.PTTL(ctx, key).Val(); ttl < time.Hour+time.Minute {
+		t.Fatalf("the token limit's TAT expires in %v, before a ticket's settlement may come", ttl)
+	}
+	rdb.Del(ctx, key)
+	tk.Settle(1100) // 1000 tokens more than admitted: a minute of debt from now
+	_, d, err = l.AdmitContext(ctx, "k", 1)
+	if err != nil || d.Allowed || d.RetryAfter != 60*time.Millisecond {
+		t.Fatalf("after a minute of debt: %+v %v", d, err)
 	}
 }
