@@ -11,6 +11,10 @@
 // whose holder never ends it (its instance crashed) is free again after SlotTTL. A ticket's
 // end is one more round trip, none when it changes nothing.
 //
+// It sits beside policies/ratelimit, not in store/, as the same algorithm run elsewhere: the
+// parameters, costs, give-backs and statuses are ratelimit's (Compile, Params, Tightest), and
+// only the state and its atomicity are Redis's.
+//
 // Keys are Prefix + "{" + caller key + "}:r:" + limit name, and Prefix + "{" + caller key +
 // "}:slots": one caller's keys share a Redis Cluster hash slot.
 package redislimit

@@ -665,7 +665,8 @@ func TestUnreachable(t *testing.T) {
 }
 
 func TestNewRejects(t *testing.T) {
-	rdb := connect(t)
+	rdb := redis.NewClient(&redis.Options{Addr: redisAddr}) // never used: New does not connect
+	defer rdb.Close()
 	lim := func(name string) ratelimit.Limit {
 		return ratelimit.Limit{Name: name, Quota: 1, Window: time.Second}
 	}
