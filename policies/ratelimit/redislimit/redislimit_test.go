@@ -21,7 +21,7 @@ const redisAddr = "127.0.0.1:6379"
 
 // connect is a client of the test Redis, closed at the end of the test. Without Redis the
 // test is skipped, except in CI (CI=1 or true), where it fails.
-func connect(t *testing.T) *redis.Client {
+func connect(t testing.TB) *redis.Client {
 	t.Helper()
 	rdb := redis.NewClient(&redis.Options{Addr: redisAddr})
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
@@ -38,7 +38,7 @@ func connect(t *testing.T) *redis.Client {
 }
 
 // testPrefix is a key prefix of the test's own; its keys are deleted at the end.
-func testPrefix(t *testing.T, rdb *redis.Client) string {
+func testPrefix(t testing.TB, rdb *redis.Client) string {
 	t.Helper()
 	prefix := "llmgw-test:" + crand.Text() + ":"
 	t.Cleanup(func() {
@@ -715,4 +715,43 @@ func TestDebtAfterExpiry(t *testing.T) {
 	if err != nil || d.Allowed || d.RetryAfter != 60*time.Millisecond {
 		t.Fatalf("after a minute of debt: %+v %v", d, err)
 	}
+}
+
+// BenchmarkAdmission is one admission over a tier's five limits and its slot, and its
+// settlement: two round trips to the test Redis, on one key and on many keys in parallel.
+func BenchmarkAdmission(b *testing.B) {
+	rdb := connect(b)
+	p := tierPolicy()
+	for i := range p.Limits {
+		p.Limits[i].Quota *= 1 << 30 // never refusing
+		p.Limits[i].Burst = p.Limits[i].Quota
+	}
+	p.Concurrent = 1 << 30
+	l, err := New(rdb, p, Options{Prefix: testPrefix(b, rdb)})
+	if err != nil {
+		b.Fatal(err)
+	}
+	ctx := context.Background()
+	b.Run("one_key", func(b *testing.B) {
+		for b.Loop() {
+			tk, d, err := l.AdmitContext(ctx, "k_0123456789", 500)
+			if err != nil || !d.Allowed {
+				b.Fatal(d, err)
+			}
+			tk.Settle(300)
+		}
+	})
+	b.Run("many_keys_parallel", func(b *testing.B) {
+		var next atomic.Int64
+		b.RunParallel(func(pb *testing.PB) {
+			for pb.Next() {
+				tk, d, err := l.AdmitContext(ctx, fmt.Sprintf("k_%010d", next.Add(1)%1000), 500)
+				if err != nil || !d.Allowed {
+					b.Error(d, err)
+					return
+				}
+				tk.Settle(300)
+			}
+		})
+	})
 }
