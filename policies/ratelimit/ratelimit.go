@@ -17,6 +17,7 @@
 package ratelimit
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"hash/maphash"
@@ -63,15 +64,89 @@ type Policy struct {
 // ConcurrentLimit is the name of the concurrency limit in refusals.
 const ConcurrentLimit = "concurrent"
 
-type compiled struct {
+// Params is one limit as the limiter applies it: its Limit (Burst defaulted to Quota) and its
+// GCRA parameters. Implementations that keep the state elsewhere (redislimit) use the same.
+type Params struct {
 	Limit
-	interval  int64 // T, nanoseconds per unit (rounded up: never faster than the quota)
-	tolerance int64 // Burst·T
+	// Interval is T, nanoseconds per unit (rounded up: never faster than the quota).
+	Interval int64
+	// Tolerance is Burst·T, in nanoseconds.
+	Tolerance int64
+}
+
+// Compile checks p as New does and returns the parameters of its limits, in order.
+func Compile(p Policy) ([]Params, error) {
+	if len(p.Limits) > MaxLimits {
+		return nil, fmt.Errorf("ratelimit: %d limits, at most %d", len(p.Limits), MaxLimits)
+	}
+	if p.Concurrent < 0 {
+		return nil, errors.New("ratelimit: concurrent must not be negative")
+	}
+	var limits []Params
+	for _, lim := range p.Limits {
+		if lim.Quota <= 0 || lim.Window <= 0 {
+			return nil, fmt.Errorf("ratelimit: limit %s: quota and window must be positive", lim.Name)
+		}
+		if lim.Burst < 0 {
+			return nil, fmt.Errorf("ratelimit: limit %s: burst must not be negative", lim.Name)
+		}
+		if lim.Burst == 0 {
+			lim.Burst = lim.Quota
+		}
+		t := (int64(lim.Window) + lim.Quota - 1) / lim.Quota
+		if t > (1<<62)/lim.Burst {
+			return nil, fmt.Errorf("ratelimit: limit %s: burst too large for its window", lim.Name)
+		}
+		limits = append(limits, Params{Limit: lim, Interval: t, Tolerance: t * lim.Burst})
+	}
+	return limits, nil
+}
+
+// Cost is how many units a request of the given token cost takes from the limit.
+func (c *Params) Cost(tokens int64) int64 {
+	if c.Unit == Tokens {
+		return max(tokens, 0)
+	}
+	return 1
+}
+
+// GiveBack is how many units the end of a ticket that took tokens returns to the limit
+// (negative: takes more): everything on a cancel, else for a token limit the difference
+// between tokens and used, at most a day of debt (so a huge usage cannot overflow a TAT).
+func (c *Params) GiveBack(tokens, used int64, cancel bool) int64 {
+	var back int64
+	switch {
+	case cancel && c.Unit == Requests:
+		back = 1
+	case cancel:
+		back = tokens
+	case c.Unit == Tokens:
+		back = tokens - used
+	}
+	return max(back, -(int64(24*time.Hour)/c.Interval + 1))
+}
+
+// Tightest is the status of the request limit with the fewest requests left (the later one
+// in the policy on a tie) at now, given each limit's TAT: what Decision.Tightest and Peek report.
+func Tightest(limits []Params, tat []int64, now int64) Status {
+	var s Status
+	for i := range limits {
+		c := &limits[i]
+		if c.Unit != Requests {
+			continue
+		}
+		t := max(tat[i], now)
+		rem := max((now+c.Tolerance-t)/c.Interval, 0)
+		if !s.ok || rem <= s.Remaining {
+			s = Status{Limit: c.Limit, Remaining: rem, Reset: time.Duration(t - now), ok: true}
+		}
+	}
+	return s
 }
 
 // Limiter applies one Policy to any number of keys (a key, a user, an address).
 type Limiter struct {
-	limits     []compiled
+	limits     []Params
 	concurrent int64
 	now        func() time.Time
 	seed       maphash.Seed
@@ -94,32 +169,14 @@ type state struct {
 
 // New makes a limiter for policy p; now is its clock (nil: time.Now).
 func New(p Policy, now func() time.Time) (*Limiter, error) {
-	if len(p.Limits) > MaxLimits {
-		return nil, fmt.Errorf("ratelimit: %d limits, at most %d", len(p.Limits), MaxLimits)
-	}
-	if p.Concurrent < 0 {
-		return nil, errors.New("ratelimit: concurrent must not be negative")
+	limits, err := Compile(p)
+	if err != nil {
+		return nil, err
 	}
 	if now == nil {
 		now = time.Now
 	}
-	l := &Limiter{concurrent: p.Concurrent, now: now, seed: maphash.MakeSeed()}
-	for _, lim := range p.Limits {
-		if lim.Quota <= 0 || lim.Window <= 0 {
-			return nil, fmt.Errorf("ratelimit: limit %s: quota and window must be positive", lim.Name)
-		}
-		if lim.Burst < 0 {
-			return nil, fmt.Errorf("ratelimit: limit %s: burst must not be negative", lim.Name)
-		}
-		if lim.Burst == 0 {
-			lim.Burst = lim.Quota
-		}
-		t := (int64(lim.Window) + lim.Quota - 1) / lim.Quota
-		if t > (1<<62)/lim.Burst {
-			return nil, fmt.Errorf("ratelimit: limit %s: burst too large for its window", lim.Name)
-		}
-		l.limits = append(l.limits, compiled{Limit: lim, interval: t, tolerance: t * lim.Burst})
-	}
+	l := &Limiter{limits: limits, concurrent: p.Concurrent, now: now, seed: maphash.MakeSeed()}
 	for i := range l.shards {
 		l.shards[i].m = map[string]*state{}
 	}
@@ -162,8 +219,45 @@ type Ticket struct {
 	l      *Limiter
 	key    string
 	st     *state
+	remote Finisher // the ticket of another Admitter (NewTicket), when l is nil
 	tokens int64
 	done   bool
+}
+
+// Finisher ends a ticket whose counters are kept outside this process (redislimit).
+type Finisher interface {
+	// Finish is called once, by the first of Settle, Cancel and Release: used is the tokens
+	// really used (for Release, the admitted tokens), cancel is true for Cancel.
+	Finish(used int64, cancel bool)
+}
+
+// NewTicket is an admitted ticket ended by f, for Admitters outside this package; tokens is
+// the token cost admitted.
+func NewTicket(f Finisher, tokens int64) Ticket {
+	return Ticket{remote: f, tokens: max(tokens, 0)}
+}
+
+// Admitter is admission against counters kept anywhere: in this process (Limiter) or shared
+// by several instances (redislimit), with the same decisions.
+type Admitter interface {
+	// AdmitContext is Limiter.Admit. An error means the counters could not be reached:
+	// nothing was decided and nothing taken.
+	AdmitContext(ctx context.Context, key string, tokens int64) (Ticket, Decision, error)
+	// PeekContext is Limiter.Peek.
+	PeekContext(ctx context.Context, key string) (Status, error)
+}
+
+var _ Admitter = (*Limiter)(nil)
+
+// AdmitContext is Admit, never failing: the in-process Limiter is an Admitter.
+func (l *Limiter) AdmitContext(_ context.Context, key string, tokens int64) (Ticket, Decision, error) {
+	t, d := l.Admit(key, tokens)
+	return t, d, nil
+}
+
+// PeekContext is Peek, never failing.
+func (l *Limiter) PeekContext(_ context.Context, key string) (Status, error) {
+	return l.Peek(key), nil
 }
 
 func (l *Limiter) shard(key string) *shard {
@@ -188,17 +282,14 @@ func (l *Limiter) Admit(key string, tokens int64) (Ticket, Decision) {
 	var wait int64 = -1
 	for i := range l.limits {
 		c := &l.limits[i]
-		n := int64(1)
-		if c.Unit == Tokens {
-			n = max(tokens, 0)
-		}
+		n := c.Cost(tokens)
 		if n > c.Burst {
 			d.Refused, d.TooLarge, d.RetryAfter = c.Name, true, 0
 			d.Tightest = l.tightest(st, now)
 			return Ticket{}, d
 		}
-		next[i] = max(st.tat[i], now) + n*c.interval
-		if w := next[i] - c.tolerance - now; w > 0 && w > wait {
+		next[i] = max(st.tat[i], now) + n*c.Interval
+		if w := next[i] - c.Tolerance - now; w > 0 && w > wait {
 			wait, d.Refused = w, c.Name
 		}
 	}
@@ -221,19 +312,7 @@ func (l *Limiter) Admit(key string, tokens int64) (Ticket, Decision) {
 
 // tightest is the status of the request limit with the fewest requests left; sh is locked.
 func (l *Limiter) tightest(st *state, now int64) Status {
-	var s Status
-	for i := range l.limits {
-		c := &l.limits[i]
-		if c.Unit != Requests {
-			continue
-		}
-		tat := max(st.tat[i], now)
-		rem := max((now+c.tolerance-tat)/c.interval, 0)
-		if !s.ok || rem <= s.Remaining {
-			s = Status{Limit: c.Limit, Remaining: rem, Reset: time.Duration(tat - now), ok: true}
-		}
-	}
-	return s
+	return Tightest(l.limits, st.tat[:len(l.limits)], now)
 }
 
 // Peek is where the tightest request limit stands for key, taking nothing.
@@ -285,7 +364,7 @@ func (l *Limiter) sweep(sh *shard, now int64) {
 }
 
 // Admitted reports whether the ticket holds anything.
-func (t *Ticket) Admitted() bool { return t.l != nil && !t.done }
+func (t *Ticket) Admitted() bool { return (t.l != nil || t.remote != nil) && !t.done }
 
 // Settle corrects the token limits by the tokens really used (the difference with the
 // admitted cost is given back, or taken when more was used), and frees the concurrency slot.
@@ -300,10 +379,14 @@ func (t *Ticket) Cancel() { t.finish(0, true) }
 func (t *Ticket) Release() { t.finish(t.tokens, false) }
 
 func (t *Ticket) finish(used int64, cancel bool) {
-	if t.l == nil || t.done {
+	if t.done || (t.l == nil && t.remote == nil) {
 		return
 	}
 	t.done = true
+	if t.remote != nil {
+		t.remote.Finish(used, cancel)
+		return
+	}
 	l := t.l
 	sh := l.shard(t.key)
 	sh.mu.Lock()
@@ -312,20 +395,6 @@ func (t *Ticket) finish(used int64, cancel bool) {
 	st.inflight--
 	for i := range l.limits {
 		c := &l.limits[i]
-		var back int64 // units given back (negative: taken)
-		switch {
-		case cancel && c.Unit == Requests:
-			back = 1
-		case cancel:
-			back = t.tokens
-		case c.Unit == Tokens:
-			back = t.tokens - used
-		}
-		if back == 0 {
-			continue
-		}
-		// Bounded so a huge usage cannot overflow the TAT: at most a day of debt more.
-		back = max(back, -(int64(24*time.Hour)/c.interval + 1))
-		st.tat[i] -= back * c.interval
+		st.tat[i] -= c.GiveBack(t.tokens, used, cancel) * c.Interval
 	}
 }

@@ -339,7 +339,7 @@ func BenchmarkAdmission(b *testing.B) {
 		l.concurrent = 0
 		// Quotas large enough never to refuse.
 		for i := range l.limits {
-			l.limits[i].tolerance = 1 << 60
+			l.limits[i].Tolerance = 1 << 60
 		}
 		b.ReportAllocs()
 		for b.Loop() {
@@ -350,7 +350,7 @@ func BenchmarkAdmission(b *testing.B) {
 	b.Run("many_keys_parallel", func(b *testing.B) {
 		l, _ := New(tierPolicy(), nil)
 		for i := range l.limits {
-			l.limits[i].tolerance = 1 << 60
+			l.limits[i].Tolerance = 1 << 60
 		}
 		keys := make([]string, 10000)
 		for i := range keys {
@@ -366,4 +366,54 @@ func BenchmarkAdmission(b *testing.B) {
 			}
 		})
 	})
+}
+
+type finishCall struct {
+	used   int64
+	cancel bool
+}
+
+type recordingFinisher struct{ calls []finishCall }
+
+func (f *recordingFinisher) Finish(used int64, cancel bool) {
+	f.calls = append(f.calls, finishCall{used, cancel})
+}
+
+// TestRemoteTicket: a ticket of another Admitter is admitted until its first ending, which
+// alone reaches the Finisher, with what Settle, Cancel or Release mean.
+func TestRemoteTicket(t *testing.T) {
+	tests := []struct {
+		name string
+		end  func(tk *Ticket)
+		want finishCall
+	}{
+		{"settle", func(tk *Ticket) { tk.Settle(30) }, finishCall{30, false}},
+		{"settle_negative", func(tk *Ticket) { tk.Settle(-5) }, finishCall{0, false}},
+		{"release", func(tk *Ticket) { tk.Release() }, finishCall{100, false}},
+		{"cancel", func(tk *Ticket) { tk.Cancel() }, finishCall{0, true}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			f := &recordingFinisher{}
+			tk := NewTicket(f, 100)
+			if !tk.Admitted() {
+				t.Fatal("a new ticket is not admitted")
+			}
+			tt.end(&tk)
+			tk.Settle(1)
+			tk.Cancel()
+			tk.Release()
+			if len(f.calls) != 1 || f.calls[0] != tt.want {
+				t.Fatalf("finish calls %+v, want one %+v", f.calls, tt.want)
+			}
+			if tk.Admitted() {
+				t.Fatal("an ended ticket is still admitted")
+			}
+		})
+	}
+	var zero Ticket
+	zero.Settle(1) // a ticket never admitted ends without effect
+	if zero.Admitted() {
+		t.Fatal("the zero ticket is admitted")
+	}
 }

@@ -1,0 +1,250 @@
+// Package redislimit is ratelimit's admission with its state in Redis, shared by every
+// instance of the gateway: the same limits (GCRA per any window, tokens with give-back at
+// settlement, concurrency slots) and the same decisions as the in-process ratelimit.Limiter,
+// all or none, in one round trip.
+//
+// Admission is one Lua script (EVALSHA; the script is sent once, again only if Redis lost it)
+// reading and writing every limit of the caller at once, on Redis's clock (TIME), so the
+// instances' clocks do not matter. Each limit's state is its TAT, a key expiring once the TAT
+// is past (a token limit's later: a debt settled after the slot TTL is counted from now). The
+// concurrency slots of a caller are a sorted set of ticket ids scored by their expiry: a slot
+// whose holder never ends it (its instance crashed) is free again after SlotTTL. A ticket's
+// end is one more round trip, none when it changes nothing.
+//
+// It sits beside policies/ratelimit, not in store/, as the same algorithm run elsewhere: the
+// parameters, costs, give-backs and statuses are ratelimit's (Compile, Params, Tightest), and
+// only the state and its atomicity are Redis's.
+//
+// Keys are Prefix + "{" + caller key + "}:r:" + limit name, and Prefix + "{" + caller key +
+// "}:slots": one caller's keys share a Redis Cluster hash slot.
+package redislimit
+
+import (
+	"context"
+	"crypto/rand"
+	_ "embed"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/ratelimit"
+)
+
+var (
+	//go:embed clock.lua
+	clockLua string
+	//go:embed admit.lua
+	admitLua string
+	//go:embed finish.lua
+	finishLua string
+	//go:embed peek.lua
+	peekLua string
+
+	admitScript  = redis.NewScript(clockLua + admitLua)
+	finishScript = redis.NewScript(clockLua + finishLua)
+	peekScript   = redis.NewScript(clockLua + peekLua)
+)
+
+// maxTolerance is the largest burst tolerance (Burst·T) a limit may have: the script's
+// arithmetic on nanoseconds is exact below 2^53 (104 days), with room for debts.
+const maxTolerance = 1 << 50 // about 13 days
+
+// Options are a Limiter's settings.
+type Options struct {
+	// Prefix begins every key of the limiter: one prefix per policy (e.g. per tier), since
+	// limits of the same name in two policies would otherwise share their state. Must not
+	// contain '{' or '}'.
+	Prefix string
+	// SlotTTL is the longest a concurrency slot is held: a slot not freed by then (its
+	// instance crashed, or lost Redis) is free again. Longer than the longest request, or
+	// longer requests let others in beside them. 0: 10 minutes.
+	SlotTTL time.Duration
+	// FinishTimeout bounds the round trip of a ticket's end. 0: 2 seconds.
+	FinishTimeout time.Duration
+	// OnFinishError is told of a ticket's end that failed (nil: ignored); its slot comes
+	// back after SlotTTL, and the tokens it would have given back stay taken.
+	OnFinishError func(error)
+}
+
+// Limiter applies one ratelimit.Policy to any number of keys, its state in Redis.
+type Limiter struct {
+	rdb           redis.Scripter
+	prefix        string
+	limits        []ratelimit.Params
+	pads          []int64 // each limit's expiry pad, ms
+	concurrent    int64
+	slotTTL       time.Duration
+	finishTimeout time.Duration
+	onFinishError func(error)
+	// now replaces Redis's clock (tests only; nil: TIME).
+	now func() time.Time
+}
+
+var _ ratelimit.Admitter = (*Limiter)(nil)
+
+// New makes a limiter for policy p on rdb (a *redis.Client, *redis.ClusterClient, ...).
+func New(rdb redis.Scripter, p ratelimit.Policy, o Options) (*Limiter, error) {
+	limits, err := ratelimit.Compile(p)
+	if err != nil {
+		return nil, err
+	}
+	if strings.ContainsAny(o.Prefix, "{}") {
+		return nil, errors.New("redislimit: the prefix must not contain '{' or '}'")
+	}
+	if o.SlotTTL < 0 || o.FinishTimeout < 0 {
+		return nil, errors.New("redislimit: slot TTL and finish timeout must not be negative")
+	}
+	if o.SlotTTL == 0 {
+		o.SlotTTL = 10 * time.Minute
+	}
+	if o.FinishTimeout == 0 {
+		o.FinishTimeout = 2 * time.Second
+	}
+	l := &Limiter{rdb: rdb, prefix: o.Prefix, limits: limits, concurrent: p.Concurrent,
+		slotTTL: o.SlotTTL, finishTimeout: o.FinishTimeout, onFinishError: o.OnFinishError}
+	seen := map[string]bool{}
+	for _, c := range limits {
+		if c.Name == "" || strings.Contains(c.Name, "}") || seen[c.Name] {
+			return nil, fmt.Errorf("redislimit: limit %q: names must be distinct, non-empty, without '}'", c.Name)
+		}
+		seen[c.Name] = true
+		if c.Tolerance > maxTolerance {
+			return nil, fmt.Errorf("redislimit: limit %s: burst tolerance above %v", c.Name, time.Duration(maxTolerance))
+		}
+		// A request limit's TAT may go once past: a give-back there changes nothing. A token
+		// limit's is kept while a ticket may still settle a debt against it.
+		pad := int64(time.Second / time.Millisecond)
+		if c.Unit == ratelimit.Tokens {
+			pad += (c.Tolerance + int64(o.SlotTTL) + int64(time.Millisecond) - 1) / int64(time.Millisecond)
+		}
+		l.pads = append(l.pads, pad)
+	}
+	return l, nil
+}
+
+// keys are the Redis keys of key: each limit's TAT, then the slots.
+func (l *Limiter) keys(key string) []string {
+	base := l.prefix + "{" + key + "}:"
+	ks := make([]string, 0, len(l.limits)+1)
+	for i := range l.limits {
+		ks = append(ks, base+"r:"+l.limits[i].Name)
+	}
+	return append(ks, base+"slots")
+}
+
+// clock is the script's clock argument.
+func (l *Limiter) clock() string {
+	if l.now == nil {
+		return ""
+	}
+	return strconv.FormatInt(l.now().UnixNano(), 10)
+}
+
+// AdmitContext takes one request of the given token cost for key from every limit and a
+// concurrency slot, or nothing at all, as ratelimit.Limiter.Admit, in one round trip.
+func (l *Limiter) AdmitContext(ctx context.Context, key string, tokens int64) (ratelimit.Ticket, ratelimit.Decision, error) {
+	tokens = max(tokens, 0)
+	if len(l.limits) == 0 && l.concurrent == 0 {
+		return ratelimit.NewTicket(&ticket{l: l, key: key}, tokens), ratelimit.Decision{Allowed: true}, nil
+	}
+	id := ""
+	if l.concurrent > 0 {
+		id = rand.Text()
+	}
+	args := make([]any, 0, 4+5*len(l.limits))
+	args = append(args, l.clock(), l.concurrent, l.slotTTL.Milliseconds(), id)
+	for i := range l.limits {
+		c := &l.limits[i]
+		args = append(args, c.Cost(tokens), c.Burst, c.Interval, c.Tolerance, l.pads[i])
+	}
+	res, err := admitScript.Run(ctx, l.rdb, l.keys(key), args...).Int64Slice()
+	if err != nil {
+		return ratelimit.Ticket{}, ratelimit.Decision{}, fmt.Errorf("redislimit: admit: %w", err)
+	}
+	if len(res) != 3+len(l.limits) {
+		return ratelimit.Ticket{}, ratelimit.Decision{}, fmt.Errorf("redislimit: admit: %d values in the reply", len(res))
+	}
+	var d ratelimit.Decision
+	code, idx, wait := res[0], res[1], res[2]
+	d.Tightest = ratelimit.Tightest(l.limits, res[3:], 0)
+	switch {
+	case code == 1:
+		d.Allowed = true
+		return ratelimit.NewTicket(&ticket{l: l, key: key, id: id, tokens: tokens}, tokens), d, nil
+	case code == 3:
+		d.Refused, d.RetryAfter = ratelimit.ConcurrentLimit, time.Second
+	case (code == 0 || code == 2) && idx >= 1 && idx <= int64(len(l.limits)):
+		d.Refused = l.limits[idx-1].Name
+		if code == 2 {
+			d.TooLarge = true
+		} else {
+			d.RetryAfter = time.Duration(wait)
+		}
+	default:
+		return ratelimit.Ticket{}, ratelimit.Decision{}, fmt.Errorf("redislimit: admit: reply code %d, limit %d", code, idx)
+	}
+	return ratelimit.Ticket{}, d, nil
+}
+
+// peek is the slots held by key and each limit's TAT relative to now.
+func (l *Limiter) peek(ctx context.Context, key string) (int64, []int64, error) {
+	res, err := peekScript.Run(ctx, l.rdb, l.keys(key), l.clock()).Int64Slice()
+	if err != nil {
+		return 0, nil, fmt.Errorf("redislimit: peek: %w", err)
+	}
+	if len(res) != 1+len(l.limits) {
+		return 0, nil, fmt.Errorf("redislimit: peek: %d values in the reply", len(res))
+	}
+	return res[0], res[1:], nil
+}
+
+// PeekContext is where the tightest request limit stands for key, taking nothing.
+func (l *Limiter) PeekContext(ctx context.Context, key string) (ratelimit.Status, error) {
+	_, tats, err := l.peek(ctx, key)
+	if err != nil {
+		return ratelimit.Status{}, err
+	}
+	return ratelimit.Tightest(l.limits, tats, 0), nil
+}
+
+// InFlight is how many concurrency slots of key are held and not expired (0 without a
+// concurrency bound: slots are kept only under one).
+func (l *Limiter) InFlight(ctx context.Context, key string) (int64, error) {
+	n, _, err := l.peek(ctx, key)
+	return n, err
+}
+
+// ticket is what one admission took, ended by its ratelimit.Ticket.
+type ticket struct {
+	l      *Limiter
+	key    string
+	id     string // the slot's ticket id; "" without a concurrency bound
+	tokens int64
+}
+
+// Finish gives back what the ratelimit.Ticket's end returns, and frees the slot, in one
+// round trip (none when nothing changes).
+func (t *ticket) Finish(used int64, cancel bool) {
+	l := t.l
+	args := make([]any, 0, 2+2*len(l.limits))
+	args = append(args, l.clock(), t.id)
+	change := t.id != ""
+	for i := range l.limits {
+		c := &l.limits[i]
+		back := c.GiveBack(t.tokens, used, cancel) * c.Interval
+		change = change || back != 0
+		args = append(args, back, l.pads[i])
+	}
+	if !change {
+		return
+	}
+	ctx, cancelCtx := context.WithTimeout(context.Background(), l.finishTimeout)
+	defer cancelCtx()
+	if err := finishScript.Run(ctx, l.rdb, l.keys(t.key), args...).Err(); err != nil && l.onFinishError != nil {
+		l.onFinishError(fmt.Errorf("redislimit: finish: %w", err))
+	}
+}
