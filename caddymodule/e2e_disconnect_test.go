@@ -45,11 +45,9 @@ func TestClientDisconnectStopsTheModel(t *testing.T) {
 			got++
 		}
 	}
-	left := time.Now()
 	resp.Body.Close()
 	cancel()
 	a := e.settledAudit(u.ID)
-	settledIn := time.Since(left)
 	st := e.settlements(u.ID)
 	if len(st) != 1 || st[0].Usage == nil {
 		t.Fatalf("%d settlements after the disconnect, want 1: %+v", len(st), st)
@@ -70,10 +68,8 @@ func TestClientDisconnectStopsTheModel(t *testing.T) {
 	if want := credits.Amount(micro(t, initial)) - st[0].Amount; a.Balance != want {
 		t.Errorf("balance %s, want %s", a.Balance, want)
 	}
-	if settledIn > 1500*time.Millisecond {
-		t.Errorf("settled %s after the client left: the backend was not stopped (the whole stream takes 2 s)", settledIn)
-	}
-	// The mock stopped generating: it wrote a few chunks past the client's 3, not 40.
+	// The mock stopped generating: it wrote a few chunks past the client's 3, not 40 (a count,
+	// not a timing: a drained stream would have written all 40 before the settlement).
 	time.Sleep(200 * time.Millisecond) // longer than a chunk interval: a running stream would have written more
 	if sent := mockbackend.ChunksSent(e.mockName("slow"))["/v1/chat/completions"]; sent < 3 || sent > 12 {
 		t.Errorf("the backend wrote %d chunks, want about the 3 the client read (it was not stopped)", sent)
