@@ -312,19 +312,7 @@ func TestKeysPerUserBoundConfigured(t *testing.T) {
 // one share it during the grace.
 func TestRateLimitPerRotationChain(t *testing.T) {
 	useFakeRateClock(t)
-	e := startGateway(t, setup{
-		gateway: rateLimitBackend + `
-		rate_limits {
-			default_tier free
-			tier free {
-				requests_per_minute 3
-			}
-			tier pro {
-				requests_per_minute 100
-			}
-		}`,
-		mocks: []mockSpec{{key: "mock", lines: "models mock-small"}},
-	})
+	e := startGateway(t, freeAndProTiers)
 	var u userView
 	e.adminCall(http.MethodPost, "/llm_gateway/users", map[string]any{"email": "rl@example.com", "credits": 10, "tier": "pro"},
 		http.StatusCreated, &u, nil)

@@ -340,19 +340,7 @@ func TestRateLimitCreditRefusalTakesNothing(t *testing.T) {
 // key does not multiply them; a key naming a bigger tier is still bound by its user's.
 func TestRateLimitPerUser(t *testing.T) {
 	useFakeRateClock(t)
-	e := startGateway(t, setup{
-		gateway: rateLimitBackend + `
-		rate_limits {
-			default_tier free
-			tier free {
-				requests_per_minute 3
-			}
-			tier pro {
-				requests_per_minute 100
-			}
-		}`,
-		mocks: []mockSpec{{key: "mock", lines: "models mock-small"}},
-	})
+	e := startGateway(t, freeAndProTiers)
 	u, k1 := e.userWithKey("twokeys@example.com", "10")
 	k2 := e.createKey(u.ID, map[string]any{"name": "second", "rate_limit_tier": "pro"})
 	body := `{"model":"mock-small","messages":[{"role":"user","content":"hi"}],"max_tokens":16}`
@@ -370,4 +358,20 @@ func TestRateLimitPerUser(t *testing.T) {
 	if r.header.Get("X-RateLimit-Remaining") != "0" {
 		t.Errorf("429 remaining %q", r.header.Get("X-RateLimit-Remaining"))
 	}
+}
+
+// freeAndProTiers is a gateway whose callers default to a tier of 3 requests a minute, with a
+// "pro" tier of 100 beside it.
+var freeAndProTiers = setup{
+	gateway: rateLimitBackend + `
+		rate_limits {
+			default_tier free
+			tier free {
+				requests_per_minute 3
+			}
+			tier pro {
+				requests_per_minute 100
+			}
+		}`,
+	mocks: []mockSpec{{key: "mock", lines: "models mock-small"}},
 }
