@@ -29,7 +29,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 // field:
 //
 //	llm_gateway {
-//		store sqlite <path>
+//		store sqlite <path> | postgres <dsn>
 //		key_prefix <prefix>
 //		max_keys_per_user <n>
 //		max_request_body <size>
@@ -97,7 +97,12 @@ func (g *Gateway) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if len(args) != 2 {
 				return d.ArgErr()
 			}
-			g.Store = StoreConfig{Driver: args[0], Path: args[1]}
+			g.Store = StoreConfig{Driver: args[0]}
+			if args[0] == storePostgres {
+				g.Store.DSN = args[1]
+			} else {
+				g.Store.Path = args[1]
+			}
 		case "key_prefix":
 			if err := oneString(d, &g.KeyPrefix); err != nil {
 				return err

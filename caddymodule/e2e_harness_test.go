@@ -106,6 +106,9 @@ type setup struct {
 	sites string
 	// logLevel of Caddy's default logger (written to {dir}/caddy.log). Default INFO.
 	logLevel string
+	// dsn, when set, is the PostgreSQL store of the gateway (pgtest.NewDatabase) in place of
+	// an embedded store file in the test's directory.
+	dsn string
 }
 
 // env is a running gateway.
@@ -122,6 +125,7 @@ type env struct {
 	closed    int // a port nobody listens on
 	closed2   int // another one
 	dbPath    string
+	dsn       string // the PostgreSQL store, when the setup names one
 	client    *http.Client
 	child     *exec.Cmd // set for a child-process gateway
 	childLog  *os.File
@@ -134,6 +138,7 @@ func newEnv(t testing.TB, s setup) *env {
 	e := &env{t: t, dir: t.TempDir(), mockPorts: map[string]int{}, ports: map[string]int{}}
 	e.pickPorts(s)
 	e.dbPath = filepath.Join(e.dir, "gateway.db")
+	e.dsn = s.dsn
 	e.client = &http.Client{
 		Timeout: 60 * time.Second,
 		Transport: &http.Transport{
@@ -222,13 +227,13 @@ http://127.0.0.1:%d {
 		output file %s%s
 	}
 	llm_gateway {
-		store sqlite %s
+		store %s
 %s
 	}
 	respond "Not found" 404
 }
 `, e.adminAddr, filepath.Join(e.dir, "storage"), filepath.Join(e.dir, "caddy.log"), level,
-		e.gwPort, filepath.Join(e.dir, "access.log"), accessLogFormat, e.dbPath, e.expand(s.gateway))
+		e.gwPort, filepath.Join(e.dir, "access.log"), accessLogFormat, e.storeLine(), e.expand(s.gateway))
 	for _, m := range s.mocks {
 		fmt.Fprintf(&b, `
 http://127.0.0.1:%d {
@@ -728,9 +733,20 @@ type dbAccount struct {
 	settleEntries, reservations        int
 }
 
-// accounts reads every account's books from the store file, independently of the gateway.
+// storeLine is the arguments of the gateway's store directive.
+func (e *env) storeLine() string {
+	if e.dsn != "" {
+		return "postgres " + e.dsn
+	}
+	return "sqlite " + e.dbPath
+}
+
+// accounts reads every account's books from the store, independently of the gateway.
 func (e *env) accounts() []dbAccount {
 	e.t.Helper()
+	if e.dsn != "" {
+		return postgresAccounts(e.t, e.dsn)
+	}
 	db, err := sql.Open("sqlite", "file:"+e.dbPath+"?_pragma=busy_timeout(10000)&_pragma=query_only(1)")
 	if err != nil {
 		e.t.Fatalf("opening the store file: %v", err)

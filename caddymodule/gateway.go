@@ -133,10 +133,17 @@ type Gateway struct {
 // StoreConfig says which store holds the gateway's state.
 type StoreConfig struct {
 	// Driver is the store implementation: "sqlite" (the embedded store, one Caddy process per
-	// file). Default: "sqlite".
+	// file) or "postgres" (PostgreSQL, shared by any number of gateway instances).
+	// Default: "sqlite".
 	Driver string `json:"driver,omitempty"`
-	// Path is the SQLite file. Default: "llm_gateway/gateway.db" under Caddy's data directory.
+	// Path is the SQLite file (driver sqlite). Default: "llm_gateway/gateway.db" under Caddy's
+	// data directory.
 	Path string `json:"path,omitempty"`
+	// DSN is the PostgreSQL connection string (driver postgres), a URL or key=value pairs as
+	// libpq reads them, e.g. "postgres://gateway@db.internal/gateway?sslmode=verify-full".
+	// Placeholders are expanded, so a password can come from the environment:
+	// "{env.GATEWAY_DSN}". It never appears in a log line or an error. Required for postgres.
+	DSN string `json:"dsn,omitempty"`
 }
 
 // Backend is one model server.
@@ -305,9 +312,9 @@ func (g *Gateway) Provision(ctx caddy.Context) error {
 	}
 
 	if g.Store.Driver == "" {
-		g.Store.Driver = "sqlite"
+		g.Store.Driver = storeSQLite
 	}
-	if g.Store.Path == "" {
+	if g.Store.Path == "" && g.Store.Driver == storeSQLite {
 		g.Store.Path = filepath.Join(caddy.AppDataDir(), "llm_gateway", "gateway.db")
 	}
 	g.store, g.storeKey, err = openStore(ctx, g.Store, g.logger)
@@ -425,8 +432,17 @@ func (g *Gateway) Validate() error {
 			return err
 		}
 	}
-	if g.Store.Driver != "sqlite" {
-		return fmt.Errorf("store driver %q: only sqlite is available", g.Store.Driver)
+	switch g.Store.Driver {
+	case storeSQLite:
+		if g.Store.DSN != "" {
+			return fmt.Errorf("store: a dsn is for the postgres driver; sqlite takes a path")
+		}
+	case storePostgres:
+		if g.Store.DSN == "" || g.Store.Path != "" {
+			return fmt.Errorf("store postgres: a dsn is required, and no path")
+		}
+	default:
+		return fmt.Errorf("store driver %q: want sqlite or postgres", g.Store.Driver)
 	}
 	return nil
 }

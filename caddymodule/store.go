@@ -2,6 +2,8 @@ package caddymodule
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"path/filepath"
 	"sync"
@@ -13,6 +15,7 @@ import (
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/credits"
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/identity"
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/signin"
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/store/postgres"
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/store/sqlite"
 )
 
@@ -45,6 +48,7 @@ type storeHandle struct {
 	// openReservations counts the open reservations and the credits they hold (for metrics).
 	openReservations func() (int, credits.Amount)
 	close            func() error
+	sweepCtx         context.Context
 	stop             context.CancelFunc
 	done             chan struct{}
 
@@ -82,7 +86,23 @@ func (h *storeHandle) writeTouches(ctx context.Context, logger *zap.Logger) {
 	}
 }
 
+// The store drivers.
+const (
+	storeSQLite   = "sqlite"
+	storePostgres = "postgres"
+)
+
+// openStore opens the configured store, or shares the one already open for it.
 func openStore(ctx caddy.Context, cfg StoreConfig, logger *zap.Logger) (*storeHandle, string, error) {
+	switch cfg.Driver {
+	case storePostgres:
+		return openPostgres(cfg, logger)
+	default:
+		return openSQLite(cfg, logger)
+	}
+}
+
+func openSQLite(cfg StoreConfig, logger *zap.Logger) (*storeHandle, string, error) {
 	path, err := filepath.Abs(cfg.Path)
 	if err != nil {
 		return nil, "", fmt.Errorf("store path: %w", err)
@@ -107,10 +127,8 @@ func openStore(ctx caddy.Context, cfg StoreConfig, logger *zap.Logger) (*storeHa
 			// so the ledger identity of the credit counters holds within a process.
 			metricCreditsReleasedAtStart.Add(amount.Credits())
 		}
-		sweepCtx, stop := context.WithCancel(context.Background())
-		h := &storeHandle{ledger: newKeyLedger(timedLedger{s}, s.ChainSpent), users: s, keys: s, signin: s, usage: s.UsageByDay, responses: s.ResponseOwner,
-			openReservations: s.OpenReservations, close: s.Close, stop: stop, done: make(chan struct{})}
-		go h.sweep(sweepCtx, logger)
+		h := newStoreHandle(s, s, s, s, s.ChainSpent, s.UsageByDay, s.ResponseOwner, s.OpenReservations, s.Close)
+		go h.sweep(logger)
 		return h, nil
 	})
 	if err != nil {
@@ -119,10 +137,50 @@ func openStore(ctx caddy.Context, cfg StoreConfig, logger *zap.Logger) (*storeHa
 	return val.(*storeHandle), key, nil
 }
 
+// openPostgres connects to the PostgreSQL store. Its reservations belong to every instance
+// sharing the database: none is released at start; each expired one is released by the
+// first instance's sweeper to find it.
+func openPostgres(cfg StoreConfig, logger *zap.Logger) (*storeHandle, string, error) {
+	dsn := caddy.NewReplacer().ReplaceKnown(cfg.DSN, "")
+	// The pool is shared by the configurations naming the same database; the key holds a
+	// digest of the DSN, never the DSN (it may hold a password).
+	sum := sha256.Sum256([]byte(dsn))
+	key := cfg.Driver + ":" + hex.EncodeToString(sum[:8])
+	val, _, err := stores.LoadOrNew(key, func() (caddy.Destructor, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		s, err := postgres.Open(ctx, dsn)
+		if err != nil {
+			return nil, fmt.Errorf("opening the postgres store: %w", err)
+		}
+		h := newStoreHandle(s, s, s, s, s.ChainSpent, s.UsageByDay, s.ResponseOwner, s.OpenReservations, s.Close)
+		go h.sweep(logger)
+		return h, nil
+	})
+	if err != nil {
+		return nil, "", err
+	}
+	return val.(*storeHandle), key, nil
+}
+
+// newStoreHandle is the handle of an open store, its ledger wrapped to enforce API keys'
+// credit caps; its sweeper is not started.
+func newStoreHandle(l credits.Ledger, users identity.Users, keys identity.Keys, signin signin.Store,
+	chainSpent func(context.Context, string, time.Time) (credits.Amount, error),
+	usage func(context.Context, credits.AccountID, time.Time) ([]credits.UsageDay, error),
+	responses func(context.Context, string) (credits.ResponseOwner, error),
+	open func() (int, credits.Amount), closeStore func() error) *storeHandle {
+	ctx, stop := context.WithCancel(context.Background())
+	return &storeHandle{ledger: newKeyLedger(timedLedger{l}, chainSpent), users: users, keys: keys, signin: signin,
+		usage: usage, responses: responses, openReservations: open, close: closeStore,
+		sweepCtx: ctx, stop: stop, done: make(chan struct{})}
+}
+
 // sweep releases expired reservations, writes key use times and deletes the sign-in state
 // that is over until the store is closed, writing the last use times one more time then.
-func (h *storeHandle) sweep(ctx context.Context, logger *zap.Logger) {
+func (h *storeHandle) sweep(logger *zap.Logger) {
 	defer close(h.done)
+	ctx := h.sweepCtx
 	t := time.NewTicker(sweepInterval)
 	defer t.Stop()
 	touches := time.NewTicker(touchInterval)
