@@ -96,10 +96,10 @@ type responseStore struct {
 }
 
 type storedResponse struct {
-	resp   responseObject
-	input  []responseItem
+	resp        responseObject
+	input       []responseItem
 	inputTokens int // the input and output tokens of the response (for chaining)
-	output int
+	output      int
 }
 
 var responseStores = struct {
