@@ -156,7 +156,12 @@ func TestChainsOfExistingKeys(t *testing.T) {
 	}
 	db := openRawForTest(t, path)
 	for _, stmt := range []string{
-		`DELETE FROM schema_migrations WHERE version = 5`,
+		`DELETE FROM schema_migrations WHERE version >= 5`,
+		`DROP INDEX ledger_by_response`, // migration 0006
+		`ALTER TABLE ledger DROP COLUMN cached_input_tokens`,
+		`ALTER TABLE ledger DROP COLUMN cache_write_tokens`,
+		`ALTER TABLE ledger DROP COLUMN reasoning_tokens`,
+		`ALTER TABLE ledger DROP COLUMN response_id`,
 		`DROP INDEX api_keys_by_chain`,
 		`ALTER TABLE api_keys DROP COLUMN chain_id`,
 	} {
