@@ -354,6 +354,7 @@ func (ex *exchange) finish(proxyErr error) {
 		_, _ = clientWriter{ex}.Write(ex.buf.Bytes())
 	case modeLarge:
 		if u, ok := ex.document.Usage(); ok && proxyErr == nil {
+			ex.noteResponse(u.ResponseID)
 			ex.settle(u, true)
 		} else {
 			ex.settleReserved()
