@@ -434,7 +434,7 @@ func TestChoicesAreCharged(t *testing.T) {
 			t.Fatalf("n=3 stream=%s: %s", stream, r)
 		}
 		st := e.settlements(u.ID)
-		if got := st[0]; got.Usage == nil || got.Usage.OutputTokens != 15 || got.Amount != cost(t, 2, 15, in, out) {
+		if got := st[len(st)-1]; got.Usage == nil || got.Usage.OutputTokens != 15 || got.Amount != cost(t, 2, 15, in, out) {
 			t.Errorf("n=3 stream=%s settled %+v (usage %+v), want 2 + 15 tokens", stream, got, got.Usage)
 		}
 	}
@@ -473,7 +473,7 @@ func TestTokenKindsArePriced(t *testing.T) {
 			t.Fatalf("stream=%s: %s", stream, r)
 		}
 		st := e.settlements(u.ID)
-		got := st[0]
+		got := st[len(st)-1]
 		want, err := price.Charge(credits.Tokens{Input: 6, Output: 4, CachedInput: 4})
 		if err != nil {
 			t.Fatal(err)
