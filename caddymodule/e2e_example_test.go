@@ -411,7 +411,7 @@ func TestExampleAnswersWhatClientsRead(t *testing.T) {
 	}
 
 	// Routes under /v1/ answer JSON: 501 for an API not served yet, 404 for none.
-	for path, want := range map[string]string{"/v1/responses": "not_implemented", "/v1/no-such-route": "not_found"} {
+	for path, want := range map[string]string{"/v1/audio/speech": "not_implemented", "/v1/no-such-route": "not_found"} {
 		r := e.request(http.MethodPost, byIP+path, `{}`, nil)
 		status := http.StatusNotFound
 		if want == "not_implemented" {

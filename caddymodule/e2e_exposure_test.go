@@ -375,8 +375,9 @@ func TestUnknownGatewayRoutesAnswerJSON(t *testing.T) {
 		code         string
 		shape        string // "openai", "ollama" or "anthropic"
 	}{
-		{"POST", "/v1/responses", 501, "not_implemented", "openai"},
-		{"GET", "/v1/responses/resp_1", 501, "not_implemented", "openai"},
+		{"POST", "/v1/responses", 400, "invalid_request", "openai"}, // served: {} has no model
+		{"GET", "/v1/responses/resp_1", 404, "not_found", "openai"}, // nobody's response
+		{"PUT", "/v1/responses/resp_1", 405, "method_not_allowed", "openai"},
 		{"POST", "/v1/completions", 400, "invalid_request", "openai"}, // served: {} has no model
 		{"POST", "/v1/audio/speech", 501, "not_implemented", "openai"},
 		{"POST", "/v1/images/generations", 501, "not_implemented", "openai"},

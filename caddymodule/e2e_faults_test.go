@@ -116,6 +116,24 @@ func faultyAnswer(path string, stream bool, pad string) (msgs []string, usage, e
 			`,"usage":{"prompt_tokens":11,"total_tokens":11}`, "}", "application/json"
 	case path == "/api/embed":
 		return []string{`{"model":"o","embeddings":[[0.5,0.25]],"pad":"` + pad + `"`}, `,"prompt_eval_count":11`, "}", "application/json"
+	case path == "/v1/responses" && stream:
+		// The first message starts with response.created.
+		created := "event: response.created\ndata: {\"type\":\"response.created\",\"sequence_number\":0,\"response\":{\"id\":\"resp_f\",\"object\":\"response\",\"status\":\"in_progress\",\"usage\":null}}\n\n"
+		for i := range faultyChunks {
+			if i > 0 {
+				created = ""
+			}
+			msgs = append(msgs, created+`event: response.output_text.delta`+"\n"+`data: {"type":"response.output_text.delta","sequence_number":1,"item_id":"m","delta":"`+text(i)+`"}`+"\n\n")
+		}
+		return msgs, `event: response.completed` + "\n" + `data: {"type":"response.completed","sequence_number":9,"response":{"id":"resp_f","object":"response","status":"completed","usage":{"input_tokens":11,"output_tokens":8}}}` + "\n\n",
+			"", "text/event-stream"
+	case path == "/v1/responses":
+		var content strings.Builder
+		for i := range faultyChunks {
+			content.WriteString(text(i))
+		}
+		return []string{`{"id":"resp_f","object":"response","status":"completed","output":[{"type":"message","content":[{"type":"output_text","text":"` + content.String() + pad + `"}]}]`},
+			`,"usage":{"input_tokens":11,"output_tokens":8}`, "}", "application/json"
 	case path == "/v1/completions" && stream:
 		for i := range faultyChunks {
 			msgs = append(msgs, `data: {"id":"c","object":"text_completion","choices":[{"index":0,"text":"`+text(i)+`","finish_reason":null}]}`+"\n\n")
@@ -186,6 +204,8 @@ func TestBillMatchesWhatWasServed(t *testing.T) {
 		{"/v1/embeddings", `{"model":"%s","input":"hello there"}`, false, "openai", "embeddings", metering.FamilyOpenAI},
 		{"/v1/completions", `{"model":"%s","prompt":"hi","max_tokens":50}`, false, "openai", "chat", metering.FamilyOpenAI},
 		{"/v1/completions", `{"model":"%s","prompt":"hi","max_tokens":50,"stream":true}`, true, "openai", "chat", metering.FamilyOpenAI},
+		{"/v1/responses", `{"model":"%s","input":"hi","max_output_tokens":50}`, false, "openai", "chat", metering.FamilyOpenAI},
+		{"/v1/responses", `{"model":"%s","input":"hi","max_output_tokens":50,"stream":true}`, true, "openai", "chat", metering.FamilyOpenAI},
 		{"/api/embed", `{"model":"%s","input":"hello there"}`, false, "ollama", "embeddings", metering.FamilyEstimate},
 		{"/api/chat", `{"model":"%s","messages":[{"role":"user","content":"hi"}],"stream":false,"options":{"num_predict":50}}`, false, "ollama", "chat", metering.FamilyEstimate},
 		{"/api/chat", `{"model":"%s","messages":[{"role":"user","content":"hi"}],"options":{"num_predict":50}}`, true, "ollama", "chat", metering.FamilyEstimate},

@@ -97,6 +97,7 @@ func errorResponse(err error) *apiError {
 		rl *rateLimited
 		tt *tooManyTokens
 		ur *unknownRoute
+		uq *unknownResponse
 	)
 	switch {
 	case errors.As(err, &br):
@@ -184,6 +185,11 @@ func errorResponse(err error) *apiError {
 		}
 		p := "model"
 		e.Param = &p
+	case errors.As(err, &uq):
+		set(http.StatusNotFound, "not_found", "invalid_request_error")
+		if uq.param != "" {
+			e.Param = &uq.param
+		}
 	case errors.As(err, &ur):
 		if ur.notImplemented {
 			set(http.StatusNotImplemented, "not_implemented", "invalid_request_error")

@@ -47,6 +47,7 @@ type exchange struct {
 	docUsage  metering.Usage
 	docOK     bool // modeBuffer: the document reported its usage
 	firstByte time.Time
+	noted     bool // the answer's response id is remembered (responses.go)
 
 	mu      sync.Mutex // guards settled, gone, stop, and writes to w after the client left
 	settled bool
@@ -113,7 +114,7 @@ func (ex *exchange) proxy() error {
 		req.URL = cloneURL(ex.r.URL)
 		req.URL.Path = b.base + ex.r.URL.Path
 		req.URL.RawPath = ""
-		req.URL.RawQuery = upstreamQuery(b, ex.ep, ex.r.URL.Query())
+		req.URL.RawQuery = upstreamQuery(b, ex.ep.surface().Query, ex.r.URL.Query())
 		req.Body = readCloser{bytes.NewReader(body)}
 		req.ContentLength = int64(len(body))
 		// The request's own header map: it is this handler's to change (Caddy's access log
@@ -168,6 +169,7 @@ func (ex *exchange) wholeDocument(proxyErr error) bool {
 		return false
 	}
 	ex.docUsage, ex.docOK = metering.UsageFromJSON(ex.buf.Bytes())
+	ex.noteResponse(ex.docUsage.ResponseID)
 	return ex.docOK || json.Valid(ex.buf.Bytes())
 }
 
@@ -295,6 +297,7 @@ func (ex *exchange) body(p []byte) {
 			ex.firstByte = time.Now()
 		}
 		_ = ex.meter.Write(clientWriter{ex}, p)
+		ex.noteResponse(ex.meter.ResponseID())
 	case modeBuffer:
 		if ex.buf.Len()+len(p) > maxBufferedResponse {
 			// Too large to hold: passed on as it comes (without the charge in the headers),
@@ -351,6 +354,7 @@ func (ex *exchange) finish(proxyErr error) {
 		_, _ = clientWriter{ex}.Write(ex.buf.Bytes())
 	case modeLarge:
 		if u, ok := ex.document.Usage(); ok && proxyErr == nil {
+			ex.noteResponse(u.ResponseID)
 			ex.settle(u, true)
 		} else {
 			ex.settleReserved()

@@ -126,6 +126,8 @@ type Gateway struct {
 	logger   *zap.Logger
 	metrics  *gatewayMetrics
 	limits   *limiters
+	// owners remembers which backend made which stored response, for whom (responses.go).
+	owners *responseOwners
 	// now is the gateway's clock for key expiry and rotation; nil means time.Now.
 	now func() time.Time
 }
@@ -307,6 +309,7 @@ func (g *Gateway) Provision(ctx caddy.Context) error {
 		g.OnDisconnect = onDisconnectStop
 	}
 	var err error
+	g.owners = &responseOwners{}
 	if g.catalog, err = routing.NewCatalog(catalog); err != nil {
 		return err
 	}

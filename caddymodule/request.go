@@ -82,7 +82,9 @@ type inference struct {
 	// whole body (a byte-level tokenizer never makes more), and imageTokens per image.
 	inputBound int64
 	maxPrice   credits.Amount
-	fields     map[string]json.RawMessage
+	// follows is the stored response the request carries on (Surface.Follows), if any.
+	follows string
+	fields  map[string]json.RawMessage
 	// raw is the body as the client sent it (the prompt counted when no usage is reported).
 	raw []byte
 }
@@ -225,6 +227,16 @@ func parseInference(format routing.Format, body []byte, maxPriceHeader string, l
 	// response_format, context, suffix, images): the bound counts all of it.
 	inf.inputBound = int64(len(body)) + imageTokens*countImages(body)
 
+	for _, field := range sf.Unmetered {
+		if raw, ok := f[field]; ok && string(bytes.TrimSpace(raw)) == "true" {
+			return nil, invalid(field, "%s: true is not served: its usage would come after the answer, unmetered", field)
+		}
+	}
+	if raw, ok := f[sf.Follows]; sf.Follows != "" && ok && !isNull(raw) {
+		if err := json.Unmarshal(raw, &inf.follows); err != nil || inf.follows == "" {
+			return nil, invalid(sf.Follows, "%s must be a response id", sf.Follows)
+		}
+	}
 	inf.stream = sf.StreamDefault
 	if raw, ok := f["stream"]; ok && !isNull(raw) {
 		if err := json.Unmarshal(raw, &inf.stream); err != nil {

@@ -15,7 +15,7 @@ var gatewayPrefixes = []string{"/v1/", "/api/"}
 // yet: 501 not_implemented. A path ending in "/" names the route and everything under it.
 var notImplementedRoutes = []string{
 	// OpenAI
-	"/v1/responses", "/v1/responses/", "/v1/audio/", "/v1/images/", "/v1/moderations",
+	"/v1/audio/", "/v1/images/", "/v1/moderations",
 	"/v1/realtime", "/v1/realtime/",
 	// Anthropic
 	"/v1/messages", "/v1/messages/",
@@ -66,10 +66,9 @@ func unservedRoute(r *http.Request) *unknownRoute {
 }
 
 // upstreamQuery is the query string of a request to backend b: the backend URL's own query
-// (e.g. Azure's api-version), then the client's parameters its surface passes on (its Query),
-// unless the backend's query sets them already.
-func upstreamQuery(b *Backend, ep endpoint, client url.Values) string {
-	names := ep.surface().Query
+// (e.g. Azure's api-version), then the client's parameters its route passes on (names: a
+// surface's Query, a stored route's), unless the backend's query sets them already.
+func upstreamQuery(b *Backend, names []string, client url.Values) string {
 	if len(names) == 0 {
 		return b.query
 	}

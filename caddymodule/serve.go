@@ -30,6 +30,12 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		ep = epAuthKey
 	}
 	if ep == epNone {
+		if sr, allow, ok := storedRouteAt(r.URL.Path, r.Method); ok {
+			if !g.cors(w, r) {
+				g.serveStored(w, r, sr, allow)
+			}
+			return nil
+		}
 		if h := signinRoute(r.URL.Path); h != nil && g.Signin != nil {
 			r.Body = http.MaxBytesReader(w, r.Body, 64<<10)
 			h(g, w, r)
@@ -254,6 +260,11 @@ func (ex *exchange) run() error {
 	})
 	if err != nil {
 		return &noRoute{err: err, model: inf.model, maxPrice: inf.maxPrice}
+	}
+	if inf.follows != "" {
+		if choices, err = ex.followOwner(choices); err != nil {
+			return err
+		}
 	}
 	if len(choices) > g.Failover {
 		choices = choices[:g.Failover]

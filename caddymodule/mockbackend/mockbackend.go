@@ -85,6 +85,9 @@ const (
 //	POST /v1/chat/completions   OpenAI chat completions, JSON or SSE (stream: true)
 //	POST /v1/completions        OpenAI legacy completions, JSON or SSE (stream: true)
 //	POST /v1/embeddings         OpenAI embeddings
+//	POST /v1/responses          OpenAI Responses, JSON or SSE, stored (see openai_responses.go),
+//	GET|DELETE /v1/responses/{id}, POST /v1/responses/{id}/cancel,
+//	GET  /v1/responses/{id}/input_items   the stored responses (counted as "/v1/responses/{id}")
 //	GET  /v1/models             OpenAI model list
 //	POST /api/chat              Ollama chat, NDJSON unless stream: false
 //	POST /api/generate          Ollama generate, NDJSON unless stream: false
@@ -298,9 +301,12 @@ func (m *MockBackend) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyh
 		m.serveStats(w, r)
 		return nil
 	}
-	m.requests.add(r.URL.Path)
+	m.requests.add(statsPathOf(r.URL.Path))
 
 	ep, ok := endpoints[r.URL.Path]
+	if !ok {
+		ep, ok = storedResponseRoute(r.URL.Path, r.Method)
+	}
 	if !ok {
 		writeError(w, styleOpenAI, http.StatusNotFound, "not_found",
 			fmt.Sprintf("mock backend: no route for %s %s", r.Method, r.URL.Path))

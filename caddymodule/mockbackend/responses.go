@@ -44,6 +44,7 @@ var endpoints = map[string]endpoint{
 	"/v1/completions":      {http.MethodPost, styleOpenAI, serveCompletions},
 	"/v1/embeddings":       {http.MethodPost, styleOpenAI, serveEmbeddings},
 	"/v1/models":           {http.MethodGet, styleOpenAI, serveModels},
+	"/v1/responses":        {http.MethodPost, styleOpenAI, serveResponses},
 	"/api/chat":            {http.MethodPost, styleOllama, serveOllamaChat},
 	"/api/generate":        {http.MethodPost, styleOllama, serveOllamaGenerate},
 	"/api/embed":           {http.MethodPost, styleOllama, serveOllamaEmbed},

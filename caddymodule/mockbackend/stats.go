@@ -45,6 +45,7 @@ func pathCounters() map[string]*atomic.Int64 {
 	for path := range endpoints {
 		m[path] = new(atomic.Int64)
 	}
+	m[storedResponsesKey] = new(atomic.Int64)
 	m[otherPath] = new(atomic.Int64)
 	return m
 }

@@ -18,14 +18,16 @@ type DocumentMeter struct {
 	keyLong  bool
 	afterKey bool // the key ended; waiting for ':' and the value
 	capture  int  // index into values of the value being kept, or -1
-	values   [3][]byte
+	values   [len(documentUsageKeys)][]byte
 	started  bool
 }
 
 // maxUsageValue bounds a kept usage value; a longer one is not believed.
 const maxUsageValue = 4 << 10
 
-var documentUsageKeys = [3]string{"usage", "prompt_eval_count", "eval_count"}
+// documentUsageKeys are the top-level members kept: the usage, and what tells an OpenAI
+// Responses object (its "object" and "id", see responses.go).
+var documentUsageKeys = [5]string{"usage", "prompt_eval_count", "eval_count", "object", "id"}
 
 // Write meters p.
 func (d *DocumentMeter) Write(p []byte) {

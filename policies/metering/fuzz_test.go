@@ -17,6 +17,7 @@ func FuzzSSEUsage(f *testing.F) {
 	f.Add([]byte(sseRole+sseContent("Hi")+sseFinish+sseUsage+sseDone), []byte{}, true, false)
 	f.Add([]byte(strings.ReplaceAll(sseContent("Hi")+sseUsage, "\n", "\r\n")), []byte{3, 50, 7}, false, true)
 	f.Add([]byte("data: {\"choices\":[],\ndata: \"usage\":{\"prompt_tokens\":3}}\r\r\n: c\n\n"), []byte{1, 2}, true, true)
+	f.Add([]byte(responsesStream), []byte{5, 40, 3}, true, false)
 	fuzzStream(f, SSE)
 }
 
@@ -150,6 +151,7 @@ func FuzzJSONUsage(f *testing.F) {
 	f.Add([]byte(`{"usage":{"prompt_tokens":9,"completion_tokens":12,"total_tokens":21}}`))
 	f.Add([]byte(`{"done":true,"prompt_eval_count":26,"eval_count":290}`))
 	f.Add([]byte(`"\ud83d\ude00 caf\u00e9"`))
+	f.Add([]byte(`{"id":"resp_1","object":"response","usage":{"input_tokens":9,"input_tokens_details":{"cached_tokens":4},"output_tokens":12,"output_tokens_details":{"reasoning_tokens":5}}}`))
 	f.Fuzz(func(t *testing.T, body []byte) {
 		u, ok := UsageFromJSON(body)
 		if ok && (u.InputTokens < 0 || u.InputTokens > MaxTokens || u.OutputTokens < 0 || u.OutputTokens > MaxTokens) {
@@ -201,6 +203,9 @@ func referenceUsage(body []byte) (Usage, bool) {
 		}
 		i, err := strconv.ParseInt(string(n), 10, 64)
 		return i, err == nil && i <= MaxTokens
+	}
+	if top["object"] == "response" {
+		return referenceResponsesUsage(top, count)
 	}
 	if usage, isObj := top["usage"].(map[string]any); isObj {
 		p, hasP := usage["prompt_tokens"]
@@ -278,4 +283,33 @@ func FuzzDocumentUsage(f *testing.F) {
 			t.Fatalf("DocumentMeter = %+v, %v; UsageFromJSON = %+v, %v", u, ok, want, wantOK)
 		}
 	})
+}
+
+// referenceResponsesUsage is the usage of an OpenAI Responses object, read with encoding/json.
+func referenceResponsesUsage(top map[string]any, count func(any, bool) (int64, bool)) (Usage, bool) {
+	usage, isObj := top["usage"].(map[string]any)
+	if !isObj {
+		return Usage{}, false
+	}
+	i, hasI := usage["input_tokens"]
+	o, hasO := usage["output_tokens"]
+	in, ok1 := count(i, hasI)
+	out, ok2 := count(o, hasO)
+	if !ok1 || !ok2 || i == nil {
+		return Usage{}, false
+	}
+	detail := func(of, name string) int64 {
+		d, _ := usage[of].(map[string]any)
+		v, has := d[name]
+		n, ok := count(v, has)
+		if !ok {
+			return 0
+		}
+		return n
+	}
+	id, _ := top["id"].(string)
+	u := Usage{InputTokens: in, OutputTokens: out, ResponseID: id,
+		CachedInputTokens: detail("input_tokens_details", "cached_tokens"),
+		ReasoningTokens:   detail("output_tokens_details", "reasoning_tokens")}
+	return u.normal(), true
 }

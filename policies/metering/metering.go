@@ -58,14 +58,19 @@ const MaxTokens = 1_000_000_000_000
 //   - Ollama /api/chat, /api/generate, /api/embed: top-level "prompt_eval_count" and
 //     "eval_count"; Ollama omits a count that is zero, so one of the two is enough and the
 //     other counts 0.
+//   - OpenAI Responses (top-level "object": "response"): "usage": {"input_tokens",
+//     "output_tokens", and their details}, with the response's "id" as ResponseID (see
+//     responses.go).
 //
 // It returns ok=false when body is not one valid JSON object, when no usage is present, or when
 // a count is negative, not an integer, or above MaxTokens. An explicit zero is a real zero.
 func UsageFromJSON(body []byte) (Usage, bool) {
-	var openai, prompt, eval []byte
+	var openai, prompt, eval, object []byte
 	it := topObject(body)
 	for k, v, ok := it.next(); ok; k, v, ok = it.next() {
 		switch {
+		case keyIs(k, "object"):
+			object = v
 		case keyIs(k, "usage"):
 			openai = v
 		case keyIs(k, "prompt_eval_count"):
@@ -76,6 +81,10 @@ func UsageFromJSON(body []byte) (Usage, bool) {
 	}
 	if !it.ok() {
 		return Usage{}, false
+	}
+	if string(object) == `"response"` { // OpenAI Responses (responses.go)
+		u, ok, _ := responseObject(body)
+		return u, ok
 	}
 	if isObject(openai) {
 		return openAIUsage(openai)

@@ -77,6 +77,8 @@ type StreamMeter struct {
 	produced Produced
 	text     []byte // KeepText: the generated text as raw JSON string contents (escapes kept)
 	kept     int64  // the decoded bytes of text
+
+	responseID string // a Responses stream's response id (responses.go)
 }
 
 // MaxKeptText bounds the generated text a StreamMeter keeps for KeepText; what comes after is
@@ -294,6 +296,10 @@ func (m *StreamMeter) event(w *sink, ev []byte) {
 		w.write(ev)
 		return
 	}
+	if isResponsesEvent(c.typ) {
+		m.responsesEvent(w, ev, closing, &c)
+		return
+	}
 	m.count(c.text)
 	if !isObject(c.usage) {
 		w.write(ev)
@@ -399,6 +405,9 @@ type chunk struct {
 	usage    []byte  // the raw "usage" value
 	keep     *[]byte // when set, the generated text's raw string contents are appended to it
 	kept     int64   // the decoded bytes appended to keep
+
+	// An OpenAI Responses event's raw "type", "response" and "delta" (responses.go).
+	typ, response, delta []byte
 }
 
 func (c *chunk) read(data []byte) {
@@ -436,6 +445,12 @@ func (c *chunk) read(data []byte) {
 			}
 		case keyIs(k, "usage"):
 			c.usage = v
+		case keyIs(k, "type"):
+			c.typ = v
+		case keyIs(k, "response"):
+			c.response = v
+		case keyIs(k, "delta"):
+			c.delta = v
 		}
 	}
 	c.valid = it.ok()

@@ -19,6 +19,7 @@ const (
 	FormatOllamaEmbeddings
 	FormatOpenAIModels
 	FormatOllamaTags
+	FormatOpenAIResponses
 )
 
 // Surface describes one API route the gateway serves itself, once: everything the gateway's
@@ -73,6 +74,24 @@ type Surface struct {
 	Checked map[string][]string
 	// Query are the parameters of the client's query string passed on to the backend.
 	Query []string
+	// Follows, when set, is the body member naming a stored response the request carries on
+	// (OpenAI's previous_response_id): the backend that made that response answers, and only
+	// for the account that owns it (else 404, nothing charged).
+	Follows string
+	// Unmetered are boolean members that, when true, ask for an answer the gateway cannot
+	// meter when it is served (OpenAI's background responses, whose usage comes later): such a
+	// request is refused with 400.
+	Unmetered []string
+	// Stored, when set, are the routes under Path + "/{id}" that reach a stored response of
+	// the surface (not charged, still authenticated and limited; see StoredRoute).
+	Stored []StoredRoute
+}
+
+// StoredRoute is a route to a stored response: Path + "/{id}" + Suffix, with its method and
+// the query parameters passed on.
+type StoredRoute struct {
+	Method, Suffix string
+	Query          []string
 }
 
 // PromptRule is how a surface's prompt member is checked.
@@ -190,6 +209,23 @@ var Surfaces = [...]Surface{
 	FormatOllamaTags: {
 		Name: "tags", Method: http.MethodGet, Path: "/api/tags", List: ListOllamaTags,
 		Scope: identity.ScopeModelsRead, Kind: KindChat, Styles: ollamaStyles, Errors: ErrorsOllama,
+	},
+	FormatOpenAIResponses: {
+		Name: "responses", Method: http.MethodPost, Path: "/v1/responses",
+		Scope: identity.ScopeChatWrite, Kind: KindChat, Styles: []Style{StyleOpenAI}, Errors: ErrorsOpenAI,
+		Prompt: "input", PromptRule: PromptInput,
+		OutputFields: []string{"max_output_tokens"},
+		Streams:      true,
+		Follows:      "previous_response_id", Unmetered: []string{"background"},
+		Checked: map[string][]string{
+			"": {"input", "instructions", "max_output_tokens", "previous_response_id", "background", "reasoning", "store"},
+		},
+		Stored: []StoredRoute{
+			{Method: http.MethodGet, Query: []string{"include", "include[]"}},
+			{Method: http.MethodDelete},
+			{Method: http.MethodPost, Suffix: "/cancel"},
+			{Method: http.MethodGet, Suffix: "/input_items", Query: []string{"after", "limit", "order", "include", "include[]"}},
+		},
 	},
 }
 
