@@ -1,6 +1,5 @@
 // Package invalidation tells every instance of the gateway that something it may hold in
-// memory is no longer true: an API key revoked or rotated, a user's sessions ended, the JWT
-// signing keys rotated. A Bus carries Messages to every subscriber: Local within one process
+// memory is no longer true: an API key revoked or rotated, the JWT signing keys rotated. A Bus carries Messages to every subscriber: Local within one process
 // (the single instance, and several gateway configurations sharing one store), Redis to every
 // process subscribed to one channel.
 //
@@ -20,8 +19,6 @@ import (
 const (
 	// Key: the API keys IDs were revoked, rotated or otherwise changed.
 	Key = "key"
-	// User: the users IDs changed (their sessions ended, their tier changed).
-	User = "user"
 	// SigningKeys: the JWT signing keys changed; IDs is empty.
 	SigningKeys = "signing_keys"
 	// All: anything may have changed (a subscription was (re)established, so messages may
@@ -31,9 +28,9 @@ const (
 
 // Message is one invalidation.
 type Message struct {
-	// Kind is Key, User, SigningKeys or All.
+	// Kind is Key, SigningKeys or All.
 	Kind string `json:"kind"`
-	// IDs are the keys' or users' ids.
+	// IDs are the keys' ids.
 	IDs []string `json:"ids,omitempty"`
 	// Origin is the publishing instance (Bus.Origin): an instance skips its own messages,
 	// which it applied before publishing.

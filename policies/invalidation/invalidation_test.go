@@ -64,12 +64,12 @@ func TestLocalDeliversToEverySubscriberUntilStopped(t *testing.T) {
 	}
 	stop1()
 	stop1() // twice is harmless
-	_ = b.Publish(context.Background(), Message{Kind: User, IDs: []string{"u1"}})
+	_ = b.Publish(context.Background(), Message{Kind: SigningKeys})
 	if got := r1.kinds(); !slices.Equal(got, []string{Key}) {
 		t.Errorf("stopped subscriber got %v, want [key]", got)
 	}
-	if got := r2.kinds(); !slices.Equal(got, []string{Key, User}) {
-		t.Errorf("subscriber got %v, want [key user]", got)
+	if got := r2.kinds(); !slices.Equal(got, []string{Key, SigningKeys}) {
+		t.Errorf("subscriber got %v, want [key signing_keys]", got)
 	}
 	if m := r2.got[0]; m.Sent.IsZero() || !slices.Equal(m.IDs, []string{"k1"}) {
 		t.Errorf("message %+v: want Sent set and IDs [k1]", m)
