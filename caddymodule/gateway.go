@@ -299,6 +299,9 @@ func (g *Gateway) Provision(ctx caddy.Context) error {
 			return err
 		}
 		g.caps = newSharedCaps(g.redis, time.Duration(g.ReservationTTL))
+		for _, op := range redisOperations {
+			metricRedisErrors.WithLabelValues(op)
+		}
 	}
 	if err := g.provisionRateLimits(ctx.GetMetricsRegistry()); err != nil {
 		return err
