@@ -159,14 +159,9 @@ func sharedLimitsSetup(redisAddr, prefix string, perDay, conc int) setup {
 func TestRedisLimitsAcrossProcesses(t *testing.T) {
 	prefix := redisPrefix(t)
 	s := sharedLimitsSetup(testRedisAddr, prefix, 4, 2)
-	// The child's backend answers slowly, so that its requests hold their slots; its
-	// reservation TTL (the slot TTL) is the shortest its backend's timeout allows.
-	child := s
-	child.gateway = strings.Replace(s.gateway, "failover 1", "failover 1\n\t\treservation_ttl 14s", 1)
-	child.gateway = strings.Replace(child.gateway, "url {mock.mock}", "url {mock.mock}\n\t\t\ttimeout 3s", 1)
 	a := startGateway(t, s)
-	b := newEnv(t, child)
-	b.startChild(child)
+	b := newEnv(t, s)
+	b.startChild(s)
 
 	body := `{"model":"mock-small","messages":[{"role":"user","content":"hi"}],"max_tokens":16}`
 	ok := 0
@@ -191,12 +186,14 @@ func TestRedisLimitsAcrossProcesses(t *testing.T) {
 	prefix2 := prefix + "conc:"
 	s2 := sharedLimitsSetup(testRedisAddr, prefix2, 1000, 2)
 	child2 := s2
-	child2.gateway = strings.Replace(s2.gateway, "failover 1", "failover 1\n\t\treservation_ttl 14s", 1)
-	child2.gateway = strings.Replace(child2.gateway, "url {mock.mock}", "url {mock.mock}\n\t\t\ttimeout 3s", 1)
+	child2.gateway = strings.Replace(s2.gateway, "failover 1", "failover 1\n\t\treservation_ttl 17s", 1)
+	child2.gateway = strings.Replace(child2.gateway, "url {mock.mock}", "url {mock.mock}\n\t\t\ttimeout 6s", 1)
 	a.load(s2)
 	b.kill9()
 	b.startChild(child2)
-	slow := map[string]string{"X-Mock-Latency": "2500ms"}
+	// The child's backend answers slowly (within its timeout), so that its requests hold
+	// their slots; its reservation TTL (the slot TTL) is the shortest that timeout allows.
+	slow := map[string]string{"X-Mock-Latency": "5s"}
 	var wg sync.WaitGroup
 	for range 2 {
 		req := b.newRequest(context.Background(), http.MethodPost, b.gw+"/v1/chat/completions", body, slow)
@@ -207,13 +204,13 @@ func TestRedisLimitsAcrossProcesses(t *testing.T) {
 		})
 	}
 	poll(t, 10*time.Second, "the child holding both slots", func() (bool, string) {
-		r := a.post("/v1/chat/completions", body, nil)
-		return r.status == http.StatusTooManyRequests && strings.Contains(string(r.body), `"concurrent"`), r.String()
+		n, _ := metricSum(b.scrape(), "llm_gateway_concurrent_requests", map[string]string{"tier": "anon"})
+		return n == 2, fmt.Sprint(n)
 	})
 	b.kill9()
 	wg.Wait()
 	if r := a.post("/v1/chat/completions", body, nil); r.status != http.StatusTooManyRequests {
-		t.Fatalf("right after the kill the dead instance's slots are still held (slot TTL 14s): %s", r)
+		t.Fatalf("right after the kill the dead instance's slots are still held (slot TTL 17s): %s", r)
 	}
 	poll(t, 40*time.Second, "the killed instance's slots back after the slot TTL", func() (bool, string) {
 		r := a.post("/v1/chat/completions", body, nil)
