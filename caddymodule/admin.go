@@ -17,6 +17,7 @@ import (
 
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/credits"
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/identity"
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/invalidation"
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/signin"
 )
 
@@ -638,6 +639,8 @@ func (g *Gateway) adminRotateSigningKey(ctx context.Context) (any, error) {
 			}
 		}
 	}
+	// And every other instance sharing the store, at once (pub/sub with Redis).
+	g.publish(invalidation.SigningKeys)
 	return map[string]any{"published": kids, "signing": kids[0]}, nil
 }
 

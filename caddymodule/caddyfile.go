@@ -50,6 +50,10 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		signin {
 //			...                      (see unmarshalSignin)
 //		}
+//		redis <url> {
+//			prefix <prefix>
+//			timeout <duration>
+//		}
 //		rate_limits {
 //			default_tier <name>
 //			anonymous_tier <name>
@@ -191,11 +195,52 @@ func (g *Gateway) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			g.RateLimits = rl
+		case "redis":
+			if g.Redis != nil {
+				return d.Err("redis given twice")
+			}
+			rc, err := unmarshalRedis(d)
+			if err != nil {
+				return err
+			}
+			g.Redis = rc
 		default:
 			return d.Errf("unrecognized llm_gateway subdirective %q", d.Val())
 		}
 	}
 	return nil
+}
+
+// unmarshalRedis parses
+//
+//	redis <url> {
+//		prefix  <prefix>
+//		timeout <duration>
+//	}
+func unmarshalRedis(d *caddyfile.Dispenser) (*Redis, error) {
+	rc := new(Redis)
+	if !d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	rc.URL = d.Val()
+	if d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		switch d.Val() {
+		case "prefix":
+			if err := oneString(d, &rc.Prefix); err != nil {
+				return nil, err
+			}
+		case "timeout":
+			if err := oneDuration(d, &rc.Timeout); err != nil {
+				return nil, err
+			}
+		default:
+			return nil, d.Errf("unrecognized redis subdirective %q", d.Val())
+		}
+	}
+	return rc, nil
 }
 
 func unmarshalAnonymous(d *caddyfile.Dispenser) (*Anonymous, error) {

@@ -209,6 +209,10 @@ func errorResponse(err error) *apiError {
 		set(http.StatusUnprocessableEntity, "idempotency_conflict", "invalid_request_error")
 	case errors.As(err, &se):
 		e.status, e.Code, e.Type = se.status, strings.ToLower(strings.ReplaceAll(http.StatusText(se.status), " ", "_")), "invalid_request_error"
+	case errors.Is(err, errLimitsUnavailable):
+		set(http.StatusServiceUnavailable, "limits_unavailable", "api_error")
+		e.Message = "the shared rate limits are unavailable (redis does not answer); nothing was forwarded"
+		e.headers = map[string]string{"Retry-After": "1"}
 	case errors.Is(err, credits.ErrStoreUnavailable):
 		set(http.StatusServiceUnavailable, "store_unavailable", "api_error")
 		e.Message = "the credit store is unavailable; nothing was forwarded"

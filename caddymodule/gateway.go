@@ -19,6 +19,7 @@ import (
 
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/credits"
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/identity"
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/invalidation"
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/routing"
 )
 
@@ -117,6 +118,12 @@ type Gateway struct {
 	// taken all or none with the credit reservation. Nil: no rate limits.
 	RateLimits *RateLimits `json:"rate_limits,omitempty"`
 
+	// Redis, when set, is the Redis server that several instances of the gateway share: the
+	// rate limits, the API keys' credit caps and the invalidation of revoked keys and rotated
+	// signing keys (see Redis). Nil: all of these are this process's own, as one instance
+	// needs.
+	Redis *Redis `json:"redis,omitempty"`
+
 	catalog  *routing.Catalog
 	keys     *identity.KeyCache
 	store    *storeHandle
@@ -127,7 +134,13 @@ type Gateway struct {
 	metrics  *gatewayMetrics
 	limits   *limiters
 	// owners remembers which backend made which stored response, for whom (responses.go).
-	owners *responseOwners
+	owners   *responseOwners
+	redis    *sharedRedis
+	redisKey string
+	// caps keeps the API keys' credit caps on Redis (nil without Redis).
+	caps *sharedCaps
+	// unsubscribe ends the subscription to invalidations.
+	unsubscribe func()
 	// now is the gateway's clock for key expiry and rotation; nil means time.Now.
 	now func() time.Time
 }
@@ -279,9 +292,6 @@ func (g *Gateway) Provision(ctx caddy.Context) error {
 	if g.Anonymous != nil && g.Anonymous.Period == 0 {
 		g.Anonymous.Period = caddy.Duration(24 * time.Hour)
 	}
-	if err := g.provisionRateLimits(ctx.GetMetricsRegistry()); err != nil {
-		return err
-	}
 	g.origins = map[string]bool{}
 	for _, o := range g.AllowedOrigins {
 		if o == "*" {
@@ -310,6 +320,22 @@ func (g *Gateway) Provision(ctx caddy.Context) error {
 	}
 	var err error
 	g.owners = &responseOwners{}
+	registerRedisMetrics(ctx.GetMetricsRegistry(), g.logger)
+	if g.Redis != nil {
+		if err := g.Redis.validate(); err != nil {
+			return err
+		}
+		if g.redis, g.redisKey, err = openRedis(g.Redis, g.logger); err != nil {
+			return err
+		}
+		g.caps = newSharedCaps(g.redis, time.Duration(g.ReservationTTL))
+		for _, op := range redisOperations {
+			metricRedisErrors.WithLabelValues(op)
+		}
+	}
+	if err := g.provisionRateLimits(ctx.GetMetricsRegistry()); err != nil {
+		return err
+	}
 	if g.catalog, err = routing.NewCatalog(catalog); err != nil {
 		return err
 	}
@@ -331,6 +357,8 @@ func (g *Gateway) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return err
 	}
+	g.keys.Changed = func(ids ...string) { g.publish(invalidation.Key, ids...) }
+	g.subscribeInvalidations()
 	g.initMetricLabels()
 	activeGateways.add(g)
 	return nil
@@ -435,6 +463,11 @@ func (g *Gateway) Validate() error {
 			return err
 		}
 	}
+	if g.Redis != nil {
+		if err := g.Redis.validate(); err != nil {
+			return err
+		}
+	}
 	switch g.Store.Driver {
 	case storeSQLite:
 		if g.Store.DSN != "" {
@@ -476,6 +509,9 @@ func (g *Gateway) longestRequest() time.Duration {
 // Cleanup releases the store (closed when the last configuration using it is gone).
 func (g *Gateway) Cleanup() error {
 	activeGateways.remove(g)
+	if g.unsubscribe != nil {
+		g.unsubscribe()
+	}
 	g.cleanupRateLimits()
 	if g.keys != nil {
 		g.keys.Close()
@@ -485,11 +521,15 @@ func (g *Gateway) Cleanup() error {
 			_ = b.proxy.Cleanup()
 		}
 	}
-	if g.storeKey != "" {
-		_, err := stores.Delete(g.storeKey)
-		return err
+	var err error
+	if g.redisKey != "" {
+		_, err = redisPool.Delete(g.redisKey)
 	}
-	return nil
+	if g.storeKey != "" {
+		_, serr := stores.Delete(g.storeKey)
+		err = errors.Join(err, serr)
+	}
+	return err
 }
 
 // Interface guards

@@ -28,7 +28,9 @@ import (
 // keys (ChainSpent) the first time one of its keys reserves in this process, and restarts from
 // zero when a new period begins. The embedded store belongs to one process, so this process
 // sees every reservation of the chain; a refusal by the cap can only be pessimistic, never
-// optimistic, while another reservation of the chain is being refused by the balance.
+// optimistic, while another reservation of the chain is being refused by the balance. With
+// Redis (keyUse.shared), the account of a chain is kept on Redis instead, for every instance
+// (sharedCaps), with the same order: the cap first, then the balance.
 type keyLedger struct {
 	credits.Ledger
 	// spent is what the keys of a chain spent since a time, from the store's settle entries.
@@ -55,6 +57,9 @@ type heldByKey struct {
 	keyID  string
 	amount credits.Amount
 	capped *keySpending // nil for a key without a cap
+	// shared is the reservation's place under a cap kept on Redis (capped is nil then).
+	shared *sharedHold
+	caps   *sharedCaps
 }
 
 // keyUse is the key a reservation is made with, its chain and its cap.
@@ -63,6 +68,8 @@ type keyUse struct {
 	chain  string         // the key's ChainID ("": the key is alone in its chain)
 	cap    credits.Amount // 0: no cap
 	period string
+	// shared, when set, keeps the cap on Redis for every instance.
+	shared *sharedCaps
 }
 
 // chainID names the spending k's cap counts: its chain's.
@@ -112,7 +119,14 @@ func (l *keyLedger) Reserve(ctx context.Context, account credits.AccountID, amou
 		return l.Ledger.Reserve(ctx, account, amount, ttl, refill)
 	}
 	var ks *keySpending
-	if k.cap > 0 {
+	var sh *sharedHold
+	switch {
+	case k.cap > 0 && k.shared != nil:
+		var err error
+		if sh, err = k.shared.hold(ctx, l, k, amount); err != nil {
+			return credits.Reservation{}, 0, err
+		}
+	case k.cap > 0:
 		ks = l.spending(k.chainID())
 		if err := l.hold(ctx, ks, k, amount); err != nil {
 			return credits.Reservation{}, 0, err
@@ -125,10 +139,13 @@ func (l *keyLedger) Reserve(ctx context.Context, account credits.AccountID, amou
 			ks.reserved -= amount
 			ks.mu.Unlock()
 		}
+		if sh != nil {
+			k.shared.release(ctx, sh)
+		}
 		return res, balance, err
 	}
 	l.mu.Lock()
-	l.held[res.ID] = heldByKey{keyID: k.id, amount: amount, capped: ks}
+	l.held[res.ID] = heldByKey{keyID: k.id, amount: amount, capped: ks, shared: sh, caps: k.shared}
 	l.mu.Unlock()
 	return res, balance, nil
 }
@@ -190,6 +207,13 @@ func (l *keyLedger) Settle(ctx context.Context, reservationID string, cost credi
 		usage.KeyID = h.keyID
 	}
 	balance, err := l.Ledger.Settle(ctx, reservationID, cost, usage)
+	if ok && h.shared != nil {
+		if err == nil {
+			h.caps.settle(ctx, l, h.shared, cost)
+		} else {
+			h.caps.release(ctx, h.shared)
+		}
+	}
 	if ok && h.capped != nil {
 		ks := h.capped
 		ks.mu.Lock()
@@ -207,6 +231,9 @@ func (l *keyLedger) Settle(ctx context.Context, reservationID string, cost credi
 func (l *keyLedger) Release(ctx context.Context, reservationID string) (credits.Amount, error) {
 	h, ok := l.take(reservationID)
 	balance, err := l.Ledger.Release(ctx, reservationID)
+	if ok && h.shared != nil {
+		h.caps.release(ctx, h.shared)
+	}
 	if ok && h.capped != nil {
 		h.capped.mu.Lock()
 		h.capped.reserved -= h.amount

@@ -250,7 +250,7 @@ func (l timedLedger) Credit(ctx context.Context, account credits.AccountID, amou
 // serverOutcomes are the outcomes a request can end with on the server's side (the alert rules
 // divide by them), initialised at zero for every endpoint.
 var serverOutcomes = []string{"upstream_error", "upstream_timeout", "no_backend_available", "store_unavailable",
-	"internal_error", "rate_limit_exceeded", "insufficient_credits"}
+	"internal_error", "rate_limit_exceeded", "insufficient_credits", "limits_unavailable"}
 
 // initMetricLabels creates, at zero, the series of the label sets this configuration can
 // produce, so a scrape right after start shows them (a rate() or an alert over a series that

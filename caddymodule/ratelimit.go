@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"sort"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -16,6 +17,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/ratelimit"
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/ratelimit/redislimit"
 )
 
 // RateLimits are the request, token and concurrency limits of the inference routes, by tier.
@@ -219,9 +221,36 @@ type limiters struct {
 
 // tierLimiter is one tier's limiter and its metrics.
 type tierLimiter struct {
-	name       string
+	name string
+	// lim is the in-process limiter (without Redis), shared is the Redis one (with).
 	lim        *ratelimit.Limiter
+	shared     *redislimit.Limiter
+	redis      *sharedRedis
 	concurrent prometheus.Gauge
+}
+
+// admit takes the request from the tier's limits for key: in this process, or on Redis in one
+// round trip (an error wraps errLimitsUnavailable: nothing was taken).
+func (t *tierLimiter) admit(ctx context.Context, key string, tokens int64) (ratelimit.Ticket, ratelimit.Decision, error) {
+	if t.shared == nil {
+		tk, d := t.lim.Admit(key, tokens)
+		return tk, d, nil
+	}
+	ctx, cancel := t.redis.context(ctx)
+	defer cancel()
+	tk, d, err := t.shared.AdmitContext(ctx, key, tokens)
+	return tk, d, t.redis.observe("admit", err)
+}
+
+// peek is where the tightest limit stands for key (ok false when Redis did not answer).
+func (t *tierLimiter) peek(ctx context.Context, key string) (ratelimit.Status, bool) {
+	if t.shared == nil {
+		return t.lim.Peek(key), true
+	}
+	ctx, cancel := t.redis.context(ctx)
+	defer cancel()
+	st, err := t.shared.PeekContext(ctx, key)
+	return st, t.redis.observe("peek", err) == nil
 }
 
 type userTier struct {
@@ -282,11 +311,25 @@ func (g *Gateway) provisionRateLimits(reg prometheus.Registerer) error {
 	}
 	sort.Strings(names)
 	for _, name := range names {
-		lim, err := shared("tier "+name, g.RateLimits.Tiers[name].policy())
+		tl := &tierLimiter{name: name, concurrent: metricConcurrent.WithLabelValues(name)}
+		p := g.RateLimits.Tiers[name].policy()
+		var err error
+		if g.redis != nil {
+			r := g.redis
+			tl.redis = r
+			tl.shared, err = redislimit.New(r.rdb, p, redislimit.Options{
+				Prefix:        r.prefix + "rl:" + redisKeyPart(name) + ":",
+				SlotTTL:       time.Duration(g.ReservationTTL),
+				FinishTimeout: r.timeout,
+				OnFinishError: func(err error) { _ = r.observe("finish", err) },
+			})
+		} else {
+			tl.lim, err = shared("tier "+name, p)
+		}
 		if err != nil {
 			return fmt.Errorf("rate_limits: tier %s: %w", name, err)
 		}
-		l.tiers[name] = &tierLimiter{name: name, lim: lim, concurrent: metricConcurrent.WithLabelValues(name)}
+		l.tiers[name] = tl
 	}
 	l.def, l.anon = l.tiers[g.RateLimits.DefaultTier], l.tiers[g.RateLimits.AnonymousTier]
 	return nil
@@ -434,13 +477,22 @@ func (ex *exchange) admitLimits() error {
 	case "jwt":
 		scope = "user" // a signed-in user is limited as the user, in the user's tier
 	}
-	ticket, d := t.lim.Admit(who.limitKey, tokens)
 	a := &admission{tier: t, key: who.limitKey, headers: true}
 	ex.limits = a
+	ticket, d, err := t.admit(ctx, who.limitKey, tokens)
+	if err != nil {
+		a.done = true
+		return err
+	}
 	if d.Allowed && who.kind == "api_key" && who.userID != "" {
 		// The user's limits: its keys together get no more than one key would.
 		ut := g.userLimiter(ctx, who.userID)
-		uticket, ud := ut.lim.Admit("u:"+who.userID, tokens)
+		uticket, ud, err := ut.admit(ctx, "u:"+who.userID, tokens)
+		if err != nil {
+			ticket.Cancel()
+			a.done = true
+			return err
+		}
 		if !ud.Allowed {
 			ticket.Cancel()
 			t, d, scope = ut, ud, "user"
@@ -484,7 +536,9 @@ func (ex *exchange) cancelLimits() {
 	a.ticket.Cancel()
 	a.userTicket.Cancel()
 	a.tier.concurrent.Dec()
-	setStatusHeaders(ex.w.Header(), a.tier.lim.Peek(a.key), ex.g.limitClock())
+	if st, ok := a.tier.peek(ex.r.Context(), a.key); ok {
+		setStatusHeaders(ex.w.Header(), st, ex.g.limitClock())
+	}
 }
 
 // finishLimits frees the request's concurrency slots and corrects its tokens by the usage
@@ -514,7 +568,9 @@ func (ex *exchange) peekLimitHeaders() {
 		return // the catalog routes are not limited
 	}
 	t := g.tierOf(ex.r.Context(), ex.who)
-	setStatusHeaders(ex.w.Header(), t.lim.Peek(ex.who.limitKey), g.limitClock())
+	if st, ok := t.peek(ex.r.Context(), ex.who.limitKey); ok {
+		setStatusHeaders(ex.w.Header(), st, g.limitClock())
+	}
 }
 
 // rateLimitFields are the response fields the gateway sets; a backend's own are not passed
@@ -575,4 +631,9 @@ func windowName(w time.Duration) string {
 		return "day"
 	}
 	return "window"
+}
+
+// redisKeyPart is a configured name made fit for a Redis key prefix (no braces).
+func redisKeyPart(name string) string {
+	return strings.NewReplacer("%", "%25", "{", "%7B", "}", "%7D").Replace(name)
 }

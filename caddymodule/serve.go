@@ -292,7 +292,8 @@ func (ex *exchange) reserve(choices []routing.Choice) error {
 	defer cancel()
 	if who.keyID != "" {
 		// The key's credit cap is held in the same step as the balance (keyLedger).
-		ctx = withKey(ctx, keyUse{id: who.keyID, chain: who.keyChain, cap: who.keyCap, period: who.keyCapPeriod})
+		ctx = withKey(ctx, keyUse{id: who.keyID, chain: who.keyChain, cap: who.keyCap, period: who.keyCapPeriod,
+			shared: g.caps})
 	}
 	ttl := time.Duration(g.ReservationTTL)
 	cheapest := choices[0].Cost
@@ -310,6 +311,9 @@ func (ex *exchange) reserve(choices []routing.Choice) error {
 	}
 	if errors.Is(err, credits.ErrInsufficientCredits) {
 		return &outOfCredits{balance: balance, required: cheapest, location: g.topUpLocation(ex.r, who)}
+	}
+	if errors.Is(err, errLimitsUnavailable) {
+		return err // the key's shared cap could not be checked
 	}
 	if err != nil {
 		return fmt.Errorf("reserving credits: %w", errors.Join(credits.ErrStoreUnavailable, err))

@@ -19,6 +19,9 @@ type KeyCache struct {
 	cache *ristretto.Cache[string, cachedKey]
 	// observe, when not nil, is told of every lookup: hit or miss.
 	observe func(hit bool)
+	// Changed, when set, is told the ids of the keys a revocation or rotation through this
+	// cache changed (after the store did), e.g. to tell other instances' caches.
+	Changed func(ids ...string)
 }
 
 type cachedKey struct {
@@ -81,6 +84,9 @@ func (c *KeyCache) CreateKeyWithin(ctx context.Context, k Key, maxLive int) erro
 func (c *KeyCache) RevokeKey(ctx context.Context, id string, at time.Time) error {
 	err := c.Keys.RevokeKey(ctx, id, at)
 	c.Forget(id)
+	if err == nil && c.Changed != nil {
+		c.Changed(id)
+	}
 	return err
 }
 
@@ -93,11 +99,17 @@ func (c *KeyCache) RotateKey(ctx context.Context, oldID string, next Key, at, gr
 	for _, id := range changed {
 		c.Forget(id)
 	}
+	if err == nil && c.Changed != nil {
+		c.Changed(append([]string{oldID, next.ID}, changed...)...)
+	}
 	return changed, err
 }
 
 // Forget drops what the cache holds for id.
 func (c *KeyCache) Forget(id string) { c.cache.Del(id) }
+
+// ForgetAll drops everything the cache holds.
+func (c *KeyCache) ForgetAll() { c.cache.Clear() }
 
 // Close stops the cache's goroutines.
 func (c *KeyCache) Close() { c.cache.Close() }

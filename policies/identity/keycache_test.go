@@ -212,3 +212,43 @@ func BenchmarkKeyCacheHit(b *testing.B) {
 		_, _ = c.KeyByID(ctx, "k")
 	}
 }
+
+// TestKeyCacheChangedAndForgetAll: a revocation or rotation through the cache names the keys it
+// changed to Changed (a failed one names none), and ForgetAll makes every key read again.
+func TestKeyCacheChangedAndForgetAll(t *testing.T) {
+	ctx := context.Background()
+	store := &countingKeys{keys: map[string]Key{"a": {ID: "a"}, "b": {ID: "b"}}}
+	c, err := NewKeyCache(store, time.Hour, 100, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	var changed [][]string
+	c.Changed = func(ids ...string) { changed = append(changed, ids) }
+	if err := c.RevokeKey(ctx, "a", time.Unix(1, 0)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.RotateKey(ctx, "b", Key{ID: "c"}, time.Unix(2, 0), time.Unix(3, 0)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.RotateKey(ctx, "b", Key{ID: "d"}, time.Unix(2, 0), time.Unix(3, 0)); !errors.Is(err, ErrNotRotatable) {
+		t.Fatalf("second rotation: %v", err)
+	}
+	if err := c.RevokeKey(ctx, "nope", time.Unix(1, 0)); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("revoking an unknown key: %v", err)
+	}
+	want := [][]string{{"a"}, {"b", "c", "b"}}
+	if len(changed) != len(want) || len(changed[0]) != 1 || changed[0][0] != "a" || len(changed[1]) != 3 ||
+		changed[1][0] != "b" || changed[1][1] != "c" {
+		t.Fatalf("Changed was told %v, want %v", changed, want)
+	}
+	lookupUntilCached(t, c, store, "a")
+	c.ForgetAll()
+	before := store.count()
+	if _, err := c.KeyByID(ctx, "a"); err != nil {
+		t.Fatal(err)
+	}
+	if store.count() != before+1 {
+		t.Fatal("a key was served from the cache after ForgetAll")
+	}
+}
