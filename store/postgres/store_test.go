@@ -3,6 +3,7 @@ package postgres
 import (
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"math"
@@ -15,6 +16,8 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/credits"
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/identity"
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/signin"
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/store/storetest"
 )
 
@@ -337,7 +340,7 @@ func TestMoneyColumnsAreIntegers(t *testing.T) {
 	ctx := context.Background()
 	s := openTestStore(t)
 	rows, err := s.pool.Query(ctx, `SELECT table_name || '.' || column_name, data_type FROM information_schema.columns
-		WHERE table_schema = 'public' AND column_name IN ('balance', 'reserved', 'amount', 'last_grant')`)
+		WHERE table_schema = 'public' AND column_name IN ('balance', 'reserved', 'amount', 'last_grant', 'credit_cap')`)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -349,8 +352,8 @@ func TestMoneyColumnsAreIntegers(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(types) != 5 {
-		t.Errorf("money columns %v, want 5", types)
+	if len(types) != 6 {
+		t.Errorf("money columns %v, want 6", types)
 	}
 	for _, ct := range types {
 		if !strings.HasSuffix(ct, " bigint") {
@@ -436,3 +439,67 @@ func openIdentityStores(t *testing.T, clock func() time.Time, instances int) []s
 func TestUsersConformance(t *testing.T)  { storetest.TestUsers(t, openIdentityStores) }
 func TestKeysConformance(t *testing.T)   { storetest.TestKeys(t, openIdentityStores) }
 func TestSigninConformance(t *testing.T) { storetest.TestSignin(t, openIdentityStores) }
+
+// TestRevokeFamilyDuringRotations: a family revoked through one instance while another keeps
+// rotating it ends with no live token (the revocation takes the successors that rotations
+// committed while it ran); repeated.
+func TestRevokeFamilyDuringRotations(t *testing.T) {
+	ctx := context.Background()
+	stores := openIdentityStores(t, nil, 2)
+	if err := stores[0].CreateUser(ctx, identity.User{ID: "u1", Email: "u1@example.com"}); err != nil {
+		t.Fatal(err)
+	}
+	hash := func(s string) [32]byte { return sha256.Sum256([]byte(s)) }
+	t0 := time.Now()
+	for it := range storetest.RaceIterations(t, 10) {
+		family := fmt.Sprint("fam-", it)
+		first := signin.Refresh{Hash: hash(family + "-0"), Family: family, UserID: "u1", ClientID: "c", ExpiresAt: t0.Add(time.Hour)}
+		if err := stores[0].CreateRefresh(ctx, first); err != nil {
+			t.Fatal(err)
+		}
+		rotated := make(chan error, 1)
+		revoked := make(chan struct{})
+		go func() {
+			current := first.Hash
+			for i := 1; ; i++ {
+				select {
+				case <-revoked: // a live token left now is the revocation's miss
+					rotated <- nil
+					return
+				default:
+				}
+				next := signin.Refresh{Hash: hash(fmt.Sprintf("%s-%d", family, i)), ExpiresAt: t0.Add(time.Hour)}
+				_, _, err := stores[0].RotateRefresh(ctx, current, next, t0, 0)
+				if err != nil {
+					if errors.Is(err, signin.ErrRefreshDead) {
+						err = nil
+					}
+					rotated <- err
+					return
+				}
+				current = next.Hash
+			}
+		}()
+		err := stores[1].RevokeRefreshFamily(ctx, family, t0)
+		close(revoked)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := <-rotated; err != nil {
+			t.Fatalf("iteration %d: rotation: %v", it, err)
+		}
+		for h := first.Hash; ; {
+			r, err := stores[1].RefreshByHash(ctx, h)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if r.RevokedAt == nil {
+				t.Fatalf("iteration %d: a token of the revoked family is live: %+v", it, r)
+			}
+			if r.Successor == nil {
+				break
+			}
+			h = *r.Successor
+		}
+	}
+}
