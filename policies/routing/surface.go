@@ -4,6 +4,7 @@ import (
 	"net/http"
 
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/identity"
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/metering"
 )
 
 // Format is the wire format of a request: the index of its Surface in Surfaces.
@@ -19,6 +20,8 @@ const (
 	FormatOllamaEmbeddings
 	FormatOpenAIModels
 	FormatOllamaTags
+	FormatAnthropicMessages
+	FormatAnthropicCountTokens
 )
 
 // Surface describes one API route the gateway serves itself, once: everything the gateway's
@@ -73,6 +76,15 @@ type Surface struct {
 	Checked map[string][]string
 	// Query are the parameters of the client's query string passed on to the backend.
 	Query []string
+	// OutputRequired: one of OutputFields must be given (Anthropic's max_tokens); absent,
+	// the request is refused with 400 rather than given the default.
+	OutputRequired bool
+	// Free: the route is free by contract (count_tokens): authenticated, scoped and rate
+	// limited like the others, but nothing is reserved or charged.
+	Free bool
+	// Usage is the dialect of the usage the answers carry (metering.DialectOpenAI reads
+	// OpenAI's and Ollama's).
+	Usage metering.Dialect
 }
 
 // PromptRule is how a surface's prompt member is checked.
@@ -114,8 +126,9 @@ const (
 )
 
 var (
-	openAIStyles = []Style{StyleOpenAI, StyleOllama}
-	ollamaStyles = []Style{StyleOllama}
+	openAIStyles    = []Style{StyleOpenAI, StyleOllama}
+	ollamaStyles    = []Style{StyleOllama}
+	anthropicStyles = []Style{StyleAnthropic}
 )
 
 // CommonChecked are the members every route's folding check covers (model, max_price, the
@@ -185,11 +198,30 @@ var Surfaces = [...]Surface{
 	},
 	FormatOpenAIModels: {
 		Name: "models", Method: http.MethodGet, Path: "/v1/models", List: ListOpenAIModels,
-		Scope: identity.ScopeModelsRead, Styles: openAIStyles, Errors: ErrorsOpenAI,
+		Scope: identity.ScopeModelsRead, Styles: []Style{StyleOpenAI, StyleOllama, StyleAnthropic}, Errors: ErrorsOpenAI,
 	},
 	FormatOllamaTags: {
 		Name: "tags", Method: http.MethodGet, Path: "/api/tags", List: ListOllamaTags,
 		Scope: identity.ScopeModelsRead, Kind: KindChat, Styles: ollamaStyles, Errors: ErrorsOllama,
+	},
+	// Anthropic Messages: max_tokens is required (as Anthropic's API has it); thinking's
+	// budget_tokens is part of max_tokens, so max_tokens bounds all output. Claude Code
+	// sends ?beta=true.
+	FormatAnthropicMessages: {
+		Name: "messages", Method: http.MethodPost, Path: "/v1/messages",
+		Scope: identity.ScopeChatWrite, Kind: KindChat, Styles: anthropicStyles, Errors: ErrorsAnthropic,
+		Prompt: "messages", PromptRule: PromptMessages,
+		OutputFields: []string{"max_tokens"}, OutputRequired: true,
+		Streams: true, Usage: metering.DialectAnthropic,
+		Checked: map[string][]string{"": {"messages", "max_tokens", "thinking"}},
+		Query:   []string{"beta"},
+	},
+	FormatAnthropicCountTokens: {
+		Name: "messages_count_tokens", Method: http.MethodPost, Path: "/v1/messages/count_tokens",
+		Scope: identity.ScopeChatWrite, Kind: KindChat, Styles: anthropicStyles, Errors: ErrorsAnthropic,
+		Prompt: "messages", PromptRule: PromptMessages, Free: true, Usage: metering.DialectAnthropic,
+		Checked: map[string][]string{"": {"messages"}},
+		Query:   []string{"beta"},
 	},
 }
 
