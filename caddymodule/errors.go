@@ -266,7 +266,7 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) *apiError {
 			Error   inner          `json:"error"`
 			Code    string         `json:"code"`
 			Details map[string]any `json:"details,omitempty"`
-		}{"error", inner{e.Type, e.Message}, e.Code, e.Details})
+		}{"error", inner{anthropicErrorType(e), e.Message}, e.Code, e.Details})
 	default:
 		body, _ = json.Marshal(struct {
 			Success bool      `json:"success"`
@@ -276,6 +276,35 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) *apiError {
 	w.WriteHeader(e.status)
 	_, _ = w.Write(append(body, '\n'))
 	return e
+}
+
+// anthropicErrorType is the error.type Anthropic's API gives an error of e's status
+// (Anthropic's SDKs choose what to do by the status: they retry 408, 409, 429 and every 5xx,
+// and surface the rest as an *anthropic.Error with its StatusCode). The gateway's 503s
+// (no backend, the store) keep their status: the SDKs retry them as they would a 529.
+func anthropicErrorType(e *apiError) string {
+	switch {
+	case e.status == http.StatusUnauthorized:
+		return "authentication_error"
+	case e.status == http.StatusPaymentRequired:
+		return "billing_error"
+	case e.status == http.StatusForbidden:
+		return "permission_error"
+	case e.status == http.StatusNotFound:
+		return "not_found_error"
+	case e.status == http.StatusRequestEntityTooLarge:
+		return "request_too_large"
+	case e.status == http.StatusTooManyRequests:
+		return "rate_limit_error"
+	case e.Code == "no_backend_available", e.status == 529:
+		return "overloaded_error"
+	case e.status == http.StatusGatewayTimeout:
+		return "timeout_error"
+	case e.status >= 500:
+		return "api_error"
+	default:
+		return "invalid_request_error"
+	}
 }
 
 // errorShape is the JSON error body a family of clients reads.
