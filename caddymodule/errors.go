@@ -257,16 +257,22 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) *apiError {
 			Details map[string]any `json:"details,omitempty"`
 		}{e.Message, e.Code, e.Param, e.Details})
 	case shapeAnthropic:
+		// The contract's code also goes where Anthropic puts its stable codes
+		// (error.details.error_code: anthropic-sdk-go's Error.ErrorCode reads it).
+		type innerDetails struct {
+			ErrorCode string `json:"error_code"`
+		}
 		type inner struct {
-			Type    string `json:"type"`
-			Message string `json:"message"`
+			Type    string       `json:"type"`
+			Message string       `json:"message"`
+			Details innerDetails `json:"details"`
 		}
 		body, _ = json.Marshal(struct {
 			Type    string         `json:"type"`
 			Error   inner          `json:"error"`
 			Code    string         `json:"code"`
 			Details map[string]any `json:"details,omitempty"`
-		}{"error", inner{anthropicErrorType(e), e.Message}, e.Code, e.Details})
+		}{"error", inner{anthropicErrorType(e), e.Message, innerDetails{e.Code}}, e.Code, e.Details})
 	default:
 		body, _ = json.Marshal(struct {
 			Success bool      `json:"success"`
@@ -317,7 +323,8 @@ const (
 	// shapeOllama: {"error": "<message>", "code", "details"}: Ollama clients read error as a
 	// string (ollama-js shows an object as "[object Object]").
 	shapeOllama
-	// shapeAnthropic: {"type": "error", "error": {"type", "message"}, "code", "details"}.
+	// shapeAnthropic: {"type": "error", "error": {"type", "message", "details": {"error_code"}},
+	// "code", "details"}: error.type is Anthropic's for the status (anthropicErrorType).
 	shapeAnthropic
 )
 

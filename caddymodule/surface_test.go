@@ -146,3 +146,19 @@ func TestParseInferenceSurfaces(t *testing.T) {
 		})
 	}
 }
+
+// TestMessagesQuery: Claude Code's ?beta=true is passed on to an anthropic backend, other
+// parameters of the client's query are not, and the backend URL's own query comes first.
+func TestMessagesQuery(t *testing.T) {
+	ep := endpoints["/v1/messages"]
+	client := map[string][]string{"beta": {"true"}, "debug": {"1"}, "access_token": {"x"}}
+	if got := upstreamQuery(&Backend{}, ep, client); got != "beta=true" {
+		t.Errorf("query %q, want beta=true", got)
+	}
+	if got := upstreamQuery(&Backend{query: "region=eu"}, endpoints["/v1/messages/count_tokens"], client); got != "region=eu&beta=true" {
+		t.Errorf("query %q, want region=eu&beta=true", got)
+	}
+	if got := upstreamQuery(&Backend{}, endpoints["/v1/chat/completions"], client); got != "" {
+		t.Errorf("chat query %q, want none", got)
+	}
+}
