@@ -29,10 +29,10 @@ func TestAnthropicUsageFromJSON(t *testing.T) {
 			Usage{InputTokens: 33, OutputTokens: 7}, true},
 		{`{"usage":{"input_tokens":10,"output_tokens":7}}`, Usage{InputTokens: 10, OutputTokens: 7}, true},
 		{`{"usage":{"input_tokens":0,"output_tokens":0,"cache_read_input_tokens":null}}`, Usage{}, true},
-		{`{"usage":{"output_tokens":7}}`, Usage{}, false},                          // no input_tokens
-		{`{"usage":{"input_tokens":-1,"output_tokens":7}}`, Usage{}, false},        // negative
-		{`{"usage":{"input_tokens":1.5,"output_tokens":7}}`, Usage{}, false},       // fractional
-		{`{"usage":{"prompt_tokens":4,"completion_tokens":2}}`, Usage{}, false},    // OpenAI's is not Anthropic's
+		{`{"usage":{"output_tokens":7}}`, Usage{}, false},                       // no input_tokens
+		{`{"usage":{"input_tokens":-1,"output_tokens":7}}`, Usage{}, false},     // negative
+		{`{"usage":{"input_tokens":1.5,"output_tokens":7}}`, Usage{}, false},    // fractional
+		{`{"usage":{"prompt_tokens":4,"completion_tokens":2}}`, Usage{}, false}, // OpenAI's is not Anthropic's
 		{`{"usage":{"input_tokens":4,"cache_read_input_tokens":"x"}}`, Usage{}, false},
 		{`{"usage":{"input_tokens":4}`, Usage{}, false}, // cut
 	} {
