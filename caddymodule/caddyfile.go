@@ -82,6 +82,8 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //				kind chat|embeddings
 //				input_price <credits per 1M tokens>
 //				output_price <credits per 1M tokens>
+//				cached_input_price <credits per 1M tokens>
+//				cache_write_price <credits per 1M tokens>
 //			}
 //		}
 //	}
@@ -523,6 +525,16 @@ func unmarshalModel(d *caddyfile.Dispenser) (*Model, error) {
 			if err := oneAmount(d, &m.OutputPrice); err != nil {
 				return nil, err
 			}
+		case "cached_input_price", "cache_write_price":
+			field := &m.CachedInputPrice
+			if d.Val() == "cache_write_price" {
+				field = &m.CacheWritePrice
+			}
+			var a credits.Amount
+			if err := oneAmount(d, &a); err != nil {
+				return nil, err
+			}
+			*field = &a
 		default:
 			return nil, d.Errf("unrecognized model subdirective %q", d.Val())
 		}

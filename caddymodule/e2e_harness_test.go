@@ -653,10 +653,14 @@ type audit struct {
 }
 
 type usage struct {
-	Model        string `json:"model"`
-	Backend      string `json:"backend"`
-	InputTokens  int64  `json:"input_tokens"`
-	OutputTokens int64  `json:"output_tokens"`
+	Model             string `json:"model"`
+	Backend           string `json:"backend"`
+	InputTokens       int64  `json:"input_tokens"`
+	OutputTokens      int64  `json:"output_tokens"`
+	CachedInputTokens int64  `json:"cached_input_tokens"`
+	CacheWriteTokens  int64  `json:"cache_write_tokens"`
+	ReasoningTokens   int64  `json:"reasoning_tokens"`
+	ResponseID        string `json:"response_id"`
 }
 
 type entry struct {

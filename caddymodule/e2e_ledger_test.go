@@ -434,9 +434,60 @@ func TestChoicesAreCharged(t *testing.T) {
 			t.Fatalf("n=3 stream=%s: %s", stream, r)
 		}
 		st := e.settlements(u.ID)
-		if got := st[0]; got.Usage == nil || got.Usage.OutputTokens != 15 || got.Amount != cost(t, 2, 15, in, out) {
+		if got := st[len(st)-1]; got.Usage == nil || got.Usage.OutputTokens != 15 || got.Amount != cost(t, 2, 15, in, out) {
 			t.Errorf("n=3 stream=%s settled %+v (usage %+v), want 2 + 15 tokens", stream, got, got.Usage)
 		}
+	}
+	e.checkAllAccounts(0)
+}
+
+// TestTokenKindsArePriced: cached prompt tokens are charged at the model's cached input price
+// and reasoning tokens as output; the settle entry records each kind; the reservation prices
+// the prompt at the dearest input kind, so a cheaper cache read never makes a request cost
+// more than it reserved.
+func TestTokenKindsArePriced(t *testing.T) {
+	gw := `
+		backend m {
+			url {mock.m}
+			health_check {
+				disabled
+			}
+			model mock-small {
+				input_price 2
+				output_price 8
+				cached_input_price 0.5
+				cache_write_price 2.5
+			}
+		}`
+	e := startGateway(t, setup{gateway: gw, mocks: []mockSpec{{key: "m", lines: "models mock-small"}}})
+	u, k := e.userWithKey("kinds@example.com", "5")
+	price := credits.Price{Input: 2_000_000, Output: 8_000_000, CachedInput: 500_000, CacheWrite: 2_500_000}
+	var charged credits.Amount
+	for _, stream := range []string{"false", "true"} {
+		body := `{"model":"mock-small","messages":[{"role":"user","content":"one two three four five six"}],"max_tokens":4,"stream":` + stream + `}`
+		hdr := bearer(k.Key)
+		hdr["X-Mock-Cached-Tokens"] = "4"
+		hdr["X-Mock-Reasoning-Tokens"] = "3"
+		r := e.post("/v1/chat/completions", body, hdr)
+		if r.status != http.StatusOK {
+			t.Fatalf("stream=%s: %s", stream, r)
+		}
+		st := e.settlements(u.ID)
+		got := st[len(st)-1]
+		want, err := price.Charge(credits.Tokens{Input: 6, Output: 4, CachedInput: 4})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got.Usage == nil || *got.Usage != (usage{Model: "mock-small", Backend: "m", InputTokens: 6, OutputTokens: 4, CachedInputTokens: 4, ReasoningTokens: 3}) {
+			t.Errorf("stream=%s: the entry records %+v", stream, got.Usage)
+		}
+		if got.Amount != want {
+			t.Errorf("stream=%s: charged %d, want %d (2 fresh x 2 + 4 cached x 0.5 + 4 out x 8 per 1M)", stream, got.Amount, want)
+		}
+		charged += got.Amount
+	}
+	if got, want := e.balance(u.ID), credits.Amount(5_000_000)-charged; got != want {
+		t.Errorf("balance %d, want %d", got, want)
 	}
 	e.checkAllAccounts(0)
 }

@@ -391,7 +391,16 @@ func (ex *exchange) settleProduced(out int64) {
 // settleReserved charges the whole reservation: an answer that went to the client but whose
 // usage cannot be known.
 func (ex *exchange) settleReserved() {
-	ex.settle(metering.Usage{InputTokens: ex.inf.inputBound, OutputTokens: ex.inf.outputTotal()}, false)
+	// Every prompt token is taken to be of the dearest input kind, as the reservation did.
+	u := metering.Usage{InputTokens: ex.inf.inputBound, OutputTokens: ex.inf.outputTotal()}
+	switch p := ex.choice.Model.Price; max(p.Input, p.CachedInput, p.CacheWrite) {
+	case p.Input:
+	case p.CacheWrite:
+		u.CacheWriteTokens = u.InputTokens
+	default:
+		u.CachedInputTokens = u.InputTokens
+	}
+	ex.settle(u, false)
 }
 
 // settle charges the reservation for what was used, exactly once.
@@ -407,7 +416,8 @@ func (ex *exchange) settle(u metering.Usage, reported bool) {
 		return // a free route (count_tokens): nothing was reserved, nothing is charged
 	}
 	c := ex.choice
-	cost, err := c.Model.Price.Cost(u.InputTokens, u.OutputTokens)
+	cost, err := c.Model.Price.Charge(credits.Tokens{Input: u.InputTokens, Output: u.OutputTokens,
+		CachedInput: u.CachedInputTokens, CacheWrite: u.CacheWriteTokens})
 	if err != nil {
 		cost = ex.res.Amount // absurd usage: charge what was reserved, never more
 	}
@@ -420,6 +430,8 @@ func (ex *exchange) settle(u metering.Usage, reported bool) {
 	defer cancel()
 	balance, err := ex.g.store.ledger.Settle(ctx, ex.res.ID, cost, credits.Usage{
 		Model: c.Model.Name, Backend: c.BackendName, InputTokens: u.InputTokens, OutputTokens: u.OutputTokens,
+		CachedInputTokens: u.CachedInputTokens, CacheWriteTokens: u.CacheWriteTokens, ReasoningTokens: u.ReasoningTokens,
+		ResponseID: u.ResponseID,
 	})
 	if err != nil {
 		// The reservation stays open and expires: the caller is not charged. Logged once here.

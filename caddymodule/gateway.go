@@ -196,8 +196,28 @@ type Model struct {
 	Kind routing.Kind `json:"kind,omitempty"`
 	// InputPrice is credits per one million prompt tokens.
 	InputPrice credits.Amount `json:"input_price"`
-	// OutputPrice is credits per one million completion tokens.
+	// OutputPrice is credits per one million completion tokens (reasoning tokens included).
 	OutputPrice credits.Amount `json:"output_price"`
+	// CachedInputPrice is credits per one million prompt tokens the backend reports as read
+	// from its prompt cache (OpenAI's cached_tokens, Anthropic's cache_read_input_tokens).
+	// Default: InputPrice.
+	CachedInputPrice *credits.Amount `json:"cached_input_price,omitempty"`
+	// CacheWritePrice is credits per one million prompt tokens the backend reports as written
+	// to its prompt cache (Anthropic's cache_creation_input_tokens). Default: InputPrice.
+	// A reservation prices every prompt token at the highest of the three input prices.
+	CacheWritePrice *credits.Amount `json:"cache_write_price,omitempty"`
+}
+
+// price is the model's price, the cache prices defaulting to the input price.
+func (m Model) price() credits.Price {
+	p := credits.Price{Input: m.InputPrice, Output: m.OutputPrice, CachedInput: m.InputPrice, CacheWrite: m.InputPrice}
+	if m.CachedInputPrice != nil {
+		p.CachedInput = *m.CachedInputPrice
+	}
+	if m.CacheWritePrice != nil {
+		p.CacheWrite = *m.CacheWritePrice
+	}
+	return p
 }
 
 // HealthCheck configures a backend's active health check.
@@ -283,7 +303,7 @@ func (g *Gateway) Provision(ctx caddy.Context) error {
 		rb := routing.Backend{Name: b.Name, Style: b.Style}
 		for _, m := range b.Models {
 			rb.Models = append(rb.Models, routing.Model{Name: m.Name, Upstream: m.Upstream, Kind: m.Kind,
-				Price: credits.Price{Input: m.InputPrice, Output: m.OutputPrice}})
+				Price: m.price()})
 		}
 		catalog = append(catalog, rb)
 	}

@@ -428,9 +428,11 @@ func isTokenList(s string) bool {
 func (g *Gateway) writeCatalog(w http.ResponseWriter, format routing.Format, who *caller) {
 	sf := format.Surface()
 	type pricing struct {
-		Input  credits.Amount `json:"input"`
-		Output credits.Amount `json:"output"`
-		Unit   string         `json:"unit"`
+		Input       credits.Amount `json:"input"`
+		Output      credits.Amount `json:"output"`
+		CachedInput credits.Amount `json:"cached_input"`
+		CacheWrite  credits.Amount `json:"cache_write"`
+		Unit        string         `json:"unit"`
 	}
 	const unit = "credits per 1M tokens"
 	list := g.catalog.List(format, who.allowedModel())
@@ -448,7 +450,7 @@ func (g *Gateway) writeCatalog(w http.ResponseWriter, format routing.Format, who
 		data := []model{{ID: routing.Cheapest, Object: "model", OwnedBy: "llm_gateway", Kind: string(routing.KindChat)}}
 		for _, l := range list {
 			data = append(data, model{ID: l.Name, Object: "model", OwnedBy: "llm_gateway", Kind: string(l.Kind),
-				Pricing: &pricing{l.Price.Input, l.Price.Output, unit}, Backends: l.Backends})
+				Pricing: &pricing{l.Price.Input, l.Price.Output, l.Price.CachedInput, l.Price.CacheWrite, unit}, Backends: l.Backends})
 		}
 		out = map[string]any{"object": "list", "data": data}
 	} else {
@@ -467,7 +469,7 @@ func (g *Gateway) writeCatalog(w http.ResponseWriter, format routing.Format, who
 				continue
 			}
 			models = append(models, tag{Name: l.Name, Model: l.Name, ModifiedAt: "1970-01-01T00:00:00Z",
-				Details: map[string]any{}, Pricing: &pricing{l.Price.Input, l.Price.Output, unit}})
+				Details: map[string]any{}, Pricing: &pricing{l.Price.Input, l.Price.Output, l.Price.CachedInput, l.Price.CacheWrite, unit}})
 		}
 		out = map[string]any{"models": models}
 	}

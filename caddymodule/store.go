@@ -38,6 +38,8 @@ type storeHandle struct {
 	users  identity.Users
 	keys   identity.Keys
 	signin signin.Store
+	// responses finds who made a stored response, and on which backend.
+	responses func(ctx context.Context, responseID string) (credits.ResponseOwner, error)
 	// usage sums an account's settle entries by day and model.
 	usage func(ctx context.Context, account credits.AccountID, since time.Time) ([]credits.UsageDay, error)
 	// openReservations counts the open reservations and the credits they hold (for metrics).
@@ -106,7 +108,7 @@ func openStore(ctx caddy.Context, cfg StoreConfig, logger *zap.Logger) (*storeHa
 			metricCreditsReleasedAtStart.Add(amount.Credits())
 		}
 		sweepCtx, stop := context.WithCancel(context.Background())
-		h := &storeHandle{ledger: newKeyLedger(timedLedger{s}, s.ChainSpent), users: s, keys: s, signin: s, usage: s.UsageByDay,
+		h := &storeHandle{ledger: newKeyLedger(timedLedger{s}, s.ChainSpent), users: s, keys: s, signin: s, usage: s.UsageByDay, responses: s.ResponseOwner,
 			openReservations: s.OpenReservations, close: s.Close, stop: stop, done: make(chan struct{})}
 		go h.sweep(sweepCtx, logger)
 		return h, nil

@@ -26,13 +26,13 @@ func TestCompletions(t *testing.T) {
 		finish  string
 	}{
 		{name: "a string prompt", body: `{"model":"m","prompt":"one two three"}`, choices: 1,
-			text: []string{words(16)}, usage: usage{3, 16, 19}, finish: "stop"},
+			text: []string{words(16)}, usage: usage{PromptTokens: 3, CompletionTokens: 16, TotalTokens: 19}, finish: "stop"},
 		{name: "max_tokens and n", body: `{"model":"m","prompt":"one two","max_tokens":3,"n":2}`, choices: 2,
-			text: []string{words(3), words(3)}, usage: usage{2, 6, 8}, finish: "length"},
+			text: []string{words(3), words(3)}, usage: usage{PromptTokens: 2, CompletionTokens: 6, TotalTokens: 8}, finish: "length"},
 		{name: "an array of prompts, n each, echoed", body: `{"model":"m","prompt":["a b","c"],"max_tokens":1,"n":2,"echo":true}`,
-			choices: 4, text: []string{"a btok1", "a btok1", "ctok1", "ctok1"}, usage: usage{3, 4, 7}, finish: "length"},
+			choices: 4, text: []string{"a btok1", "a btok1", "ctok1", "ctok1"}, usage: usage{PromptTokens: 3, CompletionTokens: 4, TotalTokens: 7}, finish: "length"},
 		{name: "token ids", body: `{"model":"m","prompt":[[1,2,3],[4]],"max_tokens":2}`, choices: 2,
-			text: []string{words(2), words(2)}, usage: usage{4, 4, 8}, finish: "length"},
+			text: []string{words(2), words(2)}, usage: usage{PromptTokens: 4, CompletionTokens: 4, TotalTokens: 8}, finish: "length"},
 	}
 	m := provisioned(t, &MockBackend{})
 	for _, tt := range tests {
@@ -83,7 +83,7 @@ func TestCompletionsStream(t *testing.T) {
 		t.Errorf("texts %v", text)
 	}
 	var last completion
-	if err := json.Unmarshal([]byte(events[8]), &last); err != nil || last.Usage == nil || *last.Usage != (usage{2, 16, 18}) || len(last.Choices) != 0 {
+	if err := json.Unmarshal([]byte(events[8]), &last); err != nil || last.Usage == nil || *last.Usage != (usage{PromptTokens: 2, CompletionTokens: 16, TotalTokens: 18}) || len(last.Choices) != 0 {
 		t.Errorf("usage chunk %s", events[8])
 	}
 	// Without include_usage there is no usage chunk; the cut fault aborts halfway.

@@ -142,6 +142,9 @@ const (
 //	X-Mock-Completion-Tokens  a positive integer
 //	X-Mock-Chunk-Interval     a duration
 //	X-Mock-Compress           gzip, deflate, or none
+//	X-Mock-Cached-Tokens      a count (prompt tokens reported as read from a cache)
+//	X-Mock-Cache-Write-Tokens a count (prompt tokens reported as written to a cache)
+//	X-Mock-Reasoning-Tokens   a count (output tokens reported as reasoning)
 //
 // X-Mock-Compress makes the mock compress its answer, as a faulty backend would, whatever
 // the request's Accept-Encoding says (identity included): the body of every answer of the

@@ -61,6 +61,11 @@ type settings struct {
 	chunks           int
 	completionTokens int
 	compress         string // "gzip", "deflate" or "" for none
+	// cachedTokens, cacheWriteTokens and reasoningTokens are the token kinds the usage
+	// reports (X-Mock-Cached-Tokens, X-Mock-Cache-Write-Tokens, X-Mock-Reasoning-Tokens): the
+	// parts of the prompt read from and written to a prompt cache, and of the output that is
+	// reasoning, each cut to what the prompt or the output has. Default 0: none reported.
+	cachedTokens, cacheWriteTokens, reasoningTokens int
 }
 
 // settingsFor applies the X-Mock-* headers of a request to the config.
@@ -117,6 +122,25 @@ func (m *MockBackend) settingsFor(h http.Header) (settings, error) {
 				return set, fmt.Errorf("header %s: %d is not positive", o.header, n)
 			}
 			if err := checkCount("header "+o.header, n, o.max); err != nil {
+				return set, err
+			}
+			*o.into = n
+		}
+	}
+	for _, o := range []struct {
+		header string
+		into   *int
+	}{
+		{"X-Mock-Cached-Tokens", &set.cachedTokens},
+		{"X-Mock-Cache-Write-Tokens", &set.cacheWriteTokens},
+		{"X-Mock-Reasoning-Tokens", &set.reasoningTokens},
+	} {
+		if v := h.Get(o.header); v != "" {
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 0 {
+				return set, fmt.Errorf("header %s: %q is not a count", o.header, v)
+			}
+			if err := checkCount("header "+o.header, n, maxGeneratedTokens); err != nil {
 				return set, err
 			}
 			*o.into = n
@@ -538,9 +562,32 @@ type chatCompletionRequest struct {
 }
 
 type usage struct {
-	PromptTokens     int `json:"prompt_tokens"`
-	CompletionTokens int `json:"completion_tokens"`
-	TotalTokens      int `json:"total_tokens"`
+	PromptTokens            int            `json:"prompt_tokens"`
+	CompletionTokens        int            `json:"completion_tokens"`
+	TotalTokens             int            `json:"total_tokens"`
+	PromptTokensDetails     *promptDetails `json:"prompt_tokens_details,omitempty"`
+	CompletionTokensDetails *outputDetails `json:"completion_tokens_details,omitempty"`
+}
+
+type promptDetails struct {
+	CachedTokens int `json:"cached_tokens"`
+}
+
+type outputDetails struct {
+	ReasoningTokens int `json:"reasoning_tokens"`
+}
+
+// openAIUsage is OpenAI's usage of prompt and completion tokens, with the details the
+// settings ask for (cached prompt tokens, reasoning output tokens) cut to their wholes.
+func (set settings) openAIUsage(prompt, completion int) usage {
+	u := usage{PromptTokens: prompt, CompletionTokens: completion, TotalTokens: prompt + completion}
+	if set.cachedTokens > 0 {
+		u.PromptTokensDetails = &promptDetails{CachedTokens: min(set.cachedTokens, prompt)}
+	}
+	if set.reasoningTokens > 0 {
+		u.CompletionTokensDetails = &outputDetails{ReasoningTokens: min(set.reasoningTokens, completion)}
+	}
+	return u
 }
 
 type chatCompletion struct {
@@ -609,7 +656,7 @@ func serveChatCompletions(x *exchange) {
 			fmt.Sprintf("mock backend: n × %d completion tokens is more than %d", completion, maxGeneratedTokens))
 		return
 	}
-	u := usage{PromptTokens: prompt, CompletionTokens: choices * completion, TotalTokens: prompt + choices*completion}
+	u := x.set.openAIUsage(prompt, choices*completion)
 	id := "chatcmpl-mock-" + strconv.FormatInt(completionSeq.Add(1), 10)
 	created := time.Now().Unix()
 	finish := finishReason(capped)
@@ -760,7 +807,7 @@ func serveCompletions(x *exchange) {
 			fmt.Sprintf("mock backend: choices × %d completion tokens is more than %d", completionN, maxGeneratedTokens))
 		return
 	}
-	u := usage{PromptTokens: prompt, CompletionTokens: choices * completionN, TotalTokens: prompt + choices*completionN}
+	u := x.set.openAIUsage(prompt, choices*completionN)
 	id := "cmpl-mock-" + strconv.FormatInt(completionSeq.Add(1), 10)
 	created := time.Now().Unix()
 	finish := finishReason(capped)

@@ -118,32 +118,86 @@ func (a Amount) Add(b Amount) (Amount, error) {
 	return s, nil
 }
 
-// Price is what a model costs: credits per one million input tokens and per one million output
-// tokens, each held as micro-credits per million tokens.
+// Price is what a model costs: credits per one million tokens of each kind, each held as
+// micro-credits per million tokens. Input is the price of a prompt token read fresh; cached
+// reads (a provider's prompt cache hit) and cache writes have their own prices, which a
+// model's configuration sets to Input when it gives none. Reasoning tokens are output.
 type Price struct {
 	// Input is the price of one million prompt tokens.
 	Input Amount `json:"input"`
-	// Output is the price of one million completion tokens.
+	// Output is the price of one million completion tokens (reasoning included).
 	Output Amount `json:"output"`
+	// CachedInput is the price of one million prompt tokens read from the provider's cache.
+	CachedInput Amount `json:"cached_input"`
+	// CacheWrite is the price of one million prompt tokens written to the provider's cache.
+	CacheWrite Amount `json:"cache_write"`
 }
 
-// Cost is what inputTokens and outputTokens cost at this price, rounded up to the next
-// micro-credit. Negative counts or prices, or a product beyond int64, give ErrOverflow.
+// Tokens are the token counts of one request by kind. Input counts every prompt token;
+// CachedInput and CacheWrite are the parts of it read from and written to the cache. Output
+// counts every output token.
+type Tokens struct {
+	Input, Output, CachedInput, CacheWrite int64
+}
+
+// Cost is what inputTokens (all read fresh) and outputTokens cost at this price, rounded up
+// to the next micro-credit. Negative counts or prices, or a product beyond int64, give
+// ErrOverflow.
 func (p Price) Cost(inputTokens, outputTokens int64) (Amount, error) {
-	if inputTokens < 0 || outputTokens < 0 || p.Input < 0 || p.Output < 0 {
+	return p.Charge(Tokens{Input: inputTokens, Output: outputTokens})
+}
+
+// Charge is what t costs at this price: uncached input at Input, cache reads at CachedInput,
+// cache writes at CacheWrite and output at Output, summed exactly and rounded up once to the
+// next micro-credit. Negative counts or prices, cached parts above the input, or a total
+// beyond int64 give ErrOverflow.
+func (p Price) Charge(t Tokens) (Amount, error) {
+	if t.Input < 0 || t.Output < 0 || t.CachedInput < 0 || t.CacheWrite < 0 ||
+		p.Input < 0 || p.Output < 0 || p.CachedInput < 0 || p.CacheWrite < 0 ||
+		t.CachedInput > t.Input || t.CacheWrite > t.Input-t.CachedInput {
 		return 0, ErrOverflow
 	}
-	hi1, lo1 := bits.Mul64(uint64(inputTokens), uint64(p.Input))
-	hi2, lo2 := bits.Mul64(uint64(outputTokens), uint64(p.Output))
-	lo, carry := bits.Add64(lo1, lo2, 0)
-	hi, carry2 := bits.Add64(hi1, hi2, carry)
+	var sum wide
+	sum.add(t.Input-t.CachedInput-t.CacheWrite, p.Input)
+	sum.add(t.CachedInput, p.CachedInput)
+	sum.add(t.CacheWrite, p.CacheWrite)
+	sum.add(t.Output, p.Output)
+	return sum.perMillion()
+}
+
+// Bound is the most inputTokens prompt tokens and outputTokens output tokens can cost,
+// whichever kind each prompt token turns out to be: input at the highest of the three input
+// prices. A reservation of Bound covers every Charge of counts within the bounds.
+func (p Price) Bound(inputTokens, outputTokens int64) (Amount, error) {
+	return Price{Input: max(p.Input, p.CachedInput, p.CacheWrite), Output: p.Output}.Cost(inputTokens, outputTokens)
+}
+
+// wide is an unsigned 128-bit sum of products of token counts and prices (the micro-credits
+// times a million), with a sticky overflow.
+type wide struct {
+	hi, lo   uint64
+	overflow bool
+}
+
+// add adds n*price; both are non-negative.
+func (w *wide) add(n int64, price Amount) {
+	hi, lo := bits.Mul64(uint64(n), uint64(price))
+	var carry, carry2 uint64
+	w.lo, carry = bits.Add64(w.lo, lo, 0)
+	w.hi, carry2 = bits.Add64(w.hi, hi, carry)
 	if carry2 != 0 {
+		w.overflow = true
+	}
+}
+
+// perMillion is the sum divided by one million, rounded up: (x + 999999) / 1e6 on 128 bits.
+func (w *wide) perMillion() (Amount, error) {
+	if w.overflow {
 		return 0, ErrOverflow
 	}
-	// Round up: (x + 999999) / 1e6 on 128 bits.
-	lo, carry = bits.Add64(lo, 999_999, 0)
-	hi += carry
-	if hi >= 1_000_000 {
+	lo, carry := bits.Add64(w.lo, 999_999, 0)
+	hi, carry2 := bits.Add64(w.hi, 0, carry)
+	if carry2 != 0 || hi >= 1_000_000 {
 		return 0, ErrOverflow
 	}
 	q, _ := bits.Div64(hi, lo, 1_000_000)

@@ -138,3 +138,43 @@ func FuzzLedgerOps(f *testing.F) {
 		}
 	})
 }
+
+func TestPriceChargeByTokenKind(t *testing.T) {
+	p := Price{Input: 3_000_000, Output: 15_000_000, CachedInput: 300_000, CacheWrite: 3_750_000}
+	for _, tc := range []struct {
+		name string
+		t    Tokens
+		want Amount
+		err  bool
+	}{
+		{"fresh only equals Cost", Tokens{Input: 1000, Output: 100}, 4_500, false},
+		// 100 fresh x 3 + 800 cached x 0.3 + 100 written x 3.75 + 50 out x 15 = 300+240+375+750.
+		{"every kind", Tokens{Input: 1000, Output: 50, CachedInput: 800, CacheWrite: 100}, 1_665, false},
+		{"rounded up once", Tokens{Input: 1, CachedInput: 1}, 1, false},
+		{"cached above input", Tokens{Input: 10, CachedInput: 11}, 0, true},
+		{"written above the rest", Tokens{Input: 10, CachedInput: 5, CacheWrite: 6}, 0, true},
+		{"negative", Tokens{Input: -1}, 0, true},
+	} {
+		got, err := p.Charge(tc.t)
+		if (err != nil) != tc.err || got != tc.want {
+			t.Errorf("%s: Charge(%+v) = %d, %v; want %d, error %v", tc.name, tc.t, got, err, tc.want, tc.err)
+		}
+	}
+	// The bound covers every split of the prompt between the kinds.
+	bound, err := p.Bound(1000, 50)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, split := range []Tokens{{Input: 1000, Output: 50}, {Input: 1000, Output: 50, CachedInput: 1000}, {Input: 1000, Output: 50, CacheWrite: 1000}} {
+		c, err := p.Charge(split)
+		if err != nil || c > bound {
+			t.Errorf("Charge(%+v) = %d, %v, above Bound %d", split, c, err, bound)
+		}
+	}
+	if want := Amount(4_500); bound != want {
+		t.Errorf("Bound = %d, want %d", bound, want)
+	}
+	if _, err := (Price{Input: 1 << 62, Output: 1 << 62}).Charge(Tokens{Input: 1 << 62, Output: 1 << 62}); err == nil {
+		t.Error("an overflowing charge gave no error")
+	}
+}

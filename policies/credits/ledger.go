@@ -3,6 +3,7 @@ package credits
 import (
 	"context"
 	"errors"
+	"fmt"
 	"time"
 )
 
@@ -28,7 +29,18 @@ var (
 	ErrIdempotencyConflict = errors.New("idempotency key reused with different parameters")
 	// ErrStoreUnavailable wraps any failure of the store itself: the gateway fails closed on it.
 	ErrStoreUnavailable = errors.New("store unavailable")
+	// ErrUnknownResponse: no settle entry recorded that response id.
+	ErrUnknownResponse = errors.New("unknown response")
 )
+
+// ResponseOwner is who asked for a stored response and where it lives: read from the settle
+// entry of the request that made it (Usage.ResponseID).
+type ResponseOwner struct {
+	Account AccountID
+	Backend string
+	KeyID   string
+	Model   string
+}
 
 // Refill tops an anonymous account up to Cap once per period. Period is the index of the current
 // period (unix time / period length); an account is refilled at most once per index, on every
@@ -56,9 +68,30 @@ type Usage struct {
 	Backend      string `json:"backend,omitempty"`
 	InputTokens  int64  `json:"input_tokens"`
 	OutputTokens int64  `json:"output_tokens"`
+	// CachedInputTokens and CacheWriteTokens are the parts of InputTokens read from and written
+	// to the provider's prompt cache; ReasoningTokens the part of OutputTokens that is reasoning.
+	CachedInputTokens int64 `json:"cached_input_tokens,omitempty"`
+	CacheWriteTokens  int64 `json:"cache_write_tokens,omitempty"`
+	ReasoningTokens   int64 `json:"reasoning_tokens,omitempty"`
+	// ResponseID is the id of the response the backend stored (OpenAI Responses), if any: the
+	// entry is its record of owner and backend (ResponseOwner).
+	ResponseID string `json:"response_id,omitempty"`
 	// KeyID is the API key the request was made with, if any: a key's spending under its
 	// credit cap is the sum of its settle entries.
 	KeyID string `json:"key_id,omitempty"`
+}
+
+// Check reports a usage whose counts cannot be: negative, or parts above their wholes.
+func (u Usage) Check() error {
+	if u.InputTokens < 0 || u.OutputTokens < 0 || u.CachedInputTokens < 0 || u.CacheWriteTokens < 0 || u.ReasoningTokens < 0 {
+		return fmt.Errorf("negative token counts %d, %d (%d cached, %d written, %d reasoning)",
+			u.InputTokens, u.OutputTokens, u.CachedInputTokens, u.CacheWriteTokens, u.ReasoningTokens)
+	}
+	if u.CachedInputTokens+u.CacheWriteTokens > u.InputTokens || u.ReasoningTokens > u.OutputTokens {
+		return fmt.Errorf("token counts above their wholes: %d cached and %d written of %d input, %d reasoning of %d output",
+			u.CachedInputTokens, u.CacheWriteTokens, u.InputTokens, u.ReasoningTokens, u.OutputTokens)
+	}
+	return nil
 }
 
 // UsageDay is what an account spent on one model in one UTC day: the sum of its settle entries.
@@ -68,7 +101,15 @@ type UsageDay struct {
 	Requests     int64  `json:"requests"`
 	InputTokens  int64  `json:"input_tokens"`
 	OutputTokens int64  `json:"output_tokens"`
-	Credits      Amount `json:"credits"`
+	// CachedInputTokens and CacheWriteTokens are the parts of InputTokens read from and written
+	// to the provider's prompt cache; ReasoningTokens the part of OutputTokens that is reasoning.
+	CachedInputTokens int64 `json:"cached_input_tokens,omitempty"`
+	CacheWriteTokens  int64 `json:"cache_write_tokens,omitempty"`
+	ReasoningTokens   int64 `json:"reasoning_tokens,omitempty"`
+	// ResponseID is the id of the response the backend stored (OpenAI Responses), if any: the
+	// entry is its record of owner and backend (ResponseOwner).
+	ResponseID string `json:"response_id,omitempty"`
+	Credits    Amount `json:"credits"`
 }
 
 // EntryKind says what moved credits.

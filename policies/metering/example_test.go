@@ -29,7 +29,7 @@ func ExampleStreamMeter() {
 	_ = m.Flush(os.Stdout)
 	u, ok := m.Usage()
 	fmt.Println(strings.Repeat("-", 8))
-	fmt.Println(u, ok, m.Produced(), m.Done())
+	fmt.Println(u.InputTokens, u.OutputTokens, ok, m.Produced(), m.Done())
 	// Output:
 	// data: {"choices":[{"index":0,"delta":{"content":"Hello"},"finish_reason":null}],"usage":null}
 	//
@@ -40,5 +40,5 @@ func ExampleStreamMeter() {
 	// data: [DONE]
 	//
 	// --------
-	// {9 12} true {1 5} true
+	// 9 12 true {1 5} true
 }

@@ -243,7 +243,7 @@ func referenceUsage(body []byte) (Usage, bool) {
 		if !ok1 || !ok2 || p == nil {
 			return Usage{}, false
 		}
-		return Usage{in, out}, true
+		return Usage{InputTokens: in, OutputTokens: out}, true
 	}
 	p, hasP := top["prompt_eval_count"]
 	e, hasE := top["eval_count"]
@@ -255,7 +255,7 @@ func referenceUsage(body []byte) (Usage, bool) {
 	if !ok1 || !ok2 {
 		return Usage{}, false
 	}
-	return Usage{in, out}, true
+	return Usage{InputTokens: in, OutputTokens: out}, true
 }
 
 // nesting returns the deepest nesting of arrays and objects in b, roughly.

@@ -13,8 +13,26 @@
 package metering
 
 // Usage is the token usage of one request as the backend reported it.
+//
+// InputTokens counts every prompt token, cache reads and cache writes included;
+// CachedInputTokens and CacheWriteTokens are the parts of it read from and written to the
+// provider's prompt cache (never more than InputTokens together: a report claiming more is
+// cut to it). OutputTokens counts every output token; ReasoningTokens is the part of it that
+// is reasoning (billed as output). ResponseID is the id of a response the backend stored.
 type Usage struct {
-	InputTokens, OutputTokens int64
+	InputTokens, OutputTokens           int64
+	CachedInputTokens, CacheWriteTokens int64
+	ReasoningTokens                     int64
+	ResponseID                          string
+}
+
+// normal is u with its parts within their wholes: cache reads, then cache writes, within the
+// input; reasoning within the output.
+func (u Usage) normal() Usage {
+	u.CachedInputTokens = min(u.CachedInputTokens, u.InputTokens)
+	u.CacheWriteTokens = min(u.CacheWriteTokens, u.InputTokens-u.CachedInputTokens)
+	u.ReasoningTokens = min(u.ReasoningTokens, u.OutputTokens)
+	return u
 }
 
 // Format is the shape of a backend response body. The zero Format is none of them.
@@ -88,9 +106,11 @@ func UsageFromJSON(body []byte) (Usage, bool) {
 	return ollamaUsage(prompt, eval)
 }
 
-// openAIUsage reads an OpenAI usage object.
+// openAIUsage reads an OpenAI usage object, with its prompt_tokens_details.cached_tokens and
+// completion_tokens_details.reasoning_tokens when given (a malformed detail is no detail:
+// the whole counts are what is billed).
 func openAIUsage(v []byte) (Usage, bool) {
-	var prompt, completion []byte
+	var prompt, completion, promptDetails, completionDetails []byte
 	it := objectOf(v)
 	for k, v, ok := it.next(); ok; k, v, ok = it.next() {
 		switch {
@@ -98,6 +118,10 @@ func openAIUsage(v []byte) (Usage, bool) {
 			prompt = v
 		case keyIs(k, "completion_tokens"):
 			completion = v
+		case keyIs(k, "prompt_tokens_details"):
+			promptDetails = v
+		case keyIs(k, "completion_tokens_details"):
+			completionDetails = v
 		}
 	}
 	in, ok := tokenCount(prompt)
@@ -108,7 +132,28 @@ func openAIUsage(v []byte) (Usage, bool) {
 	if !ok {
 		return Usage{}, false
 	}
-	return Usage{InputTokens: in, OutputTokens: out}, true
+	u := Usage{InputTokens: in, OutputTokens: out}
+	u.CachedInputTokens = detailCount(promptDetails, "cached_tokens")
+	u.ReasoningTokens = detailCount(completionDetails, "reasoning_tokens")
+	return u.normal(), true
+}
+
+// detailCount is the count named name in the details object v, 0 when v is not an object or
+// the count is absent or not a valid count.
+func detailCount(v []byte, name string) int64 {
+	if !isObject(v) {
+		return 0
+	}
+	it := objectOf(v)
+	for k, v, ok := it.next(); ok; k, v, ok = it.next() {
+		if keyIs(k, name) {
+			if n, ok := tokenCount(v); ok {
+				return n
+			}
+			return 0
+		}
+	}
+	return 0
 }
 
 // ollamaUsage reads Ollama's prompt_eval_count and eval_count values.

@@ -55,7 +55,7 @@ func TestStreamMeterSSE(t *testing.T) {
 			name:  "usage",
 			parts: []string{hello, sseFinish, sseUsage, sseDone},
 			want:  hello + sseFinish + sseCharged + sseDone,
-			usage: Usage{9, 12}, hasUsage: true, calls: 1,
+			usage: Usage{InputTokens: 9, OutputTokens: 12}, hasUsage: true, calls: 1,
 			produced: Produced{1, 5}, done: true,
 		},
 		{
@@ -63,14 +63,14 @@ func TestStreamMeterSSE(t *testing.T) {
 			parts: []string{hello, sseFinish, sseUsage, sseDone},
 			hide:  true,
 			want:  hello + sseFinish + sseDone,
-			usage: Usage{9, 12}, hasUsage: true, calls: 1,
+			usage: Usage{InputTokens: 9, OutputTokens: 12}, hasUsage: true, calls: 1,
 			produced: Produced{1, 5}, done: true,
 		},
 		{
 			name:  "usage split across writes",
 			parts: []string{hello + sseUsage[:30], sseUsage[30:150], sseUsage[150 : len(sseUsage)-1], "\n" + sseDone[:3], sseDone[3:]},
 			want:  hello + sseCharged + sseDone,
-			usage: Usage{9, 12}, hasUsage: true, calls: 1,
+			usage: Usage{InputTokens: 9, OutputTokens: 12}, hasUsage: true, calls: 1,
 			produced: Produced{1, 5}, done: true,
 		},
 		{
@@ -78,7 +78,7 @@ func TestStreamMeterSSE(t *testing.T) {
 			parts: []string{hello + sseUsage[:30], sseUsage[30 : len(sseUsage)-1], "\n", sseDone},
 			hide:  true,
 			want:  hello + sseDone,
-			usage: Usage{9, 12}, hasUsage: true, calls: 1,
+			usage: Usage{InputTokens: 9, OutputTokens: 12}, hasUsage: true, calls: 1,
 			produced: Produced{1, 5}, done: true,
 		},
 		{
@@ -101,20 +101,20 @@ func TestStreamMeterSSE(t *testing.T) {
 			},
 			want: "data: {\"choices\":[{\"delta\":\ndata: {\"content\":\"Hi\"}}],\ndata: \"usage\":null}\n\n" +
 				"data: {\"choices\":[],\ndata: \"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}," + testFields + "}\n\n",
-			usage: Usage{3, 4}, hasUsage: true, calls: 1,
+			usage: Usage{InputTokens: 3, OutputTokens: 4}, hasUsage: true, calls: 1,
 			produced: Produced{1, 2},
 		},
 		{
 			name:  "multi-line data with empty last line",
 			parts: []string{"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3}} \ndata:\n\n"},
 			want:  "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3}," + testFields + "} \ndata:\n\n",
-			usage: Usage{3, 0}, hasUsage: true, calls: 1,
+			usage: Usage{InputTokens: 3, OutputTokens: 0}, hasUsage: true, calls: 1,
 		},
 		{
 			name:  "crlf",
 			parts: []string{crlf(hello), crlf(sseUsage), crlf(sseDone)},
 			want:  crlf(hello) + crlf(sseCharged) + crlf(sseDone),
-			usage: Usage{9, 12}, hasUsage: true, calls: 1,
+			usage: Usage{InputTokens: 9, OutputTokens: 12}, hasUsage: true, calls: 1,
 			produced: Produced{1, 5}, done: true,
 		},
 		{
@@ -122,7 +122,7 @@ func TestStreamMeterSSE(t *testing.T) {
 			parts: []string{crlf(hello), crlf(sseUsage), crlf(sseDone)},
 			hide:  true,
 			want:  crlf(hello) + crlf(sseDone),
-			usage: Usage{9, 12}, hasUsage: true, calls: 1,
+			usage: Usage{InputTokens: 9, OutputTokens: 12}, hasUsage: true, calls: 1,
 			produced: Produced{1, 5}, done: true,
 		},
 		{
@@ -130,7 +130,7 @@ func TestStreamMeterSSE(t *testing.T) {
 			parts: []string{cr(hello), cr(sseUsage), cr(sseDone)},
 			hide:  true,
 			want:  cr(hello) + cr(sseDone),
-			usage: Usage{9, 12}, hasUsage: true, calls: 1,
+			usage: Usage{InputTokens: 9, OutputTokens: 12}, hasUsage: true, calls: 1,
 			produced: Produced{1, 5}, done: true,
 		},
 		{
@@ -138,28 +138,28 @@ func TestStreamMeterSSE(t *testing.T) {
 			parts: []string{"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}}\r\r", "\n", sseDone},
 			hide:  true,
 			want:  sseDone,
-			usage: Usage{1, 0}, hasUsage: true, calls: 1, done: true,
+			usage: Usage{InputTokens: 1, OutputTokens: 0}, hasUsage: true, calls: 1, done: true,
 		},
 		{
 			name:  "comments and fields",
 			parts: []string{": keep-alive\n\n", "event: message\nid: 7\n: note\n" + hello, "retry: 10\n" + sseUsage, sseDone},
 			hide:  true,
 			want:  ": keep-alive\n\n" + "event: message\nid: 7\n: note\n" + hello + sseDone,
-			usage: Usage{9, 12}, hasUsage: true, calls: 1,
+			usage: Usage{InputTokens: 9, OutputTokens: 12}, hasUsage: true, calls: 1,
 			produced: Produced{1, 5}, done: true,
 		},
 		{
 			name:  "no space after colon",
 			parts: []string{"data:{\"choices\":[],\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":1}}\n\n"},
 			want:  "data:{\"choices\":[],\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":1}," + testFields + "}\n\n",
-			usage: Usage{2, 1}, hasUsage: true, calls: 1,
+			usage: Usage{InputTokens: 2, OutputTokens: 1}, hasUsage: true, calls: 1,
 		},
 		{
 			name:  "usage on the last content chunk",
 			parts: []string{hello, lastContentUsage, sseDone},
 			hide:  true,
 			want:  hello + strings.Replace(lastContentUsage, "4}}", "4},"+testFields+"}", 1) + sseDone,
-			usage: Usage{3, 4}, hasUsage: true, calls: 1,
+			usage: Usage{InputTokens: 3, OutputTokens: 4}, hasUsage: true, calls: 1,
 			produced: Produced{2, 6}, done: true,
 		},
 		{
@@ -174,14 +174,14 @@ func TestStreamMeterSSE(t *testing.T) {
 			want: `data: {"choices":[{"delta":{"content":"a"},"finish_reason":null}],"usage":{"prompt_tokens":3,"completion_tokens":1}}` + "\n\n" +
 				`data: {"choices":[{"delta":{"content":"b"},"finish_reason":null}],"usage":{"prompt_tokens":3,"completion_tokens":2}}` + "\n\n" +
 				`data: {"choices":[{"delta":{},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":3},` + testFields + "}\n\n",
-			usage: Usage{3, 3}, hasUsage: true, calls: 1,
+			usage: Usage{InputTokens: 3, OutputTokens: 3}, hasUsage: true, calls: 1,
 			produced: Produced{2, 2},
 		},
 		{
 			name:  "two usage chunks",
 			parts: []string{sseUsage, strings.Replace(sseUsage, ":9,", ":99,", 1), sseDone},
 			want:  sseCharged + strings.Replace(sseUsage, ":9,", ":99,", 1) + sseDone,
-			usage: Usage{9, 12}, hasUsage: true, calls: 1, done: true,
+			usage: Usage{InputTokens: 9, OutputTokens: 12}, hasUsage: true, calls: 1, done: true,
 		},
 		{
 			name:  "invalid counts",
@@ -219,7 +219,7 @@ func TestStreamMeterSSE(t *testing.T) {
 			name:  "unterminated tail",
 			parts: []string{hello, strings.TrimSuffix(sseUsage, "\n\n")},
 			want:  hello + strings.TrimSuffix(sseCharged, "\n\n"),
-			usage: Usage{9, 12}, hasUsage: true, calls: 1,
+			usage: Usage{InputTokens: 9, OutputTokens: 12}, hasUsage: true, calls: 1,
 			produced: Produced{1, 5},
 		},
 		{
@@ -245,7 +245,7 @@ func TestStreamMeterNDJSON(t *testing.T) {
 			name:  "chat",
 			parts: []string{hi, chat(" there"), chatDone},
 			want:  hi + chat(" there") + chatDoneCharged,
-			usage: Usage{26, 290}, hasUsage: true, calls: 1,
+			usage: Usage{InputTokens: 26, OutputTokens: 290}, hasUsage: true, calls: 1,
 			produced: Produced{2, 8}, done: true,
 		},
 		{
@@ -256,21 +256,21 @@ func TestStreamMeterNDJSON(t *testing.T) {
 			},
 			want: `{"model":"m","response":"The","done":false}` + "\n" +
 				`{"model":"m","response":"","done":true,"context":[1,2,3],"prompt_eval_count":5,"eval_count":2,` + testFields + "}\n",
-			usage: Usage{5, 2}, hasUsage: true, calls: 1,
+			usage: Usage{InputTokens: 5, OutputTokens: 2}, hasUsage: true, calls: 1,
 			produced: Produced{1, 3}, done: true,
 		},
 		{
 			name:  "usage split across writes",
 			parts: []string{hi + chatDone[:40], chatDone[40:100], chatDone[100 : len(chatDone)-1], "\n"},
 			want:  hi + chatDoneCharged,
-			usage: Usage{26, 290}, hasUsage: true, calls: 1,
+			usage: Usage{InputTokens: 26, OutputTokens: 290}, hasUsage: true, calls: 1,
 			produced: Produced{1, 2}, done: true,
 		},
 		{
 			name:  "crlf",
 			parts: []string{crlf(hi), crlf(chatDone)},
 			want:  crlf(hi) + crlf(chatDoneCharged),
-			usage: Usage{26, 290}, hasUsage: true, calls: 1,
+			usage: Usage{InputTokens: 26, OutputTokens: 290}, hasUsage: true, calls: 1,
 			produced: Produced{1, 2}, done: true,
 		},
 		{
@@ -289,14 +289,14 @@ func TestStreamMeterNDJSON(t *testing.T) {
 			name:  "prompt count omitted",
 			parts: []string{`{"done":true,"eval_count":7}` + "\n"},
 			want:  `{"done":true,"eval_count":7,` + testFields + "}\n",
-			usage: Usage{0, 7}, hasUsage: true, calls: 1, done: true,
+			usage: Usage{InputTokens: 0, OutputTokens: 7}, hasUsage: true, calls: 1, done: true,
 		},
 		{
 			name:  "hide usage is for sse only",
 			parts: []string{hi, chatDone},
 			hide:  true,
 			want:  hi + chatDoneCharged,
-			usage: Usage{26, 290}, hasUsage: true, calls: 1,
+			usage: Usage{InputTokens: 26, OutputTokens: 290}, hasUsage: true, calls: 1,
 			produced: Produced{1, 2}, done: true,
 		},
 		{
@@ -309,7 +309,7 @@ func TestStreamMeterNDJSON(t *testing.T) {
 			name:  "two done objects",
 			parts: []string{chatDone, chatDone},
 			want:  chatDoneCharged + chatDone,
-			usage: Usage{26, 290}, hasUsage: true, calls: 1, done: true,
+			usage: Usage{InputTokens: 26, OutputTokens: 290}, hasUsage: true, calls: 1, done: true,
 		},
 		{
 			name:     "garbage and blank lines",
@@ -327,7 +327,7 @@ func TestStreamMeterNDJSON(t *testing.T) {
 			name:  "unterminated last line",
 			parts: []string{hi, strings.TrimSuffix(chatDone, "\n")},
 			want:  hi + strings.TrimSuffix(chatDoneCharged, "\n"),
-			usage: Usage{26, 290}, hasUsage: true, calls: 1,
+			usage: Usage{InputTokens: 26, OutputTokens: 290}, hasUsage: true, calls: 1,
 			produced: Produced{1, 2}, done: true,
 		},
 	})
@@ -506,7 +506,7 @@ func TestStreamMeterClientGone(t *testing.T) {
 	if err := m.Flush(io.Discard); err != nil {
 		t.Fatal(err)
 	}
-	if u, ok := m.Usage(); !ok || u != (Usage{9, 12}) || calls != 1 {
+	if u, ok := m.Usage(); !ok || u != (Usage{InputTokens: 9, OutputTokens: 12}) || calls != 1 {
 		t.Errorf("Usage() = %+v, %v, %d calls; want the usage, once", u, ok, calls)
 	}
 	if p := m.Produced(); p != (Produced{3, 3}) {

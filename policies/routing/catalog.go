@@ -170,7 +170,7 @@ func (c *Catalog) Rank(req Request) ([]Choice, error) {
 			continue
 		}
 		sawHealthy = true
-		cost, err := o.Model.Price.Cost(req.InputTokens, req.OutputTokens)
+		cost, err := o.Model.Price.Bound(req.InputTokens, req.OutputTokens)
 		if err != nil {
 			continue
 		}

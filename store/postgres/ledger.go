@@ -127,8 +127,9 @@ const settleStatement = `WITH closed AS (
 	RETURNING a.balance - a.reserved AS spendable
 ), entry AS (
 	INSERT INTO ledger (account_id, kind, amount, reservation_id, model, backend,
-		input_tokens, output_tokens, key_id, created_at)
-	SELECT account_id, 'settle', $2, $1, $3, $4, $5, $6, $7, $8 FROM closed
+		input_tokens, output_tokens, key_id, created_at,
+		cached_input_tokens, cache_write_tokens, reasoning_tokens, response_id)
+	SELECT account_id, 'settle', $2, $1, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12 FROM closed
 )
 SELECT spendable FROM charged`
 
@@ -149,13 +150,14 @@ func (s *Store) Settle(ctx context.Context, reservationID string, cost credits.A
 	if cost < 0 || cost > credits.MaxAmount {
 		return 0, fmt.Errorf("settle %s: cost %s: %w", reservationID, cost, credits.ErrInvalidAmount)
 	}
-	if usage.InputTokens < 0 || usage.OutputTokens < 0 {
-		return 0, fmt.Errorf("settle %s: negative token counts %d, %d", reservationID, usage.InputTokens, usage.OutputTokens)
+	if err := usage.Check(); err != nil {
+		return 0, fmt.Errorf("settle %s: %w", reservationID, err)
 	}
 	var balance credits.Amount
 	err := s.pool.QueryRow(ctx, settleStatement, reservationID, cost,
 		nullable(usage.Model), nullable(usage.Backend), usage.InputTokens, usage.OutputTokens,
-		nullable(usage.KeyID), time.Now().UTC()).Scan(&balance)
+		nullable(usage.KeyID), time.Now().UTC(), nullCount(usage.CachedInputTokens), nullCount(usage.CacheWriteTokens),
+		nullCount(usage.ReasoningTokens), nullable(usage.ResponseID)).Scan(&balance)
 	if errors.Is(err, pgx.ErrNoRows) {
 		err = credits.ErrReservationClosed
 	}
@@ -342,7 +344,8 @@ func (s *Store) Balance(ctx context.Context, account credits.AccountID) (credits
 
 // entryColumns are the columns scanEntry reads.
 const entryColumns = `seq, account_id, kind, amount, reason, reservation_id, idempotency_key,
-	model, backend, input_tokens, output_tokens, created_at, key_id`
+	model, backend, input_tokens, output_tokens, created_at, key_id,
+	cached_input_tokens, cache_write_tokens, reasoning_tokens, response_id`
 
 // scanEntry reads a ledger row selected with entryColumns, followed by the extra columns.
 func scanEntry(row pgx.Row, extra ...any) (credits.Entry, error) {
@@ -350,9 +353,12 @@ func scanEntry(row pgx.Row, extra ...any) (credits.Entry, error) {
 		e                                                    credits.Entry
 		reservationID, idempotencyKey, model, backend, keyID *string
 		inputTokens, outputTokens                            *int64
+		cachedInput, cacheWrite, reasoning                   *int64
+		responseID                                           *string
 	)
 	dest := append([]any{&e.Seq, &e.Account, &e.Kind, &e.Amount, &e.Reason, &reservationID, &idempotencyKey,
-		&model, &backend, &inputTokens, &outputTokens, &e.CreatedAt, &keyID}, extra...)
+		&model, &backend, &inputTokens, &outputTokens, &e.CreatedAt, &keyID,
+		&cachedInput, &cacheWrite, &reasoning, &responseID}, extra...)
 	if err := row.Scan(dest...); err != nil {
 		return credits.Entry{}, err
 	}
@@ -366,6 +372,11 @@ func scanEntry(row pgx.Row, extra ...any) (credits.Entry, error) {
 			InputTokens:  deref(inputTokens),
 			OutputTokens: deref(outputTokens),
 			KeyID:        deref(keyID),
+
+			CachedInputTokens: deref(cachedInput),
+			CacheWriteTokens:  deref(cacheWrite),
+			ReasoningTokens:   deref(reasoning),
+			ResponseID:        deref(responseID),
 		}
 	}
 	return e, nil
@@ -416,6 +427,14 @@ func (s *Store) Audit(ctx context.Context, account credits.AccountID) (credits.A
 }
 
 // nullable is s, or NULL when it is empty.
+// nullCount stores a token count that is mostly zero: zero as NULL.
+func nullCount(n int64) *int64 {
+	if n == 0 {
+		return nil
+	}
+	return &n
+}
+
 func nullable(s string) *string {
 	if s == "" {
 		return nil
@@ -430,4 +449,21 @@ func deref[T any](p *T) T {
 		return zero
 	}
 	return *p
+}
+
+// ResponseOwner is the owner and backend of the response id, read from the first settle
+// entry that recorded it; credits.ErrUnknownResponse when none did.
+func (s *Store) ResponseOwner(ctx context.Context, responseID string) (credits.ResponseOwner, error) {
+	var o credits.ResponseOwner
+	var backend, keyID, model *string
+	err := s.pool.QueryRow(ctx, `SELECT account_id, backend, key_id, model FROM ledger
+		WHERE response_id = $1 ORDER BY seq LIMIT 1`, responseID).Scan(&o.Account, &backend, &keyID, &model)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return credits.ResponseOwner{}, credits.ErrUnknownResponse
+	}
+	if err != nil {
+		return credits.ResponseOwner{}, fail("response owner", err)
+	}
+	o.Backend, o.KeyID, o.Model = deref(backend), deref(keyID), deref(model)
+	return o, nil
 }

@@ -1,5 +1,6 @@
-// Package postgres is a credits.Ledger on PostgreSQL, for several gateway instances sharing
-// one record of money. Every money operation is one statement, or one transaction of
+// Package postgres is the gateway's store on PostgreSQL (a credits.Ledger, identity.Users,
+// identity.Keys and signin.Store), for several gateway instances sharing one record of money
+// and of who may spend it. Every money operation is one statement, or one transaction of
 // statements that lock what they change (conditional UPDATEs, DELETE ... RETURNING, INSERT ...
 // ON CONFLICT): nothing is read and then written on the strength of the read, so that any
 // number of instances can work on the same accounts and reservations at once.
@@ -17,6 +18,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -25,10 +27,13 @@ import (
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/credits"
 )
 
-// Store is the ledger on one PostgreSQL database. It is safe for concurrent use, and any
-// number of Stores (in as many processes) can share a database.
+// Store is the ledger, users, keys and sign-in state on one PostgreSQL database. It is safe
+// for concurrent use, and any number of Stores (in as many processes) can share a database.
 type Store struct {
 	pool *pgxpool.Pool
+	// clock gives the time of what is written without one (a zero CreatedAt, the expiry of the
+	// sessions a new one replaces); time.Now when nil. Tests set it.
+	clock func() time.Time
 }
 
 var _ credits.Ledger = (*Store)(nil)
@@ -51,6 +56,23 @@ func Open(ctx context.Context, dsn string) (*Store, error) {
 		return nil, fmt.Errorf("postgres store: %w", err)
 	}
 	return &Store{pool: pool}, nil
+}
+
+// now is the store's time, in UTC to the microsecond (what timestamptz keeps).
+func (s *Store) now() time.Time {
+	t := time.Now()
+	if s.clock != nil {
+		t = s.clock()
+	}
+	return t.UTC().Truncate(time.Microsecond)
+}
+
+// orNow is t, or now when t is zero.
+func (s *Store) orNow(t time.Time) time.Time {
+	if t.IsZero() {
+		return s.now()
+	}
+	return t
 }
 
 // Close closes the store's connections, waiting for those in use to be returned.
@@ -188,6 +210,7 @@ func fail(op string, err error) error {
 const (
 	codeNumericOutOfRange = "22003"
 	codeUniqueViolation   = "23505"
+	codeForeignKey        = "23503"
 )
 
 // pgCode is the SQLSTATE of a PostgreSQL error, "" for other errors.

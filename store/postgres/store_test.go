@@ -415,3 +415,24 @@ func TestBalanceOverflowIsRefused(t *testing.T) {
 		t.Errorf("settle down to the floor: %v", err)
 	}
 }
+
+// openIdentityStores opens instances stores on one new database: separate Stores, each with
+// its own connections, as separate gateway instances have.
+func openIdentityStores(t *testing.T, clock func() time.Time, instances int) []storetest.IdentityStore {
+	dsn := newTestDatabase(t)
+	stores := make([]storetest.IdentityStore, instances)
+	for i := range stores {
+		s, err := Open(context.Background(), dsn)
+		if err != nil {
+			t.Fatalf("open %d: %v", i, err)
+		}
+		s.clock = clock
+		t.Cleanup(func() { _ = s.Close() })
+		stores[i] = s
+	}
+	return stores
+}
+
+func TestUsersConformance(t *testing.T)  { storetest.TestUsers(t, openIdentityStores) }
+func TestKeysConformance(t *testing.T)   { storetest.TestKeys(t, openIdentityStores) }
+func TestSigninConformance(t *testing.T) { storetest.TestSignin(t, openIdentityStores) }

@@ -500,6 +500,11 @@ func TestLegacyReservationsAreReleased(t *testing.T) {
 	for _, stmt := range []string{
 		`DROP TRIGGER reservations_in_memory`,
 		`DELETE FROM schema_migrations WHERE version > 1`,
+		`DROP INDEX ledger_by_response`, // migration 0006
+		`ALTER TABLE ledger DROP COLUMN cached_input_tokens`,
+		`ALTER TABLE ledger DROP COLUMN cache_write_tokens`,
+		`ALTER TABLE ledger DROP COLUMN reasoning_tokens`,
+		`ALTER TABLE ledger DROP COLUMN response_id`,
 		`DROP INDEX api_keys_by_chain`, // migration 0005
 		`ALTER TABLE api_keys DROP COLUMN chain_id`,
 		`DROP INDEX api_keys_by_rotated_to`,

@@ -420,7 +420,9 @@ func (s *Store) commitBatch(batch []pendingOp, attempt int) (err error) {
 				continue
 			}
 			res, err := stmt(batchSettleEntry).ExecContext(ctx, op.account.id, op.amount, op.reservationID,
-				op.usage.Model, op.usage.Backend, op.usage.InputTokens, op.usage.OutputTokens, op.at, nullString(op.usage.KeyID))
+				op.usage.Model, op.usage.Backend, op.usage.InputTokens, op.usage.OutputTokens, op.at, nullString(op.usage.KeyID),
+				nullCount(op.usage.CachedInputTokens), nullCount(op.usage.CacheWriteTokens), nullCount(op.usage.ReasoningTokens),
+				nullString(op.usage.ResponseID))
 			if err != nil {
 				return fmt.Errorf("settling %s: %w", op.reservationID, err)
 			}
@@ -481,10 +483,11 @@ const (
 const maxSettleChunk = 32
 
 // settleColumns are the columns of a settle entry, in the order of settleArgs.
-const settleColumns = `(account_id, kind, amount, reservation_id, model, backend, input_tokens, output_tokens, created_at, key_id)`
+const settleColumns = `(account_id, kind, amount, reservation_id, model, backend, input_tokens, output_tokens, created_at, key_id,
+	cached_input_tokens, cache_write_tokens, reasoning_tokens, response_id)`
 
 // settleRow is the VALUES row of a settle entry.
-const settleRow = `(?, 'settle', ?, ?, ?, ?, ?, ?, ?, ?)`
+const settleRow = `(?, 'settle', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`
 
 // batchSQL are the statements of a batch, by their index above.
 var batchSQL = [...]string{
@@ -510,7 +513,9 @@ func (s *Store) insertSettlements(ctx context.Context, stmt *sql.Stmt, ops []*pe
 	args := s.settleArgs[:0]
 	for _, op := range ops {
 		args = append(args, op.account.id, op.amount, op.reservationID,
-			op.usage.Model, op.usage.Backend, op.usage.InputTokens, op.usage.OutputTokens, op.at, nullString(op.usage.KeyID))
+			op.usage.Model, op.usage.Backend, op.usage.InputTokens, op.usage.OutputTokens, op.at, nullString(op.usage.KeyID),
+			nullCount(op.usage.CachedInputTokens), nullCount(op.usage.CacheWriteTokens), nullCount(op.usage.ReasoningTokens),
+			nullString(op.usage.ResponseID))
 	}
 	_, err := stmt.ExecContext(ctx, args...)
 	clear(args)

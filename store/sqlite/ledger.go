@@ -172,8 +172,8 @@ func (s *Store) Settle(ctx context.Context, reservationID string, cost credits.A
 	if cost < 0 || cost > credits.MaxAmount {
 		return 0, fmt.Errorf("settle %s: cost %s: %w", reservationID, cost, credits.ErrInvalidAmount)
 	}
-	if usage.InputTokens < 0 || usage.OutputTokens < 0 {
-		return 0, fmt.Errorf("settle %s: negative token counts %d, %d", reservationID, usage.InputTokens, usage.OutputTokens)
+	if err := usage.Check(); err != nil {
+		return 0, fmt.Errorf("settle %s: %w", reservationID, err)
 	}
 	if err := s.usable(ctx); err != nil {
 		return 0, fmt.Errorf("settle %s: %w", reservationID, err)
@@ -455,7 +455,8 @@ func (s *Store) Balance(ctx context.Context, account credits.AccountID) (credits
 
 // entryColumns are the columns scanEntry reads.
 const entryColumns = `seq, account_id, kind, amount, reason, reservation_id, idempotency_key,
-	model, backend, input_tokens, output_tokens, created_at, key_id`
+	model, backend, input_tokens, output_tokens, created_at, key_id,
+	cached_input_tokens, cache_write_tokens, reasoning_tokens, response_id`
 
 // rowScanner is a *sql.Row or *sql.Rows.
 type rowScanner interface {
@@ -467,12 +468,14 @@ func scanEntry(row rowScanner, extra ...any) (credits.Entry, error) {
 	var (
 		e                                             credits.Entry
 		reservationID, idempotencyKey, model, backend sql.NullString
-		keyID                                         sql.NullString
+		keyID, responseID                             sql.NullString
 		inputTokens, outputTokens                     sql.NullInt64
+		cachedInput, cacheWrite, reasoning            sql.NullInt64
 		createdAt                                     int64
 	)
 	dest := append([]any{&e.Seq, &e.Account, &e.Kind, &e.Amount, &e.Reason, &reservationID, &idempotencyKey,
-		&model, &backend, &inputTokens, &outputTokens, &createdAt, &keyID}, extra...)
+		&model, &backend, &inputTokens, &outputTokens, &createdAt, &keyID,
+		&cachedInput, &cacheWrite, &reasoning, &responseID}, extra...)
 	if err := row.Scan(dest...); err != nil {
 		return credits.Entry{}, err
 	}
@@ -486,6 +489,11 @@ func scanEntry(row rowScanner, extra ...any) (credits.Entry, error) {
 			InputTokens:  inputTokens.Int64,
 			OutputTokens: outputTokens.Int64,
 			KeyID:        keyID.String,
+
+			CachedInputTokens: cachedInput.Int64,
+			CacheWriteTokens:  cacheWrite.Int64,
+			ReasoningTokens:   reasoning.Int64,
+			ResponseID:        responseID.String,
 		}
 	}
 	return e, nil
@@ -561,4 +569,31 @@ func (s *Store) Audit(ctx context.Context, account credits.AccountID) (credits.A
 	books.Open = a.open
 	books.Balance = balance - a.open
 	return books, nil
+}
+
+// ResponseOwner is the owner and backend of the response id, read from the first settle
+// entry that recorded it; credits.ErrUnknownResponse when none did. A settlement still
+// queued is waited for before the answer is no.
+func (s *Store) ResponseOwner(ctx context.Context, responseID string) (credits.ResponseOwner, error) {
+	if err := s.usable(ctx); err != nil {
+		return credits.ResponseOwner{}, fmt.Errorf("response owner: %w", err)
+	}
+	for flushed := false; ; flushed = true {
+		var o credits.ResponseOwner
+		var backend, keyID, model sql.NullString
+		err := s.read.QueryRowContext(ctx, `SELECT account_id, backend, key_id, model FROM ledger
+			WHERE response_id = ? ORDER BY seq LIMIT 1`, responseID).Scan(&o.Account, &backend, &keyID, &model)
+		switch {
+		case err == nil:
+			o.Backend, o.KeyID, o.Model = backend.String, keyID.String, model.String
+			return o, nil
+		case !errors.Is(err, sql.ErrNoRows):
+			return credits.ResponseOwner{}, fail("response owner", err)
+		case flushed:
+			return credits.ResponseOwner{}, credits.ErrUnknownResponse
+		}
+		if err := s.flush(ctx); err != nil {
+			return credits.ResponseOwner{}, fmt.Errorf("response owner: %w", err)
+		}
+	}
 }

@@ -458,6 +458,9 @@ func nullMicros(t *time.Time) sql.NullInt64 {
 // nullString stores an optional text: NULL when empty.
 func nullString(s string) sql.NullString { return sql.NullString{String: s, Valid: s != ""} }
 
+// nullCount stores a token count that is mostly zero: zero as NULL.
+func nullCount(n int64) sql.NullInt64 { return sql.NullInt64{Int64: n, Valid: n != 0} }
+
 // fromNullMicros reads an optional time.
 func fromNullMicros(v sql.NullInt64) *time.Time {
 	if !v.Valid {

@@ -45,6 +45,7 @@ func TestLedger(t *testing.T, open Opener) {
 		{"Credit", testCredit},
 		{"BalanceAndAuditOfUnknownAccount", testUnknownAccount},
 		{"Entries", testEntries},
+		{"ResponseOwner", testResponseOwner},
 		{"BalanceOverflow", testBalanceOverflow},
 		{"ConcurrentReserve", testConcurrentReserve},
 		{"ConcurrentSettle", testConcurrentSettle},
@@ -399,7 +400,8 @@ func testRefillWithinCapAfterRelease(t *testing.T, open Opener) {
 
 func testSettle(t *testing.T, open Opener) {
 	account := credits.UserAccount("u")
-	usage := credits.Usage{Model: "gpt-x", Backend: "openai", InputTokens: 120, OutputTokens: 30, KeyID: "key1"}
+	usage := credits.Usage{Model: "gpt-x", Backend: "openai", InputTokens: 120, OutputTokens: 30, KeyID: "key1",
+		CachedInputTokens: 100, CacheWriteTokens: 15, ReasoningTokens: 20, ResponseID: "resp_1"}
 	type before func(t *testing.T, l credits.Ledger, r credits.Reservation)
 	for _, tc := range []struct {
 		name        string
@@ -418,6 +420,9 @@ func testSettle(t *testing.T, open Opener) {
 		{name: "negative cost", cost: -1, wantErr: credits.ErrInvalidAmount},
 		{name: "cost beyond MaxAmount", cost: credits.MaxAmount + 1, wantErr: credits.ErrInvalidAmount},
 		{name: "negative tokens", cost: 1, usage: credits.Usage{InputTokens: -1}, wantErr: errAny},
+		{name: "negative cached tokens", cost: 1, usage: credits.Usage{InputTokens: 1, CachedInputTokens: -1}, wantErr: errAny},
+		{name: "cached and written above the input", cost: 1, usage: credits.Usage{InputTokens: 10, CachedInputTokens: 6, CacheWriteTokens: 5}, wantErr: errAny},
+		{name: "reasoning above the output", cost: 1, usage: credits.Usage{OutputTokens: 1, ReasoningTokens: 2}, wantErr: errAny},
 		{name: "unknown reservation", id: "nope", cost: 1, wantErr: credits.ErrReservationClosed},
 		{name: "settled twice", cost: 1, wantErr: credits.ErrReservationClosed, before: func(t *testing.T, l credits.Ledger, r credits.Reservation) {
 			if _, err := l.Settle(context.Background(), r.ID, 2*c, credits.Usage{}); err != nil {
@@ -1063,4 +1068,57 @@ func testConcurrentMixed(t *testing.T, open Opener) {
 			t.Errorf("%s: reservations left open: %+v", a, books)
 		}
 	}
+}
+
+// ResponseOwners is the lookup of stored responses' owners every store provides beside its
+// ledger.
+type ResponseOwners interface {
+	ResponseOwner(ctx context.Context, responseID string) (credits.ResponseOwner, error)
+}
+
+func testResponseOwner(t *testing.T, open Opener) {
+	ctx := context.Background()
+	l := open(t)
+	owners, ok := l.(ResponseOwners)
+	if !ok {
+		t.Fatalf("%T has no ResponseOwner", l)
+	}
+	alice, bob := credits.UserAccount("alice"), credits.UserAccount("bob")
+	credit(t, l, alice, 10*c)
+	credit(t, l, bob, 10*c)
+	settle := func(account credits.AccountID, u credits.Usage) {
+		t.Helper()
+		r := reserve(t, l, account, c, time.Minute)
+		if _, err := l.Settle(ctx, r.ID, c/2, u); err != nil {
+			t.Fatal(err)
+		}
+	}
+	settle(alice, credits.Usage{Model: "m", Backend: "b1", KeyID: "k1", InputTokens: 3, OutputTokens: 2, ResponseID: "resp_a"})
+	settle(bob, credits.Usage{Model: "m2", Backend: "b2", ResponseID: "resp_b"})
+	// A later entry naming the same id (a backend reusing ids) does not take it over.
+	settle(bob, credits.Usage{Model: "m2", Backend: "b2", ResponseID: "resp_a"})
+	settle(alice, credits.Usage{Model: "m"}) // no response id
+	for id, want := range map[string]credits.ResponseOwner{
+		"resp_a": {Account: alice, Backend: "b1", KeyID: "k1", Model: "m"},
+		"resp_b": {Account: bob, Backend: "b2", Model: "m2"},
+	} {
+		got, err := owners.ResponseOwner(ctx, id)
+		if err != nil || got != want {
+			t.Errorf("ResponseOwner(%q) = %+v, %v; want %+v", id, got, err, want)
+		}
+	}
+	for _, id := range []string{"resp_c", "", "RESP_A"} {
+		if got, err := owners.ResponseOwner(ctx, id); !errors.Is(err, credits.ErrUnknownResponse) {
+			t.Errorf("ResponseOwner(%q) = %+v, %v; want ErrUnknownResponse", id, got, err)
+		}
+	}
+	entries, err := l.Entries(ctx, alice, 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if u := entries[len(entries)-2].Usage; u == nil || u.ResponseID != "resp_a" || u.InputTokens != 3 {
+		t.Errorf("the settle entry reads back as %+v", u)
+	}
+	CheckBooks(t, l, alice)
+	CheckBooks(t, l, bob)
 }
