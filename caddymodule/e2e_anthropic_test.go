@@ -47,7 +47,9 @@ func anthropicBlock(name, mock, model, in, out string) string {
 func TestAnthropicSDKClient(t *testing.T) {
 	const in, out = "1000", "3000"
 	e := startGateway(t, setup{
-		gateway: anthropicBlock("claude", "ant", "claude-x", in, out) + backendBlock("oai", "oai", "mock-small", in, out) + `
+		gateway: strings.Replace(anthropicBlock("claude", "ant", "claude-x", in, out), "output_price",
+			"cached_input_price 100\n\t\t\t\tcache_write_price 1250\n\t\t\t\toutput_price", 1) +
+			backendBlock("oai", "oai", "mock-small", in, out) + `
 		rate_limits {
 			default_tier roomy
 			tier roomy {
@@ -76,6 +78,17 @@ func TestAnthropicSDKClient(t *testing.T) {
 		Messages:  []anthropic.MessageParam{anthropic.NewUserMessage(anthropic.NewTextBlock("hello there gateway"))},
 	}
 	const prompt = 5 + 4 + 2
+	// charge is what a message of out output tokens costs: 5 fresh input tokens at 1000, 4
+	// cache reads at 100, 2 cache writes at 1250, the output at 3000 (per 1M).
+	price := credits.Price{Input: credits.Amount(micro(t, in)), Output: credits.Amount(micro(t, out)),
+		CachedInput: credits.Amount(micro(t, "100")), CacheWrite: credits.Amount(micro(t, "1250"))}
+	charge := func(out int64) credits.Amount {
+		c, err := price.Charge(credits.Tokens{Input: prompt, CachedInput: 4, CacheWrite: 2, Output: out})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
 
 	// A message.
 	var raw *http.Response
@@ -89,7 +102,10 @@ func TestAnthropicSDKClient(t *testing.T) {
 	if msg.Usage.InputTokens != 5 || msg.Usage.CacheReadInputTokens != 4 || msg.Usage.CacheCreationInputTokens != 2 || msg.Usage.OutputTokens != 5 {
 		t.Errorf("usage %+v", msg.Usage)
 	}
-	want := cost(t, prompt, 5, in, out)
+	want := charge(5)
+	if want == cost(t, prompt, 5, in, out) {
+		t.Fatal("the cache prices make no difference: the test proves nothing")
+	}
 	spent += want
 	if got := amountOf(t, raw.Header.Get("X-Credits-Charged")); got != want {
 		t.Errorf("X-Credits-Charged %s, want %s", got, want)
@@ -121,13 +137,18 @@ func TestAnthropicSDKClient(t *testing.T) {
 	if len(acc.Content) != 1 || acc.Content[0].Text != tokens(8) || acc.Usage.OutputTokens != 8 || acc.Usage.InputTokens != 5 {
 		t.Errorf("accumulated %+v, usage %+v; want %q", acc.Content, acc.Usage, tokens(8))
 	}
-	want = cost(t, prompt, 8, in, out)
+	want = charge(8)
 	spent += want
 	if charged == "" || amountOf(t, charged) != want {
 		t.Errorf("message_stop credits_charged %q, want %s", charged, want)
 	}
 	st := e.settlements(u.ID)
-	if len(st) != 2 || st[1].Usage == nil || st[1].Usage.InputTokens != prompt || st[1].Usage.OutputTokens != 8 || st[1].Amount != want {
+	for i, s := range st {
+		if s.Usage == nil || s.Usage.InputTokens != prompt || s.Usage.CachedInputTokens != 4 || s.Usage.CacheWriteTokens != 2 {
+			t.Errorf("settlement %d records %+v, want %d input tokens of which 4 cache reads and 2 cache writes", i, s.Usage, prompt)
+		}
+	}
+	if len(st) != 2 || st[1].Usage == nil || st[1].Usage.OutputTokens != 8 || st[1].Amount != want {
 		t.Errorf("settlements %+v, want the stream's %d+8 = %s last", st, prompt, want)
 	}
 

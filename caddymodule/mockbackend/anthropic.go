@@ -14,7 +14,7 @@ import (
 //     tokens, and stop_reason is then "max_tokens", else "end_turn".
 //   - input_tokens are the words of the system prompt (a string or text blocks) and of the
 //     messages' contents (text blocks only), at least 1; cache_read_input_tokens and
-//     cache_creation_input_tokens are CacheReadTokens and CacheWriteTokens (X-Mock-Cache-Read-Tokens,
+//     cache_creation_input_tokens are CacheReadTokens and CacheWriteTokens (X-Mock-Cached-Tokens,
 //     X-Mock-Cache-Write-Tokens override them), beside input_tokens as Anthropic counts them.
 //   - A stream is message_start (message.usage: the input counts and output_tokens 1, as
 //     Anthropic sends a placeholder there), content_block_start, ping, Chunks
@@ -149,26 +149,18 @@ func promptWords(messages []chatMessage) (int, error) {
 	return n, nil
 }
 
-// cacheCounts are the cache counts of a request: the config's, or its X-Mock-Cache-* headers'.
-func (x *exchange) cacheCounts() (read, write int, ok bool) {
+// cacheCounts are the cache counts of a request: the config's, or its X-Mock-Cached-Tokens
+// and X-Mock-Cache-Write-Tokens (read by settingsFor). Anthropic reports them beside
+// input_tokens, not as parts of it.
+func (x *exchange) cacheCounts() (read, write int) {
 	read, write = x.mock.CacheReadTokens, x.mock.CacheWriteTokens
-	for _, o := range []struct {
-		header string
-		into   *int
-	}{{"X-Mock-Cache-Read-Tokens", &read}, {"X-Mock-Cache-Write-Tokens", &write}} {
-		if v := x.r.Header.Get(o.header); v != "" {
-			n, err := strconv.Atoi(v)
-			if err == nil {
-				err = checkCount("header "+o.header, n, maxCompletionTokens)
-			}
-			if err != nil {
-				x.fail(http.StatusBadRequest, "invalid_request", "mock backend: "+err.Error())
-				return 0, 0, false
-			}
-			*o.into = n
-		}
+	if x.r.Header.Get("X-Mock-Cached-Tokens") != "" {
+		read = x.set.cachedTokens
 	}
-	return read, write, true
+	if x.r.Header.Get("X-Mock-Cache-Write-Tokens") != "" {
+		write = x.set.cacheWriteTokens
+	}
+	return read, write
 }
 
 func serveMessages(x *exchange) {
@@ -185,10 +177,7 @@ func serveMessages(x *exchange) {
 		x.fail(http.StatusBadRequest, "invalid_request", "max_tokens: must be at least 1")
 		return
 	}
-	cacheRead, cacheWrite, ok := x.cacheCounts()
-	if !ok {
-		return
-	}
+	cacheRead, cacheWrite := x.cacheCounts()
 	completion, capped := completionTokens(x.set.completionTokens, *req.MaxTokens)
 	stop := "end_turn"
 	if capped {

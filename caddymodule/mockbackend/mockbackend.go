@@ -203,7 +203,7 @@ type MockBackend struct {
 
 	// CacheReadTokens and CacheWriteTokens are the cache_read_input_tokens and
 	// cache_creation_input_tokens of every Anthropic Messages answer (anthropic.go);
-	// X-Mock-Cache-Read-Tokens and X-Mock-Cache-Write-Tokens override them. Default: 0.
+	// X-Mock-Cached-Tokens and X-Mock-Cache-Write-Tokens override them. Default: 0.
 	CacheReadTokens  int `json:"cache_read_tokens,omitempty"`
 	CacheWriteTokens int `json:"cache_write_tokens,omitempty"`
 

@@ -66,13 +66,14 @@ func (c *anthropicCounts) read(v []byte) bool {
 	return it.ok()
 }
 
-// usage is the counts as a Usage: the prompt is all three input counts.
+// usage is the counts as a Usage: the prompt is all three input counts, the cache reads and
+// writes its parts.
 func (c *anthropicCounts) usage() (Usage, bool) {
 	in := c.in + c.cacheWrite + c.cacheRead
 	if in > MaxTokens {
 		return Usage{}, false
 	}
-	return Usage{InputTokens: in, OutputTokens: c.out}, true
+	return Usage{InputTokens: in, OutputTokens: c.out, CachedInputTokens: c.cacheRead, CacheWriteTokens: c.cacheWrite}, true
 }
 
 // anthropicUsageFromJSON reads the usage of a whole Messages answer (input_tokens required).

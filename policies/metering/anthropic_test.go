@@ -26,7 +26,7 @@ func TestAnthropicUsageFromJSON(t *testing.T) {
 		ok   bool
 	}{
 		{`{"id":"m","type":"message","content":[{"type":"text","text":"\"usage\":{}"}],"usage":{"input_tokens":10,"cache_creation_input_tokens":3,"cache_read_input_tokens":20,"output_tokens":7}}`,
-			Usage{InputTokens: 33, OutputTokens: 7}, true},
+			Usage{InputTokens: 33, OutputTokens: 7, CachedInputTokens: 20, CacheWriteTokens: 3}, true},
 		{`{"usage":{"input_tokens":10,"output_tokens":7}}`, Usage{InputTokens: 10, OutputTokens: 7}, true},
 		{`{"usage":{"input_tokens":0,"output_tokens":0,"cache_read_input_tokens":null}}`, Usage{}, true},
 		{`{"usage":{"output_tokens":7}}`, Usage{}, false},                       // no input_tokens
@@ -60,26 +60,26 @@ func TestAnthropicStream(t *testing.T) {
 		ok     bool
 		final  bool // OnUsage called
 	}{
-		{"whole", full, Usage{InputTokens: 33, OutputTokens: 15}, true, true},
+		{"whole", full, Usage{InputTokens: 33, OutputTokens: 15, CachedInputTokens: 20, CacheWriteTokens: 3}, true, true},
 		// Cut before message_stop, after message_delta: its usage, the output at least the
 		// produced text (12 bytes, 2 messages: 3 tokens).
-		{"cut after message_delta", strings.TrimSuffix(full, anthropicStop), Usage{InputTokens: 33, OutputTokens: 15}, true, false},
+		{"cut after message_delta", strings.TrimSuffix(full, anthropicStop), Usage{InputTokens: 33, OutputTokens: 15, CachedInputTokens: 20, CacheWriteTokens: 3}, true, false},
 		// Cut after the deltas: message_start's input, the produced text as output (its
 		// placeholder 1 is less).
-		{"cut after the deltas", anthropicStart + anthropicDelta("Hello") + anthropicDelta(" world!"), Usage{InputTokens: 33, OutputTokens: 3}, true, false},
-		{"cut after message_start", anthropicStart, Usage{InputTokens: 33, OutputTokens: 1}, true, false},
+		{"cut after the deltas", anthropicStart + anthropicDelta("Hello") + anthropicDelta(" world!"), Usage{InputTokens: 33, OutputTokens: 3, CachedInputTokens: 20, CacheWriteTokens: 3}, true, false},
+		{"cut after message_start", anthropicStart, Usage{InputTokens: 33, OutputTokens: 1, CachedInputTokens: 20, CacheWriteTokens: 3}, true, false},
 		{"no usage at all", anthropicDelta("Hello") + anthropicStop, Usage{}, false, false},
 		// A newer server's message_delta carries the input counts too: they replace the start's.
 		{"input in message_delta", anthropicStart + "event: message_delta\n" +
 			`data: {"type":"message_delta","delta":{},"usage":{"input_tokens":11,"cache_read_input_tokens":0,"output_tokens":4}}` + "\n\n" + anthropicStop,
-			Usage{InputTokens: 14, OutputTokens: 4}, true, true},
+			Usage{InputTokens: 14, OutputTokens: 4, CacheWriteTokens: 3}, true, true},
 		{"a bad count spoils it", anthropicStart + "event: message_delta\n" + `data: {"type":"message_delta","usage":{"output_tokens":-4}}` + "\n\n" + anthropicStop,
 			Usage{}, false, false},
 		// Thinking and tool input are produced text too.
 		{"thinking and tool input", anthropicStart + "event: content_block_delta\n" +
 			`data: {"type":"content_block_delta","index":0,"delta":{"type":"thinking_delta","thinking":"let me think hard"}}` + "\n\n" +
 			"event: content_block_delta\n" + `data: {"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"{\"city\": \"Paris\"}"}}` + "\n\n",
-			Usage{InputTokens: 33, OutputTokens: 9}, true, false},
+			Usage{InputTokens: 33, OutputTokens: 9, CachedInputTokens: 20, CacheWriteTokens: 3}, true, false},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			calls := 0
