@@ -34,8 +34,9 @@ func reverseProxyConfig(b *Backend, u *url.URL) (json.RawMessage, error) {
 	if u.Scheme == "https" {
 		transport["tls"] = map[string]any{"server_name": u.Hostname()}
 	}
+	headers := b.upstreamHeaders()
 	set := map[string][]string{"Host": {u.Host}}
-	for k, v := range b.Headers {
+	for k, v := range headers {
 		set[k] = []string{v}
 	}
 	hc := b.HealthCheck
@@ -66,9 +67,12 @@ func reverseProxyConfig(b *Backend, u *url.URL) (json.RawMessage, error) {
 			uri += "?" + b.query
 		}
 		active := map[string]any{"uri": uri, "interval": hc.Interval, "timeout": hc.Timeout, "fails": 2}
-		if len(b.Headers) > 0 {
+		if len(headers) > 0 || len(b.defaults) > 0 {
 			hdr := map[string][]string{}
-			for k, v := range b.Headers {
+			for k, v := range b.defaults {
+				hdr[k] = []string{v}
+			}
+			for k, v := range headers {
 				hdr[k] = []string{v}
 			}
 			active["headers"] = hdr
@@ -82,6 +86,19 @@ func reverseProxyConfig(b *Backend, u *url.URL) (json.RawMessage, error) {
 		"headers":        map[string]any{"request": map[string]any{"set": set}},
 		"health_checks":  checks,
 	})
+}
+
+// upstreamHeaders are the fields set on every request to b: its Headers, and an anthropic
+// backend's api_key as X-Api-Key.
+func (b *Backend) upstreamHeaders() map[string]string {
+	if b.APIKey == "" {
+		return b.Headers
+	}
+	h := map[string]string{"X-Api-Key": b.APIKey}
+	for k, v := range b.Headers {
+		h[k] = v
+	}
+	return h
 }
 
 func cloneURL(u *url.URL) *url.URL {

@@ -68,7 +68,9 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		}
 //		backend <name> {
 //			url <url>
-//			style openai|ollama
+//			style openai|ollama|anthropic
+//			api_key <key>                (anthropic: sent as x-api-key)
+//			anthropic_version <version>  (anthropic: default 2023-06-01)
 //			header <field> <value>
 //			dial_timeout <duration>
 //			response_header_timeout <duration>
@@ -465,6 +467,14 @@ func unmarshalBackend(d *caddyfile.Dispenser) (*Backend, error) {
 				return nil, err
 			}
 			b.Style = routing.Style(s)
+		case "api_key":
+			if err := oneString(d, &b.APIKey); err != nil {
+				return nil, err
+			}
+		case "anthropic_version":
+			if err := oneString(d, &b.AnthropicVersion); err != nil {
+				return nil, err
+			}
 		case "header":
 			args := d.RemainingArgs()
 			if len(args) != 2 {

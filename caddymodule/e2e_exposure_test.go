@@ -381,8 +381,10 @@ func TestUnknownGatewayRoutesAnswerJSON(t *testing.T) {
 		{"POST", "/v1/completions", 400, "invalid_request", "openai"}, // served: {} has no model
 		{"POST", "/v1/audio/speech", 501, "not_implemented", "openai"},
 		{"POST", "/v1/images/generations", 501, "not_implemented", "openai"},
-		{"POST", "/v1/messages", 501, "not_implemented", "anthropic"},
-		{"POST", "/v1/messages/count_tokens", 501, "not_implemented", "anthropic"},
+		{"POST", "/v1/messages", 400, "invalid_request", "anthropic"}, // served: {} has no model
+		{"POST", "/v1/messages/count_tokens", 400, "invalid_request", "anthropic"},
+		{"POST", "/v1/messages/batches", 501, "not_implemented", "anthropic"},
+		{"GET", "/v1/messages/batches/msgbatch_1", 501, "not_implemented", "anthropic"},
 		{"POST", "/api/embed", 400, "invalid_request", "ollama"},
 		{"POST", "/api/embeddings", 400, "invalid_request", "ollama"},
 		{"POST", "/api/show", 501, "not_implemented", "ollama"},

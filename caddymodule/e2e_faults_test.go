@@ -32,8 +32,8 @@ const (
 // text " w<i>".
 const faultyChunks = 8
 
-// faultyBackend answers OpenAI chat and legacy completions and embeddings and Ollama chat,
-// generate and embed,
+// faultyBackend answers OpenAI chat and legacy completions and embeddings, Ollama chat,
+// generate and embed, and Anthropic Messages,
 // JSON or streamed, with usage (prompt 11, output 8), breaking where X-Fault says. It is
 // written for this test, not the mock.
 func faultyBackend(t testing.TB) *httptest.Server {
@@ -111,6 +111,26 @@ func faultyBackend(t testing.TB) *httptest.Server {
 func faultyAnswer(path string, stream bool, pad string) (msgs []string, usage, end, ctype string) {
 	text := func(i int) string { return " w" + strconv.Itoa(i) }
 	switch {
+	case path == "/v1/messages" && stream:
+		// message_start (input 11, Anthropic's placeholder output 1) comes with the first
+		// delta; the usage message is message_delta (output 8), the end message_stop.
+		for i := range faultyChunks {
+			m := "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"" + text(i) + "\"}}\n\n"
+			if i == 0 {
+				m = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"type\":\"message\",\"role\":\"assistant\",\"content\":[]," +
+					"\"usage\":{\"input_tokens\":11,\"output_tokens\":1}}}\n\n" + m
+			}
+			msgs = append(msgs, m)
+		}
+		return msgs, "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":8}}\n\n",
+			"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n", "text/event-stream"
+	case path == "/v1/messages":
+		var content strings.Builder
+		for i := range faultyChunks {
+			content.WriteString(text(i))
+		}
+		return []string{`{"id":"m","type":"message","role":"assistant","content":[{"type":"text","text":"` + content.String() + pad + `"}],"stop_reason":"end_turn"`},
+			`,"usage":{"input_tokens":11,"output_tokens":8}`, "}", "application/json"
 	case path == "/v1/embeddings":
 		return []string{`{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.5,0.25]}],"pad":"` + pad + `"`},
 			`,"usage":{"prompt_tokens":11,"total_tokens":11}`, "}", "application/json"
@@ -211,6 +231,8 @@ func TestBillMatchesWhatWasServed(t *testing.T) {
 		{"/api/chat", `{"model":"%s","messages":[{"role":"user","content":"hi"}],"options":{"num_predict":50}}`, true, "ollama", "chat", metering.FamilyEstimate},
 		{"/api/generate", `{"model":"%s","prompt":"hi","stream":false,"options":{"num_predict":50}}`, false, "ollama", "chat", metering.FamilyEstimate},
 		{"/api/generate", `{"model":"%s","prompt":"hi","options":{"num_predict":50}}`, true, "ollama", "chat", metering.FamilyEstimate},
+		{"/v1/messages", `{"model":"%s","max_tokens":50,"messages":[{"role":"user","content":"hi"}]}`, false, "anthropic", "chat", metering.FamilyEstimate},
+		{"/v1/messages", `{"model":"%s","max_tokens":50,"messages":[{"role":"user","content":"hi"}],"stream":true}`, true, "anthropic", "chat", metering.FamilyEstimate},
 	}
 	// One backend (its own server, so that Caddy's passive health checks of one address do
 	// not see the other targets' faults) and one model per target.
@@ -252,6 +274,11 @@ func TestBillMatchesWhatWasServed(t *testing.T) {
 			outTokens := metering.CountTokens(tg.family, []byte(text.String()), int64(n))
 			if tg.family == metering.FamilyEstimate {
 				outTokens = metering.EstimateTokens(int64(text.Len()), int64(n))
+			}
+			if tg.path == "/v1/messages" {
+				// Anthropic's stated rule: the input of message_start, the output at least
+				// its placeholder and what was produced.
+				return cost(t, 11, min(max(outTokens, 1), outBound), in, out)
 			}
 			return cost(t, min(metering.CountTokens(tg.family, []byte(tg.body), 1), inputBound(tg.body)), min(outTokens, outBound), in, out)
 		}

@@ -43,14 +43,26 @@ var walkSetup = setup{
 				input_price 1000
 				output_price 0
 			}
+		}
+		backend ant {
+			url {mock.ant}
+			style anthropic
+			health_check {
+				disabled
+			}
+			model ant-chat {
+				input_price 1000
+				output_price 2000
+			}
 		}`,
-	mocks: []mockSpec{{key: "oai"}, {key: "ol"}},
+	mocks: []mockSpec{{key: "oai"}, {key: "ol"}, {key: "ant"}},
 }
 
 // walkModels are walkSetup's models by style and kind, and the mock serving them.
 var walkModels = map[routing.Style]struct{ mock, chat, embeddings string }{
-	routing.StyleOpenAI: {"oai", "oai-chat", "oai-emb"},
-	routing.StyleOllama: {"ol", "ol-chat", "ol-emb"},
+	routing.StyleOpenAI:    {"oai", "oai-chat", "oai-emb"},
+	routing.StyleOllama:    {"ol", "ol-chat", "ol-emb"},
+	routing.StyleAnthropic: {"ant", "ant-chat", ""},
 }
 
 // walkPrompt is a prompt of each rule.
@@ -73,7 +85,9 @@ var walkPrompt = map[routing.PromptRule]any{
 func TestEveryRouteIsMetered(t *testing.T) {
 	e := startGateway(t, walkSetup)
 	u, k := e.userWithKey("walk@example.com", "1000")
-	forwarded := func() int64 { return e.mockRequests("oai") + e.mockRequests("ol") }
+	// free counts the requests forwarded on routes free by contract (count_tokens).
+	var free int64
+	forwarded := func() int64 { return e.mockRequests("oai") + e.mockRequests("ol") + e.mockRequests("ant") - free }
 	settled := func() int { return len(e.settlements(u.ID)) }
 
 	for i := range routing.Surfaces {
@@ -135,6 +149,13 @@ func TestEveryRouteIsMetered(t *testing.T) {
 					t.Errorf("%s: the %s backend received %d requests, want 1", name, style, n)
 				}
 				st := e.settlements(u.ID)
+				if sf.Free {
+					free++
+					if len(st) != beforeSettled {
+						t.Errorf("%s: free by contract, but settled %+v", name, st[len(st)-1])
+					}
+					continue
+				}
 				newest := st[len(st)-1]
 				if len(st) != beforeSettled+1 || newest.Amount <= 0 || newest.Usage == nil || newest.Usage.Model != model {
 					t.Errorf("%s: settle entries %d -> %d, newest %+v: want one new entry charging %s", name, beforeSettled, len(st), newest, model)

@@ -267,16 +267,22 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) *apiError {
 			Details map[string]any `json:"details,omitempty"`
 		}{e.Message, e.Code, e.Param, e.Details})
 	case shapeAnthropic:
+		// The contract's code also goes where Anthropic puts its stable codes
+		// (error.details.error_code: anthropic-sdk-go's Error.ErrorCode reads it).
+		type innerDetails struct {
+			ErrorCode string `json:"error_code"`
+		}
 		type inner struct {
-			Type    string `json:"type"`
-			Message string `json:"message"`
+			Type    string       `json:"type"`
+			Message string       `json:"message"`
+			Details innerDetails `json:"details"`
 		}
 		body, _ = json.Marshal(struct {
 			Type    string         `json:"type"`
 			Error   inner          `json:"error"`
 			Code    string         `json:"code"`
 			Details map[string]any `json:"details,omitempty"`
-		}{"error", inner{e.Type, e.Message}, e.Code, e.Details})
+		}{"error", inner{anthropicErrorType(e), e.Message, innerDetails{e.Code}}, e.Code, e.Details})
 	default:
 		body, _ = json.Marshal(struct {
 			Success bool      `json:"success"`
@@ -286,6 +292,35 @@ func writeError(w http.ResponseWriter, r *http.Request, err error) *apiError {
 	w.WriteHeader(e.status)
 	_, _ = w.Write(append(body, '\n'))
 	return e
+}
+
+// anthropicErrorType is the error.type Anthropic's API gives an error of e's status
+// (Anthropic's SDKs choose what to do by the status: they retry 408, 409, 429 and every 5xx,
+// and surface the rest as an *anthropic.Error with its StatusCode). The gateway's 503s
+// (no backend, the store) keep their status: the SDKs retry them as they would a 529.
+func anthropicErrorType(e *apiError) string {
+	switch {
+	case e.status == http.StatusUnauthorized:
+		return "authentication_error"
+	case e.status == http.StatusPaymentRequired:
+		return "billing_error"
+	case e.status == http.StatusForbidden:
+		return "permission_error"
+	case e.status == http.StatusNotFound:
+		return "not_found_error"
+	case e.status == http.StatusRequestEntityTooLarge:
+		return "request_too_large"
+	case e.status == http.StatusTooManyRequests:
+		return "rate_limit_error"
+	case e.Code == "no_backend_available", e.status == 529:
+		return "overloaded_error"
+	case e.status == http.StatusGatewayTimeout:
+		return "timeout_error"
+	case e.status >= 500:
+		return "api_error"
+	default:
+		return "invalid_request_error"
+	}
 }
 
 // errorShape is the JSON error body a family of clients reads.
@@ -298,7 +333,8 @@ const (
 	// shapeOllama: {"error": "<message>", "code", "details"}: Ollama clients read error as a
 	// string (ollama-js shows an object as "[object Object]").
 	shapeOllama
-	// shapeAnthropic: {"type": "error", "error": {"type", "message"}, "code", "details"}.
+	// shapeAnthropic: {"type": "error", "error": {"type", "message", "details": {"error_code"}},
+	// "code", "details"}: error.type is Anthropic's for the status (anthropicErrorType).
 	shapeAnthropic
 )
 

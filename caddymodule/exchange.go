@@ -52,6 +52,9 @@ type exchange struct {
 	mu      sync.Mutex // guards settled, gone, stop, and writes to w after the client left
 	settled bool
 	gone    bool
+	// defaulted are the request fields set from a backend's defaults (not the client's), which
+	// the next backend's defaults replace.
+	defaulted map[string]bool
 	// stop cancels the backend request (on_disconnect stop, for a streamed answer).
 	stop      context.CancelFunc
 	charged   credits.Amount
@@ -123,6 +126,7 @@ func (ex *exchange) proxy() error {
 		req.Header.Set("Content-Length", strconv.Itoa(len(body)))
 		req.Header.Set("Content-Type", "application/json")
 		req.Header.Set("Accept-Encoding", "identity")
+		ex.defaultHeaders(b, req.Header)
 		ex.choice = c
 		err = ex.attempt(b, aw, req)
 		acancel()
@@ -168,7 +172,7 @@ func (ex *exchange) wholeDocument(proxyErr error) bool {
 	if proxyErr != nil {
 		return false
 	}
-	ex.docUsage, ex.docOK = metering.UsageFromJSON(ex.buf.Bytes())
+	ex.docUsage, ex.docOK = ex.ep.surface().Usage.UsageFromJSON(ex.buf.Bytes())
 	ex.noteResponse(ex.docUsage.ResponseID)
 	return ex.docOK || json.Valid(ex.buf.Bytes())
 }
@@ -259,7 +263,7 @@ func (ex *exchange) commit(hdr http.Header, status int) {
 // counting its text should it end without usage.
 func (ex *exchange) startStream(hdr http.Header, format metering.Format) {
 	ex.mode = modeStream
-	ex.meter = &metering.StreamMeter{Format: format, OnUsage: ex.onUsage}
+	ex.meter = &metering.StreamMeter{Format: format, Dialect: ex.ep.surface().Usage, OnUsage: ex.onUsage}
 	if format == metering.SSE {
 		ex.meter.HideUsage = !ex.inf.clientWantsUsage
 		ex.meter.KeepText = ex.family() == metering.FamilyOpenAI
@@ -303,7 +307,7 @@ func (ex *exchange) body(p []byte) {
 			// Too large to hold: passed on as it comes (without the charge in the headers),
 			// its usage read on the way; never free (see finish).
 			ex.mode = modeLarge
-			ex.document = &metering.DocumentMeter{}
+			ex.document = &metering.DocumentMeter{Dialect: ex.ep.surface().Usage}
 			ex.passHeaders(ex.header)
 			ex.w.WriteHeader(http.StatusOK)
 			ex.outcome = "ok"
@@ -412,6 +416,9 @@ func (ex *exchange) settle(u metering.Usage, reported bool) {
 	}
 	ex.settled = true
 	ex.usage = u
+	if ex.res.ID == "" {
+		return // a free route (count_tokens): nothing was reserved, nothing is charged
+	}
 	c := ex.choice
 	cost, err := c.Model.Price.Charge(credits.Tokens{Input: u.InputTokens, Output: u.OutputTokens,
 		CachedInput: u.CachedInputTokens, CacheWrite: u.CacheWriteTokens})
@@ -596,6 +603,21 @@ func stripCredentials(h http.Header) {
 		h.Del(k)
 	}
 	stripClientContext(h)
+}
+
+// defaultHeaders sets on h, the request to backend b, b's default fields (an anthropic
+// backend's anthropic-version) that the client did not send itself.
+func (ex *exchange) defaultHeaders(b *Backend, h http.Header) {
+	for k, v := range b.defaults {
+		if h.Get(k) != "" && !ex.defaulted[k] {
+			continue // the client's own value
+		}
+		h.Set(k, v)
+		if ex.defaulted == nil {
+			ex.defaulted = map[string]bool{}
+		}
+		ex.defaulted[k] = true
+	}
 }
 
 type readCloser struct{ *bytes.Reader }

@@ -171,8 +171,17 @@ type Backend struct {
 	// "?api-version=2024-10-21"), is sent on every request, health checks included. The
 	// client's own query is not passed on.
 	URL string `json:"url"`
-	// Style is the API the server speaks: "openai" (default) or "ollama".
+	// Style is the API the server speaks: "openai" (default), "ollama" or "anthropic"
+	// (Anthropic's Messages API: only /v1/messages and /v1/messages/count_tokens are sent to
+	// it).
 	Style routing.Style `json:"style,omitempty"`
+	// APIKey (anthropic style) is sent as x-api-key on every request to the backend, health
+	// checks included, e.g. "{env.ANTHROPIC_API_KEY}" (a placeholder, expanded when sent).
+	APIKey string `json:"api_key,omitempty"`
+	// AnthropicVersion (anthropic style) is the anthropic-version sent when the client sent
+	// none (a client's own value, and its anthropic-beta, are passed on). Default:
+	// "2023-06-01".
+	AnthropicVersion string `json:"anthropic_version,omitempty"`
 	// Headers are set on every request to this backend, e.g. an upstream API key:
 	// {"Authorization": "Bearer {env.OPENAI_API_KEY}"}. Placeholders are expanded.
 	Headers map[string]string `json:"headers,omitempty"`
@@ -192,7 +201,12 @@ type Backend struct {
 	proxy *reverseproxy.Handler
 	base  string // URL path prefix
 	query string // URL query (e.g. api-version=...), sent on every request
+	// defaults are request fields sent when the client sent none (exchange.defaultHeaders).
+	defaults map[string]string
 }
+
+// defaultAnthropicVersion is the anthropic-version an anthropic backend is sent by default.
+const defaultAnthropicVersion = "2023-06-01"
 
 // Model is one model of a backend with its price.
 type Model struct {
@@ -377,6 +391,12 @@ func (b *Backend) provision(ctx caddy.Context) error {
 	if b.Timeout == 0 {
 		b.Timeout = caddy.Duration(10 * time.Minute)
 	}
+	if b.Style == routing.StyleAnthropic {
+		if b.AnthropicVersion == "" {
+			b.AnthropicVersion = defaultAnthropicVersion
+		}
+		b.defaults = map[string]string{"Anthropic-Version": b.AnthropicVersion}
+	}
 	u, err := url.Parse(b.URL)
 	if err != nil {
 		return fmt.Errorf("url: %w", err)
@@ -411,8 +431,11 @@ func (g *Gateway) Validate() error {
 			return fmt.Errorf("backend name %q: empty or used twice", b.Name)
 		}
 		names[b.Name] = true
-		if b.Style != routing.StyleOpenAI && b.Style != routing.StyleOllama {
-			return fmt.Errorf("backend %s: style must be openai or ollama, not %q", b.Name, b.Style)
+		if b.Style != routing.StyleOpenAI && b.Style != routing.StyleOllama && b.Style != routing.StyleAnthropic {
+			return fmt.Errorf("backend %s: style must be openai, ollama or anthropic, not %q", b.Name, b.Style)
+		}
+		if (b.APIKey != "" || b.AnthropicVersion != "") && b.Style != routing.StyleAnthropic {
+			return fmt.Errorf("backend %s: api_key and anthropic_version are for anthropic backends (use header for others)", b.Name)
 		}
 		if len(b.Models) == 0 {
 			return fmt.Errorf("backend %s: no models", b.Name)

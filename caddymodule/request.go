@@ -346,6 +346,9 @@ func (inf *inference) boundOutput(sf *routing.Surface, lim requestLimits) error 
 			}
 		}
 	}
+	if inf.outputBound == 0 && sf.OutputRequired {
+		return invalid(prefix+sf.OutputFields[0], "%s is required", sf.OutputFields[0])
+	}
 	if inf.outputBound == 0 {
 		inf.outputBound = lim.maxTokensDefault
 		obj[sf.OutputFields[0]] = jsonInt(inf.outputBound)

@@ -18,7 +18,7 @@ var notImplementedRoutes = []string{
 	"/v1/audio/", "/v1/images/", "/v1/moderations",
 	"/v1/realtime", "/v1/realtime/",
 	// Anthropic
-	"/v1/messages", "/v1/messages/",
+	"/v1/messages/batches", "/v1/messages/batches/",
 	// Ollama
 	"/api/show", "/api/ps", "/api/version",
 }

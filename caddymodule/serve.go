@@ -273,6 +273,11 @@ func (ex *exchange) run() error {
 	if err := ex.admitLimits(); err != nil {
 		return err
 	}
+	if ex.ep.surface().Free {
+		// Free by contract (count_tokens): limited, never reserved nor charged.
+		ex.choices = choices
+		return ex.proxy()
+	}
 	if err := ex.reserve(choices); err != nil {
 		ex.cancelLimits()
 		return err

@@ -27,6 +27,9 @@ func TestSurfaces(t *testing.T) {
 		if strings.HasPrefix(sf.Path, "/api/") {
 			prefix = shapeOllama
 		}
+		if strings.HasPrefix(sf.Path, "/v1/messages") {
+			prefix = shapeAnthropic
+		}
 		if errorShapeOf(sf.Path) != prefix {
 			t.Errorf("%s: error shape %d, its clients read %d", sf.Path, errorShapeOf(sf.Path), prefix)
 		}
@@ -56,7 +59,7 @@ func TestSurfaces(t *testing.T) {
 				}
 			}
 		}
-		if (sf.Kind == routing.KindEmbeddings) != (len(sf.OutputFields) == 0) {
+		if !sf.Free && (sf.Kind == routing.KindEmbeddings) != (len(sf.OutputFields) == 0) {
 			t.Errorf("%s: kind %s with output fields %v", sf.Path, sf.Kind, sf.OutputFields)
 		}
 	}
@@ -102,6 +105,21 @@ func TestParseInferenceSurfaces(t *testing.T) {
 		{name: "embeddings: a prompt", format: routing.FormatOllamaEmbeddings, body: `{"model":"e","prompt":"a"}`},
 		{name: "embeddings: no prompt", format: routing.FormatOllamaEmbeddings, body: `{"model":"e","input":"a"}`, param: "prompt"},
 		{name: "embeddings: a prompt array", format: routing.FormatOllamaEmbeddings, body: `{"model":"e","prompt":["a"]}`, param: "prompt"},
+		{name: "messages: max_tokens bounds the output", format: routing.FormatAnthropicMessages,
+			body: `{"model":"c","max_tokens":50,"system":"s","messages":[{"role":"user","content":"hi"}]}`, output: 50, sent: `"max_tokens":50`},
+		{name: "messages: a stream", format: routing.FormatAnthropicMessages,
+			body: `{"model":"c","max_tokens":5,"stream":true,"messages":[{"role":"user","content":"hi"}]}`, output: 5, stream: true},
+		{name: "messages: max_tokens is required", format: routing.FormatAnthropicMessages,
+			body: `{"model":"c","messages":[{"role":"user","content":"hi"}]}`, param: "max_tokens"},
+		{name: "messages: max_tokens null is none", format: routing.FormatAnthropicMessages,
+			body: `{"model":"c","max_tokens":null,"messages":[{"role":"user","content":"hi"}]}`, param: "max_tokens"},
+		{name: "messages: max_tokens over the cap", format: routing.FormatAnthropicMessages,
+			body: `{"model":"c","max_tokens":1001,"messages":[{"role":"user","content":"hi"}]}`, param: "max_tokens"},
+		{name: "messages: a folded Max_Tokens", format: routing.FormatAnthropicMessages,
+			body: `{"model":"c","max_tokens":5,"Max_Tokens":900,"messages":[{"role":"user","content":"hi"}]}`, param: "Max_Tokens"},
+		{name: "messages: no messages", format: routing.FormatAnthropicMessages, body: `{"model":"c","max_tokens":5}`, param: "messages"},
+		{name: "count_tokens: no output", format: routing.FormatAnthropicCountTokens,
+			body: `{"model":"c","messages":[{"role":"user","content":"hi"}],"tools":[{"name":"t"}]}`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			inf, err := parseInference(tc.format, []byte(tc.body), "", testLimits)
@@ -126,5 +144,21 @@ func TestParseInferenceSurfaces(t *testing.T) {
 				t.Errorf("sent %s, want %s in it", body, tc.sent)
 			}
 		})
+	}
+}
+
+// TestMessagesQuery: Claude Code's ?beta=true is passed on to an anthropic backend, other
+// parameters of the client's query are not, and the backend URL's own query comes first.
+func TestMessagesQuery(t *testing.T) {
+	ep := endpoints["/v1/messages"]
+	client := map[string][]string{"beta": {"true"}, "debug": {"1"}, "access_token": {"x"}}
+	if got := upstreamQuery(&Backend{}, ep.surface().Query, client); got != "beta=true" {
+		t.Errorf("query %q, want beta=true", got)
+	}
+	if got := upstreamQuery(&Backend{query: "region=eu"}, endpoints["/v1/messages/count_tokens"].surface().Query, client); got != "region=eu&beta=true" {
+		t.Errorf("query %q, want region=eu&beta=true", got)
+	}
+	if got := upstreamQuery(&Backend{}, endpoints["/v1/chat/completions"].surface().Query, client); got != "" {
+		t.Errorf("chat query %q, want none", got)
 	}
 }

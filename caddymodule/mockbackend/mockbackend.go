@@ -93,13 +93,15 @@ const (
 //	POST /api/generate          Ollama generate, NDJSON unless stream: false
 //	POST /api/embed             Ollama embeddings, with prompt_eval_count
 //	POST /api/embeddings        Ollama's older embeddings: no usage, as Ollama answers
+//	POST /v1/messages           Anthropic Messages, JSON or SSE (stream: true); anthropic.go
+//	POST /v1/messages/count_tokens  Anthropic token counting
 //	GET  /api/tags              Ollama model list
 //	GET  /mock/stats            {"name": ..., "requests": {path: count},
 //	                             "chunks_sent": {path: count}}; DELETE resets both (204)
 //
 // It is a terminal handler: it never calls the next handler, and answers 404 (JSON) for
 // other paths. The stats count every request received, whatever its answer (a refused
-// one too), under its path for the nine model paths and under "other" for the rest;
+// one too), under its path for the model paths and under "other" for the rest;
 // requests to /mock/stats are not counted. chunks_sent counts, per path, the stream
 // messages (SSE events, [DONE] included, and NDJSON lines) actually written and flushed:
 // a stream stops at the first message after its client went away (the request's context
@@ -149,7 +151,7 @@ const (
 //
 // X-Mock-Compress makes the mock compress its answer, as a faulty backend would, whatever
 // the request's Accept-Encoding says (identity included): the body of every answer of the
-// nine model endpoints once the X-Mock-* headers are read (JSON answers, their errors and
+// model endpoints once the X-Mock-* headers are read (JSON answers, their errors and
 // the injected error fault, SSE and NDJSON) is gzip (RFC 1952) or
 // deflate (the zlib format, RFC 1950, as HTTP's "deflate" means) with Content-Encoding set,
 // and a JSON answer's Content-Length is that of the compressed body. A stream flushes the
@@ -202,6 +204,19 @@ type MockBackend struct {
 	// it. Default: none.
 	Fault Fault `json:"fault,omitempty"`
 
+	// CacheReadTokens and CacheWriteTokens are the cache_read_input_tokens and
+	// cache_creation_input_tokens of every Anthropic Messages answer (anthropic.go);
+	// X-Mock-Cached-Tokens and X-Mock-Cache-Write-Tokens override them. Default: 0.
+	CacheReadTokens  int `json:"cache_read_tokens,omitempty"`
+	CacheWriteTokens int `json:"cache_write_tokens,omitempty"`
+
+	// APIKey, when set, is the x-api-key every model path wants (401 without it), as
+	// Anthropic's API does. Default: none checked.
+	APIKey string `json:"api_key,omitempty"`
+	// AnthropicVersion, when set, is the anthropic-version the Anthropic paths want (400
+	// without it). Default: none checked.
+	AnthropicVersion string `json:"anthropic_version,omitempty"`
+
 	listed   []string        // the models listed
 	accepted map[string]bool // the models accepted; nil accepts any
 	requests *requestCounter
@@ -253,6 +268,8 @@ func (m *MockBackend) Validate() error {
 		checkCount("completion_tokens", m.CompletionTokens, maxCompletionTokens),
 		checkCount("chunks", m.Chunks, maxChunks),
 		checkCount("dimensions", m.Dimensions, maxDimensions),
+		checkCount("cache_read_tokens", m.CacheReadTokens, maxCompletionTokens),
+		checkCount("cache_write_tokens", m.CacheWriteTokens, maxCompletionTokens),
 		checkDuration("chunk_interval", time.Duration(m.ChunkInterval)),
 		checkDuration("latency", time.Duration(m.Latency)),
 		checkFault(m.Fault),
@@ -316,6 +333,9 @@ func (m *MockBackend) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyh
 		w.Header().Set("Allow", ep.method)
 		writeError(w, ep.style, http.StatusMethodNotAllowed, "method_not_allowed",
 			fmt.Sprintf("mock backend: %s takes %s, not %s", r.URL.Path, ep.method, r.Method))
+		return nil
+	}
+	if !m.authorized(w, r, ep) {
 		return nil
 	}
 	set, err := m.settingsFor(r.Header)
@@ -391,6 +411,10 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    latency           <duration>
 //	    dimensions        <n>
 //	    fault             refuse|error|stall|cut|truncate|none
+//	    cache_read_tokens  <n>
+//	    cache_write_tokens <n>
+//	    api_key           <key>
+//	    anthropic_version <version>
 //	}
 //
 // Each subdirective sets the JSON field of the same name, at most once; the block may be
@@ -421,7 +445,17 @@ func (m *MockBackend) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.ArgErr()
 			}
 
-		case "completion_tokens", "chunks", "dimensions":
+		case "api_key":
+			if !d.AllArgs(&m.APIKey) {
+				return d.ArgErr()
+			}
+
+		case "anthropic_version":
+			if !d.AllArgs(&m.AnthropicVersion) {
+				return d.ArgErr()
+			}
+
+		case "completion_tokens", "chunks", "dimensions", "cache_read_tokens", "cache_write_tokens":
 			var arg string
 			if !d.AllArgs(&arg) {
 				return d.ArgErr()
@@ -438,6 +472,10 @@ func (m *MockBackend) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				m.Chunks, limit = n, maxChunks
 			case "dimensions":
 				m.Dimensions, limit = n, maxDimensions
+			case "cache_read_tokens":
+				m.CacheReadTokens, limit = n, maxCompletionTokens
+			case "cache_write_tokens":
+				m.CacheWriteTokens, limit = n, maxCompletionTokens
 			}
 			if err := checkCount(sub, n, limit); err != nil {
 				return d.WrapErr(err)

@@ -1100,6 +1100,7 @@ func TestStats(t *testing.T) {
 		"/v1/chat/completions": 0, "/v1/completions": 0, "/v1/embeddings": 0, "/v1/models": 0,
 		"/api/chat": 0, "/api/generate": 0, "/api/embed": 0, "/api/embeddings": 0, "/api/tags": 0, "other": 0,
 		"/v1/responses": 0, "/v1/responses/{id}": 0,
+		"/v1/messages": 0, "/v1/messages/count_tokens": 0,
 	}
 	if got := stats(m); !reflect.DeepEqual(got, zero) {
 		t.Errorf("fresh stats %v", got)

@@ -28,8 +28,9 @@ import (
 type apiStyle int
 
 const (
-	styleOpenAI apiStyle = iota // {"error": {"message", "type", "param", "code"}}
-	styleOllama                 // {"error": "message"}
+	styleOpenAI    apiStyle = iota // {"error": {"message", "type", "param", "code"}}
+	styleOllama                    // {"error": "message"}
+	styleAnthropic                 // {"type": "error", "error": {"type", "message"}} (anthropic.go)
 )
 
 // endpoint is one path the mock serves.
@@ -428,6 +429,9 @@ func writeError(w http.ResponseWriter, style apiStyle, status int, code, message
 
 // errorJSON is an error in the shape of the API.
 func errorJSON(style apiStyle, status int, code, message string) []byte {
+	if style == styleAnthropic {
+		return anthropicErrorJSON(status, message)
+	}
 	var v any = ollamaError{Error: message}
 	if style == styleOpenAI {
 		typ := "invalid_request_error"

@@ -6,6 +6,9 @@ package metering
 // "eval_count"), which OpenAI and Ollama put last. Feed it every read with Write; Usage reads
 // the result. The zero value is ready.
 type DocumentMeter struct {
+	// Dialect is how the kept usage is read (the zero value: OpenAI's and Ollama's).
+	Dialect Dialect
+
 	depth    int
 	inString bool
 	escape   bool
@@ -149,5 +152,5 @@ func (d *DocumentMeter) Usage() (Usage, bool) {
 		}
 		doc = append(append(append(append(doc, '"'), k...), `":`...), d.values[i]...)
 	}
-	return UsageFromJSON(append(doc, '}'))
+	return d.Dialect.UsageFromJSON(append(doc, '}'))
 }

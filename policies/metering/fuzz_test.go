@@ -18,25 +18,33 @@ func FuzzSSEUsage(f *testing.F) {
 	f.Add([]byte(strings.ReplaceAll(sseContent("Hi")+sseUsage, "\n", "\r\n")), []byte{3, 50, 7}, false, true)
 	f.Add([]byte("data: {\"choices\":[],\ndata: \"usage\":{\"prompt_tokens\":3}}\r\r\n: c\n\n"), []byte{1, 2}, true, true)
 	f.Add([]byte(responsesStream), []byte{5, 40, 3}, true, false)
-	fuzzStream(f, SSE)
+	fuzzStream(f, SSE, DialectOpenAI)
+}
+
+// FuzzAnthropicSSEUsage: Anthropic Messages streams (anthropic.go), with the same properties.
+func FuzzAnthropicSSEUsage(f *testing.F) {
+	f.Add([]byte(anthropicStart+anthropicDelta("Hi")+anthropicUsageDelta+anthropicStop), []byte{}, false, false)
+	f.Add([]byte(strings.ReplaceAll(anthropicStart+anthropicDelta("a")+anthropicUsageDelta, "\n", "\r\n")), []byte{5, 9}, false, true)
+	f.Add([]byte("event: message_stop\ndata: {}\n\ndata: {\"type\":\"message_stop\"}\n\n"), []byte{2}, true, false)
+	fuzzStream(f, SSE, DialectAnthropic)
 }
 
 func FuzzNDJSONUsage(f *testing.F) {
 	f.Add([]byte(`{"message":{"content":"Hi"},"done":false}`+"\n"+`{"done":true,"prompt_eval_count":2,"eval_count":1}`+"\n"), []byte{}, false, false)
 	f.Add([]byte(`{"response":"a","done":false}`+"\r\n"+`{"done":true,"eval_count":0}`), []byte{9}, false, true)
-	fuzzStream(f, NDJSON)
+	fuzzStream(f, NDJSON, DialectOpenAI)
 }
 
 // fuzzStream checks that a stream cut anywhere meters and writes exactly as the whole stream,
 // and that nothing but the usage message is ever changed.
-func fuzzStream(f *testing.F, format Format) {
+func fuzzStream(f *testing.F, format Format, dialect Dialect) {
 	f.Fuzz(func(t *testing.T, stream, cuts []byte, hide, small bool) {
-		checkStream(t, format, stream, cuts, hide, small)
+		checkStream(t, format, dialect, stream, cuts, hide, small)
 	})
 }
 
 // checkStream is the property of fuzzStream.
-func checkStream(t *testing.T, format Format, stream, cuts []byte, hide, small bool) {
+func checkStream(t *testing.T, format Format, dialect Dialect, stream, cuts []byte, hide, small bool) {
 	fields := []byte(`"credits_charged":1`)
 	type result struct {
 		out      string
@@ -48,7 +56,7 @@ func checkStream(t *testing.T, format Format, stream, cuts []byte, hide, small b
 	}
 	run := func(parts [][]byte, hide bool, onUsage bool) result {
 		var r result
-		m := &StreamMeter{Format: format, HideUsage: hide}
+		m := &StreamMeter{Format: format, Dialect: dialect, HideUsage: hide}
 		limit := MaxMessage
 		if small {
 			m.limit, limit = 64, 64
@@ -145,6 +153,31 @@ func removesTo(s, sub, want string) bool {
 		}
 	}
 	return false
+}
+
+// FuzzAnthropicJSONUsage: a Messages answer's usage is read or refused, never out of range,
+// and the same through the DocumentMeter (which keeps the top-level usage) as whole.
+func FuzzAnthropicJSONUsage(f *testing.F) {
+	f.Add([]byte(`{"id":"m","type":"message","content":[{"type":"text","text":"hi"}],"usage":{"input_tokens":3,"cache_creation_input_tokens":2,"cache_read_input_tokens":5,"output_tokens":7}}`))
+	f.Add([]byte(`{"usage":{"input_tokens":3,"output_tokens":null,"cache_read_input_tokens":-1}}`))
+	f.Add([]byte(`{"usage":{"output_tokens":4}}`))
+	f.Fuzz(func(t *testing.T, body []byte) {
+		u, ok := DialectAnthropic.UsageFromJSON(body)
+		if !ok {
+			return
+		}
+		if u.InputTokens < 0 || u.InputTokens > MaxTokens || u.OutputTokens < 0 || u.OutputTokens > MaxTokens {
+			t.Fatalf("usage out of range: %+v", u)
+		}
+		if !json.Valid(body) {
+			t.Fatalf("usage %+v from invalid JSON %q", u, body)
+		}
+		d := DocumentMeter{Dialect: DialectAnthropic}
+		d.Write(body)
+		if du, dok := d.Usage(); dok && du != u {
+			t.Fatalf("DocumentMeter read %+v, whole %+v", du, u)
+		}
+	})
 }
 
 func FuzzJSONUsage(f *testing.F) {

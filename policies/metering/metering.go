@@ -48,6 +48,29 @@ const (
 	NDJSON
 )
 
+// Dialect is the family of usage reports an API surface's answers carry: how a JSON answer's
+// usage and a stream's events are read.
+type Dialect int
+
+// The usage dialects.
+const (
+	// DialectOpenAI: OpenAI's "usage" (chat and legacy completions, embeddings) and Ollama's
+	// prompt_eval_count and eval_count; SSE chunks with "choices", NDJSON lines with "done".
+	DialectOpenAI Dialect = iota
+	// DialectAnthropic: Anthropic Messages (anthropic.go): "usage" with input_tokens,
+	// output_tokens, cache_creation_input_tokens, cache_read_input_tokens; SSE events
+	// message_start, content_block_delta, message_delta and message_stop.
+	DialectAnthropic
+)
+
+// UsageFromJSON reads the usage out of a whole JSON answer of dialect d.
+func (d Dialect) UsageFromJSON(body []byte) (Usage, bool) {
+	if d == DialectAnthropic {
+		return anthropicUsageFromJSON(body)
+	}
+	return UsageFromJSON(body)
+}
+
 // MaxTokens bounds every token count the meter accepts: a larger count is not believed.
 const MaxTokens = 1_000_000_000_000
 

@@ -45,6 +45,9 @@ type Produced struct {
 type StreamMeter struct {
 	// Format is SSE or NDJSON.
 	Format Format
+	// Dialect is how the stream's messages are read (the zero value: OpenAI's chunks and
+	// Ollama's lines; DialectAnthropic: Messages events, anthropic.go).
+	Dialect Dialect
 
 	// HideUsage drops the SSE usage-only chunk (the one with "usage" set and empty "choices"),
 	// including the blank line that ends it, because the client did not ask for it (the gateway
@@ -75,8 +78,10 @@ type StreamMeter struct {
 	final    bool // the final usage was seen (OnUsage called)
 	done     bool
 	produced Produced
-	text     []byte // KeepText: the generated text as raw JSON string contents (escapes kept)
-	kept     int64  // the decoded bytes of text
+	// anthropic: what a DialectAnthropic stream reported so far.
+	anthropic anthropicStream
+	text      []byte // KeepText: the generated text as raw JSON string contents (escapes kept)
+	kept      int64  // the decoded bytes of text
 
 	responseID string // a Responses stream's response id (responses.go)
 }
@@ -149,7 +154,12 @@ func (m *StreamMeter) Flush(dst io.Writer) error {
 
 // Usage returns the usage the stream reported, and whether it reported one. Before the final
 // usage message it is the latest running usage, if the backend sends one on every chunk.
-func (m *StreamMeter) Usage() (Usage, bool) { return m.usage, m.hasUsage }
+func (m *StreamMeter) Usage() (Usage, bool) {
+	if m.Dialect == DialectAnthropic {
+		return m.anthropicUsage()
+	}
+	return m.usage, m.hasUsage
+}
 
 // Produced returns what the stream has generated so far.
 func (m *StreamMeter) Produced() Produced { return m.produced }
@@ -286,6 +296,10 @@ func (m *StreamMeter) event(w *sink, ev []byte) {
 		return
 	}
 
+	if m.Dialect == DialectAnthropic {
+		m.anthropicEvent(w, ev, data, closing)
+		return
+	}
 	var c chunk
 	if m.KeepText && len(m.text) < MaxKeptText {
 		c.keep = &m.text

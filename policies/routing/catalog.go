@@ -27,6 +27,9 @@ const (
 	// StyleOllama backends serve Ollama's /api/chat, /api/generate, /api/embed,
 	// /api/embeddings and /api/tags, and also its OpenAI-compatible /v1 chat and embeddings.
 	StyleOllama Style = "ollama"
+	// StyleAnthropic backends serve Anthropic's /v1/messages and /v1/messages/count_tokens
+	// (and /v1/models, for the health check), with their key in x-api-key.
+	StyleAnthropic Style = "anthropic"
 )
 
 // Kind is what a model does.

@@ -4,6 +4,7 @@ import (
 	"net/http"
 
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/identity"
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/metering"
 )
 
 // Format is the wire format of a request: the index of its Surface in Surfaces.
@@ -20,6 +21,8 @@ const (
 	FormatOpenAIModels
 	FormatOllamaTags
 	FormatOpenAIResponses
+	FormatAnthropicMessages
+	FormatAnthropicCountTokens
 )
 
 // Surface describes one API route the gateway serves itself, once: everything the gateway's
@@ -85,6 +88,15 @@ type Surface struct {
 	// Stored, when set, are the routes under Path + "/{id}" that reach a stored response of
 	// the surface (not charged, still authenticated and limited; see StoredRoute).
 	Stored []StoredRoute
+	// OutputRequired: one of OutputFields must be given (Anthropic's max_tokens); absent,
+	// the request is refused with 400 rather than given the default.
+	OutputRequired bool
+	// Free: the route is free by contract (count_tokens): authenticated, scoped and rate
+	// limited like the others, but nothing is reserved or charged.
+	Free bool
+	// Usage is the dialect of the usage the answers carry (metering.DialectOpenAI reads
+	// OpenAI's and Ollama's).
+	Usage metering.Dialect
 }
 
 // StoredRoute is a route to a stored response: Path + "/{id}" + Suffix, with its method and
@@ -133,8 +145,9 @@ const (
 )
 
 var (
-	openAIStyles = []Style{StyleOpenAI, StyleOllama}
-	ollamaStyles = []Style{StyleOllama}
+	openAIStyles    = []Style{StyleOpenAI, StyleOllama}
+	ollamaStyles    = []Style{StyleOllama}
+	anthropicStyles = []Style{StyleAnthropic}
 )
 
 // CommonChecked are the members every route's folding check covers (model, max_price, the
@@ -204,7 +217,7 @@ var Surfaces = [...]Surface{
 	},
 	FormatOpenAIModels: {
 		Name: "models", Method: http.MethodGet, Path: "/v1/models", List: ListOpenAIModels,
-		Scope: identity.ScopeModelsRead, Styles: openAIStyles, Errors: ErrorsOpenAI,
+		Scope: identity.ScopeModelsRead, Styles: []Style{StyleOpenAI, StyleOllama, StyleAnthropic}, Errors: ErrorsOpenAI,
 	},
 	FormatOllamaTags: {
 		Name: "tags", Method: http.MethodGet, Path: "/api/tags", List: ListOllamaTags,
@@ -226,6 +239,25 @@ var Surfaces = [...]Surface{
 			{Method: http.MethodPost, Suffix: "/cancel"},
 			{Method: http.MethodGet, Suffix: "/input_items", Query: []string{"after", "limit", "order", "include", "include[]"}},
 		},
+	},
+	// Anthropic Messages: max_tokens is required (as Anthropic's API has it); thinking's
+	// budget_tokens is part of max_tokens, so max_tokens bounds all output. Claude Code
+	// sends ?beta=true.
+	FormatAnthropicMessages: {
+		Name: "messages", Method: http.MethodPost, Path: "/v1/messages",
+		Scope: identity.ScopeChatWrite, Kind: KindChat, Styles: anthropicStyles, Errors: ErrorsAnthropic,
+		Prompt: "messages", PromptRule: PromptMessages,
+		OutputFields: []string{"max_tokens"}, OutputRequired: true,
+		Streams: true, Usage: metering.DialectAnthropic,
+		Checked: map[string][]string{"": {"messages", "max_tokens", "thinking"}},
+		Query:   []string{"beta"},
+	},
+	FormatAnthropicCountTokens: {
+		Name: "messages_count_tokens", Method: http.MethodPost, Path: "/v1/messages/count_tokens",
+		Scope: identity.ScopeChatWrite, Kind: KindChat, Styles: anthropicStyles, Errors: ErrorsAnthropic,
+		Prompt: "messages", PromptRule: PromptMessages, Free: true, Usage: metering.DialectAnthropic,
+		Checked: map[string][]string{"": {"messages"}},
+		Query:   []string{"beta"},
 	},
 }
 
