@@ -1,0 +1,466 @@
+package postgres
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"slices"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/credits"
+)
+
+// defaultInstanceID is the host name and the process id.
+func defaultInstanceID() string {
+	host, err := os.Hostname()
+	if err != nil {
+		host = "unknown"
+	}
+	return host + ":" + strconv.Itoa(os.Getpid())
+}
+
+// settleOp is a settlement of a carved reservation, closed in memory, waiting to be committed.
+type settleOp struct {
+	account       *leasedAccount
+	lease         *lease
+	reservationID string
+	cost          credits.Amount
+	part          credits.Amount // the part of cost the lease pays (the rest: the balance)
+	usage         credits.Usage
+	at            time.Time // the entry's created_at
+}
+
+// settleQueue is the settlements waiting for the flusher, and its progress.
+type settleQueue struct {
+	mu        sync.Mutex
+	ops       []settleOp // in the order they were queued; a batch is taken from the head
+	queued    uint64     // ops ever queued
+	committed uint64     // ops ever committed
+	failing   error      // set while commits fail: new leased reservations are refused
+	closed    bool       // refuses new ops
+	stopped   bool       // no flusher will commit what is queued
+	// progress is closed, and replaced, whenever a batch is committed or fails, and when the
+	// queue stops: flush waits on it.
+	progress chan struct{}
+	wake     chan struct{} // the first op was queued
+	urgent   chan struct{} // commit now: the batch is full, or a flush waits
+}
+
+var (
+	errLeaseClosed  = fmt.Errorf("store is closed: %w", credits.ErrStoreUnavailable)
+	errLeaseBacklog = fmt.Errorf("too many settlements waiting for the database: %w", credits.ErrStoreUnavailable)
+)
+
+func (q *settleQueue) init() {
+	q.progress = make(chan struct{})
+	q.wake = make(chan struct{}, 1)
+	q.urgent = make(chan struct{}, 1)
+}
+
+// signal posts a token on a channel of capacity 1 unless one is there already.
+func signal(ch chan struct{}) {
+	select {
+	case ch <- struct{}{}:
+	default:
+	}
+}
+
+// health is why leased reservations are refused now, or nil.
+func (q *settleQueue) health() error {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.closed {
+		return errLeaseClosed
+	}
+	return q.failing
+}
+
+// enqueue queues op, or refuses it (closed, or too many waiting). The op's account's mu is
+// held.
+func (q *settleQueue) enqueue(op settleOp) error {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.closed {
+		return errLeaseClosed
+	}
+	if len(q.ops) >= maxQueuedSettlements {
+		return errLeaseBacklog
+	}
+	q.ops = append(q.ops, op)
+	q.queued++
+	if len(q.ops) == 1 {
+		signal(q.wake)
+	}
+	if len(q.ops) == settleBatch {
+		signal(q.urgent)
+	}
+	return nil
+}
+
+// advance records the outcome of an attempt to commit the n ops at the head (n = 0: failed
+// with err).
+func (q *settleQueue) advance(n int, err error) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if n > 0 {
+		q.ops = slices.Delete(q.ops, 0, n)
+		q.committed += uint64(n)
+	}
+	q.failing = err
+	close(q.progress)
+	q.progress = make(chan struct{})
+}
+
+// flush waits until every settlement queued before the call is committed.
+func (l *leaser) flush(ctx context.Context) error {
+	q := &l.queue
+	q.mu.Lock()
+	target := q.queued
+	signal(q.urgent)
+	for q.committed < target {
+		if q.stopped {
+			q.mu.Unlock()
+			return errLeaseClosed
+		}
+		ch, failing := q.progress, q.failing
+		q.mu.Unlock()
+		if failing != nil {
+			return failing
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return fmt.Errorf("waiting for settlements to be committed: %w: %w", credits.ErrStoreUnavailable, ctx.Err())
+		}
+		q.mu.Lock()
+	}
+	q.mu.Unlock()
+	return nil
+}
+
+// flusher commits the queued settlements, a batch every FlushInterval (or at once when a
+// batch is full or a flush waits), until the leaser stops.
+func (l *leaser) flusher() {
+	defer l.stopped.Done()
+	q := &l.queue
+	for {
+		q.mu.Lock()
+		waiting := len(q.ops)
+		q.mu.Unlock()
+		if waiting == 0 {
+			select {
+			case <-l.stop:
+				return
+			case <-q.wake:
+			case <-q.urgent:
+			}
+			continue
+		}
+		if waiting < settleBatch {
+			t := time.NewTimer(l.flushInterval)
+			select {
+			case <-l.stop:
+				t.Stop()
+				return
+			case <-t.C:
+			case <-q.urgent:
+				t.Stop()
+			}
+		}
+		l.commitHead(context.Background(), l.stop)
+	}
+}
+
+// commitRetryDelays are the pauses before the new attempts to commit a batch that failed;
+// once they are used up, leased reservations are refused (the queue is failing) and the batch
+// is retried every second until it is committed: a queued settlement is never dropped.
+var commitRetryDelays = []time.Duration{time.Millisecond, 5 * time.Millisecond, 25 * time.Millisecond, 100 * time.Millisecond}
+
+// commitHead commits the batch at the head of the queue, retrying until it is committed, or
+// until stop is closed or ctx done (false).
+func (l *leaser) commitHead(ctx context.Context, stop <-chan struct{}) bool {
+	q := &l.queue
+	q.mu.Lock()
+	n := min(len(q.ops), settleBatch)
+	ops := slices.Clone(q.ops[:n])
+	q.mu.Unlock()
+	if n == 0 {
+		return true
+	}
+	// In the order of the accounts, so that the batches of several instances never wait on
+	// each other's account rows in a cycle, and of the leases within an account, the order in
+	// which the returns of a direct reservation lock them.
+	slices.SortStableFunc(ops, func(a, b settleOp) int {
+		return cmp.Or(cmp.Compare(a.account.id, b.account.id), cmp.Compare(a.lease.id, b.lease.id))
+	})
+	for attempt := 0; ; attempt++ {
+		err := l.commit(ctx, ops)
+		if l.onCommit != nil {
+			l.onCommit(len(ops), err)
+		}
+		if err == nil {
+			q.advance(n, nil)
+			return true
+		}
+		delay := time.Second
+		if attempt < len(commitRetryDelays) {
+			delay = commitRetryDelays[attempt]
+			q.advance(0, nil)
+		} else {
+			q.advance(0, fail("committing settlements", err))
+		}
+		t := time.NewTimer(delay)
+		select {
+		case <-stop:
+			t.Stop()
+			return false
+		case <-ctx.Done():
+			t.Stop()
+			return false
+		case <-t.C:
+		}
+	}
+}
+
+// settleLeasedStatement commits a settlement of a carved reservation: its settle entry unless
+// the reservation has one (a replayed batch), and only then the cost off the balance, of which
+// the part $5 comes off the lease $4 (and off reserved) if the lease is still there (else the
+// lease was released whole, and the balance pays all). It reports whether the lease paid, and
+// the spendable balance after.
+const settleLeasedStatement = `WITH entry AS (
+	INSERT INTO ledger (account_id, kind, amount, reservation_id, model, backend,
+		input_tokens, output_tokens, key_id, created_at)
+	VALUES ($1, 'settle', $2, $3, $6, $7, $8, $9, $10, $11)
+	ON CONFLICT (reservation_id) DO NOTHING
+	RETURNING account_id
+), paid AS (
+	UPDATE leases SET amount = amount - $5::bigint WHERE id = $4 AND EXISTS (SELECT FROM entry)
+	RETURNING id
+)
+UPDATE accounts AS a SET balance = a.balance - $2::bigint,
+	reserved = a.reserved - CASE WHEN EXISTS (SELECT FROM paid) THEN $5::bigint ELSE 0 END
+WHERE a.id = $1 AND EXISTS (SELECT FROM entry)
+RETURNING EXISTS (SELECT FROM paid), a.balance - a.reserved`
+
+// commit commits ops in one batch (one round trip, one implicit transaction) and applies the
+// outcome to the leases in memory, under books.
+func (l *leaser) commit(ctx context.Context, ops []settleOp) error {
+	l.books.RLock()
+	defer l.books.RUnlock()
+	batch := &pgx.Batch{}
+	for _, op := range ops {
+		u := op.usage
+		batch.Queue(settleLeasedStatement, op.account.id, op.cost, op.reservationID, op.lease.id, op.part,
+			nullable(u.Model), nullable(u.Backend), u.InputTokens, u.OutputTokens, nullable(u.KeyID), op.at)
+	}
+	type result struct {
+		replayed, paid bool
+		spendable      credits.Amount
+	}
+	results := make([]result, len(ops))
+	br := l.s.pool.SendBatch(ctx, batch)
+	for i := range ops {
+		err := br.QueryRow().Scan(&results[i].paid, &results[i].spendable)
+		if errors.Is(err, pgx.ErrNoRows) {
+			results[i].replayed, err = true, nil
+		}
+		if err != nil {
+			_ = br.Close()
+			return err
+		}
+	}
+	if err := br.Close(); err != nil {
+		return err
+	}
+	for i, op := range ops {
+		a := op.account
+		a.mu.Lock()
+		op.lease.pending -= op.part
+		a.pendingExcess -= op.cost - op.part
+		if r := results[i]; !r.replayed {
+			if op.part > 0 && !r.paid {
+				op.lease.lost, op.lease.free = true, 0
+			}
+			a.known, a.knownSet = r.spendable, true
+		}
+		a.mu.Unlock()
+	}
+	return nil
+}
+
+// renewer renews this instance's leases every LeaseTTL/3 and returns the unused leases of the
+// accounts idle for a LeaseTTL, until the leaser stops.
+func (l *leaser) renewer() {
+	defer l.stopped.Done()
+	t := time.NewTicker(l.ttl / 3)
+	defer t.Stop()
+	for {
+		select {
+		case <-l.stop:
+			return
+		case <-t.C:
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), l.ttl/3)
+		_ = l.renew(ctx) // failed: the next tick tries again, within the TTL
+		_ = l.returnIdle(ctx, time.Now().Add(-l.ttl))
+		cancel()
+	}
+}
+
+// snapshotAccounts is the accounts this instance knows.
+func (l *leaser) snapshotAccounts() []*leasedAccount {
+	l.accountsMu.Lock()
+	defer l.accountsMu.Unlock()
+	accounts := make([]*leasedAccount, 0, len(l.accounts))
+	for _, a := range l.accounts {
+		accounts = append(accounts, a)
+	}
+	return accounts
+}
+
+// renew extends the expiry of this instance's leases, in one statement, and marks lost those
+// the database no longer has.
+func (l *leaser) renew(ctx context.Context) error {
+	l.books.RLock()
+	defer l.books.RUnlock()
+	held := map[string]*lease{}
+	owner := map[string]*leasedAccount{}
+	for _, a := range l.snapshotAccounts() {
+		a.mu.Lock()
+		for _, ls := range a.leases {
+			if !ls.lost {
+				held[ls.id], owner[ls.id] = ls, a
+			}
+		}
+		a.mu.Unlock()
+	}
+	if len(held) == 0 {
+		return nil
+	}
+	expires := time.Now().UTC().Add(l.ttl).Truncate(time.Microsecond)
+	rows, err := l.s.pool.Query(ctx, `UPDATE leases SET expires_at = $2 WHERE holder = $1 RETURNING id`, l.holder, expires)
+	if err != nil {
+		return fail("renewing leases", err)
+	}
+	ids, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return fail("renewing leases", err)
+	}
+	renewed := map[string]bool{}
+	for _, id := range ids {
+		renewed[id] = true
+	}
+	for id, ls := range held {
+		a := owner[id]
+		a.mu.Lock()
+		if renewed[id] {
+			ls.expires = expires
+		} else {
+			ls.lost, ls.free = true, 0 // released by another instance, or returned meanwhile
+		}
+		a.mu.Unlock()
+	}
+	return nil
+}
+
+// returnIdle gives back the unused leases of the accounts not used since idleSince (one round
+// trip per account), and forgets the accounts that have nothing left here.
+func (l *leaser) returnIdle(ctx context.Context, idleSince time.Time) error {
+	l.books.RLock()
+	defer l.books.RUnlock()
+	for _, a := range l.snapshotAccounts() {
+		a.mu.Lock()
+		if a.lastUse.After(idleSince) {
+			a.mu.Unlock()
+			continue
+		}
+		batch := &pgx.Batch{}
+		done := queueReturns(batch, a)
+		if batch.Len() > 0 {
+			if err := l.s.pool.SendBatch(ctx, batch).Close(); err != nil {
+				a.mu.Unlock()
+				return fail("returning leases", err)
+			}
+		}
+		done()
+		if len(a.leases) == 0 && a.pendingExcess == 0 {
+			a.evicted = true
+			l.accountsMu.Lock()
+			delete(l.accounts, a.id)
+			l.accountsMu.Unlock()
+		}
+		a.mu.Unlock()
+	}
+	return nil
+}
+
+// close stops the leaser: no more settlements are queued, the queued ones are committed
+// (within 10 seconds), and this instance's leases are given back whole.
+func (l *leaser) close() error {
+	q := &l.queue
+	q.mu.Lock()
+	already := q.closed
+	q.closed = true
+	q.mu.Unlock()
+	if already {
+		return nil
+	}
+	close(l.stop)
+	l.stopped.Wait()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	var err error
+	for {
+		q.mu.Lock()
+		left := len(q.ops)
+		q.mu.Unlock()
+		if left == 0 {
+			break
+		}
+		if !l.commitHead(ctx, nil) {
+			err = fmt.Errorf("postgres store: closing: %d settlements not committed: %w", left, credits.ErrStoreUnavailable)
+			break
+		}
+	}
+	q.mu.Lock()
+	q.stopped = true
+	close(q.progress)
+	q.progress = make(chan struct{})
+	q.mu.Unlock()
+	if err != nil {
+		return err // the leases stay, to be released at their expiry: what they paid is not lost
+	}
+	return l.returnAll(ctx)
+}
+
+// returnAll deletes this instance's leases, giving what they hold back to the balances.
+func (l *leaser) returnAll(ctx context.Context) error {
+	err := pgx.BeginFunc(ctx, l.s.pool, func(tx pgx.Tx) error {
+		rows, err := tx.Query(ctx, `DELETE FROM leases WHERE holder = $1 RETURNING account_id, amount`, l.holder)
+		if err != nil {
+			return err
+		}
+		byAccount := map[string]credits.Amount{}
+		var (
+			account string
+			amount  credits.Amount
+		)
+		if _, err := pgx.ForEachRow(rows, []any{&account, &amount}, func() error {
+			byAccount[account] += amount
+			return nil
+		}); err != nil {
+			return err
+		}
+		return tx.SendBatch(ctx, reservedDecrements(byAccount)).Close()
+	})
+	if err != nil {
+		return fail("postgres store: closing: returning leases", err)
+	}
+	return nil
+}
