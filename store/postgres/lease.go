@@ -74,6 +74,9 @@ const (
 	// ErrStoreUnavailable (the reservation stays open and can be closed again), so that what
 	// a crash can leave uncharged stays bounded when the database is slow or away.
 	maxQueuedSettlements = 8 * settleBatch
+	// queueHighWater is the number of queued settlements at which Settle waits for the
+	// flusher before it queues more.
+	queueHighWater = 2 * settleBatch
 )
 
 // Options configure a Store. The zero value is a store without leasing.
@@ -141,8 +144,9 @@ type leaser struct {
 
 	queue settleQueue
 
-	stop    chan struct{} // closed to stop the renewer and the flusher
-	stopped sync.WaitGroup
+	stop       chan struct{} // closed to stop the renewer and the flusher
+	stopped    sync.WaitGroup
+	background sync.WaitGroup // lease prefetches
 }
 
 // leasedAccount is what this instance knows of an account it leased from or reserved on.
@@ -160,6 +164,13 @@ type leasedAccount struct {
 	pendingExcess credits.Amount
 	lastUse       time.Time
 	evicted       bool // removed from accounts: look it up again
+	// growth is how many times LeaseSize its next lease is (see chunk).
+	growth credits.Amount
+	// acquiring is set while a lease is being taken, and closed when it is done.
+	acquiring chan struct{}
+	// notLeasable: the last attempt to lease found too small a balance; leases are tried
+	// again once a statement reports a spendable balance of leaseMinChunks leases.
+	notLeasable bool
 }
 
 // lease is one lease of this instance. In the database its amount is free + open + pending
@@ -211,7 +222,7 @@ func (l *leaser) lockAccount(id credits.AccountID) *leasedAccount {
 		l.accountsMu.Lock()
 		a := l.accounts[id]
 		if a == nil {
-			a = &leasedAccount{id: id}
+			a = &leasedAccount{id: id, growth: 1}
 			l.accounts[id] = a
 		}
 		l.accountsMu.Unlock()
@@ -258,7 +269,7 @@ func (l *leaser) carve(a *leasedAccount, amount credits.Amount, ttl time.Duratio
 			from = ls
 		}
 	}
-	if from == nil || !a.knownSet {
+	if from == nil {
 		return credits.Reservation{}, 0, false
 	}
 	now := time.Now().UTC().Truncate(time.Microsecond)
@@ -293,24 +304,74 @@ const acquireStatement = `WITH took AS (
 )
 SELECT spendable FROM took`
 
-// acquire takes a new lease on the account, or errNotLeasable. books is read-locked, a.mu
-// is held (across the round trip: the account's other requests wait for the lease rather
-// than take one each).
-func (l *leaser) acquire(ctx context.Context, a *leasedAccount) error {
+// acquire takes a new lease on the account, or errNotLeasable. The caller set a.acquiring
+// (to ch) and does not hold a.mu: the account's requests carve from its other leases meanwhile,
+// or wait for this one (see reserve). books is read-locked across the round trip and the
+// change in memory.
+func (l *leaser) acquire(ctx context.Context, a *leasedAccount, ch chan struct{}) error {
+	l.books.RLock()
+	defer l.books.RUnlock()
 	now := time.Now().UTC().Truncate(time.Microsecond)
-	ls := &lease{id: newReservationID(), free: l.size, expires: now.Add(l.ttl)}
+	a.mu.Lock()
+	chunk := l.chunk(a)
+	a.mu.Unlock()
+	ls := &lease{id: newReservationID(), free: chunk, expires: now.Add(l.ttl)}
 	var spendable credits.Amount
-	err := l.s.pool.QueryRow(ctx, acquireStatement, a.id, l.size, l.minSpendable, ls.id, l.holder,
+	err := l.s.pool.QueryRow(ctx, acquireStatement, a.id, chunk, leaseMinChunks*chunk, ls.id, l.holder,
 		l.instance, now, now.Add(l.ttl)).Scan(&spendable)
+	if errors.Is(err, pgx.ErrNoRows) && chunk > l.size {
+		ls.free = l.size // the balance shrank: a lease of the base size, if it still holds that
+		err = l.s.pool.QueryRow(ctx, acquireStatement, a.id, l.size, l.minSpendable, ls.id, l.holder,
+			l.instance, now, now.Add(l.ttl)).Scan(&spendable)
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.acquiring = nil
+	close(ch)
 	if errors.Is(err, pgx.ErrNoRows) {
+		a.notLeasable = true // until a statement reports enough (the direct reservation that follows says)
 		return errNotLeasable
 	}
 	if err != nil {
 		return fail("lease from "+string(a.id), err)
 	}
 	a.leases = append(a.leases, ls)
-	a.known, a.knownSet = spendable, true
+	a.known, a.knownSet, a.notLeasable = spendable, true, false
 	return nil
+}
+
+// maxLeaseGrowth bounds the growth of an account's leases: at most this many times LeaseSize.
+const maxLeaseGrowth = 64
+
+// chunk is the size of the account's next lease: LeaseSize, doubled each time a request had
+// to wait for a lease on the account (it spends leases faster than they are taken), up to
+// maxLeaseGrowth times LeaseSize and never above 1/leaseMinChunks of the spendable balance
+// last seen. a.mu is held.
+func (l *leaser) chunk(a *leasedAccount) credits.Amount {
+	return max(l.size, min(a.growth*l.size, a.known/leaseMinChunks))
+}
+
+// prefetch takes the account's next lease in the background when what its leases hold runs
+// below half a lease, so that its requests do not wait for it. a.mu is held.
+func (l *leaser) prefetch(a *leasedAccount) {
+	if a.acquiring != nil || a.free() >= l.chunk(a)/2 || a.known < l.minSpendable {
+		return
+	}
+	q := &l.queue
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.closed {
+		return
+	}
+	ch := make(chan struct{})
+	a.acquiring = ch
+	l.background.Add(1)
+	go func() {
+		defer l.background.Done()
+		ctx, cancel := context.WithTimeout(context.Background(), l.ttl/3)
+		defer cancel()
+		_ = l.acquire(ctx, a, ch) // failed: the next request that finds no lease tries again
+	}()
 }
 
 // reserve is Reserve with leasing (the arguments are checked).
@@ -321,32 +382,35 @@ func (l *leaser) reserve(ctx context.Context, account credits.AccountID, amount 
 	if err := l.queue.health(); err != nil {
 		return credits.Reservation{}, 0, err
 	}
-	a := l.lockAccount(account)
-	if r, balance, ok := l.carve(a, amount, ttl); ok {
-		a.mu.Unlock()
-		return r, balance, nil
-	}
-	worthTrying := !a.knownSet || a.known >= l.minSpendable
-	a.mu.Unlock()
-	if !worthTrying {
-		return l.reserveDirect(ctx, account, amount, ttl, refill)
-	}
-	l.books.RLock()
-	a = l.lockAccount(account)
-	r, balance, ok := l.carve(a, amount, ttl) // another request may have taken a lease
-	var err error
-	if !ok {
-		if err = l.acquire(ctx, a); err == nil {
-			r, balance, ok = l.carve(a, amount, ttl)
+	for attempt := 0; attempt < 3; attempt++ {
+		a := l.lockAccount(account)
+		if r, balance, ok := l.carve(a, amount, ttl); ok {
+			l.prefetch(a)
+			a.mu.Unlock()
+			return r, balance, nil
 		}
-	}
-	a.mu.Unlock()
-	l.books.RUnlock()
-	if ok {
-		return r, balance, nil
-	}
-	if err != nil && !errors.Is(err, errNotLeasable) {
-		return credits.Reservation{}, 0, err
+		if ch := a.acquiring; ch != nil {
+			a.growth = min(2*a.growth, maxLeaseGrowth) // the leases were too small to prefetch in time
+			a.mu.Unlock()
+			select {
+			case <-ch:
+			case <-ctx.Done():
+				return credits.Reservation{}, 0, fmt.Errorf("reserve from %s: %w: %w", account, credits.ErrStoreUnavailable, ctx.Err())
+			}
+			continue
+		}
+		if a.notLeasable && a.known < l.minSpendable {
+			a.mu.Unlock()
+			break
+		}
+		ch := make(chan struct{})
+		a.acquiring = ch
+		a.mu.Unlock()
+		if err := l.acquire(ctx, a, ch); errors.Is(err, errNotLeasable) {
+			break
+		} else if err != nil {
+			return credits.Reservation{}, 0, err
+		}
 	}
 	return l.reserveDirect(ctx, account, amount, ttl, refill)
 }
@@ -464,6 +528,9 @@ func (l *leaser) take(id string) *localReservation {
 
 // settle is Settle with leasing (the arguments are checked).
 func (l *leaser) settle(ctx context.Context, id string, cost credits.Amount, usage credits.Usage) (credits.Amount, error) {
+	if err := l.queue.waitForRoom(ctx); err != nil {
+		return 0, fmt.Errorf("settle %s: %w", id, err)
+	}
 	lr := l.take(id)
 	if lr == nil {
 		account, spendable, err := l.s.settleDirect(ctx, id, cost, usage)

@@ -103,6 +103,26 @@ func (q *settleQueue) enqueue(op settleOp) error {
 	return nil
 }
 
+// waitForRoom waits while queueHighWater settlements or more wait for the flusher
+// (backpressure: what a crash can leave uncharged stays within a few batches). No account's
+// mu is held.
+func (q *settleQueue) waitForRoom(ctx context.Context) error {
+	q.mu.Lock()
+	for len(q.ops) >= queueHighWater && !q.closed {
+		ch := q.progress
+		signal(q.urgent)
+		q.mu.Unlock()
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return fmt.Errorf("waiting for the database: %w: %w", credits.ErrStoreUnavailable, ctx.Err())
+		}
+		q.mu.Lock()
+	}
+	q.mu.Unlock()
+	return nil
+}
+
 // advance records the outcome of an attempt to commit the n ops at the head (n = 0: failed
 // with err).
 func (q *settleQueue) advance(n int, err error) {
@@ -389,7 +409,7 @@ func (l *leaser) returnIdle(ctx context.Context, idleSince time.Time) error {
 			}
 		}
 		done()
-		if len(a.leases) == 0 && a.pendingExcess == 0 {
+		if len(a.leases) == 0 && a.pendingExcess == 0 && a.acquiring == nil {
 			a.evicted = true
 			l.accountsMu.Lock()
 			delete(l.accounts, a.id)
@@ -413,6 +433,7 @@ func (l *leaser) close() error {
 	}
 	close(l.stop)
 	l.stopped.Wait()
+	l.background.Wait()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	var err error

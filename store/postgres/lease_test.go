@@ -38,6 +38,7 @@ func (s *Store) abandon() {
 	l.queue.mu.Unlock()
 	close(l.stop)
 	l.stopped.Wait()
+	l.background.Wait()
 	s.pool.Close()
 }
 
