@@ -45,7 +45,6 @@ import (
 	"errors"
 	"fmt"
 	"slices"
-	"strings"
 	"sync"
 	"time"
 
@@ -415,60 +414,66 @@ func (l *leaser) reserve(ctx context.Context, account credits.AccountID, amount 
 	return l.reserveDirect(ctx, account, amount, ttl, refill)
 }
 
-// returnStatement gives $2 of the lease $1 back to the balance; deleteLeaseStatement gives
-// all that is left of it and deletes it. Neither does anything to a lease that is gone.
-const (
-	returnStatement = `WITH gave AS (
-	UPDATE leases SET amount = amount - $2 WHERE id = $1 RETURNING account_id
+// returnStatement gives back, for the account $5, the amounts $3 of the leases $2 and the
+// whole of the leases $4 (deleted), locking the leases in the order of their ids first (the
+// order a commit locks them in). Leases that are gone are skipped.
+const returnStatement = `WITH locked AS (
+	SELECT id FROM leases WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE
+), gave AS (
+	UPDATE leases AS l SET amount = l.amount - r.amount
+	FROM unnest($2::text[], $3::bigint[]) AS r(id, amount)
+	WHERE l.id = r.id AND l.id IN (SELECT id FROM locked)
+	RETURNING r.amount
+), gone AS (
+	DELETE FROM leases WHERE id = ANY($4::text[]) AND id IN (SELECT id FROM locked)
+	RETURNING amount
 )
-UPDATE accounts AS a SET reserved = a.reserved - $2 FROM gave WHERE a.id = gave.account_id`
-	deleteLeaseStatement = `WITH gone AS (
-	DELETE FROM leases WHERE id = $1 RETURNING account_id, amount
-)
-UPDATE accounts AS a SET reserved = a.reserved - gone.amount FROM gone WHERE a.id = gone.account_id`
-)
+UPDATE accounts SET reserved = reserved
+	- (SELECT coalesce(sum(amount), 0) FROM gave)::bigint
+	- (SELECT coalesce(sum(amount), 0) FROM gone)::bigint
+WHERE id = $5`
 
-// queueReturns queues on batch the statements that give the account's unused leases back,
-// and returns what to do in memory once they are committed. a.mu is held.
-func queueReturns(batch interface {
-	Queue(string, ...any) *pgx.QueuedQuery
-}, a *leasedAccount) func() {
-	var done []func()
-	// in the order of their ids, the order a commit locks them in
-	byID := slices.SortedFunc(slices.Values(a.leases), func(x, y *lease) int { return strings.Compare(x.id, y.id) })
-	for _, ls := range byID {
+// leaseReturn is the statement that gives an account's unused leases back, and what to do in
+// memory once it is committed.
+type leaseReturn struct {
+	args []any // of returnStatement; nil: nothing to return
+	done func()
+}
+
+// planReturn plans giving back the account's unused leases: the whole of those that hold
+// nothing else (deleted), the uncarved part of the others. a.mu is held.
+func planReturn(a *leasedAccount) leaseReturn {
+	var all, partial, deleted []string
+	var amounts []credits.Amount
+	for _, ls := range a.leases {
 		switch {
 		case ls.lost:
 		case ls.open == 0 && ls.pending == 0:
-			batch.Queue(deleteLeaseStatement, ls.id)
-			done = append(done, func() { ls.free, ls.lost = 0, true })
+			deleted = append(deleted, ls.id)
 		case ls.free > 0:
-			batch.Queue(returnStatement, ls.id, ls.free)
-			done = append(done, func() { ls.free = 0 })
+			partial = append(partial, ls.id)
+			amounts = append(amounts, ls.free)
+		default:
+			continue
 		}
+		all = append(all, ls.id)
 	}
-	return func() {
-		for _, f := range done {
-			f()
+	ret := leaseReturn{done: func() {
+		for _, ls := range a.leases {
+			switch {
+			case ls.lost:
+			case ls.open == 0 && ls.pending == 0:
+				ls.free, ls.lost = 0, true
+			default:
+				ls.free = 0
+			}
 		}
 		a.leases = slices.DeleteFunc(a.leases, func(ls *lease) bool { return ls.lost && ls.open == 0 && ls.pending == 0 })
+	}}
+	if len(all) > 0 {
+		ret.args = []any{all, partial, amounts, deleted, a.id}
 	}
-}
-
-// txBatch queues statements to run in a transaction.
-type txBatch struct {
-	queries []struct {
-		sql  string
-		args []any
-	}
-}
-
-func (b *txBatch) Queue(sql string, args ...any) *pgx.QueuedQuery {
-	b.queries = append(b.queries, struct {
-		sql  string
-		args []any
-	}{sql, args})
-	return nil
+	return ret
 }
 
 // reserveDirect reserves in the database. When this instance holds unused leases on the
@@ -499,20 +504,18 @@ func (l *leaser) reserveDirect(ctx context.Context, account credits.AccountID, a
 	defer l.books.RUnlock()
 	a = l.lockAccount(account)
 	defer a.mu.Unlock()
-	var returns txBatch
-	done := queueReturns(&returns, a)
+	ret := planReturn(a)
 	r, spendable, err := l.s.reserveDirect(ctx, account, amount, ttl, refill, func(tx pgx.Tx) error {
-		for _, q := range returns.queries {
-			if _, err := tx.Exec(ctx, q.sql, q.args...); err != nil {
-				return err
-			}
+		if ret.args == nil {
+			return nil
 		}
-		return nil
+		_, err := tx.Exec(ctx, returnStatement, ret.args...)
+		return err
 	})
 	if err != nil && !errors.Is(err, credits.ErrInsufficientCredits) {
 		return r, spendable, err
 	}
-	done()
+	ret.done()
 	a.known, a.knownSet = spendable, true
 	return r, a.report(spendable), err
 }

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/credits"
 )
@@ -213,12 +214,6 @@ func (l *leaser) commitHead(ctx context.Context, stop <-chan struct{}) bool {
 	if n == 0 {
 		return true
 	}
-	// In the order of the accounts, so that the batches of several instances never wait on
-	// each other's account rows in a cycle, and of the leases within an account, the order in
-	// which the returns of a direct reservation lock them.
-	slices.SortStableFunc(ops, func(a, b settleOp) int {
-		return cmp.Or(cmp.Compare(a.account.id, b.account.id), cmp.Compare(a.lease.id, b.lease.id))
-	})
 	for attempt := 0; ; attempt++ {
 		err := l.commit(ctx, ops)
 		if l.onCommit != nil {
@@ -248,63 +243,122 @@ func (l *leaser) commitHead(ctx context.Context, stop <-chan struct{}) bool {
 	}
 }
 
-// settleLeasedStatement commits a settlement of a carved reservation: its settle entry unless
-// the reservation has one (a replayed batch), and only then the cost off the balance, of which
-// the part $5 comes off the lease $4 (and off reserved) if the lease is still there (else the
-// lease was released whole, and the balance pays all). It reports whether the lease paid, and
-// the spendable balance after.
-const settleLeasedStatement = `WITH entry AS (
-	INSERT INTO ledger (account_id, kind, amount, reservation_id, model, backend,
-		input_tokens, output_tokens, key_id, created_at)
-	VALUES ($1, 'settle', $2, $3, $6, $7, $8, $9, $10, $11)
-	ON CONFLICT (reservation_id) DO NOTHING
-	RETURNING account_id
-), paid AS (
-	UPDATE leases SET amount = amount - $5::bigint WHERE id = $4 AND EXISTS (SELECT FROM entry)
-	RETURNING id
-)
-UPDATE accounts AS a SET balance = a.balance - $2::bigint,
-	reserved = a.reserved - CASE WHEN EXISTS (SELECT FROM paid) THEN $5::bigint ELSE 0 END
-WHERE a.id = $1 AND EXISTS (SELECT FROM entry)
-RETURNING EXISTS (SELECT FROM paid), a.balance - a.reserved`
+// insertSettleEntries appends the settle entries of a batch, one row per settlement. A
+// reservation has at most one (the UNIQUE reservation_id): if the batch is committed again
+// after a commit whose outcome was not known (the connection broke), the insert fails with a
+// unique violation of reservation_id, which says the batch was committed the first time (it
+// commits all or nothing, and only this process settles its carved reservations).
+const insertSettleEntries = `INSERT INTO ledger (account_id, kind, amount, reservation_id, model, backend,
+	input_tokens, output_tokens, key_id, created_at)
+SELECT account_id, 'settle', amount, reservation_id, model, backend, input_tokens, output_tokens, key_id, created_at
+FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::bigint[], $8::text[], $9::timestamptz[])
+	AS e(account_id, amount, reservation_id, model, backend, input_tokens, output_tokens, key_id, created_at)`
 
-// commit commits ops in one batch (one round trip, one implicit transaction) and applies the
-// outcome to the leases in memory, under books.
+// chargeAccountStatement charges an account the costs $4 of a batch's settlements: the parts
+// $3 off its leases $2 (and off reserved) for the leases that are still there (locked in the
+// order of their ids), the whole off the balance. It reports the spendable balance after and
+// the leases that paid.
+const chargeAccountStatement = `WITH locked AS (
+	SELECT id FROM leases WHERE id = ANY($2::text[]) ORDER BY id FOR UPDATE
+), paid AS (
+	UPDATE leases AS l SET amount = l.amount - p.part
+	FROM unnest($2::text[], $3::bigint[]) AS p(id, part)
+	WHERE l.id = p.id AND l.id IN (SELECT id FROM locked)
+	RETURNING l.id, p.part
+)
+UPDATE accounts SET balance = balance - $4::bigint,
+	reserved = reserved - (SELECT coalesce(sum(part), 0) FROM paid)::bigint
+WHERE id = $1
+RETURNING balance - reserved, ARRAY(SELECT id FROM paid)`
+
+// commit commits ops in one batch (one round trip, one implicit transaction): one insert of
+// their entries, and one statement per account, in the order of the accounts (so that the
+// commits of several instances never wait on each other's account rows in a cycle). It then
+// applies the outcome to the leases in memory, under books.
 func (l *leaser) commit(ctx context.Context, ops []settleOp) error {
 	l.books.RLock()
 	defer l.books.RUnlock()
-	batch := &pgx.Batch{}
+	var (
+		accountIDs, reservationIDs, models, backends, keyIDs []*string
+		costs, inputs, outputs                               []int64
+		ats                                                  []time.Time
+	)
+	type charge struct {
+		id     credits.AccountID
+		cost   credits.Amount
+		parts  map[string]credits.Amount
+		leases []string
+	}
+	charges := map[credits.AccountID]*charge{}
 	for _, op := range ops {
 		u := op.usage
-		batch.Queue(settleLeasedStatement, op.account.id, op.cost, op.reservationID, op.lease.id, op.part,
-			nullable(u.Model), nullable(u.Backend), u.InputTokens, u.OutputTokens, nullable(u.KeyID), op.at)
+		id := string(op.account.id)
+		accountIDs = append(accountIDs, &id)
+		reservationIDs = append(reservationIDs, &op.reservationID)
+		models, backends, keyIDs = append(models, nullable(u.Model)), append(backends, nullable(u.Backend)), append(keyIDs, nullable(u.KeyID))
+		costs, inputs, outputs = append(costs, int64(op.cost)), append(inputs, u.InputTokens), append(outputs, u.OutputTokens)
+		ats = append(ats, op.at)
+		ch := charges[op.account.id]
+		if ch == nil {
+			ch = &charge{id: op.account.id, parts: map[string]credits.Amount{}}
+			charges[op.account.id] = ch
+		}
+		ch.cost += op.cost
+		if op.part > 0 {
+			if _, ok := ch.parts[op.lease.id]; !ok {
+				ch.leases = append(ch.leases, op.lease.id)
+			}
+			ch.parts[op.lease.id] += op.part
+		}
+	}
+	order := make([]*charge, 0, len(charges))
+	for _, ch := range charges {
+		order = append(order, ch)
+	}
+	slices.SortFunc(order, func(a, b *charge) int { return cmp.Compare(a.id, b.id) })
+	batch := &pgx.Batch{}
+	batch.Queue(insertSettleEntries, accountIDs, costs, reservationIDs, models, backends, inputs, outputs, keyIDs, ats)
+	for _, ch := range order {
+		parts := make([]int64, len(ch.leases))
+		for i, id := range ch.leases {
+			parts[i] = int64(ch.parts[id])
+		}
+		batch.Queue(chargeAccountStatement, ch.id, ch.leases, parts, ch.cost)
 	}
 	type result struct {
-		replayed, paid bool
-		spendable      credits.Amount
+		spendable credits.Amount
+		paid      []string
 	}
-	results := make([]result, len(ops))
+	results := map[credits.AccountID]result{}
+	replayed := false
 	br := l.s.pool.SendBatch(ctx, batch)
-	for i := range ops {
-		err := br.QueryRow().Scan(&results[i].paid, &results[i].spendable)
-		if errors.Is(err, pgx.ErrNoRows) {
-			results[i].replayed, err = true, nil
-		}
-		if err != nil {
-			_ = br.Close()
-			return err
+	_, err := br.Exec()
+	switch {
+	case pgCode(err) == codeUniqueViolation && constraintOf(err) == "ledger_reservation_id_key":
+		replayed = true // committed the first time: the rest of the batch was skipped
+	case err != nil:
+		_ = br.Close()
+		return err
+	default:
+		for _, ch := range order {
+			var r result
+			if err := br.QueryRow().Scan(&r.spendable, &r.paid); err != nil {
+				_ = br.Close()
+				return err
+			}
+			results[ch.id] = r
 		}
 	}
-	if err := br.Close(); err != nil {
+	if err := br.Close(); err != nil && !replayed {
 		return err
 	}
-	for i, op := range ops {
+	for _, op := range ops {
 		a := op.account
 		a.mu.Lock()
 		op.lease.pending -= op.part
 		a.pendingExcess -= op.cost - op.part
-		if r := results[i]; !r.replayed {
-			if op.part > 0 && !r.paid {
+		if r, ok := results[a.id]; ok {
+			if op.part > 0 && !slices.Contains(r.paid, op.lease.id) {
 				op.lease.lost, op.lease.free = true, 0
 			}
 			a.known, a.knownSet = r.spendable, true
@@ -312,6 +366,15 @@ func (l *leaser) commit(ctx context.Context, ops []settleOp) error {
 		a.mu.Unlock()
 	}
 	return nil
+}
+
+// constraintOf is the constraint a PostgreSQL error names, "" for other errors.
+func constraintOf(err error) string {
+	var e *pgconn.PgError
+	if errors.As(err, &e) {
+		return e.ConstraintName
+	}
+	return ""
 }
 
 // renewer renews this instance's leases every LeaseTTL/3 and returns the unused leases of the
@@ -400,15 +463,14 @@ func (l *leaser) returnIdle(ctx context.Context, idleSince time.Time) error {
 			a.mu.Unlock()
 			continue
 		}
-		batch := &pgx.Batch{}
-		done := queueReturns(batch, a)
-		if batch.Len() > 0 {
-			if err := l.s.pool.SendBatch(ctx, batch).Close(); err != nil {
+		ret := planReturn(a)
+		if ret.args != nil {
+			if _, err := l.s.pool.Exec(ctx, returnStatement, ret.args...); err != nil {
 				a.mu.Unlock()
 				return fail("returning leases", err)
 			}
 		}
-		done()
+		ret.done()
 		if len(a.leases) == 0 && a.pendingExcess == 0 && a.acquiring == nil {
 			a.evicted = true
 			l.accountsMu.Lock()
