@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -167,6 +168,9 @@ func TestLeasedInstancesNeverOverspend(t *testing.T) {
 	defer direct.Close()
 	for k, a := range accounts {
 		books := storetest.CheckBooks(t, direct, a)
+		if got := credits.Amount(charged[k].Load()); got < funded/2 {
+			t.Errorf("%s: only %s of %s charged: the instances did not spend it", a, got, funded)
+		}
 		want := credits.Audit{Credited: funded, Settled: credits.Amount(charged[k].Load()), Balance: funded - credits.Amount(charged[k].Load())}
 		if books != want {
 			t.Errorf("%s: books %+v after close, want %+v", a, books, want)
@@ -369,27 +373,35 @@ func TestLeasedRoundTrips(t *testing.T) {
 	}
 }
 
-// BenchmarkReserveSettle: a Reserve and a Settle of a busy account, directly and leased, from
-// parallel goroutines; it reports the store round trips per op.
+// BenchmarkReserveSettle: a Reserve and a Settle, directly and leased, from parallel
+// goroutines, on one busy account and spread over 64; it reports the store round trips per op.
 func BenchmarkReserveSettle(b *testing.B) {
 	for _, tc := range []struct {
-		name string
-		opts Options
+		name     string
+		opts     Options
+		accounts int
 	}{
-		{"direct", Options{}},
-		{"leased", Options{LeaseSize: DefaultLeaseSize}},
+		{"direct/1account", Options{}, 1},
+		{"leased/1account", Options{LeaseSize: DefaultLeaseSize}, 1},
+		{"direct/64accounts", Options{}, 64},
+		{"leased/64accounts", Options{LeaseSize: DefaultLeaseSize}, 64},
 	} {
 		b.Run(tc.name, func(b *testing.B) {
 			ctx := context.Background()
 			s := openLeasedStore(b, newTestDatabase(b), tc.opts)
-			account := credits.UserAccount("bench")
-			if _, _, err := s.Credit(ctx, account, credits.MaxAmount, "", ""); err != nil {
-				b.Fatal(err)
+			accounts := make([]credits.AccountID, tc.accounts)
+			for i := range accounts {
+				accounts[i] = credits.UserAccount("bench" + strconv.Itoa(i))
+				if _, _, err := s.Credit(ctx, accounts[i], credits.MaxAmount, "", ""); err != nil {
+					b.Fatal(err)
+				}
 			}
+			var next atomic.Uint64
 			before := s.RoundTrips()
 			b.ResetTimer()
 			b.RunParallel(func(pb *testing.PB) {
 				for pb.Next() {
+					account := accounts[next.Add(1)%uint64(len(accounts))]
 					r, _, err := s.Reserve(ctx, account, c/10, time.Minute, nil)
 					if err != nil {
 						b.Error(err)
