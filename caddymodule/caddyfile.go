@@ -29,7 +29,9 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 // field:
 //
 //	llm_gateway {
-//		store sqlite <path> | postgres <dsn>
+//		store sqlite <path> | postgres <dsn> {
+//			lease_size <credits>
+//		}
 //		key_prefix <prefix>
 //		max_keys_per_user <n>
 //		max_request_body <size>
@@ -108,6 +110,16 @@ func (g *Gateway) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				g.Store.DSN = args[1]
 			} else {
 				g.Store.Path = args[1]
+			}
+			for d.NextBlock(1) {
+				switch d.Val() {
+				case "lease_size":
+					if err := oneAmount(d, &g.Store.LeaseSize); err != nil {
+						return err
+					}
+				default:
+					return d.Errf("unrecognized store subdirective %q", d.Val())
+				}
 			}
 		case "key_prefix":
 			if err := oneString(d, &g.KeyPrefix); err != nil {

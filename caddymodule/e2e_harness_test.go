@@ -109,6 +109,8 @@ type setup struct {
 	// dsn, when set, is the PostgreSQL store of the gateway (pgtest.NewDatabase) in place of
 	// an embedded store file in the test's directory.
 	dsn string
+	// storeBlock is the body of the store directive's block (e.g. "lease_size 1").
+	storeBlock string
 }
 
 // env is a running gateway.
@@ -126,6 +128,7 @@ type env struct {
 	closed2   int // another one
 	dbPath    string
 	dsn       string // the PostgreSQL store, when the setup names one
+	storeOpts string // the store directive's block
 	client    *http.Client
 	child     *exec.Cmd // set for a child-process gateway
 	childLog  *os.File
@@ -139,6 +142,7 @@ func newEnv(t testing.TB, s setup) *env {
 	e.pickPorts(s)
 	e.dbPath = filepath.Join(e.dir, "gateway.db")
 	e.dsn = s.dsn
+	e.storeOpts = s.storeBlock
 	e.client = &http.Client{
 		Timeout: 60 * time.Second,
 		Transport: &http.Transport{
@@ -736,6 +740,9 @@ type dbAccount struct {
 // storeLine is the arguments of the gateway's store directive.
 func (e *env) storeLine() string {
 	if e.dsn != "" {
+		if e.storeOpts != "" {
+			return "postgres " + e.dsn + " {\n\t\t\t" + e.storeOpts + "\n\t\t}"
+		}
 		return "postgres " + e.dsn
 	}
 	return "sqlite " + e.dbPath

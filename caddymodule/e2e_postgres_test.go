@@ -14,7 +14,8 @@ import (
 
 // postgresAccounts reads every account's books from the PostgreSQL store at dsn, independently
 // of the gateway: the spendable balance (the column less what is reserved), the sums of the
-// entries, and the open reservations.
+// entries, and what is open: reservations in the database, and leases (an instance's chunks,
+// from which it reserves in memory; not counted as reservations).
 func postgresAccounts(t testing.TB, dsn string) []dbAccount {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -27,7 +28,8 @@ func postgresAccounts(t testing.TB, dsn string) []dbAccount {
 	rows, err := conn.Query(ctx, `SELECT a.id, a.balance - a.reserved,
 		(SELECT coalesce(sum(amount), 0) FROM ledger WHERE account_id = a.id AND kind IN ('credit', 'grant')),
 		(SELECT coalesce(sum(amount), 0) FROM ledger WHERE account_id = a.id AND kind = 'settle'),
-		(SELECT coalesce(sum(amount), 0) FROM reservations WHERE account_id = a.id),
+		(SELECT coalesce(sum(amount), 0) FROM reservations WHERE account_id = a.id) +
+			(SELECT coalesce(sum(amount), 0) FROM leases WHERE account_id = a.id),
 		(SELECT count(*) FROM ledger WHERE account_id = a.id AND kind = 'settle'),
 		(SELECT count(*) FROM reservations WHERE account_id = a.id)
 		FROM accounts AS a ORDER BY a.id`)
@@ -51,12 +53,25 @@ func postgresAccounts(t testing.TB, dsn string) []dbAccount {
 	return out
 }
 
-// TestPostgresStore: the gateway on `store postgres <dsn>` serves what it serves on the
-// embedded store: a user and a key made through the admin API, chat and embeddings charged,
+// TestPostgresStore: the gateway on `store postgres <dsn>`, with and without leases, serves
+// what it serves on the embedded store: a user and a key made through the admin API, chat and embeddings charged,
 // a key revoked, the books exact in the database.
 func TestPostgresStore(t *testing.T) {
+	for _, leased := range []bool{false, true} {
+		name := "direct"
+		if leased {
+			name = "leased"
+		}
+		t.Run(name, func(t *testing.T) { testPostgresStore(t, leased) })
+	}
+}
+
+func testPostgresStore(t *testing.T, leased bool) {
 	s := walkSetup
 	s.dsn = pgtest.NewDatabase(t)
+	if leased {
+		s.storeBlock = "lease_size 0.5"
+	}
 	e := startGateway(t, s)
 	u, k := e.userWithKey("pg@example.com", "10")
 	var spent credits.Amount

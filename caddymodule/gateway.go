@@ -159,6 +159,15 @@ type StoreConfig struct {
 	// Placeholders are expanded, so a password can come from the environment:
 	// "{env.GATEWAY_DSN}". It never appears in a log line or an error. Required for postgres.
 	DSN string `json:"dsn,omitempty"`
+	// LeaseSize (driver postgres), when above zero, lets this instance lease chunks of a busy
+	// account's balance from the database and reserve from them in memory, settlements
+	// committed in batches every few milliseconds: no database round trip per request on
+	// average, never an overspend (a lease is taken atomically; see store/postgres/lease.go).
+	// A crash leaves its leases to expire (30 s) and loses the settlements of its last batch
+	// (an undercharge of a few milliseconds' requests). Accounts with less than four leases'
+	// worth, and requests reserving more than a lease, reserve in the database as without
+	// it. Default 0: every reservation is a database statement.
+	LeaseSize credits.Amount `json:"lease_size,omitempty"`
 }
 
 // Backend is one model server.
@@ -493,12 +502,15 @@ func (g *Gateway) Validate() error {
 	}
 	switch g.Store.Driver {
 	case storeSQLite:
-		if g.Store.DSN != "" {
-			return fmt.Errorf("store: a dsn is for the postgres driver; sqlite takes a path")
+		if g.Store.DSN != "" || g.Store.LeaseSize != 0 {
+			return fmt.Errorf("store: a dsn and a lease_size are for the postgres driver; sqlite takes a path")
 		}
 	case storePostgres:
 		if g.Store.DSN == "" || g.Store.Path != "" {
 			return fmt.Errorf("store postgres: a dsn is required, and no path")
+		}
+		if g.Store.LeaseSize < 0 {
+			return fmt.Errorf("store postgres: lease_size %s is negative", g.Store.LeaseSize)
 		}
 	default:
 		return fmt.Errorf("store driver %q: want sqlite or postgres", g.Store.Driver)

@@ -149,7 +149,7 @@ func openPostgres(cfg StoreConfig, logger *zap.Logger) (*storeHandle, string, er
 	val, _, err := stores.LoadOrNew(key, func() (caddy.Destructor, error) {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		s, err := postgres.Open(ctx, dsn)
+		s, err := postgres.OpenWith(ctx, dsn, postgres.Options{LeaseSize: cfg.LeaseSize})
 		if err != nil {
 			return nil, fmt.Errorf("opening the postgres store: %w", err)
 		}

@@ -59,16 +59,36 @@ SELECT spendable FROM held`
 // An account that does not exist has a balance of zero: reserving from it is
 // ErrInsufficientCredits with balance 0 (a zero amount creates it empty). With refill, a missing
 // account is created full (balance = Cap, with a grant entry).
+//
+// With leasing (Options.LeaseSize), a reservation of at most the lease size is carved from
+// this instance's lease on the account without a round trip (see lease.go).
 func (s *Store) Reserve(ctx context.Context, account credits.AccountID, amount credits.Amount, ttl time.Duration, refill *credits.Refill) (credits.Reservation, credits.Amount, error) {
+	if err := checkReserve(amount, ttl, refill); err != nil {
+		return credits.Reservation{}, 0, err
+	}
+	if s.lease != nil {
+		return s.lease.reserve(ctx, account, amount, ttl, refill)
+	}
+	return s.reserveDirect(ctx, account, amount, ttl, refill, nil)
+}
+
+// checkReserve refuses the arguments of a reservation no store can make.
+func checkReserve(amount credits.Amount, ttl time.Duration, refill *credits.Refill) error {
 	if amount < 0 || amount > credits.MaxAmount {
-		return credits.Reservation{}, 0, fmt.Errorf("reserve %s: %w", amount, credits.ErrInvalidAmount)
+		return fmt.Errorf("reserve %s: %w", amount, credits.ErrInvalidAmount)
 	}
 	if ttl <= 0 {
-		return credits.Reservation{}, 0, fmt.Errorf("reserve: ttl %s is not positive", ttl)
+		return fmt.Errorf("reserve: ttl %s is not positive", ttl)
 	}
 	if refill != nil && (refill.Cap < 0 || refill.Cap > credits.MaxAmount) {
-		return credits.Reservation{}, 0, fmt.Errorf("reserve: refill cap %s: %w", refill.Cap, credits.ErrInvalidAmount)
+		return fmt.Errorf("reserve: refill cap %s: %w", refill.Cap, credits.ErrInvalidAmount)
 	}
+	return nil
+}
+
+// reserveDirect reserves in the database, in one transaction that runs before (when not nil)
+// first: the lease layer returns this instance's unused lease on the account with it.
+func (s *Store) reserveDirect(ctx context.Context, account credits.AccountID, amount credits.Amount, ttl time.Duration, refill *credits.Refill, before func(pgx.Tx) error) (credits.Reservation, credits.Amount, error) {
 	now := time.Now().UTC().Truncate(time.Microsecond) // what timestamptz keeps
 	r := credits.Reservation{
 		ID:        newReservationID(),
@@ -83,6 +103,11 @@ func (s *Store) Reserve(ctx context.Context, account credits.AccountID, amount c
 	)
 	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 		short = false
+		if before != nil {
+			if err := before(tx); err != nil {
+				return err
+			}
+		}
 		if refill != nil {
 			if _, err := tx.Exec(ctx, refillStatement, account, refill.Cap, refill.Period, now, refillReason); err != nil {
 				return err
@@ -124,14 +149,14 @@ const settleStatement = `WITH closed AS (
 ), charged AS (
 	UPDATE accounts AS a SET balance = a.balance - $2, reserved = a.reserved - closed.amount
 	FROM closed WHERE a.id = closed.account_id
-	RETURNING a.balance - a.reserved AS spendable
+	RETURNING a.id, a.balance - a.reserved AS spendable
 ), entry AS (
 	INSERT INTO ledger (account_id, kind, amount, reservation_id, model, backend,
 		input_tokens, output_tokens, key_id, created_at,
 		cached_input_tokens, cache_write_tokens, reasoning_tokens, response_id)
 	SELECT account_id, 'settle', $2, $1, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12 FROM closed
 )
-SELECT spendable FROM charged`
+SELECT id, spendable FROM charged`
 
 // releaseStatement closes the reservation $1 returning all of it to the balance: no entry is
 // written, as the credits only move back from the open reservations to the balance.
@@ -140,44 +165,80 @@ const releaseStatement = `WITH closed AS (
 )
 UPDATE accounts AS a SET reserved = a.reserved - closed.amount
 FROM closed WHERE a.id = closed.account_id
-RETURNING a.balance - a.reserved`
+RETURNING a.id, a.balance - a.reserved`
 
 // Settle closes the reservation, charging cost (the difference from the reserved amount goes
 // back to, or comes from, the balance) and appending its settle entry, in one statement. Only
 // one closer of a reservation wins, the others get ErrReservationClosed. A reservation past
 // its expiry can still be settled until ReleaseExpired closes it.
+//
+// With leasing, a reservation carved from this instance's lease is closed in memory, and its
+// settle entry is committed by the flusher with others a few milliseconds later.
 func (s *Store) Settle(ctx context.Context, reservationID string, cost credits.Amount, usage credits.Usage) (credits.Amount, error) {
+	if err := checkSettle(reservationID, cost, usage); err != nil {
+		return 0, err
+	}
+	if s.lease != nil {
+		return s.lease.settle(ctx, reservationID, cost, usage)
+	}
+	_, balance, err := s.settleDirect(ctx, reservationID, cost, usage)
+	return balance, err
+}
+
+// checkSettle refuses the arguments of a settlement no store can make.
+func checkSettle(reservationID string, cost credits.Amount, usage credits.Usage) error {
 	if cost < 0 || cost > credits.MaxAmount {
-		return 0, fmt.Errorf("settle %s: cost %s: %w", reservationID, cost, credits.ErrInvalidAmount)
+		return fmt.Errorf("settle %s: cost %s: %w", reservationID, cost, credits.ErrInvalidAmount)
 	}
 	if err := usage.Check(); err != nil {
-		return 0, fmt.Errorf("settle %s: %w", reservationID, err)
+		return fmt.Errorf("settle %s: %w", reservationID, err)
 	}
-	var balance credits.Amount
+	return nil
+}
+
+// settleDirect settles a reservation of the database; it reports its account too.
+func (s *Store) settleDirect(ctx context.Context, reservationID string, cost credits.Amount, usage credits.Usage) (credits.AccountID, credits.Amount, error) {
+	var (
+		account credits.AccountID
+		balance credits.Amount
+	)
 	err := s.pool.QueryRow(ctx, settleStatement, reservationID, cost,
 		nullable(usage.Model), nullable(usage.Backend), usage.InputTokens, usage.OutputTokens,
 		nullable(usage.KeyID), time.Now().UTC(), nullCount(usage.CachedInputTokens), nullCount(usage.CacheWriteTokens),
-		nullCount(usage.ReasoningTokens), nullable(usage.ResponseID)).Scan(&balance)
+		nullCount(usage.ReasoningTokens), nullable(usage.ResponseID)).Scan(&account, &balance)
 	if errors.Is(err, pgx.ErrNoRows) {
 		err = credits.ErrReservationClosed
 	}
 	if err != nil {
-		return 0, fail("settle "+reservationID, err)
+		return "", 0, fail("settle "+reservationID, err)
 	}
-	return balance, nil
+	return account, balance, nil
 }
 
 // Release closes the reservation returning all of it to the balance, in one statement.
+// With leasing, a reservation carved from this instance's lease goes back to the lease.
 func (s *Store) Release(ctx context.Context, reservationID string) (credits.Amount, error) {
-	var balance credits.Amount
-	err := s.pool.QueryRow(ctx, releaseStatement, reservationID).Scan(&balance)
+	if s.lease != nil {
+		return s.lease.release(ctx, reservationID)
+	}
+	_, balance, err := s.releaseDirect(ctx, reservationID)
+	return balance, err
+}
+
+// releaseDirect releases a reservation of the database; it reports its account too.
+func (s *Store) releaseDirect(ctx context.Context, reservationID string) (credits.AccountID, credits.Amount, error) {
+	var (
+		account credits.AccountID
+		balance credits.Amount
+	)
+	err := s.pool.QueryRow(ctx, releaseStatement, reservationID).Scan(&account, &balance)
 	if errors.Is(err, pgx.ErrNoRows) {
 		err = credits.ErrReservationClosed
 	}
 	if err != nil {
-		return 0, fail("release "+reservationID, err)
+		return "", 0, fail("release "+reservationID, err)
 	}
-	return balance, nil
+	return account, balance, nil
 }
 
 // expiredBatch bounds the reservations one transaction of ReleaseExpired closes.
@@ -188,7 +249,18 @@ const expiredBatch = 1000
 // rows another transaction has locked (a settlement, another instance's sweep) are skipped,
 // and the accounts are then updated in the order of their ids, so that sweeps never wait on
 // each other in a cycle.
+//
+// With leasing, it releases this instance's expired local reservations too, and the expired
+// leases of other instances (see (*leaser).releaseExpired).
 func (s *Store) ReleaseExpired(ctx context.Context, now time.Time) (int, credits.Amount, error) {
+	if s.lease != nil {
+		return s.lease.releaseExpired(ctx, now)
+	}
+	return s.releaseExpiredDirect(ctx, now)
+}
+
+// releaseExpiredDirect releases the expired reservations of the database.
+func (s *Store) releaseExpiredDirect(ctx context.Context, now time.Time) (int, credits.Amount, error) {
 	var (
 		count int
 		total credits.Amount
@@ -259,9 +331,22 @@ func (s *Store) releaseExpiredBatch(ctx context.Context, now time.Time) (int, cr
 // the same key waits for the other to commit): a credit of the same amount and reason under
 // that key is a replay (its first entry is returned and nothing is credited again), any other
 // is ErrIdempotencyConflict.
+//
+// With leasing, the settlements queued before it are committed first (so that the entries
+// keep the order of the calls), and the credit goes to the balance, not to a lease.
 func (s *Store) Credit(ctx context.Context, account credits.AccountID, amount credits.Amount, reason, idempotencyKey string) (credits.Entry, bool, error) {
+	if s.lease != nil {
+		return s.lease.credit(ctx, account, amount, reason, idempotencyKey)
+	}
+	entry, replayed, _, err := s.creditDirect(ctx, account, amount, reason, idempotencyKey)
+	return entry, replayed, err
+}
+
+// creditDirect credits the account in the database; it reports the spendable balance after
+// (as of the replayed entry's account, for a replay: not read).
+func (s *Store) creditDirect(ctx context.Context, account credits.AccountID, amount credits.Amount, reason, idempotencyKey string) (credits.Entry, bool, credits.Amount, error) {
 	if amount < -credits.MaxAmount || amount > credits.MaxAmount {
-		return credits.Entry{}, false, fmt.Errorf("credit %s: %w", amount, credits.ErrInvalidAmount)
+		return credits.Entry{}, false, 0, fmt.Errorf("credit %s: %w", amount, credits.ErrInvalidAmount)
 	}
 	now := time.Now().UTC().Truncate(time.Microsecond)
 	entry := credits.Entry{
@@ -272,7 +357,10 @@ func (s *Store) Credit(ctx context.Context, account credits.AccountID, amount cr
 		IdempotencyKey: idempotencyKey,
 		CreatedAt:      now,
 	}
-	var replayed bool
+	var (
+		replayed  bool
+		spendable credits.Amount
+	)
 	fingerprint := creditFingerprint(amount, reason)
 	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 		replayed = false
@@ -307,14 +395,13 @@ func (s *Store) Credit(ctx context.Context, account credits.AccountID, amount cr
 			return err
 		}
 		// The spendable balance is checked too: it must stay within BIGINT.
-		var spendable credits.Amount
 		return tx.QueryRow(ctx, `UPDATE accounts SET balance = balance + $2 WHERE id = $1
 			RETURNING balance - reserved`, account, amount).Scan(&spendable)
 	})
 	if err != nil {
-		return credits.Entry{}, false, fail("credit "+string(account), err)
+		return credits.Entry{}, false, 0, fail("credit "+string(account), err)
 	}
-	return entry, replayed, nil
+	return entry, replayed, spendable, nil
 }
 
 // creditFingerprint identifies the parameters of a credit, to tell a replay of an idempotent
@@ -330,7 +417,13 @@ func creditFingerprint(amount credits.Amount, reason string) []byte {
 
 // Balance is the account's spendable balance (open reservations excluded), or
 // ErrUnknownAccount.
+//
+// With leasing, it is the balance as if this instance's unused leases on the account were
+// returned and its queued settlements committed (see (*leaser).balance).
 func (s *Store) Balance(ctx context.Context, account credits.AccountID) (credits.Amount, error) {
+	if s.lease != nil {
+		return s.lease.balance(ctx, account)
+	}
 	var balance credits.Amount
 	err := s.pool.QueryRow(ctx, `SELECT balance - reserved FROM accounts WHERE id = $1`, account).Scan(&balance)
 	if errors.Is(err, pgx.ErrNoRows) {
@@ -383,9 +476,15 @@ func scanEntry(row pgx.Row, extra ...any) (credits.Entry, error) {
 }
 
 // Entries lists the account's newest entries first, at most limit (none when limit <= 0).
+// With leasing, the settlements queued before the call are committed first.
 func (s *Store) Entries(ctx context.Context, account credits.AccountID, limit int) ([]credits.Entry, error) {
 	if limit <= 0 {
 		return nil, nil
+	}
+	if s.lease != nil {
+		if err := s.lease.flush(ctx); err != nil {
+			return nil, fmt.Errorf("entries of %s: %w", account, err)
+		}
 	}
 	rows, err := s.pool.Query(ctx, `SELECT `+entryColumns+` FROM ledger
 		WHERE account_id = $1 ORDER BY seq DESC LIMIT $2`, account, limit)
@@ -403,27 +502,58 @@ func (s *Store) Entries(ctx context.Context, account credits.AccountID, limit in
 
 // Audit returns the account's books, or ErrUnknownAccount, read in one statement (one
 // snapshot): the sums of its entries, its balance, and Open as the sum of its open
-// reservations' rows, so that the identity checks the account's running totals against the
-// rows they sum.
+// reservations' and leases' rows, so that the identity checks the account's running totals
+// against the rows they sum.
+//
+// With leasing, the books are this instance's view (see (*leaser).audit): open includes the
+// leases of other instances, and this instance's open local reservations.
 func (s *Store) Audit(ctx context.Context, account credits.AccountID) (credits.Audit, error) {
+	if s.lease != nil {
+		return s.lease.audit(ctx, account)
+	}
+	db, err := s.auditDB(ctx, account, nil)
+	if err != nil {
+		return credits.Audit{}, err
+	}
+	return credits.Audit{Credited: db.credited, Settled: db.settled, Open: db.reservations + db.leases, Balance: db.spendable}, nil
+}
+
+// dbBooks are an account's books as the database has them, read in one snapshot.
+type dbBooks struct {
+	credited, settled credits.Amount
+	reservations      credits.Amount // the sum of its open reservations' rows
+	leases            credits.Amount // the sum of its leases' rows, every instance's
+	mine              credits.Amount // the sum of the leases named in the call
+	spendable         credits.Amount // balance - reserved
+}
+
+// auditDB reads the account's books from the database in one statement, or ErrUnknownAccount;
+// mine sums the leases of the ids named.
+func (s *Store) auditDB(ctx context.Context, account credits.AccountID, mine []string) (dbBooks, error) {
 	var (
-		books             credits.Audit
+		db                dbBooks
 		balance, reserved credits.Amount
 	)
+	if mine == nil {
+		mine = []string{}
+	}
 	err := s.pool.QueryRow(ctx, `SELECT
 		(SELECT coalesce(sum(amount), 0)::bigint FROM ledger WHERE account_id = a.id AND kind IN ('credit', 'grant')),
 		(SELECT coalesce(sum(amount), 0)::bigint FROM ledger WHERE account_id = a.id AND kind = 'settle'),
 		(SELECT coalesce(sum(amount), 0)::bigint FROM reservations WHERE account_id = a.id),
+		(SELECT coalesce(sum(amount), 0)::bigint FROM leases WHERE account_id = a.id),
+		(SELECT coalesce(sum(amount), 0)::bigint FROM leases WHERE account_id = a.id AND id = ANY($2)),
 		a.balance, a.reserved
-		FROM accounts AS a WHERE a.id = $1`, account).Scan(&books.Credited, &books.Settled, &books.Open, &balance, &reserved)
+		FROM accounts AS a WHERE a.id = $1`, account, mine).Scan(&db.credited, &db.settled, &db.reservations,
+		&db.leases, &db.mine, &balance, &reserved)
 	if errors.Is(err, pgx.ErrNoRows) {
 		err = credits.ErrUnknownAccount
 	}
 	if err != nil {
-		return credits.Audit{}, fail("audit of "+string(account), err)
+		return dbBooks{}, fail("audit of "+string(account), err)
 	}
-	books.Balance = balance - reserved
-	return books, nil
+	db.spendable = balance - reserved
+	return db, nil
 }
 
 // nullable is s, or NULL when it is empty.
@@ -452,8 +582,15 @@ func deref[T any](p *T) T {
 }
 
 // ResponseOwner is the owner and backend of the response id, read from the first settle
-// entry that recorded it; credits.ErrUnknownResponse when none did.
+// entry that recorded it; credits.ErrUnknownResponse when none did. The gateway asks it only
+// when its own memory of the responses it served misses.
 func (s *Store) ResponseOwner(ctx context.Context, responseID string) (credits.ResponseOwner, error) {
+	if s.lease != nil {
+		// A settlement still queued is committed first, as for Entries.
+		if err := s.lease.flush(ctx); err != nil {
+			return credits.ResponseOwner{}, fmt.Errorf("response owner: %w", err)
+		}
+	}
 	var o credits.ResponseOwner
 	var backend, keyID, model *string
 	err := s.pool.QueryRow(ctx, `SELECT account_id, backend, key_id, model FROM ledger

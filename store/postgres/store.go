@@ -18,6 +18,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -30,7 +31,9 @@ import (
 // Store is the ledger, users, keys and sign-in state on one PostgreSQL database. It is safe
 // for concurrent use, and any number of Stores (in as many processes) can share a database.
 type Store struct {
-	pool *pgxpool.Pool
+	pool       *pgxpool.Pool
+	roundTrips *roundTripCounter
+	lease      *leaser // nil: every reservation is made in the database
 	// clock gives the time of what is written without one (a zero CreatedAt, the expiry of the
 	// sessions a new one replaces); time.Now when nil. Tests set it.
 	clock func() time.Time
@@ -42,11 +45,22 @@ var _ credits.Ledger = (*Store)(nil)
 // reads it) and brings its schema up to date. A failure to reach the database is
 // credits.ErrStoreUnavailable.
 func Open(ctx context.Context, dsn string) (*Store, error) {
+	return OpenWith(ctx, dsn, Options{})
+}
+
+// OpenWith is Open with options: with a LeaseSize, the store leases credits (see lease.go).
+func OpenWith(ctx context.Context, dsn string, opts Options) (*Store, error) {
+	opts, err := opts.withDefaults()
+	if err != nil {
+		return nil, fmt.Errorf("postgres store: %w", err)
+	}
 	cfg, err := pgxpool.ParseConfig(dsn)
 	if err != nil {
 		// The DSN may hold a password: pgx's parse errors redact it; say no more than that.
 		return nil, fmt.Errorf("postgres store: parsing the dsn: %w", err)
 	}
+	counter := &roundTripCounter{}
+	cfg.ConnConfig.Tracer = counter
 	pool, err := pgxpool.NewWithConfig(ctx, cfg)
 	if err != nil {
 		return nil, fail("postgres store: connecting", err)
@@ -55,7 +69,11 @@ func Open(ctx context.Context, dsn string) (*Store, error) {
 		pool.Close()
 		return nil, fmt.Errorf("postgres store: %w", err)
 	}
-	return &Store{pool: pool}, nil
+	s := &Store{pool: pool, roundTrips: counter}
+	if opts.LeaseSize > 0 {
+		s.lease = newLeaser(s, opts)
+	}
+	return s, nil
 }
 
 // now is the store's time, in UTC to the microsecond (what timestamptz keeps).
@@ -75,11 +93,42 @@ func (s *Store) orNow(t time.Time) time.Time {
 	return t
 }
 
-// Close closes the store's connections, waiting for those in use to be returned.
+// Close closes the store's connections, waiting for those in use to be returned. With
+// leasing, it first commits the queued settlements and returns this instance's leases
+// (reservations still open in them are released).
 func (s *Store) Close() error {
+	var err error
+	if s.lease != nil {
+		err = s.lease.close()
+	}
 	s.pool.Close()
-	return nil
+	return err
 }
+
+// RoundTrips is the number of round trips to the database the store has made since it was
+// opened: statements, batches (one round trip each, however many statements) and the
+// BEGIN and COMMIT of transactions. Statements pgx prepares the first time a connection
+// sees them, new connections and pool pings are not counted.
+func (s *Store) RoundTrips() uint64 { return s.roundTrips.n.Load() }
+
+// roundTripCounter counts the statements and batches pgx sends.
+type roundTripCounter struct{ n atomic.Uint64 }
+
+func (c *roundTripCounter) TraceQueryStart(ctx context.Context, _ *pgx.Conn, _ pgx.TraceQueryStartData) context.Context {
+	c.n.Add(1)
+	return ctx
+}
+
+func (c *roundTripCounter) TraceQueryEnd(context.Context, *pgx.Conn, pgx.TraceQueryEndData) {}
+
+func (c *roundTripCounter) TraceBatchStart(ctx context.Context, _ *pgx.Conn, _ pgx.TraceBatchStartData) context.Context {
+	c.n.Add(1)
+	return ctx
+}
+
+func (c *roundTripCounter) TraceBatchQuery(context.Context, *pgx.Conn, pgx.TraceBatchQueryData) {}
+
+func (c *roundTripCounter) TraceBatchEnd(context.Context, *pgx.Conn, pgx.TraceBatchEndData) {}
 
 // migrationFiles are the schema changes, named <version>_<what>.sql with versions counting
 // from 1 without gaps. A released file never changes: a new change is a new file.

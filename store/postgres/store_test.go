@@ -352,8 +352,8 @@ func TestMoneyColumnsAreIntegers(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(types) != 6 {
-		t.Errorf("money columns %v, want 6", types)
+	if len(types) != 7 {
+		t.Errorf("money columns %v, want 7", types)
 	}
 	for _, ct := range types {
 		if !strings.HasSuffix(ct, " bigint") {
