@@ -2,12 +2,10 @@ package postgres
 
 import (
 	"context"
-	"crypto/rand"
 	"crypto/sha256"
 	"errors"
 	"fmt"
 	"math"
-	"os"
 	"strings"
 	"testing"
 	"time"
@@ -18,6 +16,7 @@ import (
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/credits"
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/identity"
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/signin"
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/store/postgres/pgtest"
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/store/storetest"
 )
 
@@ -25,58 +24,11 @@ func TestMain(m *testing.M) {
 	goleak.VerifyTestMain(m)
 }
 
-// serverEnv names the PostgreSQL server the tests use, as a URL without a database name;
-// 127.0.0.1:5432 as user postgres by default (trust authentication, as on the CI machine).
-const serverEnv = "LLM_GATEWAY_TEST_POSTGRES"
+// newTestDatabase creates an empty database of its own for the test (pgtest.NewDatabase).
+func newTestDatabase(tb testing.TB) string { return pgtest.NewDatabase(tb) }
 
 // serverURL is the URL of the test server's database name.
-func serverURL(database string) string {
-	base := os.Getenv(serverEnv)
-	if base == "" {
-		base = "postgres://postgres@127.0.0.1:5432"
-	}
-	return strings.TrimSuffix(base, "/") + "/" + database + "?sslmode=disable"
-}
-
-// inCI reports whether the tests run in CI, where an unreachable PostgreSQL is a failure.
-func inCI() bool {
-	v := strings.ToLower(os.Getenv("CI"))
-	return v == "1" || v == "true"
-}
-
-// newTestDatabase creates an empty database of its own for the test, dropped when it ends,
-// and returns its DSN. Without a reachable server it skips the test, outside CI only.
-func newTestDatabase(tb testing.TB) string {
-	tb.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	admin, err := pgx.Connect(ctx, serverURL("postgres"))
-	if err != nil {
-		if inCI() {
-			tb.Fatalf("PostgreSQL is unreachable (CI is set): %v", err)
-		}
-		tb.Skipf("PostgreSQL is unreachable (set %s, or run it on 127.0.0.1:5432): %v", serverEnv, err)
-	}
-	defer admin.Close(context.Background())
-	name := "llmgw_test_" + strings.ToLower(rand.Text()[:16])
-	if _, err := admin.Exec(ctx, "CREATE DATABASE "+name); err != nil {
-		tb.Fatalf("creating database %s: %v", name, err)
-	}
-	tb.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		admin, err := pgx.Connect(ctx, serverURL("postgres"))
-		if err != nil {
-			tb.Errorf("dropping database %s: %v", name, err)
-			return
-		}
-		defer admin.Close(context.Background())
-		if _, err := admin.Exec(ctx, "DROP DATABASE "+name+" WITH (FORCE)"); err != nil {
-			tb.Errorf("dropping database %s: %v", name, err)
-		}
-	})
-	return serverURL(name)
-}
+func serverURL(database string) string { return pgtest.URL(database) }
 
 // openTestStore opens a store on a new database, closed when the test ends (before the
 // database is dropped).
