@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"strings"
+	"unicode/utf8"
 )
 
 // OpenAI Responses (POST /v1/responses).
@@ -75,7 +76,9 @@ func responseObject(v []byte) (u Usage, ok bool, id string) {
 	if isObject(usage) {
 		u, ok = responsesUsage(usage)
 	}
-	u.ResponseID = id
+	if ok {
+		u.ResponseID = id // no usage is no usage at all: the id is still returned beside it
+	}
 	return u, ok, id
 }
 
@@ -85,9 +88,10 @@ func jsonString(v []byte) string {
 	if len(v) < 2 || v[0] != '"' || len(v) > 1<<10 {
 		return ""
 	}
-	if bytes.IndexByte(v, '\\') < 0 {
+	if bytes.IndexByte(v, '\\') < 0 && utf8.Valid(v) {
 		return string(v[1 : len(v)-1])
 	}
+	// Escapes, or bytes that are not UTF-8 (replaced by U+FFFD, as a Go client reads them).
 	var s string
 	if json.Unmarshal(v, &s) != nil {
 		return ""
