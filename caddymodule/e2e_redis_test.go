@@ -2,7 +2,6 @@ package caddymodule_test
 
 import (
 	"context"
-	crand "crypto/rand"
 	"fmt"
 	"net/http"
 	"os"
@@ -12,35 +11,16 @@ import (
 	"testing"
 	"time"
 
-	"github.com/redis/go-redis/v9"
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/caddymodule"
 )
 
-// testRedisAddr is the Redis of the tests (.ci/run starts it when it is not running).
-const testRedisAddr = "127.0.0.1:6379"
+// testRedisAddr is the Redis of the tests.
+const testRedisAddr = caddymodule.TestRedisAddr
 
-// redisPrefix is a key prefix of the test's own on the test Redis, whose keys are deleted at
-// the end. Without Redis the test is skipped, except in CI.
+// redisPrefix is a key prefix of the test's own on the test Redis (caddymodule's
+// testRedisClient: deleted at the end; skipped without Redis outside CI, failing in CI).
 func redisPrefix(t *testing.T) string {
-	t.Helper()
-	rdb := redis.NewClient(&redis.Options{Addr: testRedisAddr})
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	if err := rdb.Ping(ctx).Err(); err != nil {
-		_ = rdb.Close()
-		if ci := os.Getenv("CI"); ci == "1" || ci == "true" {
-			t.Fatalf("redis at %s: %v", testRedisAddr, err)
-		}
-		t.Skipf("no redis at %s (%v): start one to run the multi-instance tests", testRedisAddr, err)
-	}
-	prefix := "llmgw-test-" + strings.ToLower(crand.Text()) + ":"
-	t.Cleanup(func() {
-		ctx := context.Background()
-		iter := rdb.Scan(ctx, 0, prefix+"*", 1000).Iterator()
-		for iter.Next(ctx) {
-			rdb.Del(ctx, iter.Val())
-		}
-		_ = rdb.Close()
-	})
+	_, prefix := caddymodule.TestRedisClient(t)
 	return prefix
 }
 

@@ -45,3 +45,8 @@ func SetSigninLimit(name string, quota int64) (restore func()) {
 	namedPolicies[name] = p
 	return func() { namedPolicies[name] = old }
 }
+
+// TestRedisAddr and TestRedisClient are the test Redis (keycap_redis_test.go).
+const TestRedisAddr = testRedisAddr
+
+var TestRedisClient = testRedisClient

@@ -4,7 +4,7 @@ import (
 	"context"
 	crand "crypto/rand"
 	"errors"
-	"os"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -13,23 +13,27 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/credits"
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/store/postgres/pgtest"
 )
 
-// testRedis is a sharedRedis on the test Redis with a prefix of the test's own (its keys are
-// deleted at the end). Without Redis the test is skipped, except in CI.
-func testRedis(t *testing.T) *sharedRedis {
+// testRedisAddr is the Redis of the tests (.ci/run starts it when it is not running).
+const testRedisAddr = "127.0.0.1:6379"
+
+// testRedisClient is a client of the test Redis and a key prefix of the test's own, whose keys
+// are deleted at the end. Without Redis the test is skipped outside CI, and fails in CI.
+func testRedisClient(t *testing.T) (*redis.Client, string) {
 	t.Helper()
-	rdb := redis.NewClient(&redis.Options{Addr: "127.0.0.1:6379"})
+	rdb := redis.NewClient(&redis.Options{Addr: testRedisAddr})
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	if err := rdb.Ping(ctx).Err(); err != nil {
 		_ = rdb.Close()
-		if ci := os.Getenv("CI"); ci == "1" || ci == "true" {
-			t.Fatalf("redis at 127.0.0.1:6379: %v", err)
+		if !pgtest.InCI() {
+			t.Skipf("no redis at %s (%v): start one to run the Redis tests (in CI they fail)", testRedisAddr, err)
 		}
-		t.Skipf("no redis at 127.0.0.1:6379 (%v)", err)
+		t.Fatalf("redis at %s (CI is set): %v", testRedisAddr, err)
 	}
-	prefix := "llmgw-test:" + crand.Text() + ":"
+	prefix := "llmgw-test-" + strings.ToLower(crand.Text()) + ":"
 	t.Cleanup(func() {
 		ctx := context.Background()
 		iter := rdb.Scan(ctx, 0, prefix+"*", 1000).Iterator()
@@ -38,6 +42,12 @@ func testRedis(t *testing.T) *sharedRedis {
 		}
 		_ = rdb.Close()
 	})
+	return rdb, prefix
+}
+
+// testRedis is a sharedRedis on the test Redis with a prefix of the test's own.
+func testRedis(t *testing.T) *sharedRedis {
+	rdb, prefix := testRedisClient(t)
 	return &sharedRedis{rdb: rdb, prefix: prefix, timeout: 2 * time.Second, logger: zap.NewNop()}
 }
 
