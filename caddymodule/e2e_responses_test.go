@@ -196,3 +196,49 @@ func isStatus(err error, status int) bool {
 	var apiErr *openai.Error
 	return errors.As(err, &apiErr) && apiErr.StatusCode == status
 }
+
+// TestChainedResponseIsBoundByItsContext: a request carrying on a stored response is read the
+// whole conversation again as input, which its own body does not show. A tiny chained body
+// after a long answer is reserved for that context and charged everything the backend
+// reports, nothing left unbilled (the free-tokens hole of bounding it by its body alone). The
+// context comes from the gateway's memory here; from another instance, it is the store's
+// ResponseOwner.ContextTokens (the settled input and output, checked by storetest).
+func TestChainedResponseIsBoundByItsContext(t *testing.T) {
+	const in, out = "1", "2"
+	e := startGateway(t, setup{gateway: backendBlock("oai", "oai", "mock-small", in, out), mocks: []mockSpec{{key: "oai"}}})
+	u, k := e.userWithKey("chain@example.com", "100")
+	unbilled := func() float64 {
+		v, _ := metricSum(e.scrape(), "llm_gateway_credits_total", map[string]string{"kind": "unbilled"})
+		return v
+	}
+	before := unbilled()
+	hdr := bearer(k.Key)
+	hdr["X-Mock-Completion-Tokens"] = "3000"
+	r := e.post("/v1/responses", `{"model":"mock-small","input":"tell me a long story","max_output_tokens":4000}`, hdr)
+	if r.status != http.StatusOK {
+		t.Fatalf("first response: %s", r)
+	}
+	id, _ := r.object(t)["id"].(string)
+	prev := id
+	for i := range 3 {
+		body := `{"model":"mock-small","input":"more","max_output_tokens":8,"previous_response_id":"` + prev + `"}`
+		r := e.post("/v1/responses", body, bearer(k.Key))
+		if r.status != http.StatusOK {
+			t.Fatalf("chained %d: %s", i, r)
+		}
+		prev, _ = r.object(t)["id"].(string)
+		st := e.settlements(u.ID)
+		got := st[len(st)-1]
+		if got.Usage == nil || got.Usage.InputTokens < 3000 {
+			t.Fatalf("chained %d: usage %+v, want the carried context in the input", i, got.Usage)
+		}
+		want := cachedCost(t, got.Usage.InputTokens, got.Usage.CachedInputTokens, got.Usage.OutputTokens, in, in, out)
+		if got.Amount != want {
+			t.Errorf("chained %d: charged %s for %+v, want %s (its whole usage)", i, got.Amount, got.Usage, want)
+		}
+	}
+	if after := unbilled(); after != before {
+		t.Errorf("%.6f credits left unbilled by chained requests", after-before)
+	}
+	e.checkAllAccounts(0)
+}

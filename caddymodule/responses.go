@@ -116,15 +116,10 @@ func (g *Gateway) ownerBackend(name string) int {
 	return -1
 }
 
-// followOwner keeps, of the ranked choices of a request that follows a stored response, those
-// on the backend that made it. The choices were ranked with the caller's allowlist and the
-// backends' health already.
-func (ex *exchange) followOwner(choices []routing.Choice) ([]routing.Choice, error) {
-	sf := ex.ep.surface()
-	owner, err := ex.g.responseOwner(ex.r.Context(), ex.who, ex.inf.follows, sf.Follows)
-	if err != nil {
-		return nil, err
-	}
+// followOwner keeps, of the ranked choices of a request that follows the stored response of
+// owner, those on the backend that made it. The choices were ranked with the caller's
+// allowlist and the backends' health already.
+func followOwner(owner credits.ResponseOwner, choices []routing.Choice, ex *exchange) ([]routing.Choice, error) {
 	var kept []routing.Choice
 	for _, c := range choices {
 		if c.BackendName == owner.Backend {
@@ -145,8 +140,11 @@ func (ex *exchange) noteResponse(id string) {
 		return
 	}
 	ex.noted = true
+	// The context it holds is bounded by what this request could be: its prompt bound (which
+	// holds the context it carried on, if any) and its output bound. Known now, before the
+	// usage, so that a request chained at once is bounded too.
 	ex.g.owners.remember(id, credits.ResponseOwner{Account: ex.who.account, Backend: ex.choice.BackendName,
-		KeyID: ex.who.keyID, Model: ex.choice.Model.Name})
+		KeyID: ex.who.keyID, Model: ex.choice.Model.Name, ContextTokens: ex.inf.inputBound + ex.inf.outputTotal()})
 }
 
 // storedRequest is a request to a stored response route.

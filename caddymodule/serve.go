@@ -252,6 +252,16 @@ func (ex *exchange) run() error {
 		return err
 	}
 	ex.inf = inf
+	var owner credits.ResponseOwner
+	if inf.follows != "" {
+		// A request carrying on a stored response is read the whole conversation again as
+		// input: its prompt bound holds that context, or a chained request would cost more
+		// than it reserved.
+		if owner, err = g.responseOwner(r.Context(), who, inf.follows, ex.ep.surface().Follows); err != nil {
+			return err
+		}
+		inf.inputBound += owner.ContextTokens
+	}
 
 	choices, err := g.catalog.Rank(routing.Request{
 		Model: inf.model, Format: inf.format,
@@ -262,7 +272,7 @@ func (ex *exchange) run() error {
 		return &noRoute{err: err, model: inf.model, maxPrice: inf.maxPrice}
 	}
 	if inf.follows != "" {
-		if choices, err = ex.followOwner(choices); err != nil {
+		if choices, err = followOwner(owner, choices, ex); err != nil {
 			return err
 		}
 	}

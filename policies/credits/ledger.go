@@ -40,6 +40,9 @@ type ResponseOwner struct {
 	Backend string
 	KeyID   string
 	Model   string
+	// ContextTokens are the tokens of the conversation the response holds (its input and its
+	// output): a request carrying it on is read, and billed, that much input again.
+	ContextTokens int64
 }
 
 // Refill tops an anonymous account up to Cap once per period. Period is the index of the current

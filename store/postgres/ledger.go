@@ -593,8 +593,9 @@ func (s *Store) ResponseOwner(ctx context.Context, responseID string) (credits.R
 	}
 	var o credits.ResponseOwner
 	var backend, keyID, model *string
-	err := s.pool.QueryRow(ctx, `SELECT account_id, backend, key_id, model FROM ledger
-		WHERE response_id = $1 ORDER BY seq LIMIT 1`, responseID).Scan(&o.Account, &backend, &keyID, &model)
+	err := s.pool.QueryRow(ctx, `SELECT account_id, backend, key_id, model,
+		coalesce(input_tokens, 0) + coalesce(output_tokens, 0) FROM ledger
+		WHERE response_id = $1 ORDER BY seq LIMIT 1`, responseID).Scan(&o.Account, &backend, &keyID, &model, &o.ContextTokens)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return credits.ResponseOwner{}, credits.ErrUnknownResponse
 	}

@@ -581,8 +581,9 @@ func (s *Store) ResponseOwner(ctx context.Context, responseID string) (credits.R
 	for flushed := false; ; flushed = true {
 		var o credits.ResponseOwner
 		var backend, keyID, model sql.NullString
-		err := s.read.QueryRowContext(ctx, `SELECT account_id, backend, key_id, model FROM ledger
-			WHERE response_id = ? ORDER BY seq LIMIT 1`, responseID).Scan(&o.Account, &backend, &keyID, &model)
+		err := s.read.QueryRowContext(ctx, `SELECT account_id, backend, key_id, model,
+			coalesce(input_tokens, 0) + coalesce(output_tokens, 0) FROM ledger
+			WHERE response_id = ? ORDER BY seq LIMIT 1`, responseID).Scan(&o.Account, &backend, &keyID, &model, &o.ContextTokens)
 		switch {
 		case err == nil:
 			o.Backend, o.KeyID, o.Model = backend.String, keyID.String, model.String

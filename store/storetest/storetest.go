@@ -1099,7 +1099,7 @@ func testResponseOwner(t *testing.T, open Opener) {
 	settle(bob, credits.Usage{Model: "m2", Backend: "b2", ResponseID: "resp_a"})
 	settle(alice, credits.Usage{Model: "m"}) // no response id
 	for id, want := range map[string]credits.ResponseOwner{
-		"resp_a": {Account: alice, Backend: "b1", KeyID: "k1", Model: "m"},
+		"resp_a": {Account: alice, Backend: "b1", KeyID: "k1", Model: "m", ContextTokens: 5},
 		"resp_b": {Account: bob, Backend: "b2", Model: "m2"},
 	} {
 		got, err := owners.ResponseOwner(ctx, id)
