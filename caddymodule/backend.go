@@ -10,7 +10,9 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/credits"
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/routing"
 )
 
@@ -107,7 +109,9 @@ func cloneURL(u *url.URL) *url.URL {
 }
 
 // logFields adds the gateway's fields to Caddy's access log entry: who (ids, never secrets),
-// what was chosen, what it used and cost.
+// what was chosen, what it used and cost. They go in as one inline field (each of Caddy's
+// ExtraLogFields.Add resets its logger cache): the entry has the same top-level keys as ten
+// fields would give, and log filters see each of them.
 func (ex *exchange) logFields() {
 	if srv, ok := ex.r.Context().Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server); ok && srv.Logs == nil {
 		return // this server keeps no access log
@@ -116,23 +120,45 @@ func (ex *exchange) logFields() {
 	if !ok {
 		return
 	}
-	fields := []zap.Field{zap.String("llm_outcome", ex.outcome), zap.String("llm_auth", ex.authKind())}
+	f := &accessLogFields{outcome: ex.outcome, auth: ex.authKind()}
 	if ex.who != nil {
-		if ex.who.userID != "" {
-			fields = append(fields, zap.String("llm_user_id", ex.who.userID))
-		}
-		if ex.who.keyID != "" {
-			fields = append(fields, zap.String("llm_key_id", ex.who.keyID))
-		}
+		f.userID, f.keyID = ex.who.userID, ex.who.keyID
 	}
 	if ex.choice != nil {
-		fields = append(fields, zap.String("llm_model", ex.choice.Model.Name), zap.String("llm_backend", ex.choice.BackendName))
+		f.model, f.backend = ex.choice.Model.Name, ex.choice.BackendName
 	}
 	if ex.settled && ex.charged > 0 || ex.usage.InputTokens > 0 {
-		fields = append(fields, zap.Int64("llm_input_tokens", ex.usage.InputTokens),
-			zap.Int64("llm_output_tokens", ex.usage.OutputTokens), zap.Stringer("llm_credits", ex.charged))
+		f.usage, f.input, f.output, f.charged = true, ex.usage.InputTokens, ex.usage.OutputTokens, ex.charged
 	}
-	for _, f := range fields {
-		extra.Add(f)
+	extra.Add(zap.Inline(f))
+}
+
+// accessLogFields are the gateway's members of an access log entry (logFields).
+type accessLogFields struct {
+	outcome, auth, userID, keyID, model, backend string
+	// usage: the tokens and credits are logged (a charge was settled or input was read).
+	usage         bool
+	input, output int64
+	charged       credits.Amount
+}
+
+func (f *accessLogFields) MarshalLogObject(enc zapcore.ObjectEncoder) error {
+	enc.AddString("llm_outcome", f.outcome)
+	enc.AddString("llm_auth", f.auth)
+	if f.userID != "" {
+		enc.AddString("llm_user_id", f.userID)
 	}
+	if f.keyID != "" {
+		enc.AddString("llm_key_id", f.keyID)
+	}
+	if f.model != "" || f.backend != "" {
+		enc.AddString("llm_model", f.model)
+		enc.AddString("llm_backend", f.backend)
+	}
+	if f.usage {
+		enc.AddInt64("llm_input_tokens", f.input)
+		enc.AddInt64("llm_output_tokens", f.output)
+		enc.AddString("llm_credits", f.charged.String())
+	}
+	return nil
 }
