@@ -2,6 +2,7 @@ package caddymodule_test
 
 import (
 	"bytes"
+	"fmt"
 	"io"
 	"net/http"
 	"runtime"
@@ -44,10 +45,19 @@ http://127.0.0.1:{port.plain} {
 
 // do sends one chat request to base (with the key when auth is set) and reads the answer.
 func (h *hopEnv) do(tb testing.TB, base string, auth bool, body []byte) {
+	key := ""
+	if auth {
+		key = h.key
+	}
+	h.doWith(tb, base, key, body)
+}
+
+// doWith sends one chat request to base with key (none when empty) and reads the answer.
+func (h *hopEnv) doWith(tb testing.TB, base, key string, body []byte) {
 	req, _ := http.NewRequest(http.MethodPost, base+"/v1/chat/completions", bytes.NewReader(body))
 	req.Header.Set("Content-Type", "application/json")
-	if auth {
-		req.Header.Set("Authorization", "Bearer "+h.key)
+	if key != "" {
+		req.Header.Set("Authorization", "Bearer "+key)
 	}
 	resp, err := h.client.Do(req)
 	if err != nil {
@@ -86,6 +96,24 @@ func BenchmarkRequestPath(b *testing.B) {
 			}
 		})
 	}
+	// Requests spread over 1,000 keys of 1,000 users (issue 14: the key cache's admission and
+	// the per-account state for many callers), against the one key above.
+	keys := make([]string, 1000)
+	for i := range keys {
+		_, k := h.userWithKey(fmt.Sprintf("spread%d@example.com", i), "1000")
+		keys[i] = k.Key
+	}
+	for _, k := range keys { // every key verified once and cached, as in a warm gateway
+		h.doWith(b, h.gw, k, body)
+	}
+	b.Run("gateway_1000_keys", func(b *testing.B) {
+		b.ReportAllocs()
+		i := 0
+		for b.Loop() {
+			h.doWith(b, h.gw, keys[i%len(keys)], body)
+			i++
+		}
+	})
 }
 
 // allocBudget is what the gateway may allocate per request beyond plain Caddy's reverse_proxy

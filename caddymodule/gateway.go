@@ -104,7 +104,11 @@ type Gateway struct {
 
 	// KeyCacheTTL is how long a looked-up API key (or an unknown key id) is remembered: a key
 	// revoked on another instance stops working here within this time; revoked through this
-	// instance, at once. Default: 5s.
+	// instance, at once. Default: 5s on a store shared by instances (postgres); 10m on the
+	// embedded store, which one process holds, so that every change of a key passes through
+	// this process's caches (each configuration's, told by the in-process invalidation bus)
+	// and the TTL bounds nothing but how long an idle key stays in memory. A user's tier is
+	// remembered for this time, at most 5s unless configured.
 	KeyCacheTTL caddy.Duration `json:"key_cache_ttl,omitempty"`
 
 	// Signin, when set, serves the sign-in pages, the fragment flow, OAuth 2.0 and the
@@ -124,15 +128,17 @@ type Gateway struct {
 	// needs.
 	Redis *Redis `json:"redis,omitempty"`
 
-	catalog  *routing.Catalog
-	keys     *identity.KeyCache
-	store    *storeHandle
-	storeKey string
-	origins  map[string]bool
-	anyOrig  bool
-	logger   *zap.Logger
-	metrics  *gatewayMetrics
-	limits   *limiters
+	catalog *routing.Catalog
+	keys    *identity.KeyCache
+	// userTierTTL is how long a user's tier is remembered (ratelimit.go).
+	userTierTTL time.Duration
+	store       *storeHandle
+	storeKey    string
+	origins     map[string]bool
+	anyOrig     bool
+	logger      *zap.Logger
+	metrics     *gatewayMetrics
+	limits      *limiters
 	// owners remembers which backend made which stored response, for whom (responses.go).
 	owners   *responseOwners
 	redis    *sharedRedis
@@ -144,6 +150,12 @@ type Gateway struct {
 	// now is the gateway's clock for key expiry and rotation; nil means time.Now.
 	now func() time.Time
 }
+
+// The default key cache TTLs (Gateway.KeyCacheTTL).
+const (
+	sharedKeyCacheTTL   = 5 * time.Second
+	embeddedKeyCacheTTL = 10 * time.Minute
+)
 
 // StoreConfig says which store holds the gateway's state.
 type StoreConfig struct {
@@ -309,8 +321,13 @@ func (g *Gateway) Provision(ctx caddy.Context) error {
 	if g.Failover == 0 {
 		g.Failover = 3
 	}
+	g.userTierTTL = time.Duration(g.KeyCacheTTL)
 	if g.KeyCacheTTL == 0 {
-		g.KeyCacheTTL = caddy.Duration(5 * time.Second)
+		g.userTierTTL = sharedKeyCacheTTL
+		g.KeyCacheTTL = caddy.Duration(sharedKeyCacheTTL)
+		if g.Store.Driver != storePostgres {
+			g.KeyCacheTTL = caddy.Duration(embeddedKeyCacheTTL)
+		}
 	}
 	if g.Anonymous != nil && g.Anonymous.Period == 0 {
 		g.Anonymous.Period = caddy.Duration(24 * time.Hour)

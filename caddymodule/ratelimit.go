@@ -282,7 +282,7 @@ var namedPolicies = map[string]ratelimit.Policy{
 func (g *Gateway) provisionRateLimits(reg prometheus.Registerer) error {
 	registerRateLimitMetrics(reg, g.logger)
 	l := &limiters{tiers: map[string]*tierLimiter{}, named: map[string]*ratelimit.Limiter{},
-		userTierTTL: time.Duration(g.KeyCacheTTL)}
+		userTierTTL: g.userTierTTL}
 	g.limits = l
 	shared := func(key string, p ratelimit.Policy) (*ratelimit.Limiter, error) {
 		key = fmt.Sprintf("%s %+v", key, p)
