@@ -18,6 +18,7 @@ import (
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/store/postgres"
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/store/postgres/pgtest"
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/store/sqlite"
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/store/storetest"
 )
 
 // fixture is what the source store was given, to check the target against.
@@ -352,4 +353,67 @@ func TestCopyRefusesSourceInUse(t *testing.T) {
 	if _, err := Copy(ctx, filepath.Join(t.TempDir(), "missing.db"), dsn); err == nil {
 		t.Error("copied a store that does not exist")
 	}
+}
+
+// TestCopyFailureLeavesTargetEmpty: a row PostgreSQL refuses (a NUL in a text column, which
+// SQLite keeps) fails the copy after earlier tables were copied, and the target is left with
+// no data, ready for a copy of the repaired store.
+func TestCopyFailureLeavesTargetEmpty(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "gateway.db")
+	s, err := sqlite.Open(ctx, path, sqlite.Options{})
+	must(t, err)
+	now := time.Now()
+	must(t, s.CreateUser(ctx, identity.User{ID: "u1", Email: "a@example.com", CreatedAt: now}))
+	if _, _, err := s.Credit(ctx, credits.UserAccount("u1"), credits.Credit, "", ""); err != nil {
+		t.Fatal(err)
+	}
+	must(t, s.CreateCode(ctx, signin.Code{Hash: hash("c"), ClientID: "cli", UserID: "u1", RedirectURI: "http://x/\x00",
+		CreatedAt: now, ExpiresAt: now.Add(time.Hour)}))
+	must(t, s.Close())
+
+	dsn := pgtest.NewDatabase(t)
+	sum, err := Copy(ctx, path, dsn)
+	if err == nil || sum.Committed {
+		t.Fatalf("a copy PostgreSQL refuses a row of committed: %+v, %v", sum, err)
+	}
+	t.Logf("refused: %v", err)
+	p, err := postgres.Open(ctx, dsn)
+	must(t, err)
+	defer p.Close()
+	if _, err := p.UserByID(ctx, "u1"); !errors.Is(err, identity.ErrNotFound) {
+		t.Errorf("a failed copy left the user behind: %v", err)
+	}
+	if _, err := p.Balance(ctx, credits.UserAccount("u1")); !errors.Is(err, credits.ErrUnknownAccount) {
+		t.Errorf("a failed copy left the account behind: %v", err)
+	}
+}
+
+// TestLedgerConformanceAfterCopy: a PostgreSQL database made by a copy (of a store with an
+// account and entries of its own) passes the ledger conformance suite.
+func TestLedgerConformanceAfterCopy(t *testing.T) {
+	storetest.TestLedger(t, func(t *testing.T) credits.Ledger {
+		ctx := context.Background()
+		path := filepath.Join(t.TempDir(), "gateway.db")
+		s, err := sqlite.Open(ctx, path, sqlite.Options{})
+		must(t, err)
+		seed := credits.UserAccount("copied-seed")
+		if _, _, err := s.Credit(ctx, seed, 3*credits.Credit, "seed", "seed-1"); err != nil {
+			t.Fatal(err)
+		}
+		r, _, err := s.Reserve(ctx, seed, credits.Credit, time.Minute, nil)
+		must(t, err)
+		if _, err := s.Settle(ctx, r.ID, 1, credits.Usage{}); err != nil {
+			t.Fatal(err)
+		}
+		must(t, s.Close())
+		dsn := pgtest.NewDatabase(t)
+		if _, err := Copy(ctx, path, dsn); err != nil {
+			t.Fatal(err)
+		}
+		p, err := postgres.Open(ctx, dsn)
+		must(t, err)
+		t.Cleanup(func() { _ = p.Close() })
+		return p
+	})
 }
