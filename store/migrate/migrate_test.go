@@ -4,8 +4,10 @@ import (
 	"context"
 	"database/sql"
 	"errors"
+	"io/fs"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"testing/fstest"
 
@@ -239,4 +241,33 @@ func TestApplyFailure(t *testing.T) {
 			}
 		})
 	}
+}
+
+// FuzzLoad: whatever the file names, Load either refuses them or returns migrations numbered
+// 1..n, each named after its file.
+func FuzzLoad(f *testing.F) {
+	f.Add("0001_a.sql", "0002_b.sql")
+	f.Add("0001_a.sql", "0003_c.sql")
+	f.Add("1_a.sql", "01_b.sql")
+	f.Add("init.sql", "0001_a.sql")
+	f.Add("0000_a.sql", "-1_b.sql")
+	f.Add("+1_a.sql", "0002_.sql")
+	f.Fuzz(func(t *testing.T, a, b string) {
+		files := fstest.MapFS{}
+		for _, n := range []string{a, b} {
+			if n == "" || !fs.ValidPath("m/"+n) || strings.Contains(n, "/") {
+				return
+			}
+			files["m/"+n] = &fstest.MapFile{Data: []byte(n)}
+		}
+		ms, err := Load(files, "m")
+		if err != nil {
+			return
+		}
+		for i, m := range ms {
+			if m.Version != i+1 || m.SQL != m.Name+".sql" || !strings.HasSuffix(m.SQL, ".sql") {
+				t.Fatalf("Load(%q, %q) = %+v", a, b, ms)
+			}
+		}
+	})
 }
