@@ -4,13 +4,17 @@ import (
 	"context"
 	"crypto/ed25519"
 	"crypto/sha256"
+	"database/sql"
 	"errors"
 	"net/netip"
 	"path/filepath"
 	"reflect"
 	"slices"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/jackc/pgx/v5"
 
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/credits"
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/identity"
@@ -416,4 +420,58 @@ func TestLedgerConformanceAfterCopy(t *testing.T) {
 		t.Cleanup(func() { _ = p.Close() })
 		return p
 	})
+}
+
+// TestCheckFindsMismatches: the check a copy commits on tells a balance that differs from the
+// source's, and a table whose row count does.
+func TestCheckFindsMismatches(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "gateway.db")
+	s, err := sqlite.Open(ctx, path, sqlite.Options{})
+	must(t, err)
+	must(t, s.CreateUser(ctx, identity.User{ID: "u1", Email: "a@example.com", CreatedAt: time.Now()}))
+	if _, _, err := s.Credit(ctx, credits.UserAccount("u1"), credits.Credit, "", ""); err != nil {
+		t.Fatal(err)
+	}
+	must(t, s.Close())
+	dsn := pgtest.NewDatabase(t)
+	if _, err := Copy(ctx, path, dsn); err != nil {
+		t.Fatal(err)
+	}
+	src, err := sqlite.Open(ctx, path, sqlite.Options{})
+	must(t, err)
+	defer src.Close()
+	conn, err := pgx.Connect(ctx, dsn)
+	must(t, err)
+	defer conn.Close(ctx)
+	err = src.Snapshot(ctx, func(stx *sql.Tx) error {
+		tx, err := conn.Begin(ctx)
+		if err != nil {
+			return err
+		}
+		defer tx.Rollback(ctx)
+		if _, err := tx.Exec(ctx, `UPDATE accounts SET balance = balance + 1`); err != nil {
+			return err
+		}
+		if _, err := tx.Exec(ctx, `DELETE FROM users`); err != nil {
+			return err
+		}
+		sum := Summary{Tables: map[string]int{}}
+		for _, tb := range tables {
+			var n int
+			if err := stx.QueryRowContext(ctx, `SELECT count(*) FROM `+tb.name).Scan(&n); err != nil {
+				return err
+			}
+			sum.Tables[tb.name] = n
+		}
+		if err := check(ctx, stx, tx, &sum); err != nil {
+			return err
+		}
+		joined := strings.Join(sum.Mismatches, "\n")
+		if len(sum.Mismatches) != 2 || !strings.Contains(joined, "account user:u1") || !strings.Contains(joined, "users: 1 rows") {
+			t.Errorf("mismatches:\n%s\nwant the account's balance and the users count", joined)
+		}
+		return nil
+	})
+	must(t, err)
 }
