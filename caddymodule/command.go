@@ -10,16 +10,18 @@ import (
 	"strings"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 	"github.com/spf13/cobra"
 
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/credits"
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/store/transfer"
 )
 
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "llm-gateway",
-		Usage: "<users|credits|ledger|keys|apps|signing-keys|backends> ...",
+		Usage: "<users|credits|ledger|keys|apps|signing-keys|backends|migrate-store> ...",
 		Short: "Manages the LLM gateway's users, credits and API keys on a running instance",
 		Long: `
 Manages the LLM gateway of a running Caddy through its admin API (default localhost:2019):
@@ -37,8 +39,10 @@ Manages the LLM gateway of a running Caddy through its admin API (default localh
   caddy llm-gateway apps list
   caddy llm-gateway signing-keys rotate
   caddy llm-gateway backends
+  caddy llm-gateway migrate-store --from <sqlite file> --to <postgres dsn | {env.X}>
 
-Answers are printed as JSON. A new API key (or app client secret) is printed once: store it.`,
+Answers are printed as JSON. migrate-store works offline, on the files themselves: it copies a
+stopped embedded store into an empty PostgreSQL database and prints what it copied. A new API key (or app client secret) is printed once: store it.`,
 		CobraFunc: gatewayCommand,
 	})
 }
@@ -184,7 +188,29 @@ func gatewayCommand(cmd *cobra.Command) {
 			return call(http.MethodPost, "/llm_gateway/signing_keys/rotate", nil, nil)
 		}})
 
-	cmd.AddCommand(users, creditsCmd, ledger, keys, apps, signingKeys, backends)
+	var from, to string
+	migrateStore := &cobra.Command{Use: "migrate-store --from <sqlite file> --to <postgres dsn>",
+		Short: "Copies a stopped embedded store into an empty PostgreSQL database (offline: no admin API)",
+		Args:  cobra.NoArgs,
+		RunE: func(c *cobra.Command, _ []string) error {
+			// The DSN may hold a password: it is never printed, and Copy's errors never hold it.
+			dsn := caddy.NewReplacer().ReplaceKnown(to, "")
+			sum, err := transfer.Copy(c.Context(), from, dsn)
+			if len(sum.Tables) > 0 {
+				out, merr := json.MarshalIndent(sum, "", "  ")
+				if merr != nil {
+					return merr
+				}
+				fmt.Fprintf(c.OutOrStdout(), "%s\n", out)
+			}
+			return err
+		}}
+	migrateStore.Flags().StringVar(&from, "from", "", "the embedded store's file (the gateway using it must be stopped)")
+	migrateStore.Flags().StringVar(&to, "to", "", `the PostgreSQL database, a URL or key=value DSN; "{env.X}" reads it from the environment`)
+	_ = migrateStore.MarkFlagRequired("from")
+	_ = migrateStore.MarkFlagRequired("to")
+
+	cmd.AddCommand(users, creditsCmd, ledger, keys, apps, signingKeys, backends, migrateStore)
 }
 
 // pathSegment keeps an argument inside one path segment.

@@ -13,11 +13,6 @@ import (
 	"embed"
 	"errors"
 	"fmt"
-	"io/fs"
-	"path"
-	"slices"
-	"strconv"
-	"strings"
 	"sync/atomic"
 	"time"
 
@@ -26,6 +21,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/credits"
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/store/migrate"
 )
 
 // Store is the ledger, users, keys and sign-in state on one PostgreSQL database. It is safe
@@ -65,7 +61,7 @@ func OpenWith(ctx context.Context, dsn string, opts Options) (*Store, error) {
 	if err != nil {
 		return nil, fail("postgres store: connecting", err)
 	}
-	if err := migrate(ctx, pool); err != nil {
+	if err := migrateSchema(ctx, pool); err != nil {
 		pool.Close()
 		return nil, fmt.Errorf("postgres store: %w", err)
 	}
@@ -136,88 +132,25 @@ func (c *roundTripCounter) TraceBatchEnd(context.Context, *pgx.Conn, pgx.TraceBa
 //go:embed migrations/*.sql
 var migrationFiles embed.FS
 
-// migration is one schema change.
-type migration struct {
-	version int
-	name    string
-	sql     string
-}
-
-// loadMigrations reads the migrations in files in version order.
-func loadMigrations(files fs.FS) ([]migration, error) {
-	names, err := fs.Glob(files, "migrations/*.sql")
-	if err != nil {
-		return nil, err
-	}
-	var ms []migration
-	for _, name := range names {
-		base := path.Base(name)
-		num, _, ok := strings.Cut(base, "_")
-		version, err := strconv.Atoi(num)
-		if !ok || err != nil || version <= 0 {
-			return nil, fmt.Errorf("migration %s: name is not <version>_<what>.sql", base)
-		}
-		body, err := fs.ReadFile(files, name)
-		if err != nil {
-			return nil, fmt.Errorf("migration %s: %w", base, err)
-		}
-		ms = append(ms, migration{version: version, name: strings.TrimSuffix(base, ".sql"), sql: string(body)})
-	}
-	slices.SortFunc(ms, func(a, b migration) int { return a.version - b.version })
-	for i, m := range ms {
-		if m.version != i+1 {
-			return nil, fmt.Errorf("migration %s: expected version %d", m.name, i+1)
-		}
-	}
-	return ms, nil
-}
-
 // migrationLock is the key of the advisory lock migrations hold: any number of instances
 // opening the same database at once apply each migration once.
 const migrationLock = 0x6c6c6d67772d6d31 // "llmgw-m1"
 
-// migrate applies every embedded migration the database has not recorded in
+// migrateSchema applies every embedded migration the database has not recorded in
 // schema_migrations, in order, in one transaction under the migration lock: a failed
 // migration leaves nothing behind.
-func migrate(ctx context.Context, pool *pgxpool.Pool) error {
-	ms, err := loadMigrations(migrationFiles)
+func migrateSchema(ctx context.Context, pool *pgxpool.Pool) error {
+	ms, err := migrate.Load(migrationFiles, "migrations")
 	if err != nil {
 		return err
 	}
 	return migrateWith(ctx, pool, ms)
 }
 
-// migrateWith applies the migrations ms (see migrate).
-func migrateWith(ctx context.Context, pool *pgxpool.Pool, ms []migration) error {
-	err := pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
-		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock($1)`, int64(migrationLock)); err != nil {
-			return fail("taking the migration lock", err)
-		}
-		if _, err := tx.Exec(ctx, `CREATE TABLE IF NOT EXISTS schema_migrations (
-			version    INTEGER     NOT NULL PRIMARY KEY,
-			name       TEXT        NOT NULL,
-			applied_at timestamptz NOT NULL DEFAULT now()
-		)`); err != nil {
-			return fail("creating schema_migrations", err)
-		}
-		var latest int
-		if err := tx.QueryRow(ctx, `SELECT coalesce(max(version), 0) FROM schema_migrations`).Scan(&latest); err != nil {
-			return fail("reading schema_migrations", err)
-		}
-		if latest > len(ms) {
-			return fmt.Errorf("%w: database schema version %d, this build's %d", errNewerSchema, latest, len(ms))
-		}
-		for _, m := range ms[latest:] {
-			if _, err := tx.Exec(ctx, m.sql); err != nil {
-				return fmt.Errorf("migration %s: %w", m.name, err)
-			}
-			if _, err := tx.Exec(ctx, `INSERT INTO schema_migrations (version, name) VALUES ($1, $2)`, m.version, m.name); err != nil {
-				return fmt.Errorf("migration %s: %w", m.name, err)
-			}
-		}
-		return nil
-	})
-	if errors.Is(err, errNewerSchema) {
+// migrateWith applies the migrations ms (see migrateSchema).
+func migrateWith(ctx context.Context, pool *pgxpool.Pool, ms []migrate.Migration) error {
+	err := migrate.Apply(ctx, dialect{pool}, ms)
+	if errors.Is(err, migrate.ErrNewerSchema) {
 		return fmt.Errorf("migrating: %w", err)
 	}
 	if err != nil {
@@ -226,8 +159,55 @@ func migrateWith(ctx context.Context, pool *pgxpool.Pool, ms []migration) error 
 	return nil
 }
 
-// errNewerSchema: the database was migrated by a later build, which this one cannot serve.
-var errNewerSchema = errors.New("the database schema is newer than this build's")
+// dialect is PostgreSQL's way of migrating: every pending migration in one transaction (its
+// DDL is transactional), which holds the advisory migration lock.
+type dialect struct{ pool *pgxpool.Pool }
+
+func (d dialect) OneTransaction() bool { return true }
+
+func (d dialect) Begin(ctx context.Context) (migrate.Tx, error) {
+	tx, err := d.pool.Begin(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return migrationTx{tx}, nil
+}
+
+// migrationTx is the transaction of a migration.
+type migrationTx struct{ tx pgx.Tx }
+
+func (t migrationTx) Lock(ctx context.Context) error {
+	_, err := t.tx.Exec(ctx, `SELECT pg_advisory_xact_lock($1)`, int64(migrationLock))
+	return err
+}
+
+func (t migrationTx) CreateTable(ctx context.Context) error {
+	_, err := t.tx.Exec(ctx, `CREATE TABLE IF NOT EXISTS schema_migrations (
+		version    INTEGER     NOT NULL PRIMARY KEY,
+		name       TEXT        NOT NULL,
+		applied_at timestamptz NOT NULL DEFAULT now()
+	)`)
+	return err
+}
+
+func (t migrationTx) Latest(ctx context.Context) (int, error) {
+	var latest int
+	err := t.tx.QueryRow(ctx, `SELECT coalesce(max(version), 0) FROM schema_migrations`).Scan(&latest)
+	return latest, err
+}
+
+func (t migrationTx) Exec(ctx context.Context, sql string) error {
+	_, err := t.tx.Exec(ctx, sql)
+	return err
+}
+
+func (t migrationTx) Record(ctx context.Context, m migrate.Migration) error {
+	_, err := t.tx.Exec(ctx, `INSERT INTO schema_migrations (version, name) VALUES ($1, $2)`, m.Version, m.Name)
+	return err
+}
+
+func (t migrationTx) Commit(ctx context.Context) error   { return t.tx.Commit(ctx) }
+func (t migrationTx) Rollback(ctx context.Context) error { return t.tx.Rollback(ctx) }
 
 // verdicts are the errors that tell the caller something about its request rather than about
 // the store; they are returned as they are.

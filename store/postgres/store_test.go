@@ -16,6 +16,7 @@ import (
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/credits"
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/identity"
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/signin"
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/store/migrate"
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/store/postgres/pgtest"
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/store/storetest"
 )
@@ -237,7 +238,7 @@ func TestMigrations(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	ms, err := loadMigrations(migrationFiles)
+	ms, err := migrate.Load(migrationFiles, "migrations")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -259,8 +260,8 @@ func TestMigrations(t *testing.T) {
 		t.Errorf("open of a newer schema: %v", err)
 	}
 	// A failed migration leaves nothing behind.
-	broken := append(ms[:len(ms):len(ms)], migration{version: len(ms) + 1, name: "broken",
-		sql: `CREATE TABLE half_done (x int); SELECT no_such_function()`})
+	broken := append(ms[:len(ms):len(ms)], migrate.Migration{Version: len(ms) + 1, Name: "broken",
+		SQL: `CREATE TABLE half_done (x int); SELECT no_such_function()`})
 	if _, err := s.pool.Exec(ctx, `DELETE FROM schema_migrations WHERE name = 'future'`); err != nil {
 		t.Fatal(err)
 	}

@@ -4,14 +4,10 @@ import (
 	"context"
 	"database/sql"
 	"embed"
-	"errors"
 	"fmt"
-	"io/fs"
-	"path"
-	"slices"
-	"strconv"
-	"strings"
 	"time"
+
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/store/migrate"
 )
 
 // migrationFiles are the schema changes, named <version>_<what>.sql with versions counting
@@ -20,96 +16,76 @@ import (
 //go:embed migrations/*.sql
 var migrationFiles embed.FS
 
-// migration is one schema change.
-type migration struct {
-	version int
-	name    string
-	sql     string
-}
-
-// loadMigrations reads the embedded migrations in version order.
-func loadMigrations(files fs.FS) ([]migration, error) {
-	names, err := fs.Glob(files, "migrations/*.sql")
-	if err != nil {
-		return nil, err
-	}
-	var ms []migration
-	for _, name := range names {
-		base := path.Base(name)
-		num, _, ok := strings.Cut(base, "_")
-		version, err := strconv.Atoi(num)
-		if !ok || err != nil || version <= 0 {
-			return nil, fmt.Errorf("migration %s: name is not <version>_<what>.sql", base)
-		}
-		body, err := fs.ReadFile(files, name)
-		if err != nil {
-			return nil, fmt.Errorf("migration %s: %w", base, err)
-		}
-		ms = append(ms, migration{version: version, name: strings.TrimSuffix(base, ".sql"), sql: string(body)})
-	}
-	slices.SortFunc(ms, func(a, b migration) int { return a.version - b.version })
-	for i, m := range ms {
-		if m.version != i+1 {
-			return nil, fmt.Errorf("migration %s: expected version %d", m.name, i+1)
-		}
-	}
-	return ms, nil
-}
-
-// migrate applies, in order, each migration the database has not recorded in
+// migrateSchema applies, in order, each migration the database has not recorded in
 // schema_migrations, each in its own transaction together with its record, so that a failed
-// migration leaves nothing behind and concurrent openers apply it once.
-func migrate(ctx context.Context, db *sql.DB, now time.Time) error {
-	ms, err := loadMigrations(migrationFiles)
+// migration leaves nothing of itself behind and concurrent openers apply it once.
+func migrateSchema(ctx context.Context, db *sql.DB, now time.Time) error {
+	ms, err := migrate.Load(migrationFiles, "migrations")
 	if err != nil {
 		return err
 	}
-	if _, err := db.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS schema_migrations (
-		version    INTEGER NOT NULL PRIMARY KEY,
-		name       TEXT    NOT NULL,
-		applied_at INTEGER NOT NULL
-	) STRICT`); err != nil {
-		return fmt.Errorf("migrating: %w", fail("creating schema_migrations", err))
-	}
-	var latest int
-	if err := db.QueryRowContext(ctx, `SELECT coalesce(max(version), 0) FROM schema_migrations`).Scan(&latest); err != nil {
-		return fmt.Errorf("migrating: %w", fail("reading schema_migrations", err))
-	}
-	if latest > len(ms) {
-		return fmt.Errorf("migrating: database schema version %d is newer than this build's %d", latest, len(ms))
-	}
-	for _, m := range ms[latest:] {
-		tx, err := db.BeginTx(ctx, nil)
-		if err != nil {
-			return fmt.Errorf("migration %s: %w", m.name, fail("beginning", err))
-		}
-		err = applyMigration(ctx, tx, m, now)
-		if err == nil {
-			err = tx.Commit()
-		} else {
-			_ = tx.Rollback()
-		}
-		if err != nil {
-			return fmt.Errorf("migration %s: %w", m.name, err)
-		}
+	if err := migrate.Apply(ctx, dialect{db: db, now: now}, ms); err != nil {
+		return fmt.Errorf("migrating: %w", err)
 	}
 	return nil
 }
 
-// applyMigration applies m in tx unless another opener applied it first.
-func applyMigration(ctx context.Context, tx *sql.Tx, m migration, now time.Time) error {
-	var applied int
-	err := tx.QueryRowContext(ctx, `SELECT 1 FROM schema_migrations WHERE version = ?`, m.version).Scan(&applied)
-	switch {
-	case err == nil:
-		return nil
-	case !errors.Is(err, sql.ErrNoRows):
-		return err
+// dialect is SQLite's way of migrating: each migration in its own transaction, which the
+// writer begins IMMEDIATE (taking the file's write lock at once, so no lock of its own).
+type dialect struct {
+	db  *sql.DB
+	now time.Time
+}
+
+func (d dialect) OneTransaction() bool { return false }
+
+func (d dialect) Begin(ctx context.Context) (migrate.Tx, error) {
+	tx, err := d.db.BeginTx(ctx, nil)
+	if err != nil {
+		return nil, fail("beginning", err)
 	}
-	if _, err := tx.ExecContext(ctx, m.sql); err != nil {
-		return err
+	return migrationTx{tx: tx, now: d.now}, nil
+}
+
+// migrationTx is one transaction of a migration.
+type migrationTx struct {
+	tx  *sql.Tx
+	now time.Time
+}
+
+func (t migrationTx) Lock(context.Context) error { return nil }
+
+func (t migrationTx) CreateTable(ctx context.Context) error {
+	_, err := t.tx.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS schema_migrations (
+		version    INTEGER NOT NULL PRIMARY KEY,
+		name       TEXT    NOT NULL,
+		applied_at INTEGER NOT NULL
+	) STRICT`)
+	if err != nil {
+		return fail("creating", err)
 	}
-	_, err = tx.ExecContext(ctx, `INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)`,
-		m.version, m.name, micros(now))
+	return nil
+}
+
+func (t migrationTx) Latest(ctx context.Context) (int, error) {
+	var latest int
+	err := t.tx.QueryRowContext(ctx, `SELECT coalesce(max(version), 0) FROM schema_migrations`).Scan(&latest)
+	if err != nil {
+		return 0, fail("reading", err)
+	}
+	return latest, nil
+}
+
+func (t migrationTx) Exec(ctx context.Context, sql string) error {
+	_, err := t.tx.ExecContext(ctx, sql)
 	return err
 }
+
+func (t migrationTx) Record(ctx context.Context, m migrate.Migration) error {
+	_, err := t.tx.ExecContext(ctx, `INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)`,
+		m.Version, m.Name, micros(t.now))
+	return err
+}
+
+func (t migrationTx) Commit(context.Context) error   { return t.tx.Commit() }
+func (t migrationTx) Rollback(context.Context) error { return t.tx.Rollback() }

@@ -226,7 +226,7 @@ func open(ctx context.Context, abs string, lock *fileLock, opts Options) (*Store
 		closeDBs()
 		return nil, fmt.Errorf("%w: %w", credits.ErrStoreUnavailable, err)
 	}
-	if err := migrate(ctx, s.write, s.now()); err != nil {
+	if err := migrateSchema(ctx, s.write, s.now()); err != nil {
 		closeDBs()
 		return nil, err
 	}

@@ -8,13 +8,13 @@ import (
 	"strings"
 	"sync"
 	"testing"
-	"testing/fstest"
 	"time"
 
 	"go.uber.org/goleak"
 
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/credits"
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/identity"
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/store/migrate"
 )
 
 // kill9Env names the database the child of TestKill9 (unix only) works on.
@@ -203,7 +203,7 @@ func TestReopenKeepsDataAndMigrationsAreIdempotent(t *testing.T) {
 		if err := s.read.QueryRowContext(ctx, `SELECT count(*), max(version) FROM schema_migrations`).Scan(&n, &version); err != nil {
 			t.Fatal(err)
 		}
-		ms, err := loadMigrations(migrationFiles)
+		ms, err := migrate.Load(migrationFiles, "migrations")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -235,6 +235,14 @@ func TestReopenKeepsDataAndMigrationsAreIdempotent(t *testing.T) {
 	}
 }
 
+// TestEmbeddedMigrationsLoad: the embedded migrations are well named and count from 1 (the
+// loader itself is tested in store/migrate).
+func TestEmbeddedMigrationsLoad(t *testing.T) {
+	if _, err := migrate.Load(migrationFiles, "migrations"); err != nil {
+		t.Fatalf("embedded migrations: %v", err)
+	}
+}
+
 func TestOpenRefusesNewerSchema(t *testing.T) {
 	ctx := context.Background()
 	s, path := openTestStore(t, nil)
@@ -246,66 +254,6 @@ func TestOpenRefusesNewerSchema(t *testing.T) {
 		s2.Close()
 		t.Fatal("opened a database migrated by a newer build")
 	}
-}
-
-func TestLoadMigrations(t *testing.T) {
-	for _, tc := range []struct {
-		name    string
-		files   fstest.MapFS
-		want    []int
-		wantErr bool
-	}{
-		{"in order", fstest.MapFS{
-			"migrations/0002_b.sql":  {Data: []byte("b")},
-			"migrations/0001_a.sql":  {Data: []byte("a")},
-			"migrations/0010_c.txt":  {Data: []byte("ignored")},
-			"migrations/0003_cc.sql": {Data: []byte("c")},
-		}, []int{1, 2, 3}, false},
-		{"gap", fstest.MapFS{
-			"migrations/0001_a.sql": {Data: []byte("a")},
-			"migrations/0003_c.sql": {Data: []byte("c")},
-		}, nil, true},
-		{"duplicate version", fstest.MapFS{
-			"migrations/0001_a.sql": {Data: []byte("a")},
-			"migrations/0001_b.sql": {Data: []byte("b")},
-		}, nil, true},
-		{"bad name", fstest.MapFS{
-			"migrations/init.sql": {Data: []byte("a")},
-		}, nil, true},
-		{"zero version", fstest.MapFS{
-			"migrations/0000_a.sql": {Data: []byte("a")},
-		}, nil, true},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			ms, err := loadMigrations(tc.files)
-			if (err != nil) != tc.wantErr {
-				t.Fatalf("error = %v, want error %v", err, tc.wantErr)
-			}
-			var got []int
-			for _, m := range ms {
-				got = append(got, m.version)
-			}
-			if !tc.wantErr && !equalInts(got, tc.want) {
-				t.Errorf("versions %v, want %v", got, tc.want)
-			}
-		})
-	}
-	// The embedded ones load.
-	if _, err := loadMigrations(migrationFiles); err != nil {
-		t.Fatalf("embedded migrations: %v", err)
-	}
-}
-
-func equalInts(a, b []int) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
 
 func TestDataSourceName(t *testing.T) {
