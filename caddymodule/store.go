@@ -45,8 +45,9 @@ type storeHandle struct {
 	responses func(ctx context.Context, responseID string) (credits.ResponseOwner, error)
 	// usage sums an account's settle entries by day and model.
 	usage func(ctx context.Context, account credits.AccountID, since time.Time) ([]credits.UsageDay, error)
-	// openReservations counts the open reservations and the credits they hold (for metrics).
-	openReservations func() (int, credits.Amount)
+	// openReservations counts the open reservations and the credits they hold (for metrics),
+	// or fails when the store cannot say (PostgreSQL unreachable).
+	openReservations func() (int, credits.Amount, error)
 	close            func() error
 	sweepCtx         context.Context
 	stop             context.CancelFunc
@@ -127,7 +128,8 @@ func openSQLite(cfg StoreConfig, logger *zap.Logger) (*storeHandle, string, erro
 			// so the ledger identity of the credit counters holds within a process.
 			metricCreditsReleasedAtStart.Add(amount.Credits())
 		}
-		h := newStoreHandle(s, s, s, s, s.ChainSpent, s.UsageByDay, s.ResponseOwner, s.OpenReservations, s.Close)
+		open := func() (int, credits.Amount, error) { n, amount := s.OpenReservations(); return n, amount, nil }
+		h := newStoreHandle(s, s, s, s, s.ChainSpent, s.UsageByDay, s.ResponseOwner, open, s.Close)
 		go h.sweep(logger)
 		return h, nil
 	})
@@ -149,7 +151,14 @@ func openPostgres(cfg StoreConfig, logger *zap.Logger) (*storeHandle, string, er
 	val, _, err := stores.LoadOrNew(key, func() (caddy.Destructor, error) {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		s, err := postgres.OpenWith(ctx, dsn, postgres.Options{LeaseSize: cfg.LeaseSize})
+		s, err := postgres.OpenWith(ctx, dsn, postgres.Options{LeaseSize: cfg.LeaseSize, LeaseTTL: time.Duration(cfg.LeaseTTL),
+			OnDrop: func(reservationID string, cost credits.Amount, err error) {
+				// refused for good: retrying cannot help; the cost is not charged (an
+				// undercharge, never an overspend), the reservation's credits go back
+				metricSettlementsDropped.Inc()
+				logger.Error("settlement refused by the database and dropped, not charged",
+					zap.String("reservation", reservationID), zap.Stringer("credits", cost), zap.Error(err))
+			}})
 		if err != nil {
 			return nil, fmt.Errorf("opening the postgres store: %w", err)
 		}
@@ -169,7 +178,7 @@ func newStoreHandle(l credits.Ledger, users identity.Users, keys identity.Keys, 
 	chainSpent func(context.Context, string, time.Time) (credits.Amount, error),
 	usage func(context.Context, credits.AccountID, time.Time) ([]credits.UsageDay, error),
 	responses func(context.Context, string) (credits.ResponseOwner, error),
-	open func() (int, credits.Amount), closeStore func() error) *storeHandle {
+	open func() (int, credits.Amount, error), closeStore func() error) *storeHandle {
 	ctx, stop := context.WithCancel(context.Background())
 	return &storeHandle{ledger: newKeyLedger(timedLedger{l}, chainSpent), users: users, keys: keys, signin: signin,
 		usage: usage, responses: responses, openReservations: open, close: closeStore,

@@ -204,6 +204,7 @@ func TestStoreFailureIsUnavailable(t *testing.T) {
 			"balance": func() error { _, err := s.Balance(ctx, account); return err },
 			"entries": func() error { _, err := s.Entries(ctx, account, 1); return err },
 			"audit":   func() error { _, err := s.Audit(ctx, account); return err },
+			"open reservations": func() error { _, _, err := s.OpenReservations(); return err },
 		} {
 			if err := call(); !errors.Is(err, credits.ErrStoreUnavailable) {
 				t.Errorf("%s on a closed store: %v", name, err)
