@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -110,6 +111,21 @@ func startCluster(t *testing.T, n int, gateway, storeBlock string) *cluster {
 		e.startChild(c.setup)
 		c.gws = append(c.gws, e)
 	}
+	t.Cleanup(func() {
+		if !t.Failed() {
+			return
+		}
+		for i, e := range c.gws {
+			raw, _ := os.ReadFile(filepath.Join(e.dir, "caddy.log"))
+			var errs []string
+			for _, line := range strings.Split(string(raw), "\n") {
+				if strings.Contains(line, `"level":"error"`) || strings.Contains(line, `"level":"warn"`) {
+					errs = append(errs, truncate(line, 400))
+				}
+			}
+			t.Logf("instance %d: %d warnings and errors logged; the last: %s", i, len(errs), strings.Join(errs[max(0, len(errs)-5):], "\n"))
+		}
+	})
 	return c
 }
 
