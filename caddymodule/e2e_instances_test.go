@@ -67,7 +67,7 @@ type cluster struct {
 	t     *testing.T
 	mock  *env // the mock backend, in this process
 	gws   []*env
-	setup setup // every instance's
+	setup setup  // every instance's
 	dsn   string // the database, for the test's own reads
 	// pgProxy is between the instances and PostgreSQL, when the test asked for one.
 	pgProxy *faultProxy
@@ -554,6 +554,11 @@ func TestOAuthSingleWinnerAcrossInstances(t *testing.T) {
 			t.Fatalf("round %d: %d of 50 redemptions over three instances won, want 1", round, wins)
 		}
 	}
+	// The losers of a race for a code revoke what the code gave (a replayed code): the refresh
+	// race starts from a code redeemed once.
+	code := b.code(authorizeQuery(app.ClientID, challenge, "once"))
+	rt = tokensOf(t, gwToken(c.gws[1], url.Values{"grant_type": {"authorization_code"}, "code": {code},
+		"code_verifier": {verifier}, "client_id": {app.ClientID}, "redirect_uri": {clientRedirect}})).RefreshToken
 	successors := map[string]int{}
 	for _, r := range spread(50, url.Values{"grant_type": {"refresh_token"}, "refresh_token": {rt}, "client_id": {app.ClientID}}) {
 		if r == nil {
@@ -573,12 +578,16 @@ func TestOAuthSingleWinnerAcrossInstances(t *testing.T) {
 			t.Fatal("the refresh token was not rotated")
 		}
 		for i, gw := range c.gws[1:] {
-			r := gw.request(http.MethodPost, gw.gw+"/oauth/token", url.Values{"grant_type": {"refresh_token"},
-				"refresh_token": {next}, "client_id": {app.ClientID}}.Encode(), map[string]string{"Content-Type": "application/x-www-form-urlencoded"})
-			next = tokensOf(t, r).RefreshToken
+			next = tokensOf(t, gwToken(gw, url.Values{"grant_type": {"refresh_token"}, "refresh_token": {next},
+				"client_id": {app.ClientID}})).RefreshToken
 			t.Logf("the successor rotated again on instance %d", i+1)
 		}
 	}
+}
+
+// gwToken posts a form to an instance's token endpoint.
+func gwToken(gw *env, form url.Values) *response {
+	return gw.request(http.MethodPost, gw.gw+"/oauth/token", form.Encode(), map[string]string{"Content-Type": "application/x-www-form-urlencoded"})
 }
 
 // TestPostgresCutDuringLoad: with PostgreSQL cut, then black-holed, under load on three
