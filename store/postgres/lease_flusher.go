@@ -202,6 +202,11 @@ func (l *leaser) flusher() {
 // once they are used up, leased reservations are refused (the queue is failing) and the batch
 // is retried every second until it is committed. A queued settlement is dropped only when the
 // database refuses it for good (permanentCommitError): see dropRefused.
+// commitTimeout bounds one attempt to commit a batch: an attempt on a connection that went
+// silent fails (pgx then drops the connection) and is retried on another. A commit whose
+// outcome was lost this way is recognised when replayed (insertSettleEntries).
+const commitTimeout = 5 * time.Second
+
 var commitRetryDelays = []time.Duration{time.Millisecond, 5 * time.Millisecond, 25 * time.Millisecond, 100 * time.Millisecond}
 
 // commitHead commits the batch at the head of the queue, retrying until it is committed, or
@@ -334,6 +339,9 @@ RETURNING balance - reserved, ARRAY(SELECT id FROM paid)`
 // commits of several instances never wait on each other's account rows in a cycle). It then
 // applies the outcome to the leases in memory, under books.
 func (l *leaser) commit(ctx context.Context, ops []settleOp) error {
+	// a connection that hangs (packets dropped) fails the attempt instead of the flusher
+	ctx, cancel := context.WithTimeout(ctx, commitTimeout)
+	defer cancel()
 	l.books.RLock()
 	defer l.books.RUnlock()
 	var (
