@@ -311,12 +311,16 @@ func pgQueryRow(t testing.TB, dsn, query string, dst ...any) {
 	}
 }
 
-// maxLostPerKill bounds the forwarded requests a SIGKILL can leave unsettled: those in flight
-// at the killed instance (at most the load's concurrency, 200: their reservations are released
-// at their expiry, nothing charged), and the settlements it had queued and not committed (the
-// leased store's flusher makes Settle wait beyond 2 batches of 512 queued, so at most that plus
-// one settlement per concurrent request).
-const maxLostPerKill = 200 + 2*512 + 200
+// Bounds of what a SIGKILL leaves uncharged. maxUncommittedPerKill: the settlements the killed
+// instance had made in memory and not committed, of requests whose client may have been
+// answered 200 (the leased store's flusher commits every 2 ms, and Settle waits once 2 batches
+// of 512 are queued, so at most that plus one settlement per concurrent request, 200).
+// maxLostPerKill: those, and the requests in flight at the killed instance (at most the load's
+// concurrency: forwarded, never answered, their reservations released at their expiry).
+const (
+	maxUncommittedPerKill = 2*512 + 200
+	maxLostPerKill        = maxUncommittedPerKill + 200
+)
 
 // openLeases counts the lease rows left in the database.
 func (c *cluster) openLeases() int {
@@ -443,6 +447,11 @@ func TestThreeInstancesUnderKills(t *testing.T) {
 	}
 	if lost := fwd - sum; lost > kills.Load()*maxLostPerKill {
 		t.Errorf("%d forwarded requests never settled over %d kills; the bound is %d a kill", lost, kills.Load(), maxLostPerKill)
+	}
+	if told := res.statuses[http.StatusOK] - sum; told > kills.Load()*maxUncommittedPerKill {
+		t.Errorf("%d requests answered 200 and never settled over %d kills; the bound is %d a kill", told, kills.Load(), maxUncommittedPerKill)
+	} else {
+		t.Logf("%d requests answered 200 and never settled (the killed instances' last batches)", told)
 	}
 	t.Logf("forwarded %d of %d covered, %d settled: %d lost over %d kills (requests in flight at a kill, and the last batch)",
 		fwd, nUsers*covers, sum, fwd-sum, kills.Load())
