@@ -70,7 +70,8 @@ type cluster struct {
 	setup setup  // every instance's
 	dsn   string // the database, for the test's own reads
 	// pgProxy is between the instances and PostgreSQL, when the test asked for one.
-	pgProxy *faultProxy
+	pgProxy  *faultProxy
+	mockBase int64 // the mock's count when the cluster started
 }
 
 // Prices and fixed usage of the load: every request costs exactly requestCost.
@@ -107,6 +108,7 @@ func startClusterVia(t *testing.T, n int, gateway, storeBlock string, proxy func
 		gatewayDSN = u.String()
 	}
 	c.mock = startMockOnly(t, mockSpec{key: "mock", lines: fmt.Sprintf("models load-model\n\t\tcompletion_tokens %d", loadOutTokens)})
+	c.mockBase = c.mock.mockRequests("mock")
 	c.setup = setup{
 		dsn:        gatewayDSN,
 		storeBlock: storeBlock,
@@ -148,8 +150,9 @@ func startClusterVia(t *testing.T, n int, gateway, storeBlock string, proxy func
 	return c
 }
 
-// forwarded is how many requests the mock received.
-func (c *cluster) forwarded() int64 { return c.mock.mockRequests("mock") }
+// forwarded is how many requests the mock received since the cluster started (its counters
+// live in the process under the test's name: -count=2 runs the test twice on them).
+func (c *cluster) forwarded() int64 { return c.mock.mockRequests("mock") - c.mockBase }
 
 // loadUser is a user of the load and what its balance covers.
 type loadUser struct {
