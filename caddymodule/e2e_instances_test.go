@@ -213,12 +213,16 @@ func (c *cluster) runLoad(users []loadUser, total, conc int) loadResult {
 				}
 				req.Header.Set("Content-Type", "application/json")
 				req.Header.Set("Authorization", "Bearer "+u.key.Key)
+				start := time.Now()
 				resp, err := client.Do(req)
 				if err != nil {
 					errs.Add(1)
 					continue
 				}
 				body, err := io.ReadAll(resp.Body)
+				if resp.StatusCode >= 500 {
+					c.t.Logf("instance %d answered %d after %s", i%len(c.gws), resp.StatusCode, time.Since(start))
+				}
 				resp.Body.Close()
 				if err != nil {
 					errs.Add(1)

@@ -154,6 +154,11 @@ func openPostgres(cfg StoreConfig, logger *zap.Logger) (*storeHandle, string, er
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
 		s, err := postgres.OpenWith(ctx, dsn, postgres.Options{LeaseSize: cfg.LeaseSize, LeaseTTL: time.Duration(cfg.LeaseTTL),
+			OnCommit: func(settlements int, err error) {
+				if err != nil { // retried at once, then every second at most: a bounded rate
+					logger.Warn("committing leased settlements failed; retrying", zap.Int("settlements", settlements), zap.Error(err))
+				}
+			},
 			OnDrop: func(reservationID string, cost credits.Amount, err error) {
 				// refused for good: retrying cannot help; the cost is not charged (an
 				// undercharge, never an overspend), the reservation's credits go back
