@@ -176,7 +176,9 @@ func (c *cluster) loadUsers(n int, covers int64, each credits.Amount) []loadUser
 type loadResult struct {
 	statuses map[int]int64
 	errors   int64 // transport errors (an instance killed under the request)
-	took     time.Duration
+	// unexpected: 5xx answers other than 503 store_unavailable
+	unexpected int64
+	took       time.Duration
 }
 
 // runLoad sends total requests at concurrency conc, request i to instance i mod 3 for user i
@@ -189,12 +191,14 @@ func (c *cluster) runLoad(users []loadUser, total, conc int) loadResult {
 	}}
 	defer client.CloseIdleConnections()
 	var (
-		next   atomic.Int64
-		mu     sync.Mutex
-		res    = loadResult{statuses: map[int]int64{}}
-		wg     sync.WaitGroup
-		errs   atomic.Int64
-		sample sync.Map // status -> one body
+		next atomic.Int64
+		mu   sync.Mutex
+		res  = loadResult{statuses: map[int]int64{}}
+		wg   sync.WaitGroup
+		errs atomic.Int64
+		// unexpected counts the 5xx answers other than 503 store_unavailable
+		unexpected atomic.Int64
+		sample     sync.Map // status -> one body
 	)
 	start := time.Now()
 	for range conc {
@@ -222,6 +226,9 @@ func (c *cluster) runLoad(users []loadUser, total, conc int) loadResult {
 				body, err := io.ReadAll(resp.Body)
 				if resp.StatusCode >= 500 {
 					c.t.Logf("instance %d answered %d after %s", i%len(c.gws), resp.StatusCode, time.Since(start))
+					if resp.StatusCode != http.StatusServiceUnavailable || !strings.Contains(string(body), `"store_unavailable"`) {
+						unexpected.Add(1)
+					}
 				}
 				resp.Body.Close()
 				if err != nil {
@@ -238,6 +245,7 @@ func (c *cluster) runLoad(users []loadUser, total, conc int) loadResult {
 	wg.Wait()
 	res.took = time.Since(start)
 	res.errors = errs.Load()
+	res.unexpected = unexpected.Load()
 	sample.Range(func(k, v any) bool {
 		if k.(int) != http.StatusOK {
 			c.t.Logf("an answer %d: %s", k, truncate(v.(string), 300))
@@ -358,10 +366,17 @@ func TestThreeInstancesUnderLoad(t *testing.T) {
 	if res.errors != 0 {
 		t.Errorf("%d transport errors", res.errors)
 	}
+	// 200 and 402; and 503 store_unavailable (nothing forwarded), which a store call slower
+	// than storeTimeout (5 s) answers: seen only when the machine is overloaded (load average
+	// 13 to 17 on 2 cores while other suites ran: a few dozen of 10,000, the child's log saying
+	// "i/o timeout" reading from PostgreSQL); never any other.
 	for status, n := range res.statuses {
-		if status != http.StatusOK && status != http.StatusPaymentRequired {
-			t.Errorf("%d answers %d, want only 200 and 402", n, status)
+		if status != http.StatusOK && status != http.StatusPaymentRequired && status != http.StatusServiceUnavailable {
+			t.Errorf("%d answers %d, want only 200, 402 and 503 store_unavailable", n, status)
 		}
+	}
+	if res.unexpected != 0 {
+		t.Errorf("%d 5xx answers other than 503 store_unavailable", res.unexpected)
 	}
 	fwd := c.forwarded()
 	if fwd > nUsers*covers {
