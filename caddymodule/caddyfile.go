@@ -31,6 +31,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	llm_gateway {
 //		store sqlite <path> | postgres <dsn> {
 //			lease_size <credits>
+//			lease_ttl <duration>
 //		}
 //		key_prefix <prefix>
 //		max_keys_per_user <n>
@@ -115,6 +116,10 @@ func (g *Gateway) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				switch d.Val() {
 				case "lease_size":
 					if err := oneAmount(d, &g.Store.LeaseSize); err != nil {
+						return err
+					}
+				case "lease_ttl":
+					if err := oneDuration(d, &g.Store.LeaseTTL); err != nil {
 						return err
 					}
 				default:

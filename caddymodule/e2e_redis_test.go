@@ -132,8 +132,8 @@ func sharedLimitsSetup(redisAddr, prefix string, perDay, conc int) setup {
 	}
 }
 
-// TestRedisLimitsAcrossProcesses: two gateway processes (this one and a child, each its own
-// store) sharing one Redis: a limit of 4 requests a day admits 4 in all, not 4 each; a
+// TestRedisLimitsAcrossProcesses: three gateway processes (this one and two children, each its
+// own store) sharing one Redis: a limit of 4 requests a day admits 4 in all, not 4 each; a
 // concurrency bound of 2 holds across them, and the slots of a child killed with SIGKILL
 // while holding them come back after the slot TTL (the reservation TTL).
 func TestRedisLimitsAcrossProcesses(t *testing.T) {
@@ -142,14 +142,13 @@ func TestRedisLimitsAcrossProcesses(t *testing.T) {
 	a := startGateway(t, s)
 	b := newEnv(t, s)
 	b.startChild(s)
+	c := newEnv(t, s)
+	c.startChild(s)
 
 	body := `{"model":"mock-small","messages":[{"role":"user","content":"hi"}],"max_tokens":16}`
 	ok := 0
-	for i := range 10 {
-		gw := a
-		if i%2 == 1 {
-			gw = b
-		}
+	for i := range 12 {
+		gw := []*env{a, b, c}[i%3]
 		switch r := gw.post("/v1/chat/completions", body, nil); r.status {
 		case http.StatusOK:
 			ok++
@@ -159,7 +158,7 @@ func TestRedisLimitsAcrossProcesses(t *testing.T) {
 		}
 	}
 	if ok != 4 {
-		t.Fatalf("%d requests admitted by two instances under a limit of 4 a day, want 4", ok)
+		t.Fatalf("%d requests admitted by three instances under a limit of 4 a day, want 4", ok)
 	}
 
 	// The concurrency bound, with a fresh prefix (the daily limit is spent).
@@ -171,6 +170,8 @@ func TestRedisLimitsAcrossProcesses(t *testing.T) {
 	a.load(s2)
 	b.kill9()
 	b.startChild(child2)
+	c.kill9()
+	c.startChild(s2)
 	// The child's backend answers slowly (within its timeout), so that its requests hold
 	// their slots; its reservation TTL (the slot TTL) is the shortest that timeout allows.
 	slow := map[string]string{"X-Mock-Latency": "5s"}
@@ -189,13 +190,18 @@ func TestRedisLimitsAcrossProcesses(t *testing.T) {
 	})
 	b.kill9()
 	wg.Wait()
-	if r := a.post("/v1/chat/completions", body, nil); r.status != http.StatusTooManyRequests {
-		t.Fatalf("right after the kill the dead instance's slots are still held (slot TTL 17s): %s", r)
+	for name, gw := range map[string]*env{"this process": a, "the third process": c} {
+		if r := gw.post("/v1/chat/completions", body, nil); r.status != http.StatusTooManyRequests {
+			t.Fatalf("right after the kill the dead instance's slots are still held (slot TTL 17s), on %s: %s", name, r)
+		}
 	}
 	poll(t, 40*time.Second, "the killed instance's slots back after the slot TTL", func() (bool, string) {
 		r := a.post("/v1/chat/completions", body, nil)
 		return r.status == http.StatusOK, r.String()
 	})
+	if r := c.post("/v1/chat/completions", body, nil); r.status != http.StatusOK {
+		t.Errorf("the slots back, on the third process: %s", r)
+	}
 }
 
 // TestRedisUnreachable: with Redis cut, then black-holed, a caller with rate limits gets 503

@@ -438,7 +438,9 @@ func (ex *exchange) settle(u metering.Usage, reported bool) {
 		ResponseID: u.ResponseID,
 	})
 	if err != nil {
-		// The reservation stays open and expires: the caller is not charged. Logged once here.
+		// Logged once here. A store that could not take it (unreachable) gets it again in the
+		// background until it answers (retriedLedger, store.go); else the reservation stays
+		// open and expires, uncharged.
 		ex.g.logger.Error("settling a reservation", zap.String("reservation", ex.res.ID), zap.Error(err))
 		return
 	}

@@ -180,6 +180,11 @@ type StoreConfig struct {
 	// worth, and requests reserving more than a lease, reserve in the database as without
 	// it. Default 0: every reservation is a database statement.
 	LeaseSize credits.Amount `json:"lease_size,omitempty"`
+	// LeaseTTL (driver postgres, with LeaseSize) is how long a lease lives without renewal
+	// (renewed every third of it): the delay before a crashed instance's leases go back to
+	// the balances, released by any other instance's sweeper (every 10 s), and how long an
+	// account stays idle before this instance returns its unused leases. Default 30s.
+	LeaseTTL caddy.Duration `json:"lease_ttl,omitempty"`
 }
 
 // Backend is one model server.
@@ -519,8 +524,8 @@ func (g *Gateway) Validate() error {
 	}
 	switch g.Store.Driver {
 	case storeSQLite:
-		if g.Store.DSN != "" || g.Store.LeaseSize != 0 {
-			return fmt.Errorf("store: a dsn and a lease_size are for the postgres driver; sqlite takes a path")
+		if g.Store.DSN != "" || g.Store.LeaseSize != 0 || g.Store.LeaseTTL != 0 {
+			return fmt.Errorf("store: a dsn, a lease_size and a lease_ttl are for the postgres driver; sqlite takes a path")
 		}
 	case storePostgres:
 		if g.Store.DSN == "" || g.Store.Path != "" {
@@ -528,6 +533,9 @@ func (g *Gateway) Validate() error {
 		}
 		if g.Store.LeaseSize < 0 {
 			return fmt.Errorf("store postgres: lease_size %s is negative", g.Store.LeaseSize)
+		}
+		if g.Store.LeaseTTL < 0 || (g.Store.LeaseTTL != 0 && g.Store.LeaseSize == 0) {
+			return fmt.Errorf("store postgres: lease_ttl %s needs a lease_size and must be positive", time.Duration(g.Store.LeaseTTL))
 		}
 	default:
 		return fmt.Errorf("store driver %q: want sqlite or postgres", g.Store.Driver)

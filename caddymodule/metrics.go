@@ -85,6 +85,10 @@ var (
 		Namespace: "llm_gateway", Name: "store_committed_operations_total",
 		Help: "Settlements and grants written to disk by the store's group commits.",
 	})
+	metricSettlementsDropped = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: "llm_gateway", Name: "store_settlements_dropped_total",
+		Help: "Leased settlements the PostgreSQL store refused for good (a constraint violation or a data error) and dropped: never charged.",
+	})
 	metricState = &stateCollector{
 		backendUp: prometheus.NewDesc("llm_gateway_backend_up",
 			"Whether a configured backend may be tried now (1) or is marked down by its health checks (0).",
@@ -126,7 +130,7 @@ func registerMetrics(reg prometheus.Registerer, logger *zap.Logger) *gatewayMetr
 	m := &allMetrics
 	for _, c := range []prometheus.Collector{metricRequests, metricDuration, metricTTFT, metricTokens, metricCredits,
 		metricCreditsReleasedExpired, metricCreditsReleasedAtStart, metricCharged, metricInsufficient, metricUpstreamErrors, metricFailovers,
-		metricInflight, metricActiveStreams, metricKeyCache, metricStoreDuration, metricStoreCommitted, metricState} {
+		metricInflight, metricActiveStreams, metricKeyCache, metricStoreDuration, metricStoreCommitted, metricSettlementsDropped, metricState} {
 		if err := reg.Register(c); err != nil {
 			var already prometheus.AlreadyRegisteredError
 			if !errors.As(err, &already) {
@@ -173,6 +177,7 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	stores := map[*storeHandle]bool{}
 	var count int
 	var open credits.Amount
+	known := true // every store could say what it holds open
 	for i := len(gateways) - 1; i >= 0; i-- {
 		g := gateways[i]
 		for j, b := range g.Backends {
@@ -188,10 +193,18 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 		if h := g.store; h != nil && !stores[h] && h.openReservations != nil {
 			stores[h] = true
-			n, amount := h.openReservations()
+			n, amount, err := h.openReservations()
+			if err != nil {
+				known = false
+			}
 			count += n
 			open += amount
 		}
+	}
+	if !known {
+		// A store that cannot be read (PostgreSQL unreachable): the gauges are left out of
+		// this scrape (a gap in the series), never a zero that would read as nothing open.
+		return
 	}
 	ch <- prometheus.MustNewConstMetric(c.openCredits, prometheus.GaugeValue, open.Credits())
 	ch <- prometheus.MustNewConstMetric(c.openCount, prometheus.GaugeValue, float64(count))

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"path/filepath"
 	"sync"
@@ -45,12 +46,14 @@ type storeHandle struct {
 	responses func(ctx context.Context, responseID string) (credits.ResponseOwner, error)
 	// usage sums an account's settle entries by day and model.
 	usage func(ctx context.Context, account credits.AccountID, since time.Time) ([]credits.UsageDay, error)
-	// openReservations counts the open reservations and the credits they hold (for metrics).
-	openReservations func() (int, credits.Amount)
+	// openReservations counts the open reservations and the credits they hold (for metrics),
+	// or fails when the store cannot say (PostgreSQL unreachable).
+	openReservations func() (int, credits.Amount, error)
 	close            func() error
 	sweepCtx         context.Context
 	stop             context.CancelFunc
 	done             chan struct{}
+	settling         sync.WaitGroup // the settlements retried in the background
 
 	touchMu sync.Mutex
 	touched map[string]time.Time // key id -> last use, not yet written
@@ -127,7 +130,8 @@ func openSQLite(cfg StoreConfig, logger *zap.Logger) (*storeHandle, string, erro
 			// so the ledger identity of the credit counters holds within a process.
 			metricCreditsReleasedAtStart.Add(amount.Credits())
 		}
-		h := newStoreHandle(s, s, s, s, s.ChainSpent, s.UsageByDay, s.ResponseOwner, s.OpenReservations, s.Close)
+		open := func() (int, credits.Amount, error) { n, amount := s.OpenReservations(); return n, amount, nil }
+		h := newStoreHandle(s, s, s, s, s.ChainSpent, s.UsageByDay, s.ResponseOwner, open, s.Close, logger)
 		go h.sweep(logger)
 		return h, nil
 	})
@@ -149,11 +153,23 @@ func openPostgres(cfg StoreConfig, logger *zap.Logger) (*storeHandle, string, er
 	val, _, err := stores.LoadOrNew(key, func() (caddy.Destructor, error) {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		s, err := postgres.OpenWith(ctx, dsn, postgres.Options{LeaseSize: cfg.LeaseSize})
+		s, err := postgres.OpenWith(ctx, dsn, postgres.Options{LeaseSize: cfg.LeaseSize, LeaseTTL: time.Duration(cfg.LeaseTTL),
+			OnCommit: func(settlements int, err error) {
+				if err != nil { // retried at once, then every second at most: a bounded rate
+					logger.Warn("committing leased settlements failed; retrying", zap.Int("settlements", settlements), zap.Error(err))
+				}
+			},
+			OnDrop: func(reservationID string, cost credits.Amount, err error) {
+				// refused for good: retrying cannot help; the cost is not charged (an
+				// undercharge, never an overspend), the reservation's credits go back
+				metricSettlementsDropped.Inc()
+				logger.Error("settlement refused by the database and dropped, not charged",
+					zap.String("reservation", reservationID), zap.Stringer("credits", cost), zap.Error(err))
+			}})
 		if err != nil {
 			return nil, fmt.Errorf("opening the postgres store: %w", err)
 		}
-		h := newStoreHandle(s, s, s, s, s.ChainSpent, s.UsageByDay, s.ResponseOwner, s.OpenReservations, s.Close)
+		h := newStoreHandle(s, s, s, s, s.ChainSpent, s.UsageByDay, s.ResponseOwner, s.OpenReservations, s.Close, logger)
 		go h.sweep(logger)
 		return h, nil
 	})
@@ -169,11 +185,72 @@ func newStoreHandle(l credits.Ledger, users identity.Users, keys identity.Keys, 
 	chainSpent func(context.Context, string, time.Time) (credits.Amount, error),
 	usage func(context.Context, credits.AccountID, time.Time) ([]credits.UsageDay, error),
 	responses func(context.Context, string) (credits.ResponseOwner, error),
-	open func() (int, credits.Amount), closeStore func() error) *storeHandle {
+	open func() (int, credits.Amount, error), closeStore func() error, logger *zap.Logger) *storeHandle {
 	ctx, stop := context.WithCancel(context.Background())
-	return &storeHandle{ledger: newKeyLedger(timedLedger{l}, chainSpent), users: users, keys: keys, signin: signin,
+	h := &storeHandle{users: users, keys: keys, signin: signin,
 		usage: usage, responses: responses, openReservations: open, close: closeStore,
 		sweepCtx: ctx, stop: stop, done: make(chan struct{})}
+	h.ledger = newKeyLedger(retriedLedger{Ledger: timedLedger{l}, ctx: ctx, pending: &h.settling, logger: logger}, chainSpent)
+	return h
+}
+
+// settleRetryInterval is the pause before each new attempt of a settlement the store could
+// not take.
+const settleRetryInterval = 250 * time.Millisecond
+
+// retriedLedger tries again, in the background, every settlement the store could not take
+// (ErrStoreUnavailable: PostgreSQL unreachable or black-holed, a leased store's backlog), every
+// settleRetryInterval until the store answers, so that a request forwarded before an outage is
+// charged once the store is back instead of its reservation expiring uncharged. The caller
+// still gets the first error. Settlement closes a reservation once, by its id, on any
+// instance: a retry after an attempt whose answer was lost, or after a sweeper released the
+// reservation at its expiry, finds it closed (ErrUnknownReservation) and stops; the retries
+// also stop when the store is closed. At most the requests in flight when the store went away
+// are retried (no new request is forwarded without a reservation). A capped key's counter on
+// Redis is given its reservation back at the first failure, so a retried cost is not counted
+// there (the ledger, which rebuilds the counter, has it).
+type retriedLedger struct {
+	credits.Ledger
+	ctx     context.Context // done when the store closes
+	pending *sync.WaitGroup // the retries running
+	logger  *zap.Logger
+}
+
+func (l retriedLedger) Settle(ctx context.Context, reservationID string, cost credits.Amount, usage credits.Usage) (credits.Amount, error) {
+	balance, err := l.Ledger.Settle(ctx, reservationID, cost, usage)
+	if errors.Is(err, credits.ErrStoreUnavailable) && l.ctx.Err() == nil {
+		l.pending.Go(func() { l.retry(reservationID, cost, usage) })
+	}
+	return balance, err
+}
+
+// retry settles the reservation until the store answers, or closes.
+func (l retriedLedger) retry(reservationID string, cost credits.Amount, usage credits.Usage) {
+	t := time.NewTicker(settleRetryInterval)
+	defer t.Stop()
+	for attempt := 1; ; attempt++ {
+		select {
+		case <-l.ctx.Done():
+			l.logger.Error("a settlement the store could not take is not retried further: the store is closing",
+				zap.String("reservation", reservationID), zap.Stringer("credits", cost))
+			return
+		case <-t.C:
+		}
+		ctx, cancel := context.WithTimeout(l.ctx, storeTimeout)
+		_, err := l.Ledger.Settle(ctx, reservationID, cost, usage)
+		cancel()
+		switch {
+		case err == nil:
+			l.logger.Info("settled once the store answered again", zap.String("reservation", reservationID),
+				zap.Stringer("credits", cost), zap.Int("attempts", attempt))
+			return
+		case errors.Is(err, credits.ErrStoreUnavailable):
+		default:
+			l.logger.Warn("a retried settlement found its reservation closed",
+				zap.String("reservation", reservationID), zap.Int("attempts", attempt), zap.Error(err))
+			return
+		}
+	}
 }
 
 // sweep releases expired reservations, writes key use times and deletes the sign-in state
@@ -222,6 +299,7 @@ func (h *storeHandle) sweep(logger *zap.Logger) {
 func (h *storeHandle) Destruct() error {
 	h.stop()
 	<-h.done
+	h.settling.Wait()
 	return h.close()
 }
 

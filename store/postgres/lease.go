@@ -96,6 +96,13 @@ type Options struct {
 	// OnCommit, if set, is called after each attempt to commit a batch of settlements with
 	// the number of settlements and the attempt's error (nil: committed).
 	OnCommit func(settlements int, err error)
+	// OnDrop, if set, is called for each queued settlement the database refused for good: a
+	// data exception or an integrity constraint violation (SQLSTATE classes 22 and 23), which
+	// no retry can fix. Such a settlement is dropped from the queue, and its reservation counts
+	// as released: its cost goes back to its lease, never charged (an undercharge, never an
+	// overspend), and the settlements beside it in its batch are committed one by one. It is
+	// given the reservation id, the cost not charged and the database's error.
+	OnDrop func(reservationID string, cost credits.Amount, err error)
 }
 
 // withDefaults checks the options and fills in the defaults.
@@ -128,6 +135,7 @@ type leaser struct {
 	holder        string // random: this Store
 	instance      string
 	onCommit      func(int, error)
+	onDrop        func(string, credits.Amount, error)
 
 	// books is read-locked by whatever changes this instance's leases in the database and in
 	// memory together (commits, acquisitions, returns, renewals), and locked by Balance and
@@ -204,6 +212,7 @@ func newLeaser(s *Store, opts Options) *leaser {
 		holder:        newReservationID(),
 		instance:      opts.InstanceID,
 		onCommit:      opts.OnCommit,
+		onDrop:        opts.OnDrop,
 		accounts:      map[credits.AccountID]*leasedAccount{},
 		reservations:  map[string]*localReservation{},
 		stop:          make(chan struct{}),

@@ -200,7 +200,13 @@ func (l *leaser) flusher() {
 
 // commitRetryDelays are the pauses before the new attempts to commit a batch that failed;
 // once they are used up, leased reservations are refused (the queue is failing) and the batch
-// is retried every second until it is committed: a queued settlement is never dropped.
+// is retried every second until it is committed. A queued settlement is dropped only when the
+// database refuses it for good (permanentCommitError): see dropRefused.
+// commitTimeout bounds one attempt to commit a batch: an attempt on a connection that went
+// silent fails (pgx then drops the connection) and is retried on another. A commit whose
+// outcome was lost this way is recognised when replayed (insertSettleEntries).
+const commitTimeout = 5 * time.Second
+
 var commitRetryDelays = []time.Duration{time.Millisecond, 5 * time.Millisecond, 25 * time.Millisecond, 100 * time.Millisecond}
 
 // commitHead commits the batch at the head of the queue, retrying until it is committed, or
@@ -223,6 +229,12 @@ func (l *leaser) commitHead(ctx context.Context, stop <-chan struct{}) bool {
 			q.advance(n, nil)
 			return true
 		}
+		if permanentCommitError(err) {
+			if done := l.dropRefused(ctx, ops); done > 0 {
+				q.advance(done, nil)
+				return true
+			}
+		}
 		delay := time.Second
 		if attempt < len(commitRetryDelays) {
 			delay = commitRetryDelays[attempt]
@@ -240,6 +252,54 @@ func (l *leaser) commitHead(ctx context.Context, stop <-chan struct{}) bool {
 			return false
 		case <-t.C:
 		}
+	}
+}
+
+// permanentCommitError reports whether the database refused a commit for what the batch holds,
+// not for the connection or the load: a data exception (SQLSTATE class 22) or an integrity
+// constraint violation (class 23). Retrying the same batch cannot succeed.
+func permanentCommitError(err error) bool {
+	code := pgCode(err)
+	return len(code) == 5 && (code[:2] == "22" || code[:2] == "23")
+}
+
+// dropRefused commits the ops of a batch the database refused for good one at a time, in
+// order, and drops those it refuses again for good (dropSettlement), so that one bad
+// settlement neither blocks the queue forever nor takes the others with it. It stops at the
+// first other failure, and returns how many ops at the head are done (committed or dropped).
+func (l *leaser) dropRefused(ctx context.Context, ops []settleOp) int {
+	for i := range ops {
+		err := l.commit(ctx, ops[i:i+1])
+		if l.onCommit != nil {
+			l.onCommit(1, err)
+		}
+		switch {
+		case err == nil:
+		case permanentCommitError(err):
+			l.dropSettlement(ops[i], err)
+		default:
+			return i
+		}
+	}
+	return len(ops)
+}
+
+// dropSettlement forgets a queued settlement the database refused for good: its lease part
+// goes back to the lease (free again: in the database the lease still holds it), the part it
+// would have taken from the balance is no longer pending. Nothing is charged for it.
+func (l *leaser) dropSettlement(op settleOp, err error) {
+	l.books.RLock()
+	defer l.books.RUnlock()
+	a := op.account
+	a.mu.Lock()
+	op.lease.pending -= op.part
+	if !op.lease.lost {
+		op.lease.free += op.part
+	}
+	a.pendingExcess -= op.cost - op.part
+	a.mu.Unlock()
+	if l.onDrop != nil {
+		l.onDrop(op.reservationID, op.cost, err)
 	}
 }
 
@@ -279,6 +339,9 @@ RETURNING balance - reserved, ARRAY(SELECT id FROM paid)`
 // commits of several instances never wait on each other's account rows in a cycle). It then
 // applies the outcome to the leases in memory, under books.
 func (l *leaser) commit(ctx context.Context, ops []settleOp) error {
+	// a connection that hangs (packets dropped) fails the attempt instead of the flusher
+	ctx, cancel := context.WithTimeout(ctx, commitTimeout)
+	defer cancel()
 	l.books.RLock()
 	defer l.books.RUnlock()
 	var (

@@ -470,3 +470,104 @@ func TestCommitReplayIsIdempotent(t *testing.T) {
 		t.Errorf("%d entries, %v; want a credit and 3 settlements", len(entries), err)
 	}
 }
+
+// TestRefusedSettlementIsDropped: a settlement the database refuses for good (here a CHECK
+// constraint the test adds, violated by its model name) does not block the flusher forever:
+// the settlements beside it in its batch are committed one by one, it is dropped (reported
+// to OnDrop, its cost never charged and its reservation back in the lease), leased
+// reservations go on, and the books stay exact, in the database too after Close.
+func TestRefusedSettlementIsDropped(t *testing.T) {
+	ctx := context.Background()
+	dsn := newTestDatabase(t)
+	var (
+		mu      sync.Mutex
+		dropped []string
+		failed  int
+	)
+	s, err := OpenWith(ctx, dsn, Options{LeaseSize: 2 * c, FlushInterval: 50 * time.Millisecond,
+		OnDrop: func(id string, cost credits.Amount, err error) {
+			mu.Lock()
+			defer mu.Unlock()
+			if cost != c/4 || !permanentCommitError(err) {
+				t.Errorf("dropped %s of %s: %v", id, cost, err)
+			}
+			dropped = append(dropped, id)
+		},
+		OnCommit: func(_ int, err error) {
+			if err != nil {
+				mu.Lock()
+				failed++
+				mu.Unlock()
+			}
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Close() })
+	if _, err := s.pool.Exec(ctx, `ALTER TABLE ledger ADD CONSTRAINT test_no_poison CHECK (model IS DISTINCT FROM 'poison')`); err != nil {
+		t.Fatal(err)
+	}
+	account := credits.UserAccount("u")
+	if _, _, err := s.Credit(ctx, account, 10*c, "", ""); err != nil {
+		t.Fatal(err)
+	}
+	var poisoned string
+	for i := range 5 {
+		r, _, err := s.Reserve(ctx, account, c/2, time.Minute, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		model := "fine"
+		if i == 2 {
+			model, poisoned = "poison", r.ID
+		}
+		if _, err := s.Settle(ctx, r.ID, c/4, credits.Usage{Model: model}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.lease.flush(ctx); err != nil {
+		t.Fatalf("flush with a refused settlement: %v", err)
+	}
+	mu.Lock()
+	if len(dropped) != 1 || dropped[0] != poisoned || failed < 2 {
+		t.Errorf("dropped %v (want only %s), %d failed commits (want the batch's and the poisoned one's)", dropped, poisoned, failed)
+	}
+	mu.Unlock()
+	want := credits.Audit{Credited: 10 * c, Settled: 4 * c / 4, Balance: 10*c - 4*c/4}
+	if books := storetest.CheckBooks(t, s, account); books != want {
+		t.Errorf("books after the drop %+v, want %+v", books, want)
+	}
+	// The flusher goes on: a later settlement is committed.
+	r, _, err := s.Reserve(ctx, account, c/2, time.Minute, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Settle(ctx, r.ID, c/4, credits.Usage{Model: "fine"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.lease.flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	entries, err := s.Entries(ctx, account, 100)
+	if err != nil || len(entries) != 6 {
+		t.Errorf("%d entries, %v; want a credit and 5 settlements", len(entries), err)
+	}
+	for _, en := range entries {
+		if en.ReservationID == poisoned {
+			t.Errorf("the refused settlement has an entry: %+v", en)
+		}
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// Closed, the leases are back: the database's books alone.
+	other, err := Open(ctx, dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	want = credits.Audit{Credited: 10 * c, Settled: 5 * c / 4, Balance: 10*c - 5*c/4}
+	if books := storetest.CheckBooks(t, other, account); books != want {
+		t.Errorf("books in the database after Close %+v, want %+v", books, want)
+	}
+}

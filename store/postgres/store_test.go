@@ -197,14 +197,15 @@ func TestStoreFailureIsUnavailable(t *testing.T) {
 		}
 		_ = s.Close()
 		for name, call := range map[string]func() error{
-			"reserve": func() error { _, _, err := s.Reserve(ctx, account, 1, time.Minute, nil); return err },
-			"settle":  func() error { _, err := s.Settle(ctx, r.ID, 1, credits.Usage{}); return err },
-			"release": func() error { _, err := s.Release(ctx, r.ID); return err },
-			"sweep":   func() error { _, _, err := s.ReleaseExpired(ctx, time.Now()); return err },
-			"credit":  func() error { _, _, err := s.Credit(ctx, account, 1, "", ""); return err },
-			"balance": func() error { _, err := s.Balance(ctx, account); return err },
-			"entries": func() error { _, err := s.Entries(ctx, account, 1); return err },
-			"audit":   func() error { _, err := s.Audit(ctx, account); return err },
+			"reserve":           func() error { _, _, err := s.Reserve(ctx, account, 1, time.Minute, nil); return err },
+			"settle":            func() error { _, err := s.Settle(ctx, r.ID, 1, credits.Usage{}); return err },
+			"release":           func() error { _, err := s.Release(ctx, r.ID); return err },
+			"sweep":             func() error { _, _, err := s.ReleaseExpired(ctx, time.Now()); return err },
+			"credit":            func() error { _, _, err := s.Credit(ctx, account, 1, "", ""); return err },
+			"balance":           func() error { _, err := s.Balance(ctx, account); return err },
+			"entries":           func() error { _, err := s.Entries(ctx, account, 1); return err },
+			"audit":             func() error { _, err := s.Audit(ctx, account); return err },
+			"open reservations": func() error { _, _, err := s.OpenReservations(); return err },
 		} {
 			if err := call(); !errors.Is(err, credits.ErrStoreUnavailable) {
 				t.Errorf("%s on a closed store: %v", name, err)

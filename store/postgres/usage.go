@@ -39,14 +39,14 @@ func (s *Store) UsageByDay(ctx context.Context, account credits.AccountID, since
 const openReservationsTimeout = 2 * time.Second
 
 // OpenReservations counts the open reservations of every instance sharing the database and
-// the credits they hold (for metrics); zeros when the database cannot say within
-// openReservationsTimeout.
-func (s *Store) OpenReservations() (count int, total credits.Amount) {
+// the credits they hold (for metrics); ErrStoreUnavailable when the database cannot say
+// within openReservationsTimeout (never zeros that would read as "nothing open").
+func (s *Store) OpenReservations() (count int, total credits.Amount, err error) {
 	ctx, cancel := context.WithTimeout(context.Background(), openReservationsTimeout)
 	defer cancel()
 	if err := s.pool.QueryRow(ctx, `SELECT count(*), coalesce(sum(amount), 0)::bigint FROM reservations`).
 		Scan(&count, &total); err != nil {
-		return 0, 0
+		return 0, 0, fail("counting open reservations", err)
 	}
-	return count, total
+	return count, total, nil
 }
