@@ -1,0 +1,506 @@
+package caddymodule_test
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/credits"
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/store/postgres/pgtest"
+)
+
+// The coding agents through the gateway: Claude Code and Codex CLI, the real binaries from npm,
+// run once each against a gateway with the mock behind it. .ci/run (or `make agents`) installs
+// them, at the versions it pins, into the directory LLM_GATEWAY_AGENTS_DIR names.
+
+// agentsDirEnv names the directory the agents are installed in (npm install --prefix); when it
+// is not set, the tests look in the one .ci/agents installs into by default.
+const agentsDirEnv = "LLM_GATEWAY_AGENTS_DIR"
+
+// agentRunTimeout bounds each agent run (about a second against the mock).
+const agentRunTimeout = 90 * time.Second
+
+// agentBinary is the path of an agent's binary (node_modules/.bin/NAME) in the install dir;
+// outside CI, with nothing installed, the test skips saying how to install it.
+func agentBinary(t *testing.T, name string) string {
+	t.Helper()
+	dir := os.Getenv(agentsDirEnv)
+	if dir == "" {
+		cache, err := os.UserCacheDir() // $XDG_CACHE_HOME or ~/.cache, as .ci/agents
+		if err != nil {
+			t.Fatalf("%s is not set and there is no cache directory: %v", agentsDirEnv, err)
+		}
+		dir = filepath.Join(cache, "llm-gateway-agents")
+	}
+	bin := filepath.Join(dir, "node_modules", ".bin", name)
+	_, err := os.Stat(bin)
+	if err == nil {
+		return bin
+	}
+	msg := fmt.Sprintf("%s is not installed (%v): run `make agents` (.ci/agents: npm install of the pinned versions "+
+		"into $%s, by default ${XDG_CACHE_HOME:-$HOME/.cache}/llm-gateway-agents), as .ci/run does", name, err, agentsDirEnv)
+	if !pgtest.InCI() {
+		t.Skip(msg)
+	}
+	t.Fatal(msg)
+	return ""
+}
+
+// agentCall is one request an agent made, as the recording proxy in front of the gateway saw it.
+type agentCall struct {
+	method, uri string
+	// auth is how the request carried the gateway key: "bearer", "x-api-key", "none", or
+	// "wrong" when a credential was not the key (the key itself is never kept).
+	auth   string
+	status int
+	body   []byte // the response body as the agent received it
+}
+
+// agentTrace is a reverse proxy in front of the gateway that records each request an agent
+// makes and the response it got, and passes both on unchanged (streams flushed as they come).
+type agentTrace struct {
+	url   string
+	key   string
+	mu    sync.Mutex
+	calls []*agentCall
+}
+
+func newAgentTrace(t *testing.T, gateway, key string) *agentTrace {
+	t.Helper()
+	target, err := url.Parse(gateway)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr := &agentTrace{key: key}
+	rp := &httputil.ReverseProxy{
+		Rewrite: func(r *httputil.ProxyRequest) {
+			r.SetURL(target)
+			r.Out.Host = target.Host
+		},
+		FlushInterval: -1,
+		ModifyResponse: func(resp *http.Response) error {
+			c := resp.Request.Context().Value(agentCallKey{}).(*agentCall)
+			c.status = resp.StatusCode
+			resp.Body = &teeBody{ReadCloser: resp.Body, tr: tr, c: c}
+			return nil
+		},
+	}
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		c := &agentCall{method: r.Method, uri: r.URL.RequestURI(), auth: tr.authOf(r)}
+		tr.mu.Lock()
+		tr.calls = append(tr.calls, c)
+		tr.mu.Unlock()
+		rp.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), agentCallKey{}, c)))
+	}))
+	t.Cleanup(srv.Close)
+	tr.url = srv.URL
+	return tr
+}
+
+type agentCallKey struct{}
+
+// authOf says how r carries the key.
+func (tr *agentTrace) authOf(r *http.Request) string {
+	h, x := r.Header.Get("Authorization"), r.Header.Get("X-Api-Key")
+	switch {
+	case h == "" && x == "":
+		return "none"
+	case h == "Bearer "+tr.key && x == "":
+		return "bearer"
+	case x == tr.key && h == "":
+		return "x-api-key"
+	default:
+		return "wrong"
+	}
+}
+
+// teeBody keeps what the agent reads of a response body.
+type teeBody struct {
+	io.ReadCloser
+	tr *agentTrace
+	c  *agentCall
+}
+
+func (b *teeBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	b.tr.mu.Lock()
+	b.c.body = append(b.c.body, p[:n]...)
+	b.tr.mu.Unlock()
+	return n, err
+}
+
+// snapshot is a copy of the calls so far.
+func (tr *agentTrace) snapshot() []agentCall {
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	out := make([]agentCall, len(tr.calls))
+	for i, c := range tr.calls {
+		out[i] = *c
+		out[i].body = slices.Clone(c.body)
+	}
+	return out
+}
+
+func (tr *agentTrace) String() string {
+	var b strings.Builder
+	for _, c := range tr.snapshot() {
+		fmt.Fprintf(&b, "\t%s %s (%s) -> %d: %s\n", c.method, c.uri, c.auth, c.status, truncate(string(c.body), 300))
+	}
+	return b.String()
+}
+
+// runAgent runs an agent's binary with args in dir, with exactly the environment env (plus
+// PATH), within agentRunTimeout; it returns its stdout and fails the test, with the agent's
+// output and the requests it made, unless it exits 0.
+func runAgent(t *testing.T, tr *agentTrace, dir string, env []string, bin string, args ...string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), agentRunTimeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, bin, args...)
+	cmd.Dir = dir
+	cmd.Env = append([]string{"PATH=" + os.Getenv("PATH")}, env...)
+	cmd.Stdin = strings.NewReader("")
+	cmd.WaitDelay = 5 * time.Second
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	start := time.Now()
+	err := cmd.Run()
+	t.Logf("%s ran %v", filepath.Base(bin), time.Since(start).Round(time.Millisecond))
+	if err != nil {
+		t.Fatalf("%s %q: %v (timeout %v)\nstdout:\n%s\nstderr:\n%s\nrequests:\n%s", filepath.Base(bin), args, err, agentRunTimeout,
+			tail(stdout.String(), 4000), tail(stderr.String(), 4000), tr)
+	}
+	return stdout.String()
+}
+
+// sseData decodes the data of each SSE event of a stream into a new T.
+func sseData[T any](t *testing.T, body []byte) []T {
+	t.Helper()
+	var out []T
+	sc := bufio.NewScanner(bytes.NewReader(body))
+	sc.Buffer(make([]byte, 1<<20), 16<<20)
+	for sc.Scan() {
+		data, ok := strings.CutPrefix(sc.Text(), "data: ")
+		if !ok || data == "[DONE]" {
+			continue
+		}
+		var v T
+		if err := json.Unmarshal([]byte(data), &v); err != nil {
+			t.Fatalf("an SSE event that is not JSON: %v: %s", err, truncate(data, 300))
+		}
+		out = append(out, v)
+	}
+	return out
+}
+
+// servedUsage is what one answer an agent received reports it used, counted as the ledger
+// records it, and the text the agent was sent.
+type servedUsage struct {
+	input, cachedInput, cacheWrite, output, reasoning int64
+	text                                              string
+}
+
+func (s servedUsage) String() string {
+	return fmt.Sprintf("input %d (cache reads %d, cache writes %d), output %d (reasoning %d)",
+		s.input, s.cachedInput, s.cacheWrite, s.output, s.reasoning)
+}
+
+// messagesServed reads the usage of a Messages stream: the input counts of message_start
+// (input_tokens beside the cache reads and writes), the output of the last message_delta
+// (cumulative), and the text of the text deltas.
+func messagesServed(t *testing.T, body []byte) servedUsage {
+	t.Helper()
+	type wireUsage struct {
+		InputTokens              int64 `json:"input_tokens"`
+		CacheCreationInputTokens int64 `json:"cache_creation_input_tokens"`
+		CacheReadInputTokens     int64 `json:"cache_read_input_tokens"`
+		OutputTokens             int64 `json:"output_tokens"`
+	}
+	type event struct {
+		Type    string `json:"type"`
+		Message struct {
+			Usage wireUsage `json:"usage"`
+		} `json:"message"`
+		Delta struct {
+			Type string `json:"type"`
+			Text string `json:"text"`
+		} `json:"delta"`
+		Usage *wireUsage `json:"usage"`
+	}
+	var s servedUsage
+	var started, ended bool
+	var text strings.Builder
+	for _, ev := range sseData[event](t, body) {
+		switch ev.Type {
+		case "message_start":
+			u := ev.Message.Usage
+			s.input, s.cachedInput, s.cacheWrite = u.InputTokens+u.CacheReadInputTokens+u.CacheCreationInputTokens,
+				u.CacheReadInputTokens, u.CacheCreationInputTokens
+			started = true
+		case "content_block_delta":
+			if ev.Delta.Type == "text_delta" {
+				text.WriteString(ev.Delta.Text)
+			}
+		case "message_delta":
+			if ev.Usage != nil {
+				s.output = ev.Usage.OutputTokens
+			}
+		case "message_stop":
+			ended = true
+		}
+	}
+	if !started || !ended {
+		t.Fatalf("a Messages stream without message_start or message_stop: %s", truncate(string(body), 2000))
+	}
+	s.text = text.String()
+	return s
+}
+
+// responsesServed reads the usage of a Responses stream from its response.completed event
+// (input_tokens with its cached_tokens, output_tokens with its reasoning_tokens), and the
+// text of its output_text deltas.
+func responsesServed(t *testing.T, body []byte) servedUsage {
+	t.Helper()
+	type event struct {
+		Type     string `json:"type"`
+		Delta    string `json:"delta"`
+		Response struct {
+			Usage *struct {
+				InputTokens        int64 `json:"input_tokens"`
+				InputTokensDetails struct {
+					CachedTokens int64 `json:"cached_tokens"`
+				} `json:"input_tokens_details"`
+				OutputTokens        int64 `json:"output_tokens"`
+				OutputTokensDetails struct {
+					ReasoningTokens int64 `json:"reasoning_tokens"`
+				} `json:"output_tokens_details"`
+			} `json:"usage"`
+		} `json:"response"`
+	}
+	var s servedUsage
+	var text strings.Builder
+	completed := false
+	for _, ev := range sseData[event](t, body) {
+		switch ev.Type {
+		case "response.output_text.delta":
+			text.WriteString(ev.Delta)
+		case "response.completed":
+			u := ev.Response.Usage
+			if u == nil {
+				t.Fatalf("response.completed without usage: %s", truncate(string(body), 2000))
+			}
+			s.input, s.cachedInput, s.output, s.reasoning = u.InputTokens, u.InputTokensDetails.CachedTokens,
+				u.OutputTokens, u.OutputTokensDetails.ReasoningTokens
+			completed = true
+		}
+	}
+	if !completed {
+		t.Fatalf("a Responses stream without response.completed: %s", truncate(string(body), 2000))
+	}
+	s.text = text.String()
+	return s
+}
+
+// checkAgentBill checks that the user, who was given initial credits, was charged exactly for
+// served (one settle entry per answer, recording its usage, its amount that usage at price,
+// in any order: an agent may send requests side by side), the balance is initial less their
+// sum, and the books of every account balance.
+func checkAgentBill(t *testing.T, e *env, userID, initial string, price credits.Price, served []servedUsage) {
+	t.Helper()
+	e.settledAudit(userID)
+	st := e.settlements(userID)
+	recorded := make([]servedUsage, len(st))
+	for i, s := range st {
+		if s.Usage == nil {
+			t.Fatalf("settle entry %d without usage: %+v", i, s)
+		}
+		recorded[i] = servedUsage{input: s.Usage.InputTokens, cachedInput: s.Usage.CachedInputTokens,
+			cacheWrite: s.Usage.CacheWriteTokens, output: s.Usage.OutputTokens, reasoning: s.Usage.ReasoningTokens}
+	}
+	var want []servedUsage
+	var sum credits.Amount
+	for _, s := range served {
+		s.text = ""
+		want = append(want, s)
+	}
+	byCounts := func(a, b servedUsage) int { return strings.Compare(a.String(), b.String()) }
+	slices.SortFunc(recorded, byCounts)
+	slices.SortFunc(want, byCounts)
+	if !slices.Equal(recorded, want) {
+		t.Errorf("the ledger recorded %v, the agent was served %v", recorded, want)
+	}
+	for i, s := range st {
+		u := s.Usage
+		c, err := price.Charge(credits.Tokens{Input: u.InputTokens, CachedInput: u.CachedInputTokens, CacheWrite: u.CacheWriteTokens,
+			Output: u.OutputTokens})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if s.Amount != c {
+			t.Errorf("settle entry %d charged %s for %+v, want %s", i, s.Amount, *u, c)
+		}
+		sum += s.Amount
+	}
+	if sum == 0 {
+		t.Error("nothing was charged")
+	}
+	if got, want := e.balance(userID), credits.Amount(micro(t, initial))-sum; got != want {
+		t.Errorf("balance %s, want %s - %s = %s", got, initial, sum, want)
+	}
+	e.checkAllAccounts(0)
+}
+
+// priceOf is a model's price from decimal credits per 1M tokens.
+func priceOf(t *testing.T, in, cachedIn, cacheWrite, out string) credits.Price {
+	t.Helper()
+	p := credits.Price{Input: credits.Amount(micro(t, in)), Output: credits.Amount(micro(t, out))}
+	if cachedIn != "" {
+		p.CachedInput = credits.Amount(micro(t, cachedIn))
+	}
+	if cacheWrite != "" {
+		p.CacheWrite = credits.Amount(micro(t, cacheWrite))
+	}
+	return p
+}
+
+// TestClaudeCode: Claude Code (`claude -p`), with ANTHROPIC_BASE_URL at the gateway and a
+// gateway key as ANTHROPIC_AUTH_TOKEN, its models all set to the gateway's model name, answers
+// with the mock's words through an anthropic backend. Its requests are streamed
+// POST /v1/messages?beta=true with the key as a Bearer token (nothing else: no count_tokens,
+// no model list, no probe, with CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC), each reached the
+// backend once, and the user is charged exactly the usage of the answers it received, the
+// cache reads and writes at their prices.
+func TestClaudeCode(t *testing.T) {
+	bin := agentBinary(t, "claude")
+	const in, cacheRead, cacheWrite, out = "1000", "100", "1250", "3000"
+	// A model name Claude Code knows (it warns about the context window of others).
+	const model = "claude-sonnet-4-5"
+	e := startGateway(t, setup{
+		gateway: strings.Replace(anthropicBlock("claude", "ant", model, in, out), "output_price",
+			"cached_input_price "+cacheRead+"\n\t\t\t\tcache_write_price "+cacheWrite+"\n\t\t\t\toutput_price", 1),
+		mocks: []mockSpec{{key: "ant", lines: "models " + model + "\n\t\tcompletion_tokens 7\n\t\tchunks 3" +
+			"\n\t\tcache_read_tokens 4\n\t\tcache_write_tokens 2\n\t\tapi_key " + anthropicUpstreamKey}},
+	})
+	// Claude Code sends its whole system prompt and tool list (~90 kB) and max_tokens 32000:
+	// the reservation's bound is some 150 credits at these prices.
+	const initial = "1000"
+	u, k := e.userWithKey("claude-code@example.com", initial)
+	tr := newAgentTrace(t, e.gw, k.Key)
+	home := t.TempDir()
+	stdout := runAgent(t, tr, t.TempDir(), []string{
+		"HOME=" + home,
+		"XDG_CONFIG_HOME=" + filepath.Join(home, ".config"),
+		"ANTHROPIC_BASE_URL=" + tr.url,
+		"ANTHROPIC_AUTH_TOKEN=" + k.Key,
+		"ANTHROPIC_MODEL=" + model,
+		"ANTHROPIC_DEFAULT_OPUS_MODEL=" + model,
+		"ANTHROPIC_DEFAULT_SONNET_MODEL=" + model,
+		"ANTHROPIC_DEFAULT_HAIKU_MODEL=" + model,
+		"CLAUDE_CODE_SUBAGENT_MODEL=" + model,
+		"CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1",
+		"DISABLE_AUTOUPDATER=1",
+	}, bin, "-p", "say hello to the gateway")
+
+	calls := tr.snapshot()
+	var served []servedUsage
+	for _, c := range calls {
+		if c.method != http.MethodPost || c.uri != "/v1/messages?beta=true" || c.auth != "bearer" || c.status != http.StatusOK {
+			t.Errorf("Claude Code sent %s %s (%s), answered %d; want only POST /v1/messages?beta=true with the key as a Bearer token, answered 200\nrequests:\n%s",
+				c.method, c.uri, c.auth, c.status, tr)
+			continue
+		}
+		served = append(served, messagesServed(t, c.body))
+	}
+	if len(served) == 0 {
+		t.Fatalf("Claude Code sent no message:\n%s", tr)
+	}
+	// The answer printed is the last message's text, the mock's 7 words.
+	if got, last := strings.TrimSpace(stdout), served[len(served)-1]; got != tokens(7) || last.text != tokens(7) {
+		t.Errorf("Claude Code printed %q, streamed %q; want the mock's %q", got, last.text, tokens(7))
+	}
+	if n := e.mockCounts("ant")["/v1/messages"]; n != int64(len(served)) {
+		t.Errorf("the backend got %d messages, Claude Code was answered %d", n, len(served))
+	}
+	checkAgentBill(t, e, u.ID, initial, priceOf(t, in, cacheRead, cacheWrite, out), served)
+}
+
+// TestCodexCLI: Codex CLI (`codex exec`), with a custom model provider in its config.toml
+// (wire_api "responses", base_url the gateway's /v1, the key from env_key), answers with the
+// mock's words through an openai backend. Its requests are streamed POST /v1/responses with
+// the key as a Bearer token (store false, include reasoning.encrypted_content, its tools, a
+// reasoning object, no max_output_tokens: max_tokens_default bounds them), each reached the
+// backend once, and the user is charged exactly the usage of the answers it received, the
+// reasoning tokens recorded and billed as output.
+func TestCodexCLI(t *testing.T) {
+	bin := agentBinary(t, "codex")
+	const in, out = "1000", "3000"
+	const model = "gpt-gw"
+	e := startGateway(t, setup{
+		gateway: backendBlock("oai", "oai", model, in, out),
+		mocks:   []mockSpec{{key: "oai", lines: "models " + model + "\n\t\tcompletion_tokens 7\n\t\tchunks 3"}},
+	})
+	const initial = "1000"
+	u, k := e.userWithKey("codex@example.com", initial)
+	tr := newAgentTrace(t, e.gw, k.Key)
+	codexHome := t.TempDir()
+	config := fmt.Sprintf(`model = %q
+model_provider = "llm-gateway"
+check_for_update_on_startup = false
+
+[model_providers.llm-gateway]
+name = "LLM gateway"
+base_url = "%s/v1"
+env_key = "LLM_GATEWAY_KEY"
+wire_api = "responses"
+
+[analytics]
+enabled = false
+`, model, tr.url)
+	if err := os.WriteFile(filepath.Join(codexHome, "config.toml"), []byte(config), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	stdout := runAgent(t, tr, t.TempDir(), []string{
+		"HOME=" + t.TempDir(),
+		"CODEX_HOME=" + codexHome,
+		"LLM_GATEWAY_KEY=" + k.Key,
+	}, bin, "exec", "--skip-git-repo-check", "--sandbox", "read-only", "say hello to the gateway")
+
+	calls := tr.snapshot()
+	var served []servedUsage
+	for _, c := range calls {
+		if c.method != http.MethodPost || c.uri != "/v1/responses" || c.auth != "bearer" || c.status != http.StatusOK {
+			t.Errorf("Codex sent %s %s (%s), answered %d; want only POST /v1/responses with the key as a Bearer token, answered 200\nrequests:\n%s",
+				c.method, c.uri, c.auth, c.status, tr)
+			continue
+		}
+		served = append(served, responsesServed(t, c.body))
+	}
+	if len(served) == 0 {
+		t.Fatalf("Codex sent no request:\n%s", tr)
+	}
+	// Codex asks for reasoning: the mock makes half of its 7 tokens reasoning, the text the
+	// other 4 words, which Codex prints.
+	last := served[len(served)-1]
+	if got := strings.TrimSpace(stdout); got != tokens(4) || last.text != tokens(4) || last.reasoning != 3 || last.output != 7 {
+		t.Errorf("Codex printed %q, was streamed %q (%v); want the mock's %q, 3 reasoning tokens of 7", got, last.text, last, tokens(4))
+	}
+	if n := e.mockCounts("oai")["/v1/responses"]; n != int64(len(served)) {
+		t.Errorf("the backend got %d responses requests, Codex was answered %d", n, len(served))
+	}
+	checkAgentBill(t, e, u.ID, initial, priceOf(t, in, "", "", out), served)
+}
