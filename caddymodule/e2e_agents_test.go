@@ -165,9 +165,9 @@ func (tr *agentTrace) String() string {
 }
 
 // runAgent runs an agent's binary with args in dir, with exactly the environment env (plus
-// PATH), within agentRunTimeout; it returns its stdout and fails the test, with the agent's
-// output and the requests it made, unless it exits 0.
-func runAgent(t *testing.T, tr *agentTrace, dir string, env []string, bin string, args ...string) string {
+// PATH), within agentRunTimeout, and returns its stdout and stderr. It fails the test, with the
+// agent's output and the requests it made, when the agent does not exit 0 (ok) or does (!ok).
+func runAgent(t *testing.T, tr *agentTrace, ok bool, dir string, env []string, bin string, args ...string) (string, string) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(t.Context(), agentRunTimeout)
 	defer cancel()
@@ -181,11 +181,11 @@ func runAgent(t *testing.T, tr *agentTrace, dir string, env []string, bin string
 	start := time.Now()
 	err := cmd.Run()
 	t.Logf("%s ran %v", filepath.Base(bin), time.Since(start).Round(time.Millisecond))
-	if err != nil {
-		t.Fatalf("%s %q: %v (timeout %v)\nstdout:\n%s\nstderr:\n%s\nrequests:\n%s", filepath.Base(bin), args, err, agentRunTimeout,
-			tail(stdout.String(), 4000), tail(stderr.String(), 4000), tr)
+	if ctx.Err() != nil || (err == nil) != ok {
+		t.Fatalf("%s %q: %v (timeout %v, want success %v)\nstdout:\n%s\nstderr:\n%s\nrequests:\n%s", filepath.Base(bin), args, err,
+			agentRunTimeout, ok, tail(stdout.String(), 4000), tail(stderr.String(), 4000), tr)
 	}
-	return stdout.String()
+	return stdout.String(), stderr.String()
 }
 
 // sseData decodes the data of each SSE event of a stream into a new T.
@@ -384,7 +384,8 @@ func priceOf(t *testing.T, in, cachedIn, cacheWrite, out string) credits.Price {
 // POST /v1/messages?beta=true with the key as a Bearer token (nothing else: no count_tokens,
 // no model list, no probe, with CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC), each reached the
 // backend once, and the user is charged exactly the usage of the answers it received, the
-// cache reads and writes at their prices.
+// cache reads and writes at their prices. A user out of credits: Claude Code shows the 402 and
+// exits 1 after one request, charged nothing.
 func TestClaudeCode(t *testing.T) {
 	bin := agentBinary(t, "claude")
 	const in, cacheRead, cacheWrite, out = "1000", "100", "1250", "3000"
@@ -400,21 +401,25 @@ func TestClaudeCode(t *testing.T) {
 	// the reservation's bound is some 150 credits at these prices.
 	const initial = "1000"
 	u, k := e.userWithKey("claude-code@example.com", initial)
+	// claude runs `claude -p` with key, as the README's setup says, and a HOME of its own.
+	claude := func(tr *agentTrace, key string, ok bool) (string, string) {
+		home := t.TempDir()
+		return runAgent(t, tr, ok, t.TempDir(), []string{
+			"HOME=" + home,
+			"XDG_CONFIG_HOME=" + filepath.Join(home, ".config"),
+			"ANTHROPIC_BASE_URL=" + tr.url,
+			"ANTHROPIC_AUTH_TOKEN=" + key,
+			"ANTHROPIC_MODEL=" + model,
+			"ANTHROPIC_DEFAULT_OPUS_MODEL=" + model,
+			"ANTHROPIC_DEFAULT_SONNET_MODEL=" + model,
+			"ANTHROPIC_DEFAULT_HAIKU_MODEL=" + model,
+			"CLAUDE_CODE_SUBAGENT_MODEL=" + model,
+			"CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1",
+			"DISABLE_AUTOUPDATER=1",
+		}, bin, "-p", "say hello to the gateway")
+	}
 	tr := newAgentTrace(t, e.gw, k.Key)
-	home := t.TempDir()
-	stdout := runAgent(t, tr, t.TempDir(), []string{
-		"HOME=" + home,
-		"XDG_CONFIG_HOME=" + filepath.Join(home, ".config"),
-		"ANTHROPIC_BASE_URL=" + tr.url,
-		"ANTHROPIC_AUTH_TOKEN=" + k.Key,
-		"ANTHROPIC_MODEL=" + model,
-		"ANTHROPIC_DEFAULT_OPUS_MODEL=" + model,
-		"ANTHROPIC_DEFAULT_SONNET_MODEL=" + model,
-		"ANTHROPIC_DEFAULT_HAIKU_MODEL=" + model,
-		"CLAUDE_CODE_SUBAGENT_MODEL=" + model,
-		"CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1",
-		"DISABLE_AUTOUPDATER=1",
-	}, bin, "-p", "say hello to the gateway")
+	stdout, _ := claude(tr, k.Key, true)
 
 	calls := tr.snapshot()
 	var served []servedUsage
@@ -437,6 +442,39 @@ func TestClaudeCode(t *testing.T) {
 		t.Errorf("the backend got %d messages, Claude Code was answered %d", n, len(served))
 	}
 	checkAgentBill(t, e, u.ID, initial, priceOf(t, in, cacheRead, cacheWrite, out), served)
+
+	// A user out of credits: the 402 in Anthropic's shape is shown, not retried, and nothing
+	// is charged.
+	poor, poorKey := e.userWithKey("poor-claude-code@example.com", "0.01")
+	tr = newAgentTrace(t, e.gw, poorKey.Key)
+	stdout, stderr := claude(tr, poorKey.Key, false)
+	checkAgentRefused(t, e, tr, "Claude Code", stdout+stderr, "POST /v1/messages?beta=true", 1, poor.ID, "0.01")
+}
+
+// checkAgentRefused checks that an agent refused for want of credits sent route calls times
+// (its retries included), each answered 402 insufficient_credits, said so, and charged its
+// user nothing.
+func checkAgentRefused(t *testing.T, e *env, tr *agentTrace, agent, output, route string, calls int, userID, initial string) {
+	t.Helper()
+	sent := tr.snapshot()
+	for _, c := range sent {
+		if c.method+" "+c.uri != route || c.status != http.StatusPaymentRequired || !strings.Contains(string(c.body), "insufficient_credits") {
+			t.Errorf("%s out of credits sent %s %s, answered %d; want %s answered 402 insufficient_credits", agent, c.method, c.uri, c.status, route)
+		}
+	}
+	if len(sent) != calls {
+		t.Errorf("%s out of credits sent %d requests, want %d:\n%s", agent, len(sent), calls, tr)
+	}
+	if !strings.Contains(output, "402") && !strings.Contains(output, "insufficient credits") {
+		t.Errorf("%s out of credits printed %q, without the 402", agent, tail(output, 2000))
+	}
+	if st := e.settlements(userID); len(st) != 0 {
+		t.Errorf("a refused user was charged: %+v", st)
+	}
+	if got := e.balance(userID); got != credits.Amount(micro(t, initial)) {
+		t.Errorf("a refused user's balance %s, want %s", got, initial)
+	}
+	e.checkAllAccounts(0)
 }
 
 // TestCodexCLI: Codex CLI (`codex exec`), with a custom model provider in its config.toml
@@ -445,7 +483,8 @@ func TestClaudeCode(t *testing.T) {
 // the key as a Bearer token (store false, include reasoning.encrypted_content, its tools, a
 // reasoning object, no max_output_tokens: max_tokens_default bounds them), each reached the
 // backend once, and the user is charged exactly the usage of the answers it received, the
-// reasoning tokens recorded and billed as output.
+// reasoning tokens recorded and billed as output. A user out of credits: Codex shows the 402
+// and exits 1 after its retries, charged nothing.
 func TestCodexCLI(t *testing.T) {
 	bin := agentBinary(t, "codex")
 	const in, out = "1000", "3000"
@@ -456,9 +495,10 @@ func TestCodexCLI(t *testing.T) {
 	})
 	const initial = "1000"
 	u, k := e.userWithKey("codex@example.com", initial)
-	tr := newAgentTrace(t, e.gw, k.Key)
-	codexHome := t.TempDir()
-	config := fmt.Sprintf(`model = %q
+	// codex runs `codex exec` with key, the README's config.toml in a CODEX_HOME of its own.
+	codex := func(tr *agentTrace, key string, ok bool) (string, string) {
+		codexHome := t.TempDir()
+		config := fmt.Sprintf(`model = %q
 model_provider = "llm-gateway"
 check_for_update_on_startup = false
 
@@ -471,14 +511,17 @@ wire_api = "responses"
 [analytics]
 enabled = false
 `, model, tr.url)
-	if err := os.WriteFile(filepath.Join(codexHome, "config.toml"), []byte(config), 0o600); err != nil {
-		t.Fatal(err)
+		if err := os.WriteFile(filepath.Join(codexHome, "config.toml"), []byte(config), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return runAgent(t, tr, ok, t.TempDir(), []string{
+			"HOME=" + t.TempDir(),
+			"CODEX_HOME=" + codexHome,
+			"LLM_GATEWAY_KEY=" + key,
+		}, bin, "exec", "--skip-git-repo-check", "--sandbox", "read-only", "say hello to the gateway")
 	}
-	stdout := runAgent(t, tr, t.TempDir(), []string{
-		"HOME=" + t.TempDir(),
-		"CODEX_HOME=" + codexHome,
-		"LLM_GATEWAY_KEY=" + k.Key,
-	}, bin, "exec", "--skip-git-repo-check", "--sandbox", "read-only", "say hello to the gateway")
+	tr := newAgentTrace(t, e.gw, k.Key)
+	stdout, _ := codex(tr, k.Key, true)
 
 	calls := tr.snapshot()
 	var served []servedUsage
@@ -503,4 +546,11 @@ enabled = false
 		t.Errorf("the backend got %d responses requests, Codex was answered %d", n, len(served))
 	}
 	checkAgentBill(t, e, u.ID, initial, priceOf(t, in, "", "", out), served)
+
+	// A user out of credits: Codex retries the 402 as any failed turn (stream_max_retries,
+	// 5 by default, about 6 s of backoff), then shows it; nothing is charged.
+	poor, poorKey := e.userWithKey("poor-codex@example.com", "0.01")
+	tr = newAgentTrace(t, e.gw, poorKey.Key)
+	stdout, stderr := codex(tr, poorKey.Key, false)
+	checkAgentRefused(t, e, tr, "Codex", stdout+stderr, "POST /v1/responses", 1+5, poor.ID, "0.01")
 }
