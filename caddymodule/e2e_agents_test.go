@@ -488,7 +488,7 @@ func checkAgentRefused(t *testing.T, e *env, tr *agentTrace, agent, output, rout
 func TestCodexCLI(t *testing.T) {
 	bin := agentBinary(t, "codex")
 	const in, out = "1000", "3000"
-	const model = "gpt-gw"
+	const model = "gpt-5-codex"
 	e := startGateway(t, setup{
 		gateway: backendBlock("oai", "oai", model, in, out),
 		mocks:   []mockSpec{{key: "oai", lines: "models " + model + "\n\t\tcompletion_tokens 7\n\t\tchunks 3"}},
