@@ -316,6 +316,25 @@ func responsesServed(t *testing.T, body []byte) servedUsage {
 	return s
 }
 
+// responsesBound is the max_output_tokens of the response a Responses stream made (its
+// response.created event), 0 for none.
+func responsesBound(t *testing.T, body []byte) int64 {
+	t.Helper()
+	type event struct {
+		Type     string `json:"type"`
+		Response struct {
+			MaxOutputTokens int64 `json:"max_output_tokens"`
+		} `json:"response"`
+	}
+	for _, ev := range sseData[event](t, body) {
+		if ev.Type == "response.created" {
+			return ev.Response.MaxOutputTokens
+		}
+	}
+	t.Fatalf("a Responses stream without response.created: %s", truncate(string(body), 2000))
+	return 0
+}
+
 // checkAgentBill checks that the user, who was given initial credits, was charged exactly for
 // served (one settle entry per answer, recording its usage, its amount that usage at price,
 // in any order: an agent may send requests side by side), the balance is initial less their
@@ -481,7 +500,7 @@ func checkAgentRefused(t *testing.T, e *env, tr *agentTrace, agent, output, rout
 // (wire_api "responses", base_url the gateway's /v1, the key from env_key), answers with the
 // mock's words through an openai backend. Its requests are streamed POST /v1/responses with
 // the key as a Bearer token (store false, include reasoning.encrypted_content, its tools, a
-// reasoning object, no max_output_tokens: max_tokens_default bounds them), each reached the
+// reasoning object, no max_output_tokens: max_tokens_default, 32768 here, is sent), each reached the
 // backend once, and the user is charged exactly the usage of the answers it received, the
 // reasoning tokens recorded and billed as output. A user out of credits: Codex shows the 402
 // and exits 1 after its retries, charged nothing.
@@ -490,8 +509,10 @@ func TestCodexCLI(t *testing.T) {
 	const in, out = "1000", "3000"
 	const model = "gpt-5-codex"
 	e := startGateway(t, setup{
-		gateway: backendBlock("oai", "oai", model, in, out),
-		mocks:   []mockSpec{{key: "oai", lines: "models " + model + "\n\t\tcompletion_tokens 7\n\t\tchunks 3"}},
+		// Codex sends no max_output_tokens: the README's advice, the default bound at the cap.
+		gateway: `
+		max_tokens_default 32768` + backendBlock("oai", "oai", model, in, out),
+		mocks: []mockSpec{{key: "oai", lines: "models " + model + "\n\t\tcompletion_tokens 7\n\t\tchunks 3"}},
 	})
 	const initial = "1000"
 	u, k := e.userWithKey("codex@example.com", initial)
@@ -532,6 +553,10 @@ enabled = false
 			continue
 		}
 		served = append(served, responsesServed(t, c.body))
+		// The backend got the gateway's bound (the mock's response echoes it).
+		if bound := responsesBound(t, c.body); bound != 32768 {
+			t.Errorf("the backend was sent max_output_tokens %d, want max_tokens_default 32768", bound)
+		}
 	}
 	if len(served) == 0 {
 		t.Fatalf("Codex sent no request:\n%s", tr)
