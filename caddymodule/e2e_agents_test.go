@@ -398,9 +398,10 @@ func priceOf(t *testing.T, in, cachedIn, cacheWrite, out string) credits.Price {
 }
 
 // TestClaudeCode: Claude Code (`claude -p`), with ANTHROPIC_BASE_URL at the gateway and a
-// gateway key as ANTHROPIC_AUTH_TOKEN, its models all set to the gateway's model name, answers
-// with the mock's words through an anthropic backend. Its requests are streamed
-// POST /v1/messages?beta=true with the key as a Bearer token (nothing else: no count_tokens,
+// gateway key as ANTHROPIC_AUTH_TOKEN (or ANTHROPIC_API_KEY), its models all set to the
+// gateway's model name, answers with the mock's words through an anthropic backend. Its
+// requests are streamed POST /v1/messages?beta=true with the key as a Bearer token (as
+// x-api-key) (nothing else: no count_tokens,
 // no model list, no probe, with CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC), each reached the
 // backend once, and the user is charged exactly the usage of the answers it received, the
 // cache reads and writes at their prices. A user out of credits: Claude Code shows the 402 and
@@ -421,13 +422,13 @@ func TestClaudeCode(t *testing.T) {
 	const initial = "1000"
 	u, k := e.userWithKey("claude-code@example.com", initial)
 	// claude runs `claude -p` with key, as the README's setup says, and a HOME of its own.
-	claude := func(tr *agentTrace, key string, ok bool) (string, string) {
+	claude := func(tr *agentTrace, credential, key string, ok bool) (string, string) {
 		home := t.TempDir()
 		return runAgent(t, tr, ok, t.TempDir(), []string{
 			"HOME=" + home,
 			"XDG_CONFIG_HOME=" + filepath.Join(home, ".config"),
 			"ANTHROPIC_BASE_URL=" + tr.url,
-			"ANTHROPIC_AUTH_TOKEN=" + key,
+			credential + "=" + key,
 			"ANTHROPIC_MODEL=" + model,
 			"ANTHROPIC_DEFAULT_OPUS_MODEL=" + model,
 			"ANTHROPIC_DEFAULT_SONNET_MODEL=" + model,
@@ -437,25 +438,29 @@ func TestClaudeCode(t *testing.T) {
 			"DISABLE_AUTOUPDATER=1",
 		}, bin, "-p", "say hello to the gateway")
 	}
-	tr := newAgentTrace(t, e.gw, k.Key)
-	stdout, _ := claude(tr, k.Key, true)
-
-	calls := tr.snapshot()
+	// The key as ANTHROPIC_AUTH_TOKEN (sent as a Bearer token), then as ANTHROPIC_API_KEY
+	// (sent as x-api-key), the same user charged for both.
 	var served []servedUsage
-	for _, c := range calls {
-		if c.method != http.MethodPost || c.uri != "/v1/messages?beta=true" || c.auth != "bearer" || c.status != http.StatusOK {
-			t.Errorf("Claude Code sent %s %s (%s), answered %d; want only POST /v1/messages?beta=true with the key as a Bearer token, answered 200\nrequests:\n%s",
-				c.method, c.uri, c.auth, c.status, tr)
-			continue
+	for _, run := range []struct{ credential, auth string }{{"ANTHROPIC_AUTH_TOKEN", "bearer"}, {"ANTHROPIC_API_KEY", "x-api-key"}} {
+		tr := newAgentTrace(t, e.gw, k.Key)
+		stdout, _ := claude(tr, run.credential, k.Key, true)
+		var turn []servedUsage
+		for _, c := range tr.snapshot() {
+			if c.method != http.MethodPost || c.uri != "/v1/messages?beta=true" || c.auth != run.auth || c.status != http.StatusOK {
+				t.Errorf("Claude Code with %s sent %s %s (%s), answered %d; want only POST /v1/messages?beta=true with the key as %s, answered 200\nrequests:\n%s",
+					run.credential, c.method, c.uri, c.auth, c.status, run.auth, tr)
+				continue
+			}
+			turn = append(turn, messagesServed(t, c.body))
 		}
-		served = append(served, messagesServed(t, c.body))
-	}
-	if len(served) == 0 {
-		t.Fatalf("Claude Code sent no message:\n%s", tr)
-	}
-	// The answer printed is the last message's text, the mock's 7 words.
-	if got, last := strings.TrimSpace(stdout), served[len(served)-1]; got != tokens(7) || last.text != tokens(7) {
-		t.Errorf("Claude Code printed %q, streamed %q; want the mock's %q", got, last.text, tokens(7))
+		if len(turn) == 0 {
+			t.Fatalf("Claude Code with %s sent no message:\n%s", run.credential, tr)
+		}
+		// The answer printed is the last message's text, the mock's 7 words.
+		if got, last := strings.TrimSpace(stdout), turn[len(turn)-1]; got != tokens(7) || last.text != tokens(7) {
+			t.Errorf("Claude Code with %s printed %q, was streamed %q; want the mock's %q", run.credential, got, last.text, tokens(7))
+		}
+		served = append(served, turn...)
 	}
 	if n := e.mockCounts("ant")["/v1/messages"]; n != int64(len(served)) {
 		t.Errorf("the backend got %d messages, Claude Code was answered %d", n, len(served))
@@ -465,8 +470,8 @@ func TestClaudeCode(t *testing.T) {
 	// A user out of credits: the 402 in Anthropic's shape is shown, not retried, and nothing
 	// is charged.
 	poor, poorKey := e.userWithKey("poor-claude-code@example.com", "0.01")
-	tr = newAgentTrace(t, e.gw, poorKey.Key)
-	stdout, stderr := claude(tr, poorKey.Key, false)
+	tr := newAgentTrace(t, e.gw, poorKey.Key)
+	stdout, stderr := claude(tr, "ANTHROPIC_AUTH_TOKEN", poorKey.Key, false)
 	checkAgentRefused(t, e, tr, "Claude Code", stdout+stderr, "POST /v1/messages?beta=true", 1, poor.ID, "0.01")
 }
 
