@@ -66,9 +66,10 @@ type agentCall struct {
 	method, uri string
 	// auth is how the request carried the gateway key: "bearer", "x-api-key", "none", or
 	// "wrong" when a credential was not the key (the key itself is never kept).
-	auth   string
-	status int
-	body   []byte // the response body as the agent received it
+	auth    string
+	status  int
+	request []byte // the request body
+	body    []byte // the response body as the agent received it
 }
 
 // agentTrace is a reverse proxy in front of the gateway that records each request an agent
@@ -102,6 +103,12 @@ func newAgentTrace(t *testing.T, gateway, key string) *agentTrace {
 	}
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		c := &agentCall{method: r.Method, uri: r.URL.RequestURI(), auth: tr.authOf(r)}
+		var err error
+		if c.request, err = io.ReadAll(r.Body); err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		r.Body = io.NopCloser(bytes.NewReader(c.request))
 		tr.mu.Lock()
 		tr.calls = append(tr.calls, c)
 		tr.mu.Unlock()
@@ -152,6 +159,7 @@ func (tr *agentTrace) snapshot() []agentCall {
 	for i, c := range tr.calls {
 		out[i] = *c
 		out[i].body = slices.Clone(c.body)
+		out[i].request = slices.Clone(c.request)
 	}
 	return out
 }
@@ -397,6 +405,26 @@ func priceOf(t *testing.T, in, cachedIn, cacheWrite, out string) credits.Price {
 	return p
 }
 
+// claudeCodeEnv is the environment of the README's Claude Code setup: the gateway at baseURL,
+// the key in credential (ANTHROPIC_AUTH_TOKEN or ANTHROPIC_API_KEY), the gateway's model for
+// every role, no nonessential traffic, and a HOME of its own.
+func claudeCodeEnv(t *testing.T, baseURL, credential, key, model string) []string {
+	home := t.TempDir()
+	return []string{
+		"HOME=" + home,
+		"XDG_CONFIG_HOME=" + filepath.Join(home, ".config"),
+		"ANTHROPIC_BASE_URL=" + baseURL,
+		credential + "=" + key,
+		"ANTHROPIC_MODEL=" + model,
+		"ANTHROPIC_DEFAULT_OPUS_MODEL=" + model,
+		"ANTHROPIC_DEFAULT_SONNET_MODEL=" + model,
+		"ANTHROPIC_DEFAULT_HAIKU_MODEL=" + model,
+		"CLAUDE_CODE_SUBAGENT_MODEL=" + model,
+		"CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1",
+		"DISABLE_AUTOUPDATER=1",
+	}
+}
+
 // TestClaudeCode: Claude Code (`claude -p`), with ANTHROPIC_BASE_URL at the gateway and a
 // gateway key as ANTHROPIC_AUTH_TOKEN (or ANTHROPIC_API_KEY), its models all set to the
 // gateway's model name, answers with the mock's words through an anthropic backend. Its
@@ -421,22 +449,8 @@ func TestClaudeCode(t *testing.T) {
 	// the reservation's bound is some 150 credits at these prices.
 	const initial = "1000"
 	u, k := e.userWithKey("claude-code@example.com", initial)
-	// claude runs `claude -p` with key, as the README's setup says, and a HOME of its own.
 	claude := func(tr *agentTrace, credential, key string, ok bool) (string, string) {
-		home := t.TempDir()
-		return runAgent(t, tr, ok, t.TempDir(), []string{
-			"HOME=" + home,
-			"XDG_CONFIG_HOME=" + filepath.Join(home, ".config"),
-			"ANTHROPIC_BASE_URL=" + tr.url,
-			credential + "=" + key,
-			"ANTHROPIC_MODEL=" + model,
-			"ANTHROPIC_DEFAULT_OPUS_MODEL=" + model,
-			"ANTHROPIC_DEFAULT_SONNET_MODEL=" + model,
-			"ANTHROPIC_DEFAULT_HAIKU_MODEL=" + model,
-			"CLAUDE_CODE_SUBAGENT_MODEL=" + model,
-			"CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1",
-			"DISABLE_AUTOUPDATER=1",
-		}, bin, "-p", "say hello to the gateway")
+		return runAgent(t, tr, ok, t.TempDir(), claudeCodeEnv(t, tr.url, credential, key, model), bin, "-p", "say hello to the gateway")
 	}
 	// The key as ANTHROPIC_AUTH_TOKEN (sent as a Bearer token), then as ANTHROPIC_API_KEY
 	// (sent as x-api-key), the same user charged for both.
@@ -583,4 +597,73 @@ enabled = false
 	tr = newAgentTrace(t, e.gw, poorKey.Key)
 	stdout, stderr := codex(tr, poorKey.Key, false)
 	checkAgentRefused(t, e, tr, "Codex", stdout+stderr, "POST /v1/responses", 1+5, poor.ID, "0.01")
+}
+
+// TestClaudeCodeUsesATool: an agent's turn of two requests through the gateway. The mock
+// answers Claude Code's first message with a call of its Read tool on a file of the working
+// directory; Claude Code reads the file and sends its content back as a tool_result in a
+// second POST /v1/messages?beta=true, answered with text, which it prints. Both are charged,
+// each its own usage, nothing else.
+func TestClaudeCodeUsesATool(t *testing.T) {
+	bin := agentBinary(t, "claude")
+	const in, out = "1000", "3000"
+	const model = "claude-sonnet-4-5"
+	work := t.TempDir()
+	file := filepath.Join(work, "hello.txt")
+	const content = "the gateway's secret word is wombat42"
+	if err := os.WriteFile(file, []byte(content+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	input, err := json.Marshal(map[string]string{"file_path": file})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := startGateway(t, setup{
+		gateway: anthropicBlock("claude", "ant", model, in, out),
+		mocks: []mockSpec{{key: "ant", lines: "models " + model + "\n\t\tcompletion_tokens 7\n\t\tchunks 3" +
+			"\n\t\ttool_use Read `" + string(input) + "`\n\t\tapi_key " + anthropicUpstreamKey}},
+	})
+	const initial = "1000"
+	u, k := e.userWithKey("claude-code-tool@example.com", initial)
+	tr := newAgentTrace(t, e.gw, k.Key)
+	stdout, _ := runAgent(t, tr, true, work, claudeCodeEnv(t, tr.url, "ANTHROPIC_AUTH_TOKEN", k.Key, model), bin,
+		"-p", "read hello.txt and tell me the secret word")
+
+	calls := tr.snapshot()
+	if len(calls) != 2 {
+		t.Fatalf("Claude Code sent %d requests, want 2 (the call of Read, then its result):\n%s", len(calls), tr)
+	}
+	var served []servedUsage
+	for i, c := range calls {
+		if c.method != http.MethodPost || c.uri != "/v1/messages?beta=true" || c.auth != "bearer" || c.status != http.StatusOK {
+			t.Fatalf("request %d: %s %s (%s) answered %d, want POST /v1/messages?beta=true with a Bearer token, 200\n%s",
+				i, c.method, c.uri, c.auth, c.status, tr)
+		}
+		served = append(served, messagesServed(t, c.body))
+	}
+	// The first answer was the tool call (no text), the second carries the file's content
+	// back in a tool_result and was answered with the mock's words, which Claude Code printed.
+	if !strings.Contains(string(calls[0].body), `"tool_use"`) || served[0].text != "" {
+		t.Errorf("the first answer is not a tool call: %s", truncate(string(calls[0].body), 1000))
+	}
+	var second struct {
+		Messages []struct {
+			Role    string `json:"role"`
+			Content json.RawMessage
+		} `json:"messages"`
+	}
+	if err := json.Unmarshal(calls[1].request, &second); err != nil || len(second.Messages) == 0 {
+		t.Fatalf("the second request: %v: %s", err, truncate(string(calls[1].request), 1000))
+	}
+	last := second.Messages[len(second.Messages)-1]
+	if last.Role != "user" || !strings.Contains(string(last.Content), `"tool_result"`) || !strings.Contains(string(last.Content), "wombat42") {
+		t.Errorf("the second request does not bring the file back in a tool_result: %s", truncate(string(last.Content), 1000))
+	}
+	if got := strings.TrimSpace(stdout); got != tokens(7) || served[1].text != tokens(7) {
+		t.Errorf("Claude Code printed %q, was streamed %q; want the mock's %q", got, served[1].text, tokens(7))
+	}
+	if n := e.mockCounts("ant")["/v1/messages"]; n != 2 {
+		t.Errorf("the backend got %d messages, want 2", n)
+	}
+	checkAgentBill(t, e, u.ID, initial, priceOf(t, in, "", "", out), served)
 }
