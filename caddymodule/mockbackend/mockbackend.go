@@ -218,10 +218,12 @@ type MockBackend struct {
 	// without it). Default: none checked.
 	AnthropicVersion string `json:"anthropic_version,omitempty"`
 
-	// ToolUse, when set, makes Messages answers call a tool as a model does (anthropic.go): a
-	// request that offers a tool of this name and carries no tool_result block yet is
-	// answered with one tool_use block calling it with ToolInput, stop_reason "tool_use"; the
-	// request that brings a tool_result back is answered with text as usual. Default: none.
+	// ToolUse, when set, makes Messages and Responses answers call a tool as a model does
+	// (anthropic.go, openai_responses.go): a request that offers a tool of this name and
+	// carries no tool result yet (tool_result block, function_call_output item) is answered
+	// with one call of it with ToolInput (a tool_use block, stop_reason "tool_use"; a
+	// function_call item); the request that brings the result back is answered with text as
+	// usual. Default: none.
 	ToolUse string `json:"tool_use,omitempty"`
 	// ToolInput is the JSON object a ToolUse call passes. Default: {}.
 	ToolInput json.RawMessage `json:"tool_input,omitempty"`
