@@ -515,6 +515,31 @@ func checkAgentRefused(t *testing.T, e *env, tr *agentTrace, agent, output, rout
 	e.checkAllAccounts(0)
 }
 
+// codexEnv is the environment of the README's Codex setup: a CODEX_HOME of its own holding
+// the config.toml with the gateway at baseURL as the model provider, the key in the variable
+// its env_key names, and a HOME of its own.
+func codexEnv(t *testing.T, baseURL, key, model string) []string {
+	t.Helper()
+	codexHome := t.TempDir()
+	config := fmt.Sprintf(`model = %q
+model_provider = "llm-gateway"
+check_for_update_on_startup = false
+
+[model_providers.llm-gateway]
+name = "LLM gateway"
+base_url = "%s/v1"
+env_key = "LLM_GATEWAY_KEY"
+wire_api = "responses"
+
+[analytics]
+enabled = false
+`, model, baseURL)
+	if err := os.WriteFile(filepath.Join(codexHome, "config.toml"), []byte(config), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return []string{"HOME=" + t.TempDir(), "CODEX_HOME=" + codexHome, "LLM_GATEWAY_KEY=" + key}
+}
+
 // TestCodexCLI: Codex CLI (`codex exec`), with a custom model provider in its config.toml
 // (wire_api "responses", base_url the gateway's /v1, the key from env_key), answers with the
 // mock's words through an openai backend. Its requests are streamed POST /v1/responses with
@@ -535,30 +560,9 @@ func TestCodexCLI(t *testing.T) {
 	})
 	const initial = "1000"
 	u, k := e.userWithKey("codex@example.com", initial)
-	// codex runs `codex exec` with key, the README's config.toml in a CODEX_HOME of its own.
 	codex := func(tr *agentTrace, key string, ok bool) (string, string) {
-		codexHome := t.TempDir()
-		config := fmt.Sprintf(`model = %q
-model_provider = "llm-gateway"
-check_for_update_on_startup = false
-
-[model_providers.llm-gateway]
-name = "LLM gateway"
-base_url = "%s/v1"
-env_key = "LLM_GATEWAY_KEY"
-wire_api = "responses"
-
-[analytics]
-enabled = false
-`, model, tr.url)
-		if err := os.WriteFile(filepath.Join(codexHome, "config.toml"), []byte(config), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		return runAgent(t, tr, ok, t.TempDir(), []string{
-			"HOME=" + t.TempDir(),
-			"CODEX_HOME=" + codexHome,
-			"LLM_GATEWAY_KEY=" + key,
-		}, bin, "exec", "--skip-git-repo-check", "--sandbox", "read-only", "say hello to the gateway")
+		return runAgent(t, tr, ok, t.TempDir(), codexEnv(t, tr.url, key, model), bin,
+			"exec", "--skip-git-repo-check", "--sandbox", "read-only", "say hello to the gateway")
 	}
 	tr := newAgentTrace(t, e.gw, k.Key)
 	stdout, _ := codex(tr, k.Key, true)
@@ -664,6 +668,74 @@ func TestClaudeCodeUsesATool(t *testing.T) {
 	}
 	if n := e.mockCounts("ant")["/v1/messages"]; n != 2 {
 		t.Errorf("the backend got %d messages, want 2", n)
+	}
+	checkAgentBill(t, e, u.ID, initial, priceOf(t, in, "", "", out), served)
+}
+
+// TestCodexCLIUsesATool: an agent's turn of two requests through the gateway. The mock
+// answers Codex's first request with a call of its exec_command function (cat a file of the
+// working directory); Codex runs it and sends the output back as a function_call_output in a
+// second POST /v1/responses, answered with text, which it prints. Both are charged, each its
+// own usage, nothing else.
+func TestCodexCLIUsesATool(t *testing.T) {
+	bin := agentBinary(t, "codex")
+	const in, out = "1000", "3000"
+	const model = "gpt-5-codex"
+	work := t.TempDir()
+	const content = "the gateway's secret word is wombat42"
+	if err := os.WriteFile(filepath.Join(work, "hello.txt"), []byte(content+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	e := startGateway(t, setup{
+		gateway: `
+		max_tokens_default 32768` + backendBlock("oai", "oai", model, in, out),
+		mocks: []mockSpec{{key: "oai", lines: "models " + model + "\n\t\tcompletion_tokens 7\n\t\tchunks 3" +
+			"\n\t\ttool_use exec_command `{\"cmd\":\"cat hello.txt\"}`"}},
+	})
+	const initial = "1000"
+	u, k := e.userWithKey("codex-tool@example.com", initial)
+	tr := newAgentTrace(t, e.gw, k.Key)
+	stdout, stderr := runAgent(t, tr, true, work, codexEnv(t, tr.url, k.Key, model), bin,
+		"exec", "--skip-git-repo-check", "--sandbox", "read-only", "read hello.txt and tell me the secret word")
+
+	calls := tr.snapshot()
+	if len(calls) != 2 {
+		t.Fatalf("Codex sent %d requests, want 2 (the call of exec_command, then its output):\n%s\nstderr:\n%s", len(calls), tr, tail(stderr, 3000))
+	}
+	var served []servedUsage
+	for i, c := range calls {
+		if c.method != http.MethodPost || c.uri != "/v1/responses" || c.auth != "bearer" || c.status != http.StatusOK {
+			t.Fatalf("request %d: %s %s (%s) answered %d, want POST /v1/responses with a Bearer token, 200\n%s", i, c.method, c.uri, c.auth, c.status, tr)
+		}
+		served = append(served, responsesServed(t, c.body))
+	}
+	if !strings.Contains(string(calls[0].body), `"function_call"`) || served[0].text != "" {
+		t.Errorf("the first answer is not a function call: %s", truncate(string(calls[0].body), 1000))
+	}
+	var second struct {
+		Input []struct {
+			Type   string          `json:"type"`
+			CallID string          `json:"call_id"`
+			Output json.RawMessage `json:"output"`
+		} `json:"input"`
+	}
+	if err := json.Unmarshal(calls[1].request, &second); err != nil {
+		t.Fatalf("the second request: %v: %s", err, truncate(string(calls[1].request), 1000))
+	}
+	var output string
+	for _, it := range second.Input {
+		if it.Type == "function_call_output" && strings.HasPrefix(it.CallID, "call_mock") {
+			output = string(it.Output)
+		}
+	}
+	if !strings.Contains(output, "wombat42") {
+		t.Errorf("the second request does not bring the command's output back in a function_call_output: %q\nstderr:\n%s", truncate(output, 1000), tail(stderr, 3000))
+	}
+	if got := strings.TrimSpace(stdout); got != tokens(4) || served[1].text != tokens(4) {
+		t.Errorf("Codex printed %q, was streamed %q; want the mock's %q", got, served[1].text, tokens(4))
+	}
+	if n := e.mockCounts("oai")["/v1/responses"]; n != 2 {
+		t.Errorf("the backend got %d responses requests, want 2", n)
 	}
 	checkAgentBill(t, e, u.ID, initial, priceOf(t, in, "", "", out), served)
 }
