@@ -25,8 +25,9 @@ import (
 )
 
 // The coding agents through the gateway: Claude Code and Codex CLI, the real binaries from npm,
-// run once each against a gateway with the mock behind it. .ci/run (or `make agents`) installs
-// them, at the versions it pins, into the directory LLM_GATEWAY_AGENTS_DIR names.
+// run against a gateway with the mock behind it, through a recording proxy that passes
+// everything on unchanged. .ci/agents (`make agents`, run by .ci/run) installs them, at the
+// versions it pins, into the directory LLM_GATEWAY_AGENTS_DIR names.
 
 // agentsDirEnv names the directory the agents are installed in (npm install --prefix); when it
 // is not set, the tests look in the one .ci/agents installs into by default.
@@ -96,7 +97,9 @@ func newAgentTrace(t *testing.T, gateway, key string) *agentTrace {
 		FlushInterval: -1,
 		ModifyResponse: func(resp *http.Response) error {
 			c := resp.Request.Context().Value(agentCallKey{}).(*agentCall)
+			tr.mu.Lock()
 			c.status = resp.StatusCode
+			tr.mu.Unlock()
 			resp.Body = &teeBody{ReadCloser: resp.Body, tr: tr, c: c}
 			return nil
 		},
