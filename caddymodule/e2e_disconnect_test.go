@@ -281,7 +281,7 @@ func TestResponsesDisconnectAndFailover(t *testing.T) {
 	body := `{"model":"shared","input":"tell me a long story","max_output_tokens":100,"stream":true}`
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	hdr := map[string]string{"Authorization": "Bearer " + k.Key, "X-Mock-Chunks": "40", "X-Mock-Chunk-Interval": "50ms",
+	hdr := map[string]string{"Authorization": "Bearer " + k.Key, "X-Mock-Chunks": "40", "X-Mock-Chunk-Interval": "150ms",
 		"X-Mock-Completion-Tokens": "40"}
 	resp, err := e.client.Do(e.newRequest(ctx, http.MethodPost, e.gw+"/v1/responses", body, hdr))
 	if err != nil || resp.StatusCode != http.StatusOK {
@@ -308,10 +308,11 @@ func TestResponsesDisconnectAndFailover(t *testing.T) {
 	if len(st) != 2 || st[1].Usage == nil {
 		t.Fatalf("%d settlements after the disconnect, want 2: %+v", len(st), st)
 	}
-	// The client read 3 deltas; the gateway may have passed on a few more before it noticed.
+	// The client read 3 deltas; the gateway may have passed on some more before it noticed
+	// (up to 20 here, 3 s on a loaded machine), not the 40 of the whole answer.
 	wantIn := metering.CountTokens(metering.FamilyOpenAI, []byte(body), 1)
 	lo := metering.CountTokens(metering.FamilyOpenAI, []byte(tokens(3)), 3)
-	hi := metering.CountTokens(metering.FamilyOpenAI, []byte(tokens(12)), 12)
+	hi := metering.CountTokens(metering.FamilyOpenAI, []byte(tokens(20)), 20)
 	left := st[1].Usage
 	if left.Backend != "live" || left.InputTokens != wantIn || left.OutputTokens < lo || left.OutputTokens > hi {
 		t.Errorf("the left stream settled %+v, want %d input tokens (the body, tokenized) and %d..%d output tokens by live",
@@ -325,8 +326,8 @@ func TestResponsesDisconnectAndFailover(t *testing.T) {
 	}
 	// The backend was stopped: it wrote a few events past the client's (4 before the first
 	// delta, 3 deltas read, some in flight), not its 40 deltas and the 4 closing events.
-	time.Sleep(200 * time.Millisecond) // longer than a chunk interval: a running stream would have written more
-	if sent := mockbackend.ChunksSent(e.mockName("live"))["/v1/responses"]; sent > 4+12 {
+	time.Sleep(500 * time.Millisecond) // longer than a chunk interval: a running stream would have written more
+	if sent := mockbackend.ChunksSent(e.mockName("live"))["/v1/responses"]; sent > 4+20 {
 		t.Errorf("the backend wrote %d stream events, want about the 4+3 the client read (it was not stopped)", sent)
 	}
 	e.expectIdleGauges("live")
