@@ -4,7 +4,7 @@ BIN      := bin/caddy
 FUZZTIME ?= 10s
 BENCH_FLAGS ?=
 
-.PHONY: build run test test-unit fuzz bench lint clean
+.PHONY: build run test test-unit fuzz bench lint clean agents
 
 ## build: Caddy with the gateway and the mock backends, as bin/caddy
 build:
@@ -44,6 +44,10 @@ fuzz:
 ## bench: the gateway beside plain Caddy reverse_proxy and the backend directly, in front of the mock and of the foreign fake (see README)
 bench: build
 	$(GO) run ./cmd/llmbench -caddy $(BIN) -rate-limits $(BENCH_FLAGS)
+
+## agents: Claude Code and Codex CLI for the agent tests, at the versions .ci/agents pins, into $LLM_GATEWAY_AGENTS_DIR (default ~/.cache/llm-gateway-agents)
+agents:
+	@./.ci/agents
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi

@@ -225,3 +225,111 @@ func (e *env) idleGauges(backend string) (bool, string) {
 			fmt.Sprintf("backend_inflight_requests{backend=%q} = %v (found %v), active_streams = %v (found %v)", backend, inflight, ok1, streams, ok2)
 	})
 }
+
+// TestResponsesDisconnectAndFailover: on /v1/responses, a backend refusing the connection
+// before the first byte fails over to the next, for a response and for a stream, charged once
+// at the answering backend's price; a client that leaves a slow stream after 3 text deltas
+// (on_disconnect stop) is charged what was produced before it left, by the stated rule for a
+// stream cut before response.completed (the prompt and the text produced, tokenized), not the
+// whole answer, and the backend is stopped. (The Messages cases are in
+// TestMessagesHeadersAndFailures.)
+func TestResponsesDisconnectAndFailover(t *testing.T) {
+	const in, out = "1000", "3000"
+	e := startGateway(t, setup{
+		gateway: `
+		backend dead {
+			url {closed}
+			health_check {
+				disabled
+			}
+			model shared {
+				input_price 500
+				output_price 500
+			}
+		}` + backendBlock("live", "live", "shared", in, out),
+		mocks: []mockSpec{{key: "live", lines: "models shared"}},
+	})
+	const initial = "50"
+	u, k := e.userWithKey("responses-faults@example.com", initial)
+	auth := bearer(k.Key)
+	// failedOver is how many requests moved on from dead so far.
+	failedOver := func() float64 {
+		n, _ := metricSum(e.scrape(), "llm_gateway_failovers_total", map[string]string{"backend": "dead"})
+		return n
+	}
+	failovers := failedOver()
+
+	// A response: the cheapest backend (dead) refuses, live answers, charged its usage once:
+	// "hi there" is 2 input tokens, 5 output tokens (max_output_tokens).
+	r := e.post("/v1/responses", `{"model":"shared","input":"hi there","max_output_tokens":5}`, auth)
+	if r.status != http.StatusOK || r.header.Get("X-Gateway-Backend") != "live" {
+		t.Fatalf("after dead: %s from %q", r, r.header.Get("X-Gateway-Backend"))
+	}
+	a := e.settledAudit(u.ID)
+	st := e.settlements(u.ID)
+	if len(st) != 1 || st[0].Usage == nil || st[0].Usage.Backend != "live" || st[0].Amount != cost(t, 2, 5, in, out) {
+		t.Fatalf("after the failover: settlements %+v, want one of %s by live", st, cost(t, 2, 5, in, out))
+	}
+	if n := e.mockCounts("live")["/v1/responses"]; n != 1 {
+		t.Errorf("live got %d responses requests, want 1", n)
+	}
+	if n := failedOver(); n != failovers+1 {
+		t.Errorf("failovers from dead %v, want %v: dead was not tried first", n, failovers+1)
+	}
+
+	// A slow stream of 40 deltas, failed over too; the client leaves after 3 deltas.
+	body := `{"model":"shared","input":"tell me a long story","max_output_tokens":100,"stream":true}`
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	hdr := map[string]string{"Authorization": "Bearer " + k.Key, "X-Mock-Chunks": "40", "X-Mock-Chunk-Interval": "150ms",
+		"X-Mock-Completion-Tokens": "40"}
+	resp, err := e.client.Do(e.newRequest(ctx, http.MethodPost, e.gw+"/v1/responses", body, hdr))
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("stream: %v %v", resp, err)
+	}
+	if b := resp.Header.Get("X-Gateway-Backend"); b != "live" || failedOver() != failovers+2 {
+		t.Errorf("the stream was answered by %q after %v failovers from dead, want live after dead", b, failedOver()-failovers-1)
+	}
+	rd := bufio.NewReader(resp.Body)
+	for got := 0; got < 3; {
+		line, err := rd.ReadString('\n')
+		if err != nil {
+			t.Fatalf("reading delta %d: %v", got+1, err)
+		}
+		if strings.HasPrefix(line, "data: ") && strings.Contains(line, `"response.output_text.delta"`) {
+			got++
+		}
+	}
+	resp.Body.Close()
+	cancel()
+	before := a
+	a = e.settledAudit(u.ID)
+	st = e.settlements(u.ID)
+	if len(st) != 2 || st[1].Usage == nil {
+		t.Fatalf("%d settlements after the disconnect, want 2: %+v", len(st), st)
+	}
+	// The client read 3 deltas; the gateway may have passed on some more before it noticed
+	// (up to 20 here, 3 s on a loaded machine), not the 40 of the whole answer.
+	wantIn := metering.CountTokens(metering.FamilyOpenAI, []byte(body), 1)
+	lo := metering.CountTokens(metering.FamilyOpenAI, []byte(tokens(3)), 3)
+	hi := metering.CountTokens(metering.FamilyOpenAI, []byte(tokens(20)), 20)
+	left := st[1].Usage
+	if left.Backend != "live" || left.InputTokens != wantIn || left.OutputTokens < lo || left.OutputTokens > hi {
+		t.Errorf("the left stream settled %+v, want %d input tokens (the body, tokenized) and %d..%d output tokens by live",
+			left, wantIn, lo, hi)
+	}
+	if bill := before.Balance - a.Balance; bill != cost(t, left.InputTokens, left.OutputTokens, in, out) || bill != st[1].Amount {
+		t.Errorf("billed %s (entry %s) for %+v", bill, st[1].Amount, left)
+	}
+	if want := credits.Amount(micro(t, initial)) - st[0].Amount - st[1].Amount; a.Balance != want {
+		t.Errorf("balance %s, want %s", a.Balance, want)
+	}
+	// The backend was stopped: it wrote a few events past the client's (4 before the first
+	// delta, 3 deltas read, some in flight), not its 40 deltas and the 4 closing events.
+	time.Sleep(500 * time.Millisecond) // longer than a chunk interval: a running stream would have written more
+	if sent := mockbackend.ChunksSent(e.mockName("live"))["/v1/responses"]; sent > 4+20 {
+		t.Errorf("the backend wrote %d stream events, want about the 4+3 the client read (it was not stopped)", sent)
+	}
+	e.expectIdleGauges("live")
+	e.checkAllAccounts(0)
+}

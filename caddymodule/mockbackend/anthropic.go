@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"slices"
 	"strconv"
 )
 
@@ -24,6 +25,11 @@ import (
 //     content_block_stop, message_delta and message_stop.
 //   - count_tokens answers {"input_tokens": <the words of system and messages>}, cache
 //     counts excluded.
+//   - With ToolUse set, a request offering that tool (in tools) and carrying no tool_result
+//     block is answered with a tool_use block instead of text: {"type":"tool_use","id":
+//     "toolu_mock_<n>","name":ToolUse,"input":ToolInput}, stop_reason "tool_use", the same
+//     usage. Streamed, its content_block_start carries "input": {} and the Chunks deltas are
+//     input_json_delta events whose partial_json pieces make up ToolInput.
 //
 // With APIKey set, every model path wants x-api-key equal to it (else 401
 // authentication_error); with AnthropicVersion set, the Anthropic paths want that
@@ -87,6 +93,68 @@ type messagesRequest struct {
 	Messages  []chatMessage   `json:"messages"`
 	MaxTokens *int            `json:"max_tokens"`
 	Stream    bool            `json:"stream"`
+	Tools     []struct {
+		Name string `json:"name"`
+	} `json:"tools"`
+}
+
+// callsTool reports whether the answer to req is a call of the mock's ToolUse: the request
+// offers that tool and no message carries a tool_result block yet.
+func (m *MockBackend) callsTool(req *messagesRequest) bool {
+	if m.ToolUse == "" || !slices.ContainsFunc(req.Tools, func(t struct {
+		Name string `json:"name"`
+	}) bool {
+		return t.Name == m.ToolUse
+	}) {
+		return false
+	}
+	for _, msg := range req.Messages {
+		var blocks []struct {
+			Type string `json:"type"`
+		}
+		if json.Unmarshal(msg.Content, &blocks) == nil &&
+			slices.ContainsFunc(blocks, func(b struct {
+				Type string `json:"type"`
+			}) bool {
+				return b.Type == "tool_result"
+			}) {
+			return false
+		}
+	}
+	return true
+}
+
+// toolUseBlock is a tool_use content block.
+type toolUseBlock struct {
+	Type  string          `json:"type"`
+	ID    string          `json:"id"`
+	Name  string          `json:"name"`
+	Input json.RawMessage `json:"input"`
+}
+
+// toolInput is the mock's ToolInput, {} when unset.
+func (m *MockBackend) toolInput() json.RawMessage {
+	if len(m.ToolInput) == 0 {
+		return json.RawMessage("{}")
+	}
+	return m.ToolInput
+}
+
+// splitPieces splits s into at most n pieces of nearly equal length (the first ones a byte
+// longer), none empty.
+func splitPieces(s string, n int) []string {
+	n = max(min(n, len(s)), 1)
+	out := make([]string, 0, n)
+	base, extra := len(s)/n, len(s)%n
+	for i := range n {
+		size := base
+		if i < extra {
+			size++
+		}
+		out = append(out, s[:size])
+		s = s[size:]
+	}
+	return out
 }
 
 // anthropicUsage is Anthropic's usage object (output_tokens last).
@@ -107,7 +175,7 @@ type anthropicMessage struct {
 	Type         string         `json:"type"`
 	Role         string         `json:"role"`
 	Model        string         `json:"model"`
-	Content      []textBlock    `json:"content"`
+	Content      []any          `json:"content"` // textBlock or toolUseBlock
 	StopReason   *string        `json:"stop_reason"`
 	StopSequence *string        `json:"stop_sequence"`
 	Usage        anthropicUsage `json:"usage"` // last, as Anthropic puts it
@@ -184,11 +252,20 @@ func serveMessages(x *exchange) {
 		stop = "max_tokens"
 	}
 	u := anthropicUsage{InputTokens: prompt, CacheCreationInputTokens: cacheWrite, CacheReadInputTokens: cacheRead, OutputTokens: completion}
-	id := "msg_mock_" + strconv.FormatInt(completionSeq.Add(1), 10)
+	seq := strconv.FormatInt(completionSeq.Add(1), 10)
+	id := "msg_mock_" + seq
+	tool := x.mock.callsTool(&req)
+	if tool {
+		stop = "tool_use"
+	}
 
 	if !req.Stream {
+		var block any = textBlock{Type: "text", Text: generatedPieces(completion, 1)[0]}
+		if tool {
+			block = toolUseBlock{Type: "tool_use", ID: "toolu_mock_" + seq, Name: x.mock.ToolUse, Input: x.mock.toolInput()}
+		}
 		x.reply(anthropicMessage{ID: id, Type: "message", Role: "assistant", Model: req.Model,
-			Content: []textBlock{{Type: "text", Text: generatedPieces(completion, 1)[0]}}, StopReason: &stop, Usage: u})
+			Content: []any{block}, StopReason: &stop, Usage: u})
 		return
 	}
 	if !x.startStream("text/event-stream") {
@@ -196,20 +273,27 @@ func serveMessages(x *exchange) {
 	}
 	start := u
 	start.OutputTokens = 1
+	var block any = textBlock{Type: "text"}
+	pieces := generatedPieces(completion, x.set.chunks)
+	delta := func(piece string) any { return textBlock{Type: "text_delta", Text: piece} }
+	if tool {
+		block = toolUseBlock{Type: "tool_use", ID: "toolu_mock_" + seq, Name: x.mock.ToolUse, Input: json.RawMessage("{}")}
+		pieces = splitPieces(string(x.mock.toolInput()), x.set.chunks)
+		delta = func(piece string) any { return map[string]string{"type": "input_json_delta", "partial_json": piece} }
+	}
 	if !x.sendEvent("message_start", map[string]any{"type": "message_start", "message": anthropicMessage{
-		ID: id, Type: "message", Role: "assistant", Model: req.Model, Content: []textBlock{}, Usage: start}}) ||
+		ID: id, Type: "message", Role: "assistant", Model: req.Model, Content: []any{}, Usage: start}}) ||
 		!x.sendEvent("content_block_start", map[string]any{"type": "content_block_start", "index": 0,
-			"content_block": textBlock{Type: "text"}}) ||
+			"content_block": block}) ||
 		!x.sendEvent("ping", map[string]any{"type": "ping"}) {
 		return
 	}
-	pieces := generatedPieces(completion, x.set.chunks)
 	for i, piece := range pieces {
 		if !x.pause() || x.cutHere(i, len(pieces)) {
 			return
 		}
 		if !x.sendEvent("content_block_delta", map[string]any{"type": "content_block_delta", "index": 0,
-			"delta": textBlock{Type: "text_delta", Text: piece}}) {
+			"delta": delta(piece)}) {
 			return
 		}
 	}

@@ -2,6 +2,7 @@ package mockbackend
 
 import (
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"strings"
 	"testing"
@@ -43,7 +44,7 @@ func TestMessages(t *testing.T) {
 		}
 		got := decodeJSON[anthropicMessage](t, rec.Body.Bytes())
 		want := anthropicUsage{InputTokens: 6, CacheCreationInputTokens: 3, CacheReadInputTokens: 7, OutputTokens: 10}
-		if got.Usage != want || got.Type != "message" || *got.StopReason != "end_turn" || got.Content[0].Text != words(10) {
+		if got.Usage != want || got.Type != "message" || *got.StopReason != "end_turn" || got.Content[0].(map[string]any)["text"] != words(10) {
 			t.Errorf("answer %+v, want usage %+v, end_turn, %q", got, want, words(10))
 		}
 		if !strings.HasSuffix(strings.TrimSpace(rec.Body.String()), `"output_tokens":10}}`) {
@@ -137,6 +138,71 @@ func TestMessagesKeyAndVersion(t *testing.T) {
 		}
 		if c.status == http.StatusUnauthorized && c.path == "/v1/messages" && !strings.Contains(rec.Body.String(), `"authentication_error"`) {
 			t.Errorf("%s: %s, want Anthropic's authentication_error", c.name, rec.Body)
+		}
+	}
+}
+
+// TestMessagesToolUse: with tool_use set, a request offering the tool and carrying no
+// tool_result is answered with a tool_use block (JSON, or streamed as input_json_delta pieces
+// that make up the input), stop_reason tool_use, the usual usage; the request bringing the
+// tool_result back, and one not offering the tool, get text.
+func TestMessagesToolUse(t *testing.T) {
+	const input = `{"file_path":"/tmp/hello.txt"}`
+	m := provisioned(t, &MockBackend{CompletionTokens: 5, Chunks: 3, ToolUse: "Read", ToolInput: json.RawMessage(input)})
+	const tools = `,"tools":[{"name":"Bash","input_schema":{}},{"name":"Read","input_schema":{}}]`
+	first := `{"model":"claude-x","max_tokens":100,"messages":[{"role":"user","content":"read the file"}]` + tools
+	back := `{"model":"claude-x","max_tokens":100,"messages":[{"role":"user","content":"read the file"},` +
+		`{"role":"assistant","content":[{"type":"tool_use","id":"toolu_1","name":"Read","input":` + input + `}]},` +
+		`{"role":"user","content":[{"type":"tool_result","tool_use_id":"toolu_1","content":"hello"}]}]` + tools
+
+	rec, _ := serve(t, m, request("POST", "/v1/messages", first+"}"))
+	got := decodeJSON[struct {
+		Content []struct {
+			Type, ID, Name string
+			Input          json.RawMessage
+		}
+		StopReason string `json:"stop_reason"`
+		Usage      anthropicUsage
+	}](t, rec.Body.Bytes())
+	if len(got.Content) != 1 || got.Content[0].Type != "tool_use" || got.Content[0].Name != "Read" ||
+		!strings.HasPrefix(got.Content[0].ID, "toolu_mock_") || string(got.Content[0].Input) != input ||
+		got.StopReason != "tool_use" || got.Usage.InputTokens != 3 || got.Usage.OutputTokens != 5 {
+		t.Errorf("answer %s, want a call of Read with %s", rec.Body, input)
+	}
+
+	rec, _ = serve(t, m, request("POST", "/v1/messages", first+`,"stream":true}`))
+	names, data := anthropicEvents(t, rec.Body.String())
+	want := []string{"message_start", "content_block_start", "ping", "content_block_delta", "content_block_delta",
+		"content_block_delta", "content_block_stop", "message_delta", "message_stop"}
+	if strings.Join(names, ",") != strings.Join(want, ",") {
+		t.Fatalf("events %v, want %v", names, want)
+	}
+	if b := data[1]["content_block"].(map[string]any); b["type"] != "tool_use" || b["name"] != "Read" || fmt.Sprint(b["input"]) != "map[]" {
+		t.Errorf("content_block_start %v", b)
+	}
+	var partial string
+	for _, d := range data[3:6] {
+		delta := d["delta"].(map[string]any)
+		if delta["type"] != "input_json_delta" {
+			t.Errorf("delta %v", delta)
+		}
+		partial += delta["partial_json"].(string)
+	}
+	if partial != input {
+		t.Errorf("streamed input %q, want %q", partial, input)
+	}
+	if d := data[7]; d["delta"].(map[string]any)["stop_reason"] != "tool_use" || d["usage"].(map[string]any)["output_tokens"] != 5.0 {
+		t.Errorf("message_delta %v", d)
+	}
+
+	for name, body := range map[string]string{
+		"the tool's result back": back + "}",
+		"the tool not offered":   `{"model":"claude-x","max_tokens":100,"messages":[{"role":"user","content":"read the file"}]}`,
+	} {
+		rec, _ := serve(t, m, request("POST", "/v1/messages", body))
+		got := decodeJSON[anthropicMessage](t, rec.Body.Bytes())
+		if rec.Code != 200 || len(got.Content) != 1 || got.Content[0].(map[string]any)["text"] != words(5) || *got.StopReason != "end_turn" {
+			t.Errorf("%s: answer %s, want the text %q", name, rec.Body, words(5))
 		}
 	}
 }

@@ -128,6 +128,9 @@ func TestCaddyfileErrors(t *testing.T) {
 		{name: "fault missing", input: "llm_mock_backend {\n\tfault\n}", wantErr: "wrong argument count"},
 		{name: "subdirective twice", input: "llm_mock_backend {\n\tchunks 2\n\tchunks 3\n}", wantErr: "chunks already specified"},
 		{name: "models twice", input: "llm_mock_backend {\n\tmodels a\n\tmodels b\n}", wantErr: "models already specified"},
+		{name: "tool_use without a name", input: "llm_mock_backend {\n\ttool_use\n}", wantErr: "wrong argument count"},
+		{name: "tool_use with three values", input: "llm_mock_backend {\n\ttool_use Read `{}` more\n}", wantErr: "wrong argument count"},
+		{name: "tool_use input not an object", input: "llm_mock_backend {\n\ttool_use Read `[1]`\n}", wantErr: "tool_input: not a JSON object"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -7,6 +7,7 @@
 package mockbackend
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -217,6 +218,16 @@ type MockBackend struct {
 	// without it). Default: none checked.
 	AnthropicVersion string `json:"anthropic_version,omitempty"`
 
+	// ToolUse, when set, makes Messages and Responses answers call a tool as a model does
+	// (anthropic.go, openai_responses.go): a request that offers a tool of this name and
+	// carries no tool result yet (tool_result block, function_call_output item) is answered
+	// with one call of it with ToolInput (a tool_use block, stop_reason "tool_use"; a
+	// function_call item); the request that brings the result back is answered with text as
+	// usual. Default: none.
+	ToolUse string `json:"tool_use,omitempty"`
+	// ToolInput is the JSON object a ToolUse call passes. Default: {}.
+	ToolInput json.RawMessage `json:"tool_input,omitempty"`
+
 	listed   []string        // the models listed
 	accepted map[string]bool // the models accepted; nil accepts any
 	requests *requestCounter
@@ -282,6 +293,18 @@ func (m *MockBackend) Validate() error {
 		if name == "" {
 			return errors.New("models: empty model name")
 		}
+	}
+	return checkToolInput(m.ToolInput)
+}
+
+// checkToolInput rejects a tool input that is not a JSON object.
+func checkToolInput(input json.RawMessage) error {
+	if len(input) == 0 {
+		return nil
+	}
+	var obj map[string]any
+	if err := json.Unmarshal(input, &obj); err != nil || obj == nil {
+		return fmt.Errorf("tool_input: not a JSON object: %s", input)
 	}
 	return nil
 }
@@ -415,10 +438,12 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //	    cache_write_tokens <n>
 //	    api_key           <key>
 //	    anthropic_version <version>
+//	    tool_use          <name> [<input JSON object>]
 //	}
 //
-// Each subdirective sets the JSON field of the same name, at most once; the block may be
-// left out to take every default.
+// Each subdirective sets the JSON field of the same name, at most once (tool_use sets
+// ToolUse and ToolInput; quote the JSON with backticks); the block may be left out to take
+// every default.
 func (m *MockBackend) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume directive name
 	if d.NextArg() {
@@ -453,6 +478,19 @@ func (m *MockBackend) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		case "anthropic_version":
 			if !d.AllArgs(&m.AnthropicVersion) {
 				return d.ArgErr()
+			}
+
+		case "tool_use":
+			args := d.RemainingArgs()
+			if len(args) < 1 || len(args) > 2 || args[0] == "" {
+				return d.ArgErr()
+			}
+			m.ToolUse = args[0]
+			if len(args) == 2 {
+				m.ToolInput = json.RawMessage(args[1])
+			}
+			if err := checkToolInput(m.ToolInput); err != nil {
+				return d.WrapErr(err)
 			}
 
 		case "completion_tokens", "chunks", "dimensions", "cache_read_tokens", "cache_write_tokens":

@@ -35,6 +35,14 @@ import (
 //     usage; each event is "event: <type>" and "data: <json>", with sequence_number. The cut
 //     and truncate faults stop after the first Chunks/2 deltas, as on the other streams.
 //
+// With ToolUse set, a request offering a function tool of that name (tools: {"type":
+// "function","name":...}) whose input has no function_call_output item is answered with one
+// function_call output item instead of the message: {"type":"function_call","id":"fc_mock<n>",
+// "call_id":"call_mock<n>","name":ToolUse,"arguments":ToolInput as a string}, the same usage.
+// Streamed: response.output_item.added (arguments ""), the arguments in Chunks
+// response.function_call_arguments.delta events, response.function_call_arguments.done,
+// response.output_item.done and response.completed.
+//
 // Every response (unless "store": false) is kept by the mocks of the same name, at most
 // maxStoredResponses of them (the oldest forgotten first), so that the stored routes answer
 // for it, and a previous_response_id must name one of them (else 404
@@ -183,6 +191,23 @@ type responsesRequest struct {
 	Store              *bool           `json:"store"`
 	Background         bool            `json:"background"`
 	Reasoning          json.RawMessage `json:"reasoning"`
+	Tools              []struct {
+		Type string `json:"type"`
+		Name string `json:"name"`
+	} `json:"tools"`
+}
+
+// callsFunction reports whether the answer to req is a call of the mock's ToolUse: the
+// request offers a function tool of that name and its input has no function_call_output.
+func (m *MockBackend) callsFunction(req *responsesRequest, items []responseItem) bool {
+	if m.ToolUse == "" {
+		return false
+	}
+	offered := false
+	for _, t := range req.Tools {
+		offered = offered || t.Type == "function" && t.Name == m.ToolUse
+	}
+	return offered && !slices.ContainsFunc(items, func(it responseItem) bool { return it.Type == "function_call_output" })
 }
 
 type responseObject struct {
@@ -218,6 +243,26 @@ type responseItem struct {
 	Status  string        `json:"status,omitempty"`
 	Role    string        `json:"role"`
 	Content []contentPart `json:"content"`
+	// A function_call item has these instead of role and content.
+	Name      string `json:"-"`
+	CallID    string `json:"-"`
+	Arguments string `json:"-"`
+}
+
+// MarshalJSON writes a function_call item in its own shape, the others as they are.
+func (it responseItem) MarshalJSON() ([]byte, error) {
+	if it.Type == "function_call" {
+		return json.Marshal(struct {
+			ID        string `json:"id"`
+			Type      string `json:"type"`
+			Status    string `json:"status"`
+			Arguments string `json:"arguments"`
+			CallID    string `json:"call_id"`
+			Name      string `json:"name"`
+		}{it.ID, it.Type, it.Status, it.Arguments, it.CallID, it.Name})
+	}
+	type plain responseItem
+	return json.Marshal(plain(it))
 }
 
 type contentPart struct {
@@ -367,6 +412,11 @@ func serveResponses(x *exchange) {
 	text := generatedPieces(visible, 1)[0]
 	final.Output = []responseItem{{ID: msgID, Type: "message", Status: "completed", Role: "assistant",
 		Content: []contentPart{{Type: "output_text", Text: text, Annotations: []any{}}}}}
+	call := x.mock.callsFunction(&req, items)
+	if call {
+		final.Output = []responseItem{{ID: fmt.Sprintf("fc_mock%d", seq), Type: "function_call", Status: "completed",
+			Name: x.mock.ToolUse, CallID: fmt.Sprintf("call_mock%d", seq), Arguments: string(x.mock.toolInput())}}
+	}
 	if !req.Stream {
 		keep(final)
 		x.reply(final)
@@ -387,6 +437,10 @@ func serveResponses(x *exchange) {
 			return false
 		}
 		return x.send(fmt.Appendf(nil, "event: %s\ndata: %s\n\n", typ, body))
+	}
+	if call {
+		x.streamFunctionCall(event, keep, resp, final, done(capped))
+		return
 	}
 	item := responseItem{ID: msgID, Type: "message", Status: "in_progress", Role: "assistant", Content: []contentPart{}}
 	part := contentPart{Type: "output_text", Text: "", Annotations: []any{}}
@@ -410,17 +464,51 @@ func serveResponses(x *exchange) {
 	item.Status, item.Content = "completed", []contentPart{part}
 	final.Output = []responseItem{item}
 	keep(final)
-	done := "response.completed"
-	if capped {
-		done = "response.incomplete"
-	}
 	if !x.pause() || !event("response.output_text.done", map[string]any{"item_id": msgID, "output_index": 0, "content_index": 0, "text": text, "logprobs": []any{}}) ||
 		!event("response.content_part.done", map[string]any{"item_id": msgID, "output_index": 0, "content_index": 0, "part": part}) ||
 		!event("response.output_item.done", map[string]any{"output_index": 0, "item": item}) ||
 		!x.pause() {
 		return
 	}
-	event(done, map[string]any{"response": final})
+	event(done(capped), map[string]any{"response": final})
+}
+
+// done is the type of a stream's last event.
+func done(capped bool) string {
+	if capped {
+		return "response.incomplete"
+	}
+	return "response.completed"
+}
+
+// streamFunctionCall streams a response whose output is one function_call item (final's):
+// the item added with empty arguments, the arguments in Chunks
+// response.function_call_arguments.delta events, .done, the item done, and the last event;
+// the response is kept (keep) complete once its arguments are through.
+func (x *exchange) streamFunctionCall(event func(string, map[string]any) bool, keep func(responseObject), resp, final responseObject, last string) {
+	item := final.Output[0]
+	added := item
+	added.Status, added.Arguments = "in_progress", ""
+	if !event("response.created", map[string]any{"response": resp}) ||
+		!x.pause() || !event("response.in_progress", map[string]any{"response": resp}) ||
+		!x.pause() || !event("response.output_item.added", map[string]any{"output_index": 0, "item": added}) {
+		return
+	}
+	pieces := splitPieces(item.Arguments, x.set.chunks)
+	for i, piece := range pieces {
+		if !x.pause() || x.cutHere(i, len(pieces)) {
+			return
+		}
+		if !event("response.function_call_arguments.delta", map[string]any{"item_id": item.ID, "output_index": 0, "delta": piece}) {
+			return
+		}
+	}
+	keep(final)
+	if !x.pause() || !event("response.function_call_arguments.done", map[string]any{"item_id": item.ID, "output_index": 0, "arguments": item.Arguments}) ||
+		!event("response.output_item.done", map[string]any{"output_index": 0, "item": item}) || !x.pause() {
+		return
+	}
+	event(last, map[string]any{"response": final})
 }
 
 // serveStoredResponse answers the stored response routes.

@@ -140,3 +140,68 @@ func TestResponsesStream(t *testing.T) {
 		t.Errorf("cut: aborted %v, events %v", aborted, types)
 	}
 }
+
+// TestResponsesFunctionCall: with tool_use set, a request offering that function tool and
+// carrying no function_call_output is answered with a function_call item (JSON, or streamed
+// with its arguments in function_call_arguments.delta pieces), the usual usage; the request
+// bringing the output back, and one not offering the tool, get the message.
+func TestResponsesFunctionCall(t *testing.T) {
+	const args = `{"cmd":"cat hello.txt"}`
+	m := provisioned(t, &MockBackend{CompletionTokens: 5, Chunks: 3, ToolUse: "exec_command", ToolInput: json.RawMessage(args)})
+	const tools = `,"tools":[{"type":"function","name":"apply_patch"},{"type":"function","name":"exec_command"}]`
+	first := `{"model":"m","input":"read the file"` + tools
+
+	type call struct {
+		ID, Type, Status, Name, Arguments string
+		CallID                            string `json:"call_id"`
+	}
+	rec, _ := serve(t, m, request("POST", "/v1/responses", first+"}"))
+	got := decodeJSON[struct {
+		Status string
+		Output []call
+		Usage  responsesUsage
+	}](t, rec.Body.Bytes())
+	if got.Status != "completed" || len(got.Output) != 1 || got.Output[0].Type != "function_call" || got.Output[0].Name != "exec_command" ||
+		got.Output[0].Arguments != args || !strings.HasPrefix(got.Output[0].CallID, "call_mock") || got.Usage.InputTokens != 3 || got.Usage.OutputTokens != 5 {
+		t.Errorf("answer %s, want a call of exec_command with %s", rec.Body, args)
+	}
+	if strings.Contains(rec.Body.String(), `"content"`) || strings.Contains(rec.Body.String(), `"role"`) {
+		t.Errorf("a function_call item with content or role: %s", rec.Body)
+	}
+
+	rec, _ = serve(t, m, request("POST", "/v1/responses", first+`,"stream":true}`))
+	types, data := responseEvents(t, rec.Body.String())
+	want := []string{"response.created", "response.in_progress", "response.output_item.added",
+		"response.function_call_arguments.delta", "response.function_call_arguments.delta", "response.function_call_arguments.delta",
+		"response.function_call_arguments.done", "response.output_item.done", "response.completed"}
+	if strings.Join(types, ",") != strings.Join(want, ",") {
+		t.Fatalf("events %v, want %v", types, want)
+	}
+	if it := data[2]["item"].(map[string]any); it["type"] != "function_call" || it["arguments"] != "" || it["status"] != "in_progress" {
+		t.Errorf("output_item.added %v", it)
+	}
+	var streamed string
+	for _, d := range data[3:6] {
+		streamed += d["delta"].(string)
+	}
+	if streamed != args || data[6]["arguments"] != args || data[7]["item"].(map[string]any)["arguments"] != args {
+		t.Errorf("streamed arguments %q, done %v", streamed, data[6])
+	}
+	out := data[8]["response"].(map[string]any)
+	if u := out["usage"].(map[string]any); u["output_tokens"] != 5.0 || out["output"].([]any)[0].(map[string]any)["call_id"] == "" {
+		t.Errorf("response.completed %v", out)
+	}
+
+	for name, body := range map[string]string{
+		"the call's output back": `{"model":"m","input":[{"role":"user","content":"read the file"},` +
+			`{"type":"function_call","call_id":"call_1","name":"exec_command","arguments":"{}"},` +
+			`{"type":"function_call_output","call_id":"call_1","output":"hello"}]` + tools + "}",
+		"the tool not offered": `{"model":"m","input":"read the file"}`,
+	} {
+		rec, _ := serve(t, m, request("POST", "/v1/responses", body))
+		got := decodeJSON[struct{ Output []responseItem }](t, rec.Body.Bytes())
+		if rec.Code != http.StatusOK || len(got.Output) != 1 || got.Output[0].Type != "message" || got.Output[0].Content[0].Text != words(5) {
+			t.Errorf("%s: answer %s, want the message %q", name, rec.Body, words(5))
+		}
+	}
+}
