@@ -471,11 +471,15 @@ func (g *Gateway) writeCatalog(w http.ResponseWriter, format routing.Format, who
 			Kind     string   `json:"kind"`
 			Pricing  *pricing `json:"pricing,omitempty"`
 			Backends []string `json:"backends,omitempty"`
+			// Surfaces are the paths of the API routes that serve the model (README, "The
+			// surfaces"); "cheapest" has none of its own, it is what the request's route serves.
+			Surfaces []string `json:"surfaces,omitempty"`
 		}
 		data := []model{{ID: routing.Cheapest, Object: "model", OwnedBy: "llm_gateway", Kind: string(routing.KindChat)}}
 		for _, l := range list {
 			data = append(data, model{ID: l.Name, Object: "model", OwnedBy: "llm_gateway", Kind: string(l.Kind),
-				Pricing: &pricing{l.Price.Input, l.Price.Output, l.Price.CachedInput, l.Price.CacheWrite, unit}, Backends: l.Backends})
+				Pricing: &pricing{l.Price.Input, l.Price.Output, l.Price.CachedInput, l.Price.CacheWrite, unit}, Backends: l.Backends,
+				Surfaces: l.Surfaces})
 		}
 		out = map[string]any{"object": "list", "data": data}
 	} else {

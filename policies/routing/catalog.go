@@ -202,6 +202,9 @@ type Listing struct {
 	Kind     Kind
 	Price    credits.Price
 	Backends []string
+	// Surfaces are the paths of the API surfaces that serve the model (those of its kind that
+	// a backend serving it speaks), in the order of Surfaces; catalog lists are not among them.
+	Surfaces []string
 }
 
 // List returns the models the caller may use in configuration order, optionally only those a
@@ -226,7 +229,27 @@ func (c *Catalog) List(format Format, allowed func(string) bool) []Listing {
 			l.Backends = append(l.Backends, o.BackendName)
 		}
 		if l != nil {
+			l.Surfaces = c.surfacesOf(name, l.Kind)
 			out = append(out, *l)
+		}
+	}
+	return out
+}
+
+// surfacesOf returns the paths of the surfaces (not the catalog lists) that serve model name
+// of kind on at least one of its backends.
+func (c *Catalog) surfacesOf(name string, kind Kind) []string {
+	var out []string
+	for i := range Surfaces {
+		sf := &Surfaces[i]
+		if sf.List != ListNone || sf.Kind != kind {
+			continue
+		}
+		for _, o := range c.offers[name] {
+			if Format(i).ServedBy(c.backends[o.Backend].Style) {
+				out = append(out, sf.Path)
+				break
+			}
 		}
 	}
 	return out
