@@ -247,7 +247,7 @@ func (ex *exchange) run() error {
 		return errTooLarge
 	}
 	inf, err := parseInference(ex.ep.format(), body, r.Header.Get("X-Max-Price"),
-		requestLimits{maxTokensDefault: g.MaxTokensDefault, maxTokensCap: g.MaxTokensCap})
+		requestLimits{maxTokensDefault: g.MaxTokensDefault, maxTokensCap: g.MaxTokensCap, toolCallsDefault: g.ToolCallsDefault})
 	if err != nil {
 		return err
 	}
@@ -266,7 +266,7 @@ func (ex *exchange) run() error {
 	choices, err := g.catalog.Rank(routing.Request{
 		Model: inf.model, Format: inf.format,
 		InputTokens: inf.inputBound, OutputTokens: inf.outputTotal(),
-		MaxPrice: inf.maxPrice, Allowed: who.allowedModel(), Healthy: g.healthy,
+		MaxPrice: inf.maxPrice, Allowed: who.allowedModel(), Healthy: g.healthy, Tools: inf.tools,
 	})
 	if err != nil {
 		return &noRoute{err: err, model: inf.model, maxPrice: inf.maxPrice}

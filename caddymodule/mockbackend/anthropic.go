@@ -87,14 +87,16 @@ type messagesRequest struct {
 	Messages  []chatMessage   `json:"messages"`
 	MaxTokens *int            `json:"max_tokens"`
 	Stream    bool            `json:"stream"`
+	Tools     []mockTool      `json:"tools"`
 }
 
 // anthropicUsage is Anthropic's usage object (output_tokens last).
 type anthropicUsage struct {
 	InputTokens              int `json:"input_tokens"`
 	CacheCreationInputTokens int `json:"cache_creation_input_tokens"`
-	CacheReadInputTokens     int `json:"cache_read_input_tokens"`
-	OutputTokens             int `json:"output_tokens"`
+	CacheReadInputTokens     int            `json:"cache_read_input_tokens"`
+	ServerToolUse            *serverToolUse `json:"server_tool_use,omitempty"`
+	OutputTokens             int            `json:"output_tokens"`
 }
 
 type textBlock struct {
@@ -183,7 +185,8 @@ func serveMessages(x *exchange) {
 	if capped {
 		stop = "max_tokens"
 	}
-	u := anthropicUsage{InputTokens: prompt, CacheCreationInputTokens: cacheWrite, CacheReadInputTokens: cacheRead, OutputTokens: completion}
+	u := anthropicUsage{InputTokens: prompt, CacheCreationInputTokens: cacheWrite, CacheReadInputTokens: cacheRead, OutputTokens: completion,
+		ServerToolUse: x.mock.anthropicToolUse(req.Tools)}
 	id := "msg_mock_" + strconv.FormatInt(completionSeq.Add(1), 10)
 
 	if !req.Stream {
@@ -195,7 +198,7 @@ func serveMessages(x *exchange) {
 		return
 	}
 	start := u
-	start.OutputTokens = 1
+	start.OutputTokens, start.ServerToolUse = 1, nil
 	if !x.sendEvent("message_start", map[string]any{"type": "message_start", "message": anthropicMessage{
 		ID: id, Type: "message", Role: "assistant", Model: req.Model, Content: []textBlock{}, Usage: start}}) ||
 		!x.sendEvent("content_block_start", map[string]any{"type": "content_block_start", "index": 0,
@@ -216,7 +219,7 @@ func serveMessages(x *exchange) {
 	if !x.sendEvent("content_block_stop", map[string]any{"type": "content_block_stop", "index": 0}) || !x.pause() ||
 		!x.sendEvent("message_delta", map[string]any{"type": "message_delta",
 			"delta": map[string]any{"stop_reason": stop, "stop_sequence": nil},
-			"usage": map[string]int{"output_tokens": completion}}) {
+			"usage": map[string]any{"output_tokens": completion, "server_tool_use": u.ServerToolUse}}) {
 		return
 	}
 	x.sendEvent("message_stop", map[string]any{"type": "message_stop"})

@@ -183,6 +183,8 @@ type responsesRequest struct {
 	Store              *bool           `json:"store"`
 	Background         bool            `json:"background"`
 	Reasoning          json.RawMessage `json:"reasoning"`
+	Tools              []mockTool      `json:"tools"`
+	MaxToolCalls       *int            `json:"max_tool_calls"`
 }
 
 type responseObject struct {
@@ -365,8 +367,9 @@ func serveResponses(x *exchange) {
 		final.Status, final.IncompleteDetails = "incomplete", &incompleteDetail{Reason: "max_output_tokens"}
 	}
 	text := generatedPieces(visible, 1)[0]
-	final.Output = []responseItem{{ID: msgID, Type: "message", Status: "completed", Role: "assistant",
-		Content: []contentPart{{Type: "output_text", Text: text, Annotations: []any{}}}}}
+	calls := x.mock.responsesToolCalls(req.Tools, req.MaxToolCalls, seq)
+	final.Output = append(calls, responseItem{ID: msgID, Type: "message", Status: "completed", Role: "assistant",
+		Content: []contentPart{{Type: "output_text", Text: text, Annotations: []any{}}}})
 	if !req.Stream {
 		keep(final)
 		x.reply(final)
@@ -408,7 +411,7 @@ func serveResponses(x *exchange) {
 	}
 	part.Text = text
 	item.Status, item.Content = "completed", []contentPart{part}
-	final.Output = []responseItem{item}
+	final.Output = append(calls, item)
 	keep(final)
 	done := "response.completed"
 	if capped {
