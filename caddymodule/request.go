@@ -91,7 +91,7 @@ type inference struct {
 	tools      []routing.ToolUse
 	toolFees   [metering.NumToolCounters][]string
 	toolBounds metering.ToolCalls
-	fields  map[string]json.RawMessage
+	fields     map[string]json.RawMessage
 	// raw is the body as the client sent it (the prompt counted when no usage is reported).
 	raw []byte
 }

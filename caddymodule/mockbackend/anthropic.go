@@ -92,8 +92,8 @@ type messagesRequest struct {
 
 // anthropicUsage is Anthropic's usage object (output_tokens last).
 type anthropicUsage struct {
-	InputTokens              int `json:"input_tokens"`
-	CacheCreationInputTokens int `json:"cache_creation_input_tokens"`
+	InputTokens              int            `json:"input_tokens"`
+	CacheCreationInputTokens int            `json:"cache_creation_input_tokens"`
 	CacheReadInputTokens     int            `json:"cache_read_input_tokens"`
 	ServerToolUse            *serverToolUse `json:"server_tool_use,omitempty"`
 	OutputTokens             int            `json:"output_tokens"`
