@@ -31,8 +31,8 @@ func TestReadTools(t *testing.T) {
 		{name: "client tools only", format: routing.FormatAnthropicMessages,
 			body: `{` + msgs + `,"tools":[{"name":"f","input_schema":{}},{"type":"custom","name":"g"},{"type":"bash_20250124","name":"bash"},{"type":"text_editor_20250728","name":"e"}]}`},
 		{name: "anthropic web search, max_uses given and defaulted", format: routing.FormatAnthropicMessages,
-			body: `{` + msgs + `,"tools":[{"type":"web_search_20250305","name":"a","max_uses":7},{"type":"web_search_20260209","name":"b"},{"type":"web_fetch_20250910","name":"c","max_uses":null}]}`,
-			uses: []routing.ToolUse{{Fees: []string{"web_search"}, Calls: 7}, {Fees: []string{"web_search"}, Calls: 3}, {Fees: []string{"web_fetch"}, Calls: 3}},
+			body:   `{` + msgs + `,"tools":[{"type":"web_search_20250305","name":"a","max_uses":7},{"type":"web_search_20260209","name":"b"},{"type":"web_fetch_20250910","name":"c","max_uses":null}]}`,
+			uses:   []routing.ToolUse{{Fees: []string{"web_search"}, Calls: 7}, {Fees: []string{"web_search"}, Calls: 3}, {Fees: []string{"web_fetch"}, Calls: 3}},
 			bounds: metering.ToolCalls{metering.ToolWebSearch: 10, metering.ToolWebFetch: 3},
 			sent: func(sent map[string]any) bool {
 				tools := sent["tools"].([]any)
@@ -40,7 +40,7 @@ func TestReadTools(t *testing.T) {
 					tools[2].(map[string]any)["max_uses"] == 3.0
 			}},
 		{name: "responses tools share max_tool_calls (defaulted)", format: routing.FormatOpenAIResponses,
-			body: `{` + input + `,"tools":[{"type":"function","name":"f"},{"type":"web_search_preview"},{"type":"file_search","vector_store_ids":["v"]},{"type":"shell","environment":{"type":"local"}}]}`,
+			body:   `{` + input + `,"tools":[{"type":"function","name":"f"},{"type":"web_search_preview"},{"type":"file_search","vector_store_ids":["v"]},{"type":"shell","environment":{"type":"local"}}]}`,
 			uses:   []routing.ToolUse{{Fees: []string{"web_search_preview", "file_search"}, Calls: 3}},
 			bounds: metering.ToolCalls{metering.ToolWebSearch: 3, metering.ToolFileSearch: 3},
 			sent:   func(sent map[string]any) bool { return sent["max_tool_calls"] == 3.0 }},
