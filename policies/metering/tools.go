@@ -55,14 +55,15 @@ func responsesToolCalls(output []byte) (c ToolCalls) {
 		if !isObject(item) {
 			continue
 		}
+		var typ []byte // the last "type", as encoding/json reads a duplicate
 		it := objectOf(item)
 		for k, v, more := it.next(); more; k, v, more = it.next() {
 			if keyIs(k, "type") {
-				if n, ok := responsesToolItems[jsonString(v)]; ok && c[n] < MaxTokens {
-					c[n]++
-				}
-				break
+				typ = v
 			}
+		}
+		if n, ok := responsesToolItems[jsonString(typ)]; ok && it.ok() && c[n] < MaxTokens {
+			c[n]++
 		}
 	}
 	return c
