@@ -3,10 +3,13 @@ package caddymodule_test
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
+	"io"
 	"net/http"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/anthropics/anthropic-sdk-go/v2"
 	antoption "github.com/anthropics/anthropic-sdk-go/v2/option"
@@ -248,14 +251,14 @@ func TestProviderToolsPriced(t *testing.T) {
 	oc := openai.NewClient(option.WithBaseURL(e.gw+"/v1/"), option.WithAPIKey(k.Key), option.WithMaxRetries(0))
 	search := []responses.ToolUnionParam{{OfWebSearch: &responses.WebSearchToolParam{Type: responses.WebSearchToolTypeWebSearch}}}
 	// max_tool_calls 2: two calls.
-	resp, err := oc.Responses.New(ctx, responses.ResponseNewParams{
+	res, err := oc.Responses.New(ctx, responses.ResponseNewParams{
 		Model: "gpt-x", Input: responses.ResponseNewParamsInputUnion{OfString: openai.String("news today")},
 		Tools: search, MaxToolCalls: openai.Int(2), MaxOutputTokens: openai.Int(5),
 	})
 	if err != nil {
 		t.Fatalf("Responses with web_search: %v", err)
 	}
-	if n := countItems(resp.Output, "web_search_call"); n != 2 {
+	if n := countItems(res.Output, "web_search_call"); n != 2 {
 		t.Errorf("%d web_search_call items, want 2", n)
 	}
 	check("Responses, max_tool_calls 2", 2)
@@ -304,6 +307,27 @@ func TestProviderToolsPriced(t *testing.T) {
 	}
 	ms.Close()
 	check("Messages streamed, default bound", 3)
+
+	// A stream cut before its last usage: the tool calls are charged at their bound (2), as
+	// the provider bills them; the tokens by the rule for a cut stream.
+	hdr := bearer(k.Key)
+	hdr["X-Mock-Fault"], hdr["X-Mock-Chunks"] = "cut", "4"
+	req := e.newRequest(ctx, http.MethodPost, e.gw+"/v1/messages", `{"model":"claude-x","max_tokens":8,"stream":true,`+
+		`"messages":[{"role":"user","content":"hi"}],"tools":[{"type":"web_search_20250305","name":"web_search","max_uses":2}]}`, hdr)
+	resp, err := e.client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err == nil || strings.Contains(string(got), "message_stop") {
+		t.Fatalf("the mock did not cut the stream (%v): %s", err, got)
+	}
+	poll(t, 10*time.Second, "the cut stream is settled", func() (bool, string) {
+		n := len(e.settlements(u.ID))
+		return n == 5, fmt.Sprint(n, " settlements")
+	})
+	check("Messages stream cut", 2)
 
 	// Web fetch is not priced: refused, though web search is.
 	r := e.post("/v1/messages", `{"model":"claude-x","max_tokens":5,"messages":[{"role":"user","content":"hi"}],`+

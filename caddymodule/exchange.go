@@ -337,6 +337,13 @@ func (ex *exchange) finish(proxyErr error) {
 		_ = ex.meter.Flush(clientWriter{ex})
 		ex.g.metrics.activeStreams.Dec()
 		if u, ok := ex.meter.Usage(); ok {
+			if !ex.meter.Done() {
+				// Cut before its last event: the provider tool calls made after the last usage
+				// read are unknown, and billed by the provider all the same: their bound.
+				for c, bound := range ex.inf.toolBounds {
+					u.ToolCalls[c] = max(u.ToolCalls[c], bound)
+				}
+			}
 			ex.settle(u, true) // no-op when OnUsage already settled
 		} else {
 			ex.settleProduced(ex.meter.ProducedTokens(ex.family()))
