@@ -38,6 +38,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		max_request_body <size>
 //		max_tokens_default <n>
 //		max_tokens_cap <n>
+//		tool_calls_default <n>
 //		reservation_ttl <duration>
 //		on_disconnect stop|drain
 //		drain_timeout <duration>
@@ -91,6 +92,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //				output_price <credits per 1M tokens>
 //				cached_input_price <credits per 1M tokens>
 //				cache_write_price <credits per 1M tokens>
+//				tool_price <tool> <credits per call>
 //			}
 //		}
 //	}
@@ -154,6 +156,10 @@ func (g *Gateway) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 		case "max_tokens_cap":
 			if err := oneInt64(d, &g.MaxTokensCap); err != nil {
+				return err
+			}
+		case "tool_calls_default":
+			if err := oneInt64(d, &g.ToolCallsDefault); err != nil {
 				return err
 			}
 		case "reservation_ttl":
@@ -602,6 +608,22 @@ func unmarshalModel(d *caddyfile.Dispenser) (*Model, error) {
 				return nil, err
 			}
 			*field = &a
+		case "tool_price":
+			if !d.NextArg() {
+				return nil, d.ArgErr()
+			}
+			tool := d.Val()
+			var a credits.Amount
+			if err := oneAmount(d, &a); err != nil {
+				return nil, err
+			}
+			if m.ToolPrices == nil {
+				m.ToolPrices = map[string]credits.Amount{}
+			}
+			if _, dup := m.ToolPrices[tool]; dup {
+				return nil, d.Errf("tool_price %s given twice", tool)
+			}
+			m.ToolPrices[tool] = a
 		default:
 			return nil, d.Errf("unrecognized model subdirective %q", d.Val())
 		}

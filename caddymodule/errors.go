@@ -43,6 +43,18 @@ func invalid(param, format string, args ...any) error {
 	return &badRequest{param: param, message: fmt.Sprintf(format, args...)}
 }
 
+// toolRefused is a 400 tool_not_priced: a tool type the surface does not serve (neither the
+// client's nor a provider tool the gateway counts). The type is named, cut short.
+type toolRefused struct{ param, tool string }
+
+func (e *toolRefused) Error() string {
+	t := e.tool
+	if len(t) > 64 {
+		t = t[:64] + "..."
+	}
+	return "the tool type " + strconv.Quote(t) + " is not served: the gateway bills only the tools it can count"
+}
+
 // missingScope is a 403 insufficient_scope naming the scope the route needs.
 type missingScope struct{ scope string }
 
@@ -98,6 +110,8 @@ func errorResponse(err error) *apiError {
 		tt *tooManyTokens
 		ur *unknownRoute
 		uq *unknownResponse
+		tr *toolRefused
+		tn *routing.ToolNotPriced
 	)
 	switch {
 	case errors.As(err, &br):
@@ -167,6 +181,16 @@ func errorResponse(err error) *apiError {
 			e.Details["login_url"] = oc.location
 			e.headers = map[string]string{"Location": oc.location}
 		}
+	case errors.As(err, &tr):
+		set(http.StatusBadRequest, "tool_not_priced", "invalid_request_error")
+		e.Param = &tr.param
+	case errors.As(err, &nr) && errors.As(nr.err, &tn):
+		set(http.StatusBadRequest, "tool_not_priced", "invalid_request_error")
+		e.Message = "the tool " + strconv.Quote(tn.Fee) + " is billed by the provider per call and no model " +
+			strconv.Quote(nr.model) + " serving this request prices it"
+		e.Details = map[string]any{"tool": tn.Fee}
+		p := "tools"
+		e.Param = &p
 	case errors.As(err, &nr):
 		switch {
 		case errors.Is(nr.err, routing.ErrModelNotAllowed):

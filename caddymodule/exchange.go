@@ -337,6 +337,13 @@ func (ex *exchange) finish(proxyErr error) {
 		_ = ex.meter.Flush(clientWriter{ex})
 		ex.g.metrics.activeStreams.Dec()
 		if u, ok := ex.meter.Usage(); ok {
+			if !ex.meter.Done() {
+				// Cut before its last event: the provider tool calls made after the last usage
+				// read are unknown, and billed by the provider all the same: their bound.
+				for c, bound := range ex.inf.toolBounds {
+					u.ToolCalls[c] = max(u.ToolCalls[c], bound)
+				}
+			}
 			ex.settle(u, true) // no-op when OnUsage already settled
 		} else {
 			ex.settleProduced(ex.meter.ProducedTokens(ex.family()))
@@ -389,14 +396,16 @@ func (ex *exchange) settleProduced(out int64) {
 		return
 	}
 	in := min(metering.CountTokens(ex.family(), ex.inf.raw, 1), ex.inf.inputBound)
-	ex.settle(metering.Usage{InputTokens: in, OutputTokens: min(out, ex.inf.outputTotal())}, false)
+	// The provider tool calls it made are unknown: the provider bills them whether the answer
+	// reached its end or not, so they are charged at their bound.
+	ex.settle(metering.Usage{InputTokens: in, OutputTokens: min(out, ex.inf.outputTotal()), ToolCalls: ex.inf.toolBounds}, false)
 }
 
 // settleReserved charges the whole reservation: an answer that went to the client but whose
 // usage cannot be known.
 func (ex *exchange) settleReserved() {
 	// Every prompt token is taken to be of the dearest input kind, as the reservation did.
-	u := metering.Usage{InputTokens: ex.inf.inputBound, OutputTokens: ex.inf.outputTotal()}
+	u := metering.Usage{InputTokens: ex.inf.inputBound, OutputTokens: ex.inf.outputTotal(), ToolCalls: ex.inf.toolBounds}
 	switch p := ex.choice.Model.Price; max(p.Input, p.CachedInput, p.CacheWrite) {
 	case p.Input:
 	case p.CacheWrite:
@@ -422,6 +431,12 @@ func (ex *exchange) settle(u metering.Usage, reported bool) {
 	c := ex.choice
 	cost, err := c.Model.Price.Charge(credits.Tokens{Input: u.InputTokens, Output: u.OutputTokens,
 		CachedInput: u.CachedInputTokens, CacheWrite: u.CacheWriteTokens})
+	if err == nil {
+		var fees credits.Amount
+		if fees, err = ex.toolFees(u.ToolCalls); err == nil {
+			cost, err = cost.Add(fees)
+		}
+	}
 	if err != nil {
 		cost = ex.res.Amount // absurd usage: charge what was reserved, never more
 	}
@@ -458,6 +473,28 @@ func (ex *exchange) settle(u metering.Usage, reported bool) {
 	m.tokens.WithLabelValues(c.Model.Name, c.BackendName, "input").Add(float64(u.InputTokens))
 	m.tokens.WithLabelValues(c.Model.Name, c.BackendName, "output").Add(float64(u.OutputTokens))
 	m.charged.WithLabelValues(c.Model.Name, c.BackendName).Add(cost.Credits())
+}
+
+// toolFees is what the provider tool calls of an answer cost on the answering model: each
+// counter's calls at the dearest fee the request named for it (calls of a counter it named
+// none for cannot have been made, and are not priced).
+func (ex *exchange) toolFees(calls metering.ToolCalls) (credits.Amount, error) {
+	var sum credits.Amount
+	for counter, n := range calls {
+		fees := ex.inf.toolFees[counter]
+		if n == 0 || len(fees) == 0 {
+			continue
+		}
+		price, _ := ex.choice.Model.ToolPrice(fees)
+		c, err := price.Times(n)
+		if err != nil {
+			return 0, err
+		}
+		if sum, err = sum.Add(c); err != nil {
+			return 0, err
+		}
+	}
+	return sum, nil
 }
 
 // release returns the whole reservation, exactly once.

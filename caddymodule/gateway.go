@@ -70,6 +70,12 @@ type Gateway struct {
 	// Default: 32768.
 	MaxTokensCap int64 `json:"max_tokens_cap,omitempty"`
 
+	// ToolCallsDefault bounds the provider tool calls of a request that gives no bound of its
+	// own (Responses' max_tool_calls, each Anthropic server tool's max_uses): it is set and sent,
+	// so the reservation bounds what the provider bills. A request may ask for at most
+	// maxToolCalls. Default: 5.
+	ToolCallsDefault int64 `json:"tool_calls_default,omitempty"`
+
 	// KeyPrefix is the prefix of the API keys this gateway issues (e.g. "sk_live", "sk_test").
 	// Default: "sk_live".
 	KeyPrefix string `json:"key_prefix,omitempty"`
@@ -254,6 +260,13 @@ type Model struct {
 	// to its prompt cache (Anthropic's cache_creation_input_tokens). Default: InputPrice.
 	// A reservation prices every prompt token at the highest of the three input prices.
 	CacheWritePrice *credits.Amount `json:"cache_write_price,omitempty"`
+	// ToolPrices are credits per call of the provider's own tools on this model (README,
+	// "Provider tools"), by tool: "web_search", "web_search_preview", "file_search",
+	// "code_interpreter", "image_generation", "mcp" (OpenAI Responses), "web_search",
+	// "web_fetch" (Anthropic). A request naming a provider tool the model does not price is
+	// refused with 400 tool_not_priced before anything is reserved; a priced one reserves its
+	// bounded calls (max_tool_calls, max_uses) and is charged the calls the usage reports.
+	ToolPrices map[string]credits.Amount `json:"tool_prices,omitempty"`
 }
 
 // price is the model's price, the cache prices defaulting to the input price.
@@ -317,6 +330,9 @@ func (g *Gateway) Provision(ctx caddy.Context) error {
 	if g.KeyPrefix == "" {
 		g.KeyPrefix = "sk_live"
 	}
+	if g.ToolCallsDefault == 0 {
+		g.ToolCallsDefault = 5
+	}
 	if g.MaxKeysPerUser == 0 {
 		g.MaxKeysPerUser = defaultMaxKeysPerUser
 	}
@@ -353,7 +369,7 @@ func (g *Gateway) Provision(ctx caddy.Context) error {
 		rb := routing.Backend{Name: b.Name, Style: b.Style}
 		for _, m := range b.Models {
 			rb.Models = append(rb.Models, routing.Model{Name: m.Name, Upstream: m.Upstream, Kind: m.Kind,
-				Price: m.price()})
+				Price: m.price(), ToolPrices: m.ToolPrices})
 		}
 		catalog = append(catalog, rb)
 	}
@@ -474,6 +490,15 @@ func (g *Gateway) Validate() error {
 		for _, m := range b.Models {
 			if m.InputPrice < 0 || m.OutputPrice < 0 {
 				return fmt.Errorf("backend %s, model %s: negative price", b.Name, m.Name)
+			}
+			for fee, price := range m.ToolPrices {
+				if !slices.Contains(routing.ToolFees(), fee) {
+					return fmt.Errorf("backend %s, model %s: tool_price %q: not a provider tool the gateway counts (one of %s)",
+						b.Name, m.Name, fee, strings.Join(routing.ToolFees(), ", "))
+				}
+				if price < 0 {
+					return fmt.Errorf("backend %s, model %s: tool_price %s is negative", b.Name, m.Name, fee)
+				}
 			}
 			if m.Kind != "" && m.Kind != routing.KindChat && m.Kind != routing.KindEmbeddings {
 				return fmt.Errorf("backend %s, model %s: kind must be chat or embeddings", b.Name, m.Name)

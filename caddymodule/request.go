@@ -8,6 +8,7 @@ import (
 	"strings"
 
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/credits"
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/metering"
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/routing"
 )
 
@@ -84,7 +85,13 @@ type inference struct {
 	maxPrice   credits.Amount
 	// follows is the stored response the request carries on (Surface.Follows), if any.
 	follows string
-	fields  map[string]json.RawMessage
+	// tools bound the provider tool calls the request may make (Surface.Tools); toolFees
+	// are, per usage counter, the fees its calls are priced at (the dearest on the model);
+	// toolBounds the most calls each counter can report.
+	tools      []routing.ToolUse
+	toolFees   [metering.NumToolCounters][]string
+	toolBounds metering.ToolCalls
+	fields     map[string]json.RawMessage
 	// raw is the body as the client sent it (the prompt counted when no usage is reported).
 	raw []byte
 }
@@ -96,7 +103,12 @@ func (inf *inference) outputTotal() int64 { return (inf.outputBound + inf.echoBo
 // requestLimits are the bounds a request body must respect.
 type requestLimits struct {
 	maxTokensDefault, maxTokensCap int64
+	// toolCallsDefault bounds provider tool calls when the request gives no bound.
+	toolCallsDefault int64
 }
+
+// maxToolCalls bounds max_tool_calls and max_uses: more is refused with 400.
+const maxToolCalls = 1000
 
 // maxModelName bounds model names; longer ones are refused before any lookup.
 const maxModelName = 256
@@ -295,6 +307,12 @@ func parseInference(format routing.Format, body []byte, maxPriceHeader string, l
 		f["stream_options"], _ = json.Marshal(so)
 	}
 
+	if sf.Tools != nil {
+		if err := inf.readTools(sf.Tools, lim); err != nil {
+			return nil, err
+		}
+	}
+
 	// The price ceiling, from the body or the X-Max-Price header; never sent on.
 	if raw, ok := f["max_price"]; ok {
 		delete(f, "max_price")
@@ -312,6 +330,133 @@ func parseInference(format routing.Format, body []byte, maxPriceHeader string, l
 		}
 	}
 	return inf, nil
+}
+
+// readTools checks the "tools" array against the surface's rules: the client's tools pass,
+// a provider tool is noted with its bound on calls (given, or the default, set and sent),
+// and any other type is refused with tool_not_priced. Which model prices the provider tools
+// is the routing's to decide (routing.Request.Tools).
+func (inf *inference) readTools(rules *routing.ToolRules, lim requestLimits) error {
+	raw, ok := inf.fields["tools"]
+	if !ok || isNull(raw) {
+		return nil
+	}
+	var tools []json.RawMessage
+	if err := json.Unmarshal(raw, &tools); err != nil {
+		return invalid("tools", "tools must be an array of objects")
+	}
+	var shared []string // the fees of the tools bound together (rules.CallsField)
+	changed := false
+	for i, t := range tools {
+		param := "tools[" + strconv.Itoa(i) + "]"
+		var tool map[string]json.RawMessage
+		if err := json.Unmarshal(t, &tool); err != nil || tool == nil {
+			return invalid(param, "each tool must be an object")
+		}
+		if err := checkFolding("tools[]", tool); err != nil {
+			return err
+		}
+		var typ string
+		rawType, typed := tool["type"]
+		if typed && !isNull(rawType) {
+			if err := json.Unmarshal(rawType, &typ); err != nil {
+				return invalid(param+".type", "a tool's type must be a string")
+			}
+		} else {
+			typed = false
+		}
+		client, provider := classifyTool(rules, typed, typ, tool)
+		if client {
+			continue
+		}
+		if provider == nil {
+			return &toolRefused{param: param + ".type", tool: typ}
+		}
+		inf.toolFees[provider.Counter] = appendNew(inf.toolFees[provider.Counter], provider.Fee)
+		if rules.CallsField != "" {
+			shared = appendNew(shared, provider.Fee)
+			continue
+		}
+		calls, err := toolCalls(tool, rules.PerToolField, param+"."+rules.PerToolField, lim)
+		if err != nil {
+			return err
+		}
+		if _, given := tool[rules.PerToolField]; !given || isNull(tool[rules.PerToolField]) {
+			tool[rules.PerToolField] = jsonInt(calls)
+			tools[i], _ = json.Marshal(tool)
+			changed = true
+		}
+		inf.tools = append(inf.tools, routing.ToolUse{Fees: []string{provider.Fee}, Calls: calls})
+		inf.toolBounds[provider.Counter] += calls
+	}
+	if len(shared) > 0 {
+		calls, err := toolCalls(inf.fields, rules.CallsField, rules.CallsField, lim)
+		if err != nil {
+			return err
+		}
+		inf.fields[rules.CallsField] = jsonInt(calls)
+		inf.tools = append(inf.tools, routing.ToolUse{Fees: shared, Calls: calls})
+		for c, fees := range inf.toolFees {
+			if len(fees) > 0 {
+				inf.toolBounds[c] = calls
+			}
+		}
+	}
+	if changed {
+		inf.fields["tools"], _ = json.Marshal(tools)
+	}
+	return nil
+}
+
+// classifyTool says whether a tool of type typ (typed: it has one) is the client's, or which
+// provider tool it is; neither is a type the surface does not serve.
+func classifyTool(rules *routing.ToolRules, typed bool, typ string, tool map[string]json.RawMessage) (bool, *routing.ProviderTool) {
+	if !typed {
+		return rules.Untyped, nil
+	}
+	for _, c := range rules.Client {
+		if !c.Matches(typ) {
+			continue
+		}
+		if c.Environment != "" {
+			if env, ok := tool["environment"]; ok && !isNull(env) {
+				var e struct {
+					Type string `json:"type"`
+				}
+				if json.Unmarshal(env, &e) != nil || e.Type != c.Environment {
+					return false, nil
+				}
+			}
+		}
+		return true, nil
+	}
+	for i := range rules.Provider {
+		if rules.Provider[i].Matches(typ) {
+			return false, &rules.Provider[i]
+		}
+	}
+	return false, nil
+}
+
+// toolCalls reads the call bound field of obj: absent or null, the default; else a whole
+// number from 1 to maxToolCalls.
+func toolCalls(obj map[string]json.RawMessage, field, param string, lim requestLimits) (int64, error) {
+	raw, ok := obj[field]
+	if !ok || isNull(raw) {
+		return max(lim.toolCallsDefault, 1), nil
+	}
+	n, err := strconv.ParseInt(string(bytes.TrimSpace(raw)), 10, 64)
+	if err != nil || n < 1 || n > maxToolCalls {
+		return 0, invalid(param, "%s must be a whole number from 1 to %d", field, maxToolCalls)
+	}
+	return n, nil
+}
+
+func appendNew(list []string, s string) []string {
+	if slices.Contains(list, s) {
+		return list
+	}
+	return append(list, s)
 }
 
 // boundOutput sets the output bound from the surface's output fields (in the top level or

@@ -247,7 +247,7 @@ func (ex *exchange) run() error {
 		return errTooLarge
 	}
 	inf, err := parseInference(ex.ep.format(), body, r.Header.Get("X-Max-Price"),
-		requestLimits{maxTokensDefault: g.MaxTokensDefault, maxTokensCap: g.MaxTokensCap})
+		requestLimits{maxTokensDefault: g.MaxTokensDefault, maxTokensCap: g.MaxTokensCap, toolCallsDefault: g.ToolCallsDefault})
 	if err != nil {
 		return err
 	}
@@ -266,7 +266,7 @@ func (ex *exchange) run() error {
 	choices, err := g.catalog.Rank(routing.Request{
 		Model: inf.model, Format: inf.format,
 		InputTokens: inf.inputBound, OutputTokens: inf.outputTotal(),
-		MaxPrice: inf.maxPrice, Allowed: who.allowedModel(), Healthy: g.healthy,
+		MaxPrice: inf.maxPrice, Allowed: who.allowedModel(), Healthy: g.healthy, Tools: inf.tools,
 	})
 	if err != nil {
 		return &noRoute{err: err, model: inf.model, maxPrice: inf.maxPrice}
@@ -471,11 +471,15 @@ func (g *Gateway) writeCatalog(w http.ResponseWriter, format routing.Format, who
 			Kind     string   `json:"kind"`
 			Pricing  *pricing `json:"pricing,omitempty"`
 			Backends []string `json:"backends,omitempty"`
+			// Surfaces are the paths of the API routes that serve the model (README, "The
+			// surfaces"); "cheapest" has none of its own, it is what the request's route serves.
+			Surfaces []string `json:"surfaces,omitempty"`
 		}
 		data := []model{{ID: routing.Cheapest, Object: "model", OwnedBy: "llm_gateway", Kind: string(routing.KindChat)}}
 		for _, l := range list {
 			data = append(data, model{ID: l.Name, Object: "model", OwnedBy: "llm_gateway", Kind: string(l.Kind),
-				Pricing: &pricing{l.Price.Input, l.Price.Output, l.Price.CachedInput, l.Price.CacheWrite, unit}, Backends: l.Backends})
+				Pricing: &pricing{l.Price.Input, l.Price.Output, l.Price.CachedInput, l.Price.CacheWrite, unit}, Backends: l.Backends,
+				Surfaces: l.Surfaces})
 		}
 		out = map[string]any{"object": "list", "data": data}
 	} else {

@@ -93,19 +93,13 @@ type messagesRequest struct {
 	Messages  []chatMessage   `json:"messages"`
 	MaxTokens *int            `json:"max_tokens"`
 	Stream    bool            `json:"stream"`
-	Tools     []struct {
-		Name string `json:"name"`
-	} `json:"tools"`
+	Tools     []mockTool      `json:"tools"`
 }
 
 // callsTool reports whether the answer to req is a call of the mock's ToolUse: the request
 // offers that tool and no message carries a tool_result block yet.
 func (m *MockBackend) callsTool(req *messagesRequest) bool {
-	if m.ToolUse == "" || !slices.ContainsFunc(req.Tools, func(t struct {
-		Name string `json:"name"`
-	}) bool {
-		return t.Name == m.ToolUse
-	}) {
+	if m.ToolUse == "" || !slices.ContainsFunc(req.Tools, func(t mockTool) bool { return t.Name == m.ToolUse }) {
 		return false
 	}
 	for _, msg := range req.Messages {
@@ -159,10 +153,11 @@ func splitPieces(s string, n int) []string {
 
 // anthropicUsage is Anthropic's usage object (output_tokens last).
 type anthropicUsage struct {
-	InputTokens              int `json:"input_tokens"`
-	CacheCreationInputTokens int `json:"cache_creation_input_tokens"`
-	CacheReadInputTokens     int `json:"cache_read_input_tokens"`
-	OutputTokens             int `json:"output_tokens"`
+	InputTokens              int            `json:"input_tokens"`
+	CacheCreationInputTokens int            `json:"cache_creation_input_tokens"`
+	CacheReadInputTokens     int            `json:"cache_read_input_tokens"`
+	ServerToolUse            *serverToolUse `json:"server_tool_use,omitempty"`
+	OutputTokens             int            `json:"output_tokens"`
 }
 
 type textBlock struct {
@@ -251,7 +246,8 @@ func serveMessages(x *exchange) {
 	if capped {
 		stop = "max_tokens"
 	}
-	u := anthropicUsage{InputTokens: prompt, CacheCreationInputTokens: cacheWrite, CacheReadInputTokens: cacheRead, OutputTokens: completion}
+	u := anthropicUsage{InputTokens: prompt, CacheCreationInputTokens: cacheWrite, CacheReadInputTokens: cacheRead, OutputTokens: completion,
+		ServerToolUse: x.mock.anthropicToolUse(req.Tools)}
 	seq := strconv.FormatInt(completionSeq.Add(1), 10)
 	id := "msg_mock_" + seq
 	tool := x.mock.callsTool(&req)
@@ -272,7 +268,7 @@ func serveMessages(x *exchange) {
 		return
 	}
 	start := u
-	start.OutputTokens = 1
+	start.OutputTokens, start.ServerToolUse = 1, nil
 	var block any = textBlock{Type: "text"}
 	pieces := generatedPieces(completion, x.set.chunks)
 	delta := func(piece string) any { return textBlock{Type: "text_delta", Text: piece} }
@@ -300,7 +296,7 @@ func serveMessages(x *exchange) {
 	if !x.sendEvent("content_block_stop", map[string]any{"type": "content_block_stop", "index": 0}) || !x.pause() ||
 		!x.sendEvent("message_delta", map[string]any{"type": "message_delta",
 			"delta": map[string]any{"stop_reason": stop, "stop_sequence": nil},
-			"usage": map[string]int{"output_tokens": completion}}) {
+			"usage": map[string]any{"output_tokens": completion, "server_tool_use": u.ServerToolUse}}) {
 		return
 	}
 	x.sendEvent("message_stop", map[string]any{"type": "message_stop"})

@@ -211,6 +211,12 @@ type MockBackend struct {
 	CacheReadTokens  int `json:"cache_read_tokens,omitempty"`
 	CacheWriteTokens int `json:"cache_write_tokens,omitempty"`
 
+	// ToolCalls is how many calls of each provider tool a request names the mock makes, at
+	// most the request's bound (Anthropic's max_uses per tool, Responses' max_tool_calls):
+	// Anthropic web_search_* and web_fetch_* tools are reported in usage.server_tool_use,
+	// Responses web_search* tools as web_search_call output items (tools.go). Default: 0.
+	ToolCalls int `json:"tool_calls,omitempty"`
+
 	// APIKey, when set, is the x-api-key every model path wants (401 without it), as
 	// Anthropic's API does. Default: none checked.
 	APIKey string `json:"api_key,omitempty"`
@@ -493,7 +499,7 @@ func (m *MockBackend) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.WrapErr(err)
 			}
 
-		case "completion_tokens", "chunks", "dimensions", "cache_read_tokens", "cache_write_tokens":
+		case "completion_tokens", "chunks", "dimensions", "cache_read_tokens", "cache_write_tokens", "tool_calls":
 			var arg string
 			if !d.AllArgs(&arg) {
 				return d.ArgErr()
@@ -514,6 +520,8 @@ func (m *MockBackend) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				m.CacheReadTokens, limit = n, maxCompletionTokens
 			case "cache_write_tokens":
 				m.CacheWriteTokens, limit = n, maxCompletionTokens
+			case "tool_calls":
+				m.ToolCalls, limit = n, maxCompletionTokens
 			}
 			if err := checkCount(sub, n, limit); err != nil {
 				return d.WrapErr(err)

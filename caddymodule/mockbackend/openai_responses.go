@@ -191,10 +191,8 @@ type responsesRequest struct {
 	Store              *bool           `json:"store"`
 	Background         bool            `json:"background"`
 	Reasoning          json.RawMessage `json:"reasoning"`
-	Tools              []struct {
-		Type string `json:"type"`
-		Name string `json:"name"`
-	} `json:"tools"`
+	Tools              []mockTool      `json:"tools"`
+	MaxToolCalls       *int            `json:"max_tool_calls"`
 }
 
 // callsFunction reports whether the answer to req is a call of the mock's ToolUse: the
@@ -410,12 +408,13 @@ func serveResponses(x *exchange) {
 		final.Status, final.IncompleteDetails = "incomplete", &incompleteDetail{Reason: "max_output_tokens"}
 	}
 	text := generatedPieces(visible, 1)[0]
-	final.Output = []responseItem{{ID: msgID, Type: "message", Status: "completed", Role: "assistant",
-		Content: []contentPart{{Type: "output_text", Text: text, Annotations: []any{}}}}}
+	calls := x.mock.responsesToolCalls(req.Tools, req.MaxToolCalls, seq)
+	final.Output = append(calls, responseItem{ID: msgID, Type: "message", Status: "completed", Role: "assistant",
+		Content: []contentPart{{Type: "output_text", Text: text, Annotations: []any{}}}})
 	call := x.mock.callsFunction(&req, items)
 	if call {
-		final.Output = []responseItem{{ID: fmt.Sprintf("fc_mock%d", seq), Type: "function_call", Status: "completed",
-			Name: x.mock.ToolUse, CallID: fmt.Sprintf("call_mock%d", seq), Arguments: string(x.mock.toolInput())}}
+		final.Output = append(calls, responseItem{ID: fmt.Sprintf("fc_mock%d", seq), Type: "function_call", Status: "completed",
+			Name: x.mock.ToolUse, CallID: fmt.Sprintf("call_mock%d", seq), Arguments: string(x.mock.toolInput())})
 	}
 	if !req.Stream {
 		keep(final)
@@ -462,7 +461,7 @@ func serveResponses(x *exchange) {
 	}
 	part.Text = text
 	item.Status, item.Content = "completed", []contentPart{part}
-	final.Output = []responseItem{item}
+	final.Output = append(calls, item)
 	keep(final)
 	if !x.pause() || !event("response.output_text.done", map[string]any{"item_id": msgID, "output_index": 0, "content_index": 0, "text": text, "logprobs": []any{}}) ||
 		!event("response.content_part.done", map[string]any{"item_id": msgID, "output_index": 0, "content_index": 0, "part": part}) ||
@@ -481,12 +480,12 @@ func done(capped bool) string {
 	return "response.completed"
 }
 
-// streamFunctionCall streams a response whose output is one function_call item (final's):
+// streamFunctionCall streams a response whose output ends in one function_call item (final's last):
 // the item added with empty arguments, the arguments in Chunks
 // response.function_call_arguments.delta events, .done, the item done, and the last event;
 // the response is kept (keep) complete once its arguments are through.
 func (x *exchange) streamFunctionCall(event func(string, map[string]any) bool, keep func(responseObject), resp, final responseObject, last string) {
-	item := final.Output[0]
+	item := final.Output[len(final.Output)-1]
 	added := item
 	added.Status, added.Arguments = "in_progress", ""
 	if !event("response.created", map[string]any{"response": resp}) ||

@@ -118,6 +118,21 @@ func (a Amount) Add(b Amount) (Amount, error) {
 	return s, nil
 }
 
+// Times returns a*n for a non-negative n, or ErrOverflow (a negative n included).
+func (a Amount) Times(n int64) (Amount, error) {
+	if n < 0 {
+		return 0, ErrOverflow
+	}
+	if n == 0 || a == 0 {
+		return 0, nil
+	}
+	p := a * Amount(n)
+	if p/Amount(n) != a || (a > 0) != (p > 0) {
+		return 0, ErrOverflow
+	}
+	return p, nil
+}
+
 // Price is what a model costs: credits per one million tokens of each kind, each held as
 // micro-credits per million tokens. Input is the price of a prompt token read fresh; cached
 // reads (a provider's prompt cache hit) and cache writes have their own prices, which a

@@ -178,3 +178,20 @@ func TestPriceChargeByTokenKind(t *testing.T) {
 		t.Error("an overflowing charge gave no error")
 	}
 }
+
+func TestAmountTimes(t *testing.T) {
+	for _, tc := range []struct {
+		a    Amount
+		n    int64
+		want Amount
+		err  bool
+	}{
+		{10_000, 3, 30_000, false}, {0, 1 << 62, 0, false}, {5, 0, 0, false},
+		{MaxAmount, 10, 0, true}, {1 << 40, 1 << 30, 0, true}, {1, -1, 0, true},
+	} {
+		got, err := tc.a.Times(tc.n)
+		if (err != nil) != tc.err || got != tc.want {
+			t.Errorf("%d x %d = %d, %v", tc.a, tc.n, got, err)
+		}
+	}
+}

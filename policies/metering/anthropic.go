@@ -28,6 +28,8 @@ type anthropicCounts struct {
 	in, cacheWrite, cacheRead, out int64
 	// hasIn: input_tokens was present (required of a whole answer's usage).
 	hasIn bool
+	// tools are the server tool calls (server_tool_use).
+	tools ToolCalls
 }
 
 // read merges the counts present in the usage object v into c; it returns false when v is
@@ -48,6 +50,11 @@ func (c *anthropicCounts) read(v []byte) bool {
 			dst = &c.cacheWrite
 		case keyIs(k, "cache_read_input_tokens"):
 			dst = &c.cacheRead
+		case keyIs(k, "server_tool_use"):
+			if !anthropicServerTools(v, &c.tools) {
+				return false
+			}
+			continue
 		default:
 			continue
 		}
@@ -73,7 +80,8 @@ func (c *anthropicCounts) usage() (Usage, bool) {
 	if in > MaxTokens {
 		return Usage{}, false
 	}
-	return Usage{InputTokens: in, OutputTokens: c.out, CachedInputTokens: c.cacheRead, CacheWriteTokens: c.cacheWrite}, true
+	return Usage{InputTokens: in, OutputTokens: c.out, CachedInputTokens: c.cacheRead, CacheWriteTokens: c.cacheWrite,
+		ToolCalls: c.tools}, true
 }
 
 // anthropicUsageFromJSON reads the usage of a whole Messages answer (input_tokens required).

@@ -161,10 +161,17 @@ func FuzzAnthropicJSONUsage(f *testing.F) {
 	f.Add([]byte(`{"id":"m","type":"message","content":[{"type":"text","text":"hi"}],"usage":{"input_tokens":3,"cache_creation_input_tokens":2,"cache_read_input_tokens":5,"output_tokens":7}}`))
 	f.Add([]byte(`{"usage":{"input_tokens":3,"output_tokens":null,"cache_read_input_tokens":-1}}`))
 	f.Add([]byte(`{"usage":{"output_tokens":4}}`))
+	f.Add([]byte(`{"usage":{"input_tokens":3,"output_tokens":4,"server_tool_use":{"web_search_requests":2,"web_fetch_requests":1}}}`))
+	f.Add([]byte(`{"usage":{"input_tokens":3,"output_tokens":4,"server_tool_use":{"web_search_requests":-2}}}`))
 	f.Fuzz(func(t *testing.T, body []byte) {
 		u, ok := DialectAnthropic.UsageFromJSON(body)
 		if !ok {
 			return
+		}
+		for _, n := range u.ToolCalls {
+			if n < 0 || n > MaxTokens {
+				t.Fatalf("tool calls out of range: %+v", u)
+			}
 		}
 		if u.InputTokens < 0 || u.InputTokens > MaxTokens || u.OutputTokens < 0 || u.OutputTokens > MaxTokens {
 			t.Fatalf("usage out of range: %+v", u)
@@ -185,6 +192,7 @@ func FuzzJSONUsage(f *testing.F) {
 	f.Add([]byte(`{"done":true,"prompt_eval_count":26,"eval_count":290}`))
 	f.Add([]byte(`"\ud83d\ude00 caf\u00e9"`))
 	f.Add([]byte(`{"id":"resp_1","object":"response","usage":{"input_tokens":9,"input_tokens_details":{"cached_tokens":4},"output_tokens":12,"output_tokens_details":{"reasoning_tokens":5}}}`))
+	f.Add([]byte(`{"id":"resp_2","object":"response","output":[{"type":"web_search_call","id":"ws"},{"type":"message","type":"mcp_call"},{"type":"file_search_call","type":"message"},"x",{"type":"\u0077eb_search_call"}],"usage":{"input_tokens":9,"output_tokens":2}}`))
 	f.Fuzz(func(t *testing.T, body []byte) {
 		u, ok := UsageFromJSON(body)
 		if ok && (u.InputTokens < 0 || u.InputTokens > MaxTokens || u.OutputTokens < 0 || u.OutputTokens > MaxTokens) {
@@ -344,5 +352,14 @@ func referenceResponsesUsage(top map[string]any, count func(any, bool) (int64, b
 	u := Usage{InputTokens: in, OutputTokens: out, ResponseID: id,
 		CachedInputTokens: detail("input_tokens_details", "cached_tokens"),
 		ReasoningTokens:   detail("output_tokens_details", "reasoning_tokens")}
+	items, _ := top["output"].([]any)
+	for _, item := range items {
+		if obj, isObj := item.(map[string]any); isObj {
+			typ, _ := obj["type"].(string)
+			if n, counted := responsesToolItems[typ]; counted {
+				u.ToolCalls[n]++
+			}
+		}
+	}
 	return u.normal(), true
 }

@@ -24,6 +24,9 @@ type Usage struct {
 	CachedInputTokens, CacheWriteTokens int64
 	ReasoningTokens                     int64
 	ResponseID                          string
+	// ToolCalls are the calls of the provider's own tools the answer reports, by counter
+	// (tools.go): what the provider bills beyond tokens.
+	ToolCalls ToolCalls
 }
 
 // normal is u with its parts within their wholes: cache reads, then cache writes, within the

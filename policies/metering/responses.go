@@ -18,7 +18,8 @@ import (
 // A stream is SSE events whose data is an object with a "type" starting with "response."
 // (and "sequence_number"); no [DONE]. The events that end a response, response.completed,
 // response.incomplete and response.failed, carry the whole response, its usage included:
-// that usage is the final one (OnUsage's fields are appended to that event). Every event
+// that usage is the final one (OnUsage's fields are appended to that event), with the
+// provider tool calls among its output items (tools.go). Every event
 // whose type ends in ".delta" with a string "delta" (output text, reasoning text and
 // summaries, refusals, function call arguments, transcripts) is generated text for
 // Produced. The response id is read from the first event that carries the response
@@ -60,7 +61,7 @@ func responsesUsage(v []byte) (Usage, bool) {
 
 // responseObject reads a response object: its usage (ok false when it has none) and its id.
 func responseObject(v []byte) (u Usage, ok bool, id string) {
-	var usage []byte
+	var usage, output []byte
 	it := objectOf(v)
 	for k, v, more := it.next(); more; k, v, more = it.next() {
 		switch {
@@ -68,6 +69,8 @@ func responseObject(v []byte) (u Usage, ok bool, id string) {
 			id = jsonString(v)
 		case keyIs(k, "usage"):
 			usage = v
+		case keyIs(k, "output"):
+			output = v
 		}
 	}
 	if !it.ok() {
@@ -75,6 +78,9 @@ func responseObject(v []byte) (u Usage, ok bool, id string) {
 	}
 	if isObject(usage) {
 		u, ok = responsesUsage(usage)
+	}
+	if ok {
+		u.ToolCalls = responsesToolCalls(output)
 	}
 	if ok {
 		u.ResponseID = id // no usage is no usage at all: the id is still returned beside it

@@ -48,7 +48,41 @@ type Model struct {
 	Upstream string
 	Kind     Kind
 	Price    credits.Price
+	// ToolPrices are what one call of each provider tool costs on this model, by fee name
+	// (ProviderTool.Fee); a tool without a price is not served on it.
+	ToolPrices map[string]credits.Amount
 }
+
+// ToolPrice is the most one call counted by a provider tool's counter costs on m, among the
+// fees fees the request names for it; ok false when m prices none of them.
+func (m Model) ToolPrice(fees []string) (price credits.Amount, ok bool) {
+	for _, f := range fees {
+		p, priced := m.ToolPrices[f]
+		if !priced {
+			return 0, false
+		}
+		price, ok = max(price, p), true
+	}
+	return price, ok
+}
+
+// ToolUse is a bound on provider tool calls of one request: at most Calls calls, each of
+// one of the tools Fees names.
+type ToolUse struct {
+	Fees  []string
+	Calls int64
+}
+
+// ToolNotPriced is the error of a request naming a provider tool that no model able to serve
+// it prices.
+type ToolNotPriced struct{ Fee string }
+
+func (e *ToolNotPriced) Error() string {
+	return "the tool " + e.Fee + " is billed by the provider and not priced on this model"
+}
+
+// Is makes a ToolNotPriced an ErrToolNotPriced.
+func (e *ToolNotPriced) Is(target error) bool { return target == ErrToolNotPriced }
 
 // Backend is what the catalog knows of one configured backend.
 type Backend struct {
@@ -77,6 +111,7 @@ var (
 	ErrModelNotAllowed = errors.New("model not allowed")
 	ErrNoBackend       = errors.New("no healthy backend")
 	ErrOverMaxPrice    = errors.New("every choice costs more than max_price")
+	ErrToolNotPriced   = errors.New("provider tool not priced")
 )
 
 // Catalog is the immutable set of offers built from the configured backends.
@@ -138,6 +173,31 @@ type Request struct {
 	// Healthy, when not nil, says which backends (by index) may be tried now: Caddy's reverse
 	// proxy refuses an upstream its health checks marked down, so trying one is pointless.
 	Healthy func(backend int) bool
+	// Tools bound the provider tool calls the request may make: only models pricing every
+	// fee they name serve it, and its cost counts each bound at its dearest fee.
+	Tools []ToolUse
+}
+
+// toolsCost is the most the tool calls of uses cost on m; ok false when m does not price one.
+func toolsCost(m Model, uses []ToolUse) (sum credits.Amount, notPriced string, err error) {
+	for _, u := range uses {
+		p, ok := m.ToolPrice(u.Fees)
+		if !ok {
+			for _, f := range u.Fees {
+				if _, priced := m.ToolPrices[f]; !priced {
+					return 0, f, nil
+				}
+			}
+		}
+		c, err := p.Times(u.Calls)
+		if err != nil {
+			return 0, "", err
+		}
+		if sum, err = sum.Add(c); err != nil {
+			return 0, "", err
+		}
+	}
+	return sum, "", nil
 }
 
 // Rank lists the offers able to serve the request, cheapest expected cost first (ties keep
@@ -157,7 +217,8 @@ func (c *Catalog) Rank(req Request) ([]Choice, error) {
 	}
 	kind := req.Format.Kind()
 	var out []Choice
-	sawAllowed, sawHealthy := false, false
+	sawAllowed, sawHealthy, notPriced := false, false, ""
+	priced := len(req.Tools) == 0
 	for _, o := range candidates {
 		if o.Model.Kind != kind || !req.Format.ServedBy(c.backends[o.Backend].Style) {
 			continue
@@ -170,7 +231,19 @@ func (c *Catalog) Rank(req Request) ([]Choice, error) {
 			continue
 		}
 		sawHealthy = true
+		fees, missing, err := toolsCost(o.Model, req.Tools)
+		if missing != "" {
+			notPriced = missing
+			continue
+		}
+		priced = true
+		if err != nil {
+			continue
+		}
 		cost, err := o.Model.Price.Bound(req.InputTokens, req.OutputTokens)
+		if err == nil {
+			cost, err = cost.Add(fees)
+		}
 		if err != nil {
 			continue
 		}
@@ -187,6 +260,8 @@ func (c *Catalog) Rank(req Request) ([]Choice, error) {
 			return nil, ErrUnknownModel
 		case !sawHealthy:
 			return nil, ErrNoBackend
+		case !priced:
+			return nil, &ToolNotPriced{Fee: notPriced}
 		default:
 			return nil, ErrOverMaxPrice
 		}
@@ -202,6 +277,9 @@ type Listing struct {
 	Kind     Kind
 	Price    credits.Price
 	Backends []string
+	// Surfaces are the paths of the API surfaces that serve the model (those of its kind that
+	// a backend serving it speaks), in the order of Surfaces; catalog lists are not among them.
+	Surfaces []string
 }
 
 // List returns the models the caller may use in configuration order, optionally only those a
@@ -226,7 +304,27 @@ func (c *Catalog) List(format Format, allowed func(string) bool) []Listing {
 			l.Backends = append(l.Backends, o.BackendName)
 		}
 		if l != nil {
+			l.Surfaces = c.surfacesOf(name, l.Kind)
 			out = append(out, *l)
+		}
+	}
+	return out
+}
+
+// surfacesOf returns the paths of the surfaces (not the catalog lists) that serve model name
+// of kind on at least one of its backends.
+func (c *Catalog) surfacesOf(name string, kind Kind) []string {
+	var out []string
+	for i := range Surfaces {
+		sf := &Surfaces[i]
+		if sf.List != ListNone || sf.Kind != kind {
+			continue
+		}
+		for _, o := range c.offers[name] {
+			if Format(i).ServedBy(c.backends[o.Backend].Style) {
+				out = append(out, sf.Path)
+				break
+			}
 		}
 	}
 	return out

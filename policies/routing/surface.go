@@ -2,6 +2,8 @@ package routing
 
 import (
 	"net/http"
+	"slices"
+	"strings"
 
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/identity"
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/metering"
@@ -97,6 +99,78 @@ type Surface struct {
 	// Usage is the dialect of the usage the answers carry (metering.DialectOpenAI reads
 	// OpenAI's and Ollama's).
 	Usage metering.Dialect
+	// Tools, when set, is how the body's "tools" array is read: a tool the client executes
+	// costs its tokens only; a tool the provider runs and bills per call is served only on a
+	// model that prices it (tool_price), its calls bounded and counted; any other type is
+	// refused (400 tool_not_priced). Nil: the tools are the client's (function tools).
+	Tools *ToolRules
+}
+
+// ToolRules say which tool types a surface serves and how the provider's are bounded. An
+// allowlist: a type that none of them names is refused.
+type ToolRules struct {
+	// Untyped: a tool without a type is the client's (Anthropic's custom tools).
+	Untyped bool
+	// Client are the types the client executes (function, custom, Anthropic's bash...).
+	Client []ToolType
+	// Provider are the types the provider runs itself and bills beyond tokens.
+	Provider []ProviderTool
+	// CallsField, when set, is the top-level member bounding the calls of all provider tools
+	// together (Responses' max_tool_calls); PerToolField, when set, is each tool's member
+	// bounding its own calls (Anthropic's max_uses). Absent, the bound is set to the
+	// gateway's default and sent, so the bound the reservation holds is the provider's.
+	CallsField, PerToolField string
+}
+
+// ToolType matches a tool's "type": Name exactly, or with Dated Name followed by an
+// eight-digit version date (Anthropic's "web_search_20250305").
+type ToolType struct {
+	Name  string
+	Dated bool
+	// Environment, when set, is the only type the tool's "environment" object may have
+	// (absent is fine): OpenAI's shell tool runs on the client only in a "local" one.
+	Environment string
+}
+
+// ProviderTool is a tool type the provider runs and bills per call.
+type ProviderTool struct {
+	ToolType
+	// Fee is the name an operator prices it under (a model's tool_price).
+	Fee string
+	// Counter is the usage count of its calls.
+	Counter metering.ToolCounter
+}
+
+// Matches reports whether the tool type typ is t.
+func (t ToolType) Matches(typ string) bool {
+	if !t.Dated {
+		return typ == t.Name
+	}
+	date, ok := strings.CutPrefix(typ, t.Name)
+	if !ok || len(date) != 8 {
+		return false
+	}
+	for i := 0; i < len(date); i++ {
+		if date[i] < '0' || date[i] > '9' {
+			return false
+		}
+	}
+	return true
+}
+
+// ToolFees are the fee names a provider tool can be priced under, each known to a surface.
+func ToolFees() []string {
+	var out []string
+	for i := range Surfaces {
+		if r := Surfaces[i].Tools; r != nil {
+			for _, p := range r.Provider {
+				if !slices.Contains(out, p.Fee) {
+					out = append(out, p.Fee)
+				}
+			}
+		}
+	}
+	return out
 }
 
 // StoredRoute is a route to a stored response: Path + "/{id}" + Suffix, with its method and
@@ -149,6 +223,45 @@ var (
 	ollamaStyles    = []Style{StyleOllama}
 	anthropicStyles = []Style{StyleAnthropic}
 )
+
+// responsesTools are the Responses tool types (openai-go's ToolUnionParam): the client
+// executes functions, custom tools, the local shell, apply_patch, the computer actions and
+// a shell in a local environment; OpenAI runs and bills web search (per call, the preview
+// at its own price), file search (per call), the code interpreter (per container: priced per
+// call here, an upper bound), image generation and remote MCP calls. Anything else
+// (namespace, tool_search, programmatic_tool_calling, a shell in a container...) is refused.
+var responsesTools = &ToolRules{
+	Client: []ToolType{{Name: "function"}, {Name: "custom"}, {Name: "local_shell"}, {Name: "apply_patch"},
+		{Name: "computer_use_preview"}, {Name: "computer"}, {Name: "shell", Environment: "local"}},
+	Provider: []ProviderTool{
+		{ToolType{Name: "web_search"}, "web_search", metering.ToolWebSearch},
+		{ToolType{Name: "web_search_2025_08_26"}, "web_search", metering.ToolWebSearch},
+		{ToolType{Name: "web_search_preview"}, "web_search_preview", metering.ToolWebSearch},
+		{ToolType{Name: "web_search_preview_2025_03_11"}, "web_search_preview", metering.ToolWebSearch},
+		{ToolType{Name: "file_search"}, "file_search", metering.ToolFileSearch},
+		{ToolType{Name: "code_interpreter"}, "code_interpreter", metering.ToolCodeInterpreter},
+		{ToolType{Name: "image_generation"}, "image_generation", metering.ToolImageGeneration},
+		{ToolType{Name: "mcp"}, "mcp", metering.ToolMCP},
+	},
+	CallsField: "max_tool_calls",
+}
+
+// anthropicTools are the Messages tool types (anthropic-sdk-go's ToolUnionParam): the client
+// executes custom tools (no type, or "custom") and the Anthropic-defined client tools (bash,
+// text editor, memory, computer); Anthropic runs web search (billed per search) and web
+// fetch (counted in usage; tokens only today, so an operator may price it 0). Code
+// execution (billed per container hour, not counted in usage), the tool search tools and
+// the toolsets are refused.
+var anthropicTools = &ToolRules{
+	Untyped: true,
+	Client: []ToolType{{Name: "custom"}, {Name: "bash_", Dated: true}, {Name: "text_editor_", Dated: true},
+		{Name: "memory_", Dated: true}, {Name: "computer_", Dated: true}},
+	Provider: []ProviderTool{
+		{ToolType{Name: "web_search_", Dated: true}, "web_search", metering.ToolWebSearch},
+		{ToolType{Name: "web_fetch_", Dated: true}, "web_fetch", metering.ToolWebFetch},
+	},
+	PerToolField: "max_uses",
+}
 
 // CommonChecked are the members every route's folding check covers (model, max_price, the
 // fields that reach the model and are counted in the input bound).
@@ -231,8 +344,10 @@ var Surfaces = [...]Surface{
 		Streams:      true,
 		Follows:      "previous_response_id", Unmetered: []string{"background"},
 		Checked: map[string][]string{
-			"": {"input", "instructions", "max_output_tokens", "previous_response_id", "background", "reasoning", "store"},
+			"":        {"input", "instructions", "max_output_tokens", "previous_response_id", "background", "reasoning", "store", "max_tool_calls"},
+			"tools[]": {"type", "environment"},
 		},
+		Tools: responsesTools,
 		Stored: []StoredRoute{
 			{Method: http.MethodGet, Query: []string{"include", "include[]"}},
 			{Method: http.MethodDelete},
@@ -249,8 +364,9 @@ var Surfaces = [...]Surface{
 		Prompt: "messages", PromptRule: PromptMessages,
 		OutputFields: []string{"max_tokens"}, OutputRequired: true,
 		Streams: true, Usage: metering.DialectAnthropic,
-		Checked: map[string][]string{"": {"messages", "max_tokens", "thinking"}},
+		Checked: map[string][]string{"": {"messages", "max_tokens", "thinking"}, "tools[]": {"type", "max_uses"}},
 		Query:   []string{"beta"},
+		Tools:   anthropicTools,
 	},
 	FormatAnthropicCountTokens: {
 		Name: "messages_count_tokens", Method: http.MethodPost, Path: "/v1/messages/count_tokens",
