@@ -519,12 +519,12 @@ func checkAgentRefused(t *testing.T, e *env, tr *agentTrace, agent, output, rout
 }
 
 // codexEnv is the environment of the README's Codex setup: a CODEX_HOME of its own holding
-// the config.toml with the gateway at baseURL as the model provider, the key in the variable
-// its env_key names, and a HOME of its own.
-func codexEnv(t *testing.T, baseURL, key, model string) []string {
+// the config.toml with the gateway at baseURL as the model provider (and extra, top-level
+// settings), the key in the variable its env_key names, and a HOME of its own.
+func codexEnv(t *testing.T, baseURL, key, model, extra string) []string {
 	t.Helper()
 	codexHome := t.TempDir()
-	config := fmt.Sprintf(`model = %q
+	config := extra + fmt.Sprintf(`model = %q
 model_provider = "llm-gateway"
 check_for_update_on_startup = false
 
@@ -557,14 +557,18 @@ func TestCodexCLI(t *testing.T) {
 	const model = "gpt-5-codex"
 	e := startGateway(t, setup{
 		// Codex sends no max_output_tokens: the README's advice, the default bound at the cap.
+		// Codex offers OpenAI's hosted web_search tool by default, billed per search: the
+		// model prices it (the README's way; unpriced, it is refused: TestCodexCLIUsesATool
+		// turns it off in Codex instead). The mock makes no search, so none is charged.
 		gateway: `
-		max_tokens_default 32768` + backendBlock("oai", "oai", model, in, out),
+		max_tokens_default 32768` + strings.Replace(backendBlock("oai", "oai", model, in, out),
+			"output_price "+out, "output_price "+out+"\n\t\t\t\ttool_price web_search 0.01", 1),
 		mocks: []mockSpec{{key: "oai", lines: "models " + model + "\n\t\tcompletion_tokens 7\n\t\tchunks 3"}},
 	})
 	const initial = "1000"
 	u, k := e.userWithKey("codex@example.com", initial)
 	codex := func(tr *agentTrace, key string, ok bool) (string, string) {
-		return runAgent(t, tr, ok, t.TempDir(), codexEnv(t, tr.url, key, model), bin,
+		return runAgent(t, tr, ok, t.TempDir(), codexEnv(t, tr.url, key, model, ""), bin,
 			"exec", "--skip-git-repo-check", "--sandbox", "read-only", "say hello to the gateway")
 	}
 	tr := newAgentTrace(t, e.gw, k.Key)
@@ -698,7 +702,8 @@ func TestCodexCLIUsesATool(t *testing.T) {
 	const initial = "1000"
 	u, k := e.userWithKey("codex-tool@example.com", initial)
 	tr := newAgentTrace(t, e.gw, k.Key)
-	stdout, stderr := runAgent(t, tr, true, work, codexEnv(t, tr.url, k.Key, model), bin,
+	// Codex's hosted web search off, the README's other way (this gateway prices no search).
+	stdout, stderr := runAgent(t, tr, true, work, codexEnv(t, tr.url, k.Key, model, "web_search = \"disabled\"\n"), bin,
 		"exec", "--skip-git-repo-check", "--sandbox", "read-only", "read hello.txt and tell me the secret word")
 
 	calls := tr.snapshot()

@@ -414,6 +414,39 @@ func classifyTool(rules *routing.ToolRules, typed bool, typ string, tool map[str
 	if !typed {
 		return rules.Untyped, nil
 	}
+	if slices.Contains(rules.Groups, typ) {
+		return clientGroup(rules, tool["tools"]), nil
+	}
+	if clientTool(rules, typ, tool) {
+		return true, nil
+	}
+	for i := range rules.Provider {
+		if rules.Provider[i].Matches(typ) {
+			return false, &rules.Provider[i]
+		}
+	}
+	return false, nil
+}
+
+// clientGroup reports whether grouped (a group tool's "tools") is an array of tools of the
+// client's types only.
+func clientGroup(rules *routing.ToolRules, grouped json.RawMessage) bool {
+	var tools []map[string]json.RawMessage
+	if json.Unmarshal(grouped, &tools) != nil || len(tools) == 0 {
+		return false
+	}
+	for _, tool := range tools {
+		var typ string
+		if tool == nil || checkFolding("tools[]", tool) != nil || json.Unmarshal(tool["type"], &typ) != nil ||
+			!clientTool(rules, typ, tool) {
+			return false
+		}
+	}
+	return true
+}
+
+// clientTool reports whether a tool of type typ is one the client executes.
+func clientTool(rules *routing.ToolRules, typ string, tool map[string]json.RawMessage) bool {
 	for _, c := range rules.Client {
 		if !c.Matches(typ) {
 			continue
@@ -424,18 +457,13 @@ func classifyTool(rules *routing.ToolRules, typed bool, typ string, tool map[str
 					Type string `json:"type"`
 				}
 				if json.Unmarshal(env, &e) != nil || e.Type != c.Environment {
-					return false, nil
+					return false
 				}
 			}
 		}
-		return true, nil
+		return true
 	}
-	for i := range rules.Provider {
-		if rules.Provider[i].Matches(typ) {
-			return false, &rules.Provider[i]
-		}
-	}
-	return false, nil
+	return false
 }
 
 // toolCalls reads the call bound field of obj: absent or null, the default; else a whole

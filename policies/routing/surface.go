@@ -115,6 +115,10 @@ type ToolRules struct {
 	Client []ToolType
 	// Provider are the types the provider runs itself and bills beyond tokens.
 	Provider []ProviderTool
+	// Groups are the types that group tools under a name (Responses' "namespace", as Codex
+	// CLI sends its tools), the grouped ones in the member "tools": a group is the client's
+	// when every tool in it is of a Client type (typed, no group in a group), else refused.
+	Groups []string
 	// CallsField, when set, is the top-level member bounding the calls of all provider tools
 	// together (Responses' max_tool_calls); PerToolField, when set, is each tool's member
 	// bounding its own calls (Anthropic's max_uses). Absent, the bound is set to the
@@ -226,13 +230,15 @@ var (
 
 // responsesTools are the Responses tool types (openai-go's ToolUnionParam): the client
 // executes functions, custom tools, the local shell, apply_patch, the computer actions and
-// a shell in a local environment; OpenAI runs and bills web search (per call, the preview
-// at its own price), file search (per call), the code interpreter (per container: priced per
-// call here, an upper bound), image generation and remote MCP calls. Anything else
-// (namespace, tool_search, programmatic_tool_calling, a shell in a container...) is refused.
+// a shell in a local environment, and namespaces of functions and custom tools; OpenAI runs
+// and bills web search (per call, the preview at its own price), file search (per call), the
+// code interpreter (per container: priced per call here, an upper bound), image generation
+// and remote MCP calls. Anything else (tool_search, programmatic_tool_calling, a shell in a
+// container, a namespace holding anything but the client's tools...) is refused.
 var responsesTools = &ToolRules{
 	Client: []ToolType{{Name: "function"}, {Name: "custom"}, {Name: "local_shell"}, {Name: "apply_patch"},
 		{Name: "computer_use_preview"}, {Name: "computer"}, {Name: "shell", Environment: "local"}},
+	Groups: []string{"namespace"},
 	Provider: []ProviderTool{
 		{ToolType{Name: "web_search"}, "web_search", metering.ToolWebSearch},
 		{ToolType{Name: "web_search_2025_08_26"}, "web_search", metering.ToolWebSearch},
