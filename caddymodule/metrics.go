@@ -93,6 +93,9 @@ var (
 			"Credits held by open reservations now.", nil, nil),
 		openCount: prometheus.NewDesc("llm_gateway_reservations_open",
 			"Reservations open now.", nil, nil),
+		storeRoundTrips: prometheus.NewDesc("llm_gateway_store_round_trips_total",
+			"Round trips to the store's database server since it was opened (PostgreSQL: statements, batches, and the BEGIN and COMMIT of transactions; 0 for the embedded store, which makes none).",
+			nil, nil),
 	}
 )
 
@@ -152,17 +155,20 @@ var (
 )
 
 // stateCollector reads, at scrape time, the state of the running configuration: each configured
-// backend's health (from its reverse proxy's upstreams) and the open reservations of each store.
+// backend's health (from its reverse proxy's upstreams), the open reservations of each store and
+// the round trips each store has made to its database server (summed over the stores in use:
+// a store shared by a reload keeps its count).
 // It reads the provisioned gateways, so after a reload it reports the new configuration's
 // backends (the newest gateway wins for a name several configurations share).
 type stateCollector struct {
-	backendUp, openCredits, openCount *prometheus.Desc
+	backendUp, openCredits, openCount, storeRoundTrips *prometheus.Desc
 }
 
 func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.backendUp
 	ch <- c.openCredits
 	ch <- c.openCount
+	ch <- c.storeRoundTrips
 }
 
 func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
@@ -173,6 +179,7 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	stores := map[*storeHandle]bool{}
 	var count int
 	var open credits.Amount
+	var roundTrips uint64
 	for i := len(gateways) - 1; i >= 0; i-- {
 		g := gateways[i]
 		for j, b := range g.Backends {
@@ -191,10 +198,14 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 			n, amount := h.openReservations()
 			count += n
 			open += amount
+			if h.roundTrips != nil {
+				roundTrips += h.roundTrips()
+			}
 		}
 	}
 	ch <- prometheus.MustNewConstMetric(c.openCredits, prometheus.GaugeValue, open.Credits())
 	ch <- prometheus.MustNewConstMetric(c.openCount, prometheus.GaugeValue, float64(count))
+	ch <- prometheus.MustNewConstMetric(c.storeRoundTrips, prometheus.CounterValue, float64(roundTrips))
 }
 
 // observeCommit records one group commit of the store.

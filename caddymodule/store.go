@@ -47,6 +47,9 @@ type storeHandle struct {
 	usage func(ctx context.Context, account credits.AccountID, since time.Time) ([]credits.UsageDay, error)
 	// openReservations counts the open reservations and the credits they hold (for metrics).
 	openReservations func() (int, credits.Amount)
+	// roundTrips counts the round trips to the store's database server since it was opened
+	// (for metrics); nil for the embedded store, which makes none.
+	roundTrips func() uint64
 	close            func() error
 	sweepCtx         context.Context
 	stop             context.CancelFunc
@@ -154,6 +157,7 @@ func openPostgres(cfg StoreConfig, logger *zap.Logger) (*storeHandle, string, er
 			return nil, fmt.Errorf("opening the postgres store: %w", err)
 		}
 		h := newStoreHandle(s, s, s, s, s.ChainSpent, s.UsageByDay, s.ResponseOwner, s.OpenReservations, s.Close)
+		h.roundTrips = s.RoundTrips
 		go h.sweep(logger)
 		return h, nil
 	})
