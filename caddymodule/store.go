@@ -50,10 +50,10 @@ type storeHandle struct {
 	// roundTrips counts the round trips to the store's database server since it was opened
 	// (for metrics); nil for the embedded store, which makes none.
 	roundTrips func() uint64
-	close            func() error
-	sweepCtx         context.Context
-	stop             context.CancelFunc
-	done             chan struct{}
+	close      func() error
+	sweepCtx   context.Context
+	stop       context.CancelFunc
+	done       chan struct{}
 
 	touchMu sync.Mutex
 	touched map[string]time.Time // key id -> last use, not yet written
