@@ -61,6 +61,11 @@ type config struct {
 	backends       []string
 	peers          []string
 	peersDir       string
+	surfaces       bool
+	multi          bool
+	multiDuration  time.Duration
+	pgURL          string
+	redisAddr      string
 }
 
 func parseFlags() config {
@@ -95,6 +100,15 @@ func parseFlags() config {
 	peers := fs.String("peers", "", "comma-separated gateways of other projects to measure in front of the fake (needs fake in -backends), in the same rounds:\n"+
 		"portkey (@portkey-ai/gateway "+portkeyVersion+" from npm, installed into -peers-dir on first use, run by node). A peer that cannot be\n"+
 		"installed or started (no node or npm, no registry) is left out with a note")
+	fs.BoolVar(&c.surfaces, "surfaces", true, "also measure /v1/messages (a gateway with an Anthropic-style backend on the mock) and /v1/responses (the gateway),\n"+
+		"each beside plain Caddy in front of the same mock: non-streaming throughput at c=-conc and TTFT at c=1, in interleaved rounds")
+	fs.BoolVar(&c.multi, "multi", true, "the multi-instance mode: one gateway on the embedded store, one on PostgreSQL (leases) + Redis (rate limits),\n"+
+		"and three processes on one PostgreSQL + Redis with the load spread over them: throughput, p50/p99, store and Redis round trips\n"+
+		"per request; each on a database (-pg-url) and a Redis prefix (-redis-addr) of its own, dropped after. Left out with a note when\n"+
+		"either is unreachable")
+	fs.DurationVar(&c.multiDuration, "multi-duration", 4*time.Second, "length of each throughput and each latency measurement of the multi-instance mode, per configuration and round")
+	fs.StringVar(&c.pgURL, "pg-url", "postgres://postgres@127.0.0.1:5432", "the PostgreSQL server of the multi-instance mode, without a database (one is created and dropped per configuration)")
+	fs.StringVar(&c.redisAddr, "redis-addr", "127.0.0.1:6379", "the Redis server of the multi-instance mode (each configuration's keys under a prefix of its own, deleted after)")
 	cacheDir, _ := os.UserCacheDir()
 	fs.StringVar(&c.peersDir, "peers-dir", filepath.Join(cacheDir, "llmbench", "peers"), "where the -peers are installed, kept between runs")
 	fs.BoolVar(&c.keepTmp, "keep-tmp", false, "keep the temporary folder (its path is printed) instead of removing it")
@@ -147,6 +161,7 @@ Flags:
 		quick("streams", func() { c.streams = 50 })
 		quick("cpu-requests", func() { c.cpuRequests = 1000 })
 		quick("pprof-seconds", func() { c.pprofSeconds = 3 })
+		quick("multi-duration", func() { c.multiDuration = time.Second })
 	}
 	return c
 }
@@ -171,6 +186,8 @@ func (c config) validate() error {
 		return fmt.Errorf("-keys must be at least 1")
 	case c.spreadKeys < 0 || c.spreadKeys > c.keys-1:
 		return fmt.Errorf("-spread-keys must be from 0 to -keys minus 1")
+	case c.multiDuration < 100*time.Millisecond:
+		return fmt.Errorf("-multi-duration must be at least 100ms")
 	case c.pprofSeconds < 1:
 		return fmt.Errorf("-pprof-seconds must be at least 1")
 	case !slices.Contains(c.backends, "mock"):
