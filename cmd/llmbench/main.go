@@ -186,7 +186,7 @@ func (c config) validate() error {
 		return fmt.Errorf("-keys must be at least 1")
 	case c.spreadKeys < 0 || c.spreadKeys > c.keys-1:
 		return fmt.Errorf("-spread-keys must be from 0 to -keys minus 1")
-	case c.multiDuration < 100*time.Millisecond:
+	case c.multi && c.multiDuration < 100*time.Millisecond:
 		return fmt.Errorf("-multi-duration must be at least 100ms")
 	case c.pprofSeconds < 1:
 		return fmt.Errorf("-pprof-seconds must be at least 1")
