@@ -28,7 +28,8 @@ func TestMain(m *testing.M) {
 
 func TestValidateBackendsAndPeers(t *testing.T) {
 	base := config{rounds: 1, duration: time.Second, conc: 1, cpuConc: 1, maxRequests: 1, ttftN: 1, ttftChunks: 1,
-		streams: 1, streamChunks: 1, streamInterval: time.Millisecond, cpuRequests: 1, cpuSlices: 1, keys: 1, pprofSeconds: 1}
+		streams: 1, streamChunks: 1, streamInterval: time.Millisecond, cpuRequests: 1, cpuSlices: 1, keys: 1, pprofSeconds: 1,
+		surfaces: true, surfaceDur: time.Second, surfaceTTFTN: 1, multi: true, multiDuration: time.Second}
 	for _, tc := range []struct {
 		backends, peers []string
 		wantErr         string

@@ -64,6 +64,8 @@ type config struct {
 	surfaces       bool
 	multi          bool
 	multiDuration  time.Duration
+	surfaceDur     time.Duration
+	surfaceTTFTN   int
 	pgURL          string
 	redisAddr      string
 }
@@ -106,7 +108,9 @@ func parseFlags() config {
 		"and three processes on one PostgreSQL + Redis with the load spread over them: throughput, p50/p99, store and Redis round trips\n"+
 		"per request; each on a database (-pg-url) and a Redis prefix (-redis-addr) of its own, dropped after. Left out with a note when\n"+
 		"either is unreachable")
-	fs.DurationVar(&c.multiDuration, "multi-duration", 4*time.Second, "length of each throughput and each latency measurement of the multi-instance mode, per configuration and round")
+	fs.DurationVar(&c.surfaceDur, "surface-duration", 3*time.Second, "length of each Messages and Responses throughput measurement (-surfaces), per target and round")
+	fs.IntVar(&c.surfaceTTFTN, "surface-ttft-n", 100, "streamed requests per Messages and Responses target and round for time to first token (-surfaces)")
+	fs.DurationVar(&c.multiDuration, "multi-duration", 3*time.Second, "length of each throughput and each latency measurement of the multi-instance mode, per configuration and round")
 	fs.StringVar(&c.pgURL, "pg-url", "postgres://postgres@127.0.0.1:5432", "the PostgreSQL server of the multi-instance mode, without a database (one is created and dropped per configuration)")
 	fs.StringVar(&c.redisAddr, "redis-addr", "127.0.0.1:6379", "the Redis server of the multi-instance mode (each configuration's keys under a prefix of its own, deleted after)")
 	cacheDir, _ := os.UserCacheDir()
@@ -162,6 +166,8 @@ Flags:
 		quick("cpu-requests", func() { c.cpuRequests = 1000 })
 		quick("pprof-seconds", func() { c.pprofSeconds = 3 })
 		quick("multi-duration", func() { c.multiDuration = time.Second })
+		quick("surface-duration", func() { c.surfaceDur = time.Second })
+		quick("surface-ttft-n", func() { c.surfaceTTFTN = 30 })
 	}
 	return c
 }
@@ -188,6 +194,8 @@ func (c config) validate() error {
 		return fmt.Errorf("-spread-keys must be from 0 to -keys minus 1")
 	case c.multi && c.multiDuration < 100*time.Millisecond:
 		return fmt.Errorf("-multi-duration must be at least 100ms")
+	case c.surfaces && (c.surfaceDur < 100*time.Millisecond || c.surfaceTTFTN < 1):
+		return fmt.Errorf("-surface-duration must be at least 100ms, -surface-ttft-n at least 1")
 	case c.pprofSeconds < 1:
 		return fmt.Errorf("-pprof-seconds must be at least 1")
 	case !slices.Contains(c.backends, "mock"):

@@ -120,7 +120,7 @@ func (b *bench) report() string {
 		w("## Messages and Responses (the mock)\n\n")
 		w("/v1/messages through a gateway whose backend is the mock in the Anthropic style, /v1/responses through the gateway "+
 			"in front of the mock (OpenAI style, store: false), each beside plain Caddy in front of the same mock, in interleaved rounds: "+
-			"non-streaming req/s at c=%d for %s, then TTFT (first \"data:\" line) over %d streams at c=1.\n\n", cfg.conc, cfg.duration, cfg.ttftN)
+			"non-streaming req/s at c=%d for %s, then TTFT (first \"data:\" line) over %d streams at c=1.\n\n", cfg.conc, cfg.surfaceDur, cfg.surfaceTTFTN)
 		w("| target | req/s c=%d | × plain Caddy | TTFT p50 ms c=1 | TTFT p99 ms c=1 | added TTFT ms | failed requests |\n|---|---:|---:|---:|---:|---:|---:|\n", cfg.conc)
 		for _, sf := range []struct{ name, label string }{{"messages", "Messages"}, {"responses", "Responses"}} {
 			for _, role := range []struct{ name, label string }{{"caddy", "plain Caddy reverse_proxy"}, {"gateway", "gateway"}} {

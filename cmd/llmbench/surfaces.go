@@ -46,10 +46,10 @@ func (b *bench) surfaces(ctx context.Context, targets []*target) error {
 		clients[t.name] = newClient(2*cfg.conc, 60*time.Second)
 		defer clients[t.name].CloseIdleConnections()
 	}
-	ttftMax := max(30*time.Second, 4*cfg.duration)
+	ttftMax := max(30*time.Second, 4*cfg.surfaceDur)
 	logln("warming up Messages and Responses")
 	for _, t := range targets {
-		runLoad(ctx, clients[t.name], t, cfg.conc, min(time.Second, cfg.duration), cfg.maxRequests, false)
+		runLoad(ctx, clients[t.name], t, cfg.conc, min(time.Second, cfg.surfaceDur), cfg.maxRequests, false)
 		runTTFT(ctx, clients[t.name], t, 10, warmTime)
 	}
 	for r := 0; r < cfg.rounds; r++ {
@@ -58,10 +58,10 @@ func (b *bench) surfaces(ctx context.Context, targets []*target) error {
 				return err
 			}
 			cl := clients[t.name]
-			tp := runLoad(ctx, cl, t, cfg.conc, cfg.duration, cfg.maxRequests, false)
+			tp := runLoad(ctx, cl, t, cfg.conc, cfg.surfaceDur, cfg.maxRequests, false)
 			res.add("rps", t.name, nanIf(tp.ok == 0, tp.rps()))
 			res.fail(t.name, tp.errs, tp.firstErr)
-			tt := runTTFT(ctx, cl, t, cfg.ttftN, ttftMax)
+			tt := runTTFT(ctx, cl, t, cfg.surfaceTTFTN, ttftMax)
 			n := len(tt.ttft)
 			res.add("ttft50", t.name, nanIf(n == 0, ms(pct(tt.ttft, .50))))
 			res.add("ttft99", t.name, nanIf(n == 0, ms(pct(tt.ttft, .99))))
