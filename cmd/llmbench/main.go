@@ -8,7 +8,12 @@
 //  2. time to first token (first "data:" line) of streamed completions at c=1;
 //  3. memory per open stream (VmRSS growth with N slow streams open), gateway and plain Caddy;
 //  4. CPU per request (utime+stime) of the gateway with 1 key and with 100,000 keys in its
-//     store, and of plain Caddy.
+//     store, and of plain Caddy;
+//  5. (-surfaces) /v1/messages and /v1/responses through the gateway beside plain Caddy:
+//     throughput at c=32 and time to first token at c=1;
+//  6. (-multi, when PostgreSQL and Redis answer) the gateway on the embedded store, on
+//     PostgreSQL with leases + Redis rate limits, and as three processes on one database and
+//     Redis: throughput, p50/p99, store and Redis round trips per request (from its metrics).
 //
 // Every measurement runs in rounds, the targets interleaved (memory on fresh processes each
 // round), and the report gives medians over rounds; ratios and differences are taken within
@@ -129,7 +134,11 @@ foreign fake backend (-backends), which runs as "llmbench fake -addr ...". Then,
   3. CPU per request (utime+stime from /proc) of the gateway with 1 key and with -keys keys in its store
      (a second gateway process on a second file), and of plain Caddy, at c=-cpu-conc;
   4. memory per open stream: VmRSS growth of a freshly started gateway and plain Caddy with -streams
-     slow streams open, divided by the number of streams.
+     slow streams open, divided by the number of streams;
+  5. (-surfaces) /v1/messages (a gateway with an Anthropic-style backend on the mock) and /v1/responses,
+     each beside plain Caddy: throughput at c=-conc and TTFT at c=1;
+  6. (-multi) one gateway on the embedded store, one on PostgreSQL (leases) + Redis, three on one
+     PostgreSQL + Redis: throughput, p50/p99, store and Redis round trips per request.
 It prints a markdown report (medians over rounds; ratios and differences taken within a round) and
 writes it to -out. Every child is stopped at the end, on error and on interrupt.
 
