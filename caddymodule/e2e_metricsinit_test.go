@@ -78,6 +78,7 @@ func TestMetricsZeroAtStart(t *testing.T) {
 		zero("llm_gateway_rate_limited_total", map[string]string{"tier": "zi-free", "limit": limit})
 	}
 	zero("llm_gateway_concurrent_requests", map[string]string{"tier": "zi-free"})
+	zero("llm_gateway_store_round_trips_total", nil) // the embedded store makes none
 	// Shared label sets (other tests' configurations count into them too): present.
 	for _, o := range []string{"upstream_error", "no_backend_available", "store_unavailable", "rate_limit_exceeded"} {
 		present("llm_gateway_requests_total", map[string]string{"endpoint": "chat", "model": "none", "backend": "none", "auth": "anonymous", "outcome": o})
@@ -86,5 +87,6 @@ func TestMetricsZeroAtStart(t *testing.T) {
 		present("llm_gateway_credits_total", map[string]string{"kind": k})
 	}
 	present("llm_gateway_insufficient_credits_total", map[string]string{"auth": "anonymous"})
+	present("llm_gateway_redis_round_trips_total", nil)
 	present("llm_gateway_request_duration_seconds_count", map[string]string{"endpoint": "chat", "outcome": "ok"})
 }

@@ -97,6 +97,9 @@ var (
 			"Credits held by open reservations now.", nil, nil),
 		openCount: prometheus.NewDesc("llm_gateway_reservations_open",
 			"Reservations open now.", nil, nil),
+		storeRoundTrips: prometheus.NewDesc("llm_gateway_store_round_trips_total",
+			"Round trips to the store's database server since it was opened (PostgreSQL: statements, batches, and the BEGIN and COMMIT of transactions; 0 for the embedded store, which makes none).",
+			nil, nil),
 	}
 )
 
@@ -156,17 +159,20 @@ var (
 )
 
 // stateCollector reads, at scrape time, the state of the running configuration: each configured
-// backend's health (from its reverse proxy's upstreams) and the open reservations of each store.
+// backend's health (from its reverse proxy's upstreams), the open reservations of each store and
+// the round trips each store has made to its database server (summed over the stores in use:
+// a store shared by a reload keeps its count).
 // It reads the provisioned gateways, so after a reload it reports the new configuration's
 // backends (the newest gateway wins for a name several configurations share).
 type stateCollector struct {
-	backendUp, openCredits, openCount *prometheus.Desc
+	backendUp, openCredits, openCount, storeRoundTrips *prometheus.Desc
 }
 
 func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.backendUp
 	ch <- c.openCredits
 	ch <- c.openCount
+	ch <- c.storeRoundTrips
 }
 
 func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
@@ -178,6 +184,7 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	var count int
 	var open credits.Amount
 	known := true // every store could say what it holds open
+	var roundTrips uint64
 	for i := len(gateways) - 1; i >= 0; i-- {
 		g := gateways[i]
 		for j, b := range g.Backends {
@@ -199,8 +206,12 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 			}
 			count += n
 			open += amount
+			if h.roundTrips != nil {
+				roundTrips += h.roundTrips()
+			}
 		}
 	}
+	ch <- prometheus.MustNewConstMetric(c.storeRoundTrips, prometheus.CounterValue, float64(roundTrips))
 	if !known {
 		// A store that cannot be read (PostgreSQL unreachable): the gauges are left out of
 		// this scrape (a gap in the series), never a zero that would read as nothing open.

@@ -71,6 +71,10 @@ var (
 		Namespace: "llm_gateway", Name: "redis_errors_total",
 		Help: "Redis round trips that failed, by operation (admit, finish, peek, cap_hold, cap_settle, cap_release, publish).",
 	}, []string{"operation"})
+	metricRedisRoundTrips = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: "llm_gateway", Name: "redis_round_trips_total",
+		Help: "Round trips to Redis: each command, pipeline or script sent is one, failed ones included (the invalidation subscription's messages are not counted).",
+	})
 	metricRevocationLag = prometheus.NewHistogram(prometheus.HistogramOpts{
 		Namespace: "llm_gateway", Name: "revocation_lag_seconds",
 		Help:    "Time from an invalidation's publication on another instance (a key revoked or rotated, the signing keys rotated) to its receipt here, in seconds (the instances' clock skew included).",
@@ -85,7 +89,7 @@ func registerRedisMetrics(reg prometheus.Registerer, logger *zap.Logger) {
 	if reg == nil {
 		return
 	}
-	for _, c := range []prometheus.Collector{metricRedisUp, metricRedisErrors, metricRevocationLag} {
+	for _, c := range []prometheus.Collector{metricRedisUp, metricRedisErrors, metricRedisRoundTrips, metricRevocationLag} {
 		if err := reg.Register(c); err != nil {
 			var are prometheus.AlreadyRegisteredError
 			if !errors.As(err, &are) {
@@ -154,6 +158,7 @@ func openRedis(rc *Redis, logger *zap.Logger) (*sharedRedis, string, error) {
 			opts.MaxRetries = -1 // a request's round trip is bounded by Timeout, not retried
 		}
 		rdb := redis.NewClient(opts)
+		rdb.AddHook(roundTripHook{})
 		s := &sharedRedis{rdb: rdb, prefix: prefix, timeout: timeout, logger: logger}
 		s.bus = invalidation.NewRedis(rdb, prefix+"invalidation", invalidation.RedisOptions{
 			OnReceive: func(m invalidation.Message, lag time.Duration) {
@@ -166,6 +171,26 @@ func openRedis(rc *Redis, logger *zap.Logger) (*sharedRedis, string, error) {
 		return nil, "", err
 	}
 	return v.(*sharedRedis), key, nil
+}
+
+// roundTripHook counts the round trips of a Redis client in llm_gateway_redis_round_trips_total:
+// a command, and a pipeline (or transaction) however many commands it carries, is one.
+type roundTripHook struct{}
+
+func (roundTripHook) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (roundTripHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		metricRedisRoundTrips.Inc()
+		return next(ctx, cmd)
+	}
+}
+
+func (roundTripHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		metricRedisRoundTrips.Inc()
+		return next(ctx, cmds)
+	}
 }
 
 // context is the context of one round trip: ctx's values, not its cancellation (a caller

@@ -49,6 +49,9 @@ type storeHandle struct {
 	// openReservations counts the open reservations and the credits they hold (for metrics),
 	// or fails when the store cannot say (PostgreSQL unreachable).
 	openReservations func() (int, credits.Amount, error)
+	// roundTrips counts the round trips to the store's database server since it was opened
+	// (for metrics); nil for the embedded store, which makes none.
+	roundTrips       func() uint64
 	close            func() error
 	sweepCtx         context.Context
 	stop             context.CancelFunc
@@ -170,6 +173,7 @@ func openPostgres(cfg StoreConfig, logger *zap.Logger) (*storeHandle, string, er
 			return nil, fmt.Errorf("opening the postgres store: %w", err)
 		}
 		h := newStoreHandle(s, s, s, s, s.ChainSpent, s.UsageByDay, s.ResponseOwner, s.OpenReservations, s.Close, logger)
+		h.roundTrips = s.RoundTrips
 		go h.sweep(logger)
 		return h, nil
 	})

@@ -33,6 +33,11 @@ type bench struct {
 	limited *proc         // the gateway with rate limits (-rate-limits)
 	sets    []*backendSet // the mock's first, then the fake's (-backends)
 
+	multiNote     string // why the multi-instance mode was left out, "" when it ran (or was off)
+	multiSetups   []*multiSetup
+	pgDatabases   []string // the multi-instance mode's databases, dropped by close
+	redisPrefixes []string // its Redis prefixes, whose keys close deletes
+
 	start              time.Time
 	loadStart, loadEnd string
 	pprofTop           string
@@ -47,6 +52,7 @@ const (
 
 func (b *bench) close() {
 	stopAll()
+	b.dropMulti()
 	if b.cfg.keepTmp {
 		logln("kept " + b.root)
 		return
@@ -134,6 +140,37 @@ func (b *bench) run(ctx context.Context) error {
 
 	if err := b.proxying(ctx, targets); err != nil {
 		return err
+	}
+	if cfg.surfaces {
+		st, err := b.surfaceTargets(ctx, mock)
+		if err != nil {
+			return err
+		}
+		if err := b.surfaces(ctx, st); err != nil {
+			return err
+		}
+		st[1].proc.stop() // the Anthropic-style gateway
+	}
+	if cfg.multi {
+		setups, note, err := b.startMulti(ctx)
+		if err != nil {
+			return fmt.Errorf("multi-instance mode: %w", err)
+		}
+		if note != "" {
+			logln(note)
+			b.multiNote = note
+		} else {
+			b.multiSetups = setups
+			if err := b.multi(ctx, setups); err != nil {
+				return err
+			}
+			for _, s := range setups {
+				for _, p := range s.procs {
+					p.stop()
+				}
+			}
+			b.dropMulti()
+		}
 	}
 	if cfg.pprofFile != "" {
 		if err := b.profile(ctx, gateway); err != nil {
@@ -234,20 +271,26 @@ func (b *bench) startGateway(ctx context.Context, name, db, extra string) (*proc
 // startGatewayTo is startGateway with the backend named backendName at backendAddr.
 func (b *bench) startGatewayTo(ctx context.Context, name, backendName, backendAddr, db, extra string) (*proc, error) {
 	if db == "" {
-		f, err := os.CreateTemp(b.root, name+"-*.db")
-		if err != nil {
-			return nil, err
-		}
-		db = f.Name()
-		f.Close()
-		os.Remove(db)
-		if err := copyDB(b.baseDB, db); err != nil {
+		var err error
+		if db, err = b.freshDB(name); err != nil {
 			return nil, err
 		}
 	}
 	return startCaddy(ctx, b.cfg.caddyBin, b.root, name, true, func(addr, admin, dir string) string {
 		return gatewayCaddyfile(addr, admin, dir, backendName, backendAddr, db, extra)
 	})
+}
+
+// freshDB is a new copy of the seeded store, named after name, in the run's folder.
+func (b *bench) freshDB(name string) (string, error) {
+	f, err := os.CreateTemp(b.root, name+"-*.db")
+	if err != nil {
+		return "", err
+	}
+	db := f.Name()
+	f.Close()
+	os.Remove(db)
+	return db, copyDB(b.baseDB, db)
 }
 
 // smoke checks that a target answers a chat completion and a whole stream.

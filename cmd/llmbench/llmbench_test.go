@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"strings"
 	"testing"
@@ -26,7 +28,8 @@ func TestMain(m *testing.M) {
 
 func TestValidateBackendsAndPeers(t *testing.T) {
 	base := config{rounds: 1, duration: time.Second, conc: 1, cpuConc: 1, maxRequests: 1, ttftN: 1, ttftChunks: 1,
-		streams: 1, streamChunks: 1, streamInterval: time.Millisecond, cpuRequests: 1, cpuSlices: 1, keys: 1, pprofSeconds: 1}
+		streams: 1, streamChunks: 1, streamInterval: time.Millisecond, cpuRequests: 1, cpuSlices: 1, keys: 1, pprofSeconds: 1,
+		surfaces: true, surfaceDur: time.Second, surfaceTTFTN: 1, multi: true, multiDuration: time.Second}
 	for _, tc := range []struct {
 		backends, peers []string
 		wantErr         string
@@ -120,5 +123,50 @@ func TestReportHasOneTablePerBackend(t *testing.T) {
 	}
 	if strings.Count(out, "### In front of") != 2 {
 		t.Errorf("want 2 per-backend tables:\n%s", out)
+	}
+}
+
+// TestScrapeRoundTrips: the round-trip counters are read from a Prometheus text exposition,
+// and a process without them is an error, not zero round trips.
+func TestScrapeRoundTrips(t *testing.T) {
+	body := "# HELP llm_gateway_store_round_trips_total x\n# TYPE llm_gateway_store_round_trips_total counter\n" +
+		"llm_gateway_store_round_trips_total 1234\nllm_gateway_redis_errors_total{operation=\"admit\"} 3\n" +
+		"llm_gateway_redis_round_trips_total 5.6789e+06\n"
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/metrics" {
+			http.NotFound(w, r)
+			return
+		}
+		w.Write([]byte(body))
+	}))
+	defer srv.Close()
+	p := &proc{name: "test", admin: strings.TrimPrefix(srv.URL, "http://")}
+	store, rds, err := p.scrapeRoundTrips(context.Background())
+	if err != nil || store != 1234 || rds != 5678900 {
+		t.Fatalf("got %v, %v, %v; want 1234, 5678900, nil", store, rds, err)
+	}
+	body = "llm_gateway_store_round_trips_total 1\n"
+	if _, _, err := p.scrapeRoundTrips(context.Background()); err == nil {
+		t.Fatalf("no error without the Redis counter")
+	}
+}
+
+// TestStreamDone: each surface's stream ends on its own last event.
+func TestStreamDone(t *testing.T) {
+	for _, tc := range []struct {
+		surface, data string
+		want          bool
+	}{
+		{"", "[DONE]", true},
+		{"", `{"choices":[]}`, false},
+		{"messages", `{"type":"message_stop"}`, true},
+		{"messages", `{"type":"message_delta","delta":{}}`, false},
+		{"responses", `{"type":"response.completed","response":{}}`, true},
+		{"responses", `{"type":"response.output_text.delta"}`, false},
+	} {
+		tg := &target{surface: tc.surface}
+		if got := tg.streamDone([]byte(tc.data)); got != tc.want {
+			t.Errorf("%q %s: %v, want %v", tc.surface, tc.data, got, tc.want)
+		}
 	}
 }

@@ -18,10 +18,16 @@ import (
 // target is one thing requests are sent to.
 type target struct {
 	name string
-	url  string      // the chat completions URL
-	keys []string    // API keys sent as Authorization: Bearer, one after the other
-	hdr  http.Header // more request headers (a peer's routing headers), nil for most
-	proc *proc       // the serving process, whose CPU and memory are read
+	url  string // the chat completions URL (or the surface's: /v1/messages, /v1/responses)
+	// urls, when set, are several processes' URLs that the requests are spread over, one after
+	// the other (the multi-instance mode); url is then the first.
+	urls []string
+	// surface is what is sent: "" (chat completions), "messages" (Anthropic Messages) or
+	// "responses" (OpenAI Responses).
+	surface string
+	keys    []string    // API keys sent as Authorization: Bearer, one after the other
+	hdr     http.Header // more request headers (a peer's routing headers), nil for most
+	proc    *proc       // the serving process, whose CPU and memory are read
 }
 
 // Every target gets the same request bytes (the mock and plain Caddy ignore the key; the
@@ -31,7 +37,37 @@ var (
 	chatBody = []byte(`{"model":"` + benchModel + `","messages":[{"role":"user","content":"Say hello in one short sentence."}],"max_tokens":32}`)
 	// streamBody is chatBody with stream: true and the usage chunk.
 	streamBody = []byte(`{"model":"` + benchModel + `","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"Say hello in one short sentence."}],"max_tokens":32}`)
+	// The same request on the Messages and the Responses surfaces (not stored: the bench sends
+	// tens of thousands).
+	messagesBody        = []byte(`{"model":"` + benchModel + `","messages":[{"role":"user","content":"Say hello in one short sentence."}],"max_tokens":32}`)
+	messagesStreamBody  = []byte(`{"model":"` + benchModel + `","stream":true,"messages":[{"role":"user","content":"Say hello in one short sentence."}],"max_tokens":32}`)
+	responsesBody       = []byte(`{"model":"` + benchModel + `","store":false,"input":"Say hello in one short sentence.","max_output_tokens":32}`)
+	responsesStreamBody = []byte(`{"model":"` + benchModel + `","store":false,"stream":true,"input":"Say hello in one short sentence.","max_output_tokens":32}`)
 )
+
+// bodies are the target's non-streaming and streaming request bodies.
+func (t *target) bodies() (plain, stream []byte) {
+	switch t.surface {
+	case "messages":
+		return messagesBody, messagesStreamBody
+	case "responses":
+		return responsesBody, responsesStreamBody
+	}
+	return chatBody, streamBody
+}
+
+// streamDone reports whether data, a stream's "data:" line without its prefix, is the last
+// one of the surface's streams: [DONE] for chat completions, the message_stop event for
+// Messages, response.completed for Responses.
+func (t *target) streamDone(data []byte) bool {
+	switch t.surface {
+	case "messages":
+		return bytes.Contains(data, []byte(`"type":"message_stop"`))
+	case "responses":
+		return bytes.Contains(data, []byte(`"type":"response.completed"`))
+	}
+	return bytes.Equal(data, []byte("[DONE]"))
+}
 
 // newClient is a keep-alive HTTP/1.1 client that keeps up to idle connections per host.
 func newClient(idle int, timeout time.Duration) *http.Client {
@@ -48,7 +84,11 @@ func newClient(idle int, timeout time.Duration) *http.Client {
 }
 
 func (t *target) request(ctx context.Context, body []byte, i int64) *http.Request {
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, t.url, bytes.NewReader(body))
+	url := t.url
+	if len(t.urls) > 0 {
+		url = t.urls[int(i%int64(len(t.urls)))]
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
 	if err != nil {
 		panic(err) // a URL we made
 	}
@@ -140,7 +180,8 @@ func runLoad(ctx context.Context, cl *http.Client, t *target, conc int, maxTime 
 
 // doChat sends one non-streaming chat completion and reads the whole answer.
 func doChat(ctx context.Context, cl *http.Client, t *target, i int64) error {
-	resp, err := cl.Do(t.request(ctx, chatBody, i))
+	plain, _ := t.bodies()
+	resp, err := cl.Do(t.request(ctx, plain, i))
 	if err != nil {
 		return err
 	}
@@ -194,7 +235,8 @@ func runTTFT(ctx context.Context, cl *http.Client, t *target, n int, maxTime tim
 // doStream sends one streamed chat completion and reads it to the end.
 func doStream(ctx context.Context, cl *http.Client, t *target, i int64) (first, total time.Duration, err error) {
 	t0 := time.Now()
-	resp, err := cl.Do(t.request(ctx, streamBody, i))
+	_, stream := t.bodies()
+	resp, err := cl.Do(t.request(ctx, stream, i))
 	if err != nil {
 		return 0, 0, err
 	}
@@ -212,7 +254,7 @@ func doStream(ctx context.Context, cl *http.Client, t *target, i int64) (first, 
 				first = time.Since(t0)
 			}
 			data++
-			done = bytes.Equal(bytes.TrimSpace(line[5:]), []byte("[DONE]"))
+			done = t.streamDone(bytes.TrimSpace(line[5:]))
 		}
 		if err == io.EOF {
 			break
@@ -222,7 +264,7 @@ func doStream(ctx context.Context, cl *http.Client, t *target, i int64) (first, 
 		}
 	}
 	if !done {
-		return 0, 0, fmt.Errorf("%s: stream ended after %d data lines without [DONE]", t.name, data)
+		return 0, 0, fmt.Errorf("%s: stream ended after %d data lines without its last event", t.name, data)
 	}
 	return first, time.Since(t0), nil
 }

@@ -8,7 +8,12 @@
 //  2. time to first token (first "data:" line) of streamed completions at c=1;
 //  3. memory per open stream (VmRSS growth with N slow streams open), gateway and plain Caddy;
 //  4. CPU per request (utime+stime) of the gateway with 1 key and with 100,000 keys in its
-//     store, and of plain Caddy.
+//     store, and of plain Caddy;
+//  5. (-surfaces) /v1/messages and /v1/responses through the gateway beside plain Caddy:
+//     throughput at c=32 and time to first token at c=1;
+//  6. (-multi, when PostgreSQL and Redis answer) the gateway on the embedded store, on
+//     PostgreSQL with leases + Redis rate limits, and as three processes on one database and
+//     Redis: throughput, p50/p99, store and Redis round trips per request (from its metrics).
 //
 // Every measurement runs in rounds, the targets interleaved (memory on fresh processes each
 // round), and the report gives medians over rounds; ratios and differences are taken within
@@ -61,6 +66,13 @@ type config struct {
 	backends       []string
 	peers          []string
 	peersDir       string
+	surfaces       bool
+	multi          bool
+	multiDuration  time.Duration
+	surfaceDur     time.Duration
+	surfaceTTFTN   int
+	pgURL          string
+	redisAddr      string
 }
 
 func parseFlags() config {
@@ -95,6 +107,17 @@ func parseFlags() config {
 	peers := fs.String("peers", "", "comma-separated gateways of other projects to measure in front of the fake (needs fake in -backends), in the same rounds:\n"+
 		"portkey (@portkey-ai/gateway "+portkeyVersion+" from npm, installed into -peers-dir on first use, run by node). A peer that cannot be\n"+
 		"installed or started (no node or npm, no registry) is left out with a note")
+	fs.BoolVar(&c.surfaces, "surfaces", true, "also measure /v1/messages (a gateway with an Anthropic-style backend on the mock) and /v1/responses (the gateway),\n"+
+		"each beside plain Caddy in front of the same mock: non-streaming throughput at c=-conc and TTFT at c=1, in interleaved rounds")
+	fs.BoolVar(&c.multi, "multi", true, "the multi-instance mode: one gateway on the embedded store, one on PostgreSQL (leases) + Redis (rate limits),\n"+
+		"and three processes on one PostgreSQL + Redis with the load spread over them: throughput, p50/p99, store and Redis round trips\n"+
+		"per request; each on a database (-pg-url) and a Redis prefix (-redis-addr) of its own, dropped after. Left out with a note when\n"+
+		"either is unreachable")
+	fs.DurationVar(&c.surfaceDur, "surface-duration", 3*time.Second, "length of each Messages and Responses throughput measurement (-surfaces), per target and round")
+	fs.IntVar(&c.surfaceTTFTN, "surface-ttft-n", 100, "streamed requests per Messages and Responses target and round for time to first token (-surfaces)")
+	fs.DurationVar(&c.multiDuration, "multi-duration", 3*time.Second, "length of each throughput and each latency measurement of the multi-instance mode, per configuration and round")
+	fs.StringVar(&c.pgURL, "pg-url", "postgres://postgres@127.0.0.1:5432", "the PostgreSQL server of the multi-instance mode, without a database (one is created and dropped per configuration)")
+	fs.StringVar(&c.redisAddr, "redis-addr", "127.0.0.1:6379", "the Redis server of the multi-instance mode (each configuration's keys under a prefix of its own, deleted after)")
 	cacheDir, _ := os.UserCacheDir()
 	fs.StringVar(&c.peersDir, "peers-dir", filepath.Join(cacheDir, "llmbench", "peers"), "where the -peers are installed, kept between runs")
 	fs.BoolVar(&c.keepTmp, "keep-tmp", false, "keep the temporary folder (its path is printed) instead of removing it")
@@ -111,7 +134,11 @@ foreign fake backend (-backends), which runs as "llmbench fake -addr ...". Then,
   3. CPU per request (utime+stime from /proc) of the gateway with 1 key and with -keys keys in its store
      (a second gateway process on a second file), and of plain Caddy, at c=-cpu-conc;
   4. memory per open stream: VmRSS growth of a freshly started gateway and plain Caddy with -streams
-     slow streams open, divided by the number of streams.
+     slow streams open, divided by the number of streams;
+  5. (-surfaces) /v1/messages (a gateway with an Anthropic-style backend on the mock) and /v1/responses,
+     each beside plain Caddy: throughput at c=-conc and TTFT at c=1;
+  6. (-multi) one gateway on the embedded store, one on PostgreSQL (leases) + Redis, three on one
+     PostgreSQL + Redis: throughput, p50/p99, store and Redis round trips per request.
 It prints a markdown report (medians over rounds; ratios and differences taken within a round) and
 writes it to -out. Every child is stopped at the end, on error and on interrupt.
 
@@ -147,6 +174,9 @@ Flags:
 		quick("streams", func() { c.streams = 50 })
 		quick("cpu-requests", func() { c.cpuRequests = 1000 })
 		quick("pprof-seconds", func() { c.pprofSeconds = 3 })
+		quick("multi-duration", func() { c.multiDuration = time.Second })
+		quick("surface-duration", func() { c.surfaceDur = time.Second })
+		quick("surface-ttft-n", func() { c.surfaceTTFTN = 30 })
 	}
 	return c
 }
@@ -171,6 +201,10 @@ func (c config) validate() error {
 		return fmt.Errorf("-keys must be at least 1")
 	case c.spreadKeys < 0 || c.spreadKeys > c.keys-1:
 		return fmt.Errorf("-spread-keys must be from 0 to -keys minus 1")
+	case c.multi && c.multiDuration < 100*time.Millisecond:
+		return fmt.Errorf("-multi-duration must be at least 100ms")
+	case c.surfaces && (c.surfaceDur < 100*time.Millisecond || c.surfaceTTFTN < 1):
+		return fmt.Errorf("-surface-duration must be at least 100ms, -surface-ttft-n at least 1")
 	case c.pprofSeconds < 1:
 		return fmt.Errorf("-pprof-seconds must be at least 1")
 	case !slices.Contains(c.backends, "mock"):

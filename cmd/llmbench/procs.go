@@ -114,14 +114,20 @@ const generousRateLimits = `
 // No access log, like plain Caddy. extra is added to its llm_gateway block (generousRateLimits
 // for the gateway with rate limits).
 func gatewayCaddyfile(addr, admin, dir, backendName, backendAddr, db, extra string) string {
+	return gatewayCaddyfileStore(addr, admin, dir, backendName, backendAddr, "openai", "store sqlite "+db, extra)
+}
+
+// gatewayCaddyfileStore is gatewayCaddyfile with the store line (and its block) given, and the
+// backend's style (openai, anthropic).
+func gatewayCaddyfileStore(addr, admin, dir, backendName, backendAddr, style, store, extra string) string {
 	return globalOptions(admin, dir) + fmt.Sprintf(`
 http://%s {
 	bind 127.0.0.1
 	llm_gateway {
-		store sqlite %s%s
+		%s%s
 		backend %s {
 			url http://%s
-			style openai
+			style %s
 			health_check {
 				disabled
 			}
@@ -133,7 +139,7 @@ http://%s {
 	}
 	respond "Not found" 404
 }
-`, addr, db, extra, backendName, backendAddr, benchModel)
+`, addr, store, extra, backendName, backendAddr, style, benchModel)
 }
 
 // startCaddy writes the Caddyfile that makeConfig returns for the given ports into a folder of

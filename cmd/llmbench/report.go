@@ -17,6 +17,8 @@ const (
 	wantKBPerStream     = 120.0 // gateway, at most
 	wantKeysCPUGrowth   = 0.10  // CPU/request with the big store vs 1 key, at most +10%
 	wantLimitsCost      = 0.05  // rate limits on vs off: throughput lost and CPU/request added, at most 5%
+	wantMultiRatio      = 0.9   // one gateway on PostgreSQL + Redis / one on the embedded store, req/s at c=32, at least
+	wantRoundTrips      = 1.0   // network round trips (store + Redis) per request, on average, at most
 )
 
 // report renders the run as markdown.
@@ -63,7 +65,30 @@ func (b *bench) report() string {
 		w("| CPU/request with rate limits vs without | %s | – | ≤ +%.0f%% | %s |\n", fpct(lcpu), wantLimitsCost*100,
 			verdict(lcpu <= wantLimitsCost, lcpu))
 	}
+	if cfg.surfaces {
+		for _, sf := range []struct{ name, label string }{{"messages", "Messages (/v1/messages)"}, {"responses", "Responses (/v1/responses)"}} {
+			st := r.pairwise("rps", sf.name+"-gateway", sf.name+"-caddy", ratio)
+			dt := r.pairwise("ttft50", sf.name+"-gateway", sf.name+"-caddy", diff)
+			w("| %s: throughput gateway / caddy, c=%d | %s | 1 | ≥ %.2f | %s |\n", sf.label, cfg.conc, f2(st), wantThroughputRatio,
+				verdict(st >= wantThroughputRatio, st))
+			w("| %s: added TTFT gateway − caddy, c=1 | %s ms | %s ms | ≤ %.1f ms | %s |\n", sf.label, fsigned(dt, 3),
+				f3(r.med("ttft50", sf.name+"-caddy")), wantAddedTTFTms, verdict(dt <= wantAddedTTFTms, dt))
+		}
+	}
+	if len(b.multiSetups) > 0 {
+		mr := r.pairwise("rps", multiTargets[1], multiTargets[0], ratio)
+		w("| one gateway on PostgreSQL (leases) + Redis / on the embedded store, c=%d | %s | – | ≥ %.2f | %s |\n", cfg.conc, f2(mr),
+			wantMultiRatio, verdict(mr >= wantMultiRatio, mr))
+		for _, n := range multiTargets[1:] {
+			rt := r.med("storert", n) + r.med("redisrt", n)
+			w("| network round trips per request (store + Redis), %s | %s | – | ≤ %.0f | %s |\n", n, f3(rt), wantRoundTrips,
+				verdict(rt <= wantRoundTrips, rt))
+		}
+	}
 	w("\n")
+	if b.multiNote != "" {
+		w("Multi-instance mode: %s.\n\n", b.multiNote)
+	}
 
 	// One summary table per backend.
 	w("## Per backend\n\n")
@@ -87,6 +112,43 @@ func (b *bench) report() string {
 			n := row.t.name
 			w("| %s | %s | ×%s | %s | %s | %s | %d |\n", row.label, f0(r.med("rps", n)), f2(r.pairwise("rps", n, set.caddy.name, ratio)),
 				f1(r.med("cpureq", n)), f3(r.med("p50", n)), f3(r.med("ttft50", n)), r.errs[n])
+		}
+		w("\n")
+	}
+
+	if cfg.surfaces {
+		w("## Messages and Responses (the mock)\n\n")
+		w("/v1/messages through a gateway whose backend is the mock in the Anthropic style, /v1/responses through the gateway "+
+			"in front of the mock (OpenAI style, store: false), each beside plain Caddy in front of the same mock, in interleaved rounds: "+
+			"non-streaming req/s at c=%d for %s, then TTFT (first \"data:\" line) over %d streams at c=1.\n\n", cfg.conc, cfg.surfaceDur, cfg.surfaceTTFTN)
+		w("| target | req/s c=%d | × plain Caddy | TTFT p50 ms c=1 | TTFT p99 ms c=1 | added TTFT ms | failed requests |\n|---|---:|---:|---:|---:|---:|---:|\n", cfg.conc)
+		for _, sf := range []struct{ name, label string }{{"messages", "Messages"}, {"responses", "Responses"}} {
+			for _, role := range []struct{ name, label string }{{"caddy", "plain Caddy reverse_proxy"}, {"gateway", "gateway"}} {
+				n, c := sf.name+"-"+role.name, sf.name+"-caddy"
+				added := "–"
+				if role.name == "gateway" {
+					added = fsigned(r.pairwise("ttft50", n, c, diff), 3)
+				}
+				w("| %s, %s | %s | ×%s | %s | %s | %s | %d |\n", sf.label, role.label, f0(r.med("rps", n)), f2(r.pairwise("rps", n, c, ratio)),
+					f3(r.med("ttft50", n)), f3(r.med("ttft99", n)), added, r.errs[n])
+			}
+		}
+		w("\n")
+	}
+
+	if len(b.multiSetups) > 0 {
+		w("## Several instances (PostgreSQL + Redis)\n\n")
+		w("Gateways in front of the mock with the same generous rate limits, in interleaved rounds: req/s at c=%d for %s (the load "+
+			"spread over the processes request by request), then p50/p99 at c=1 for %s. Round trips per request: the processes' "+
+			"llm_gateway_store_round_trips_total and llm_gateway_redis_round_trips_total scraped before and after the c=%d run, "+
+			"divided by the requests sent (the scrape's own count of open reservations taken off). Each PostgreSQL configuration had "+
+			"a database of its own (lease_size %s) and a Redis prefix of its own, dropped after.\n\n",
+			cfg.conc, cfg.multiDuration, cfg.multiDuration, cfg.conc, multiLeaseSize)
+		w("| configuration | processes | req/s c=%d | × embedded | p50 ms c=1 | p99 ms c=1 | store round trips/request | Redis round trips/request | failed requests |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n", cfg.conc)
+		for _, s := range b.multiSetups {
+			w("| %s | %d | %s | ×%s | %s | %s | %s | %s | %d |\n", s.label, len(s.procs), f0(r.med("rps", s.name)),
+				f2(r.pairwise("rps", s.name, multiTargets[0], ratio)), f3(r.med("p50", s.name)), f3(r.med("p99", s.name)),
+				f3(r.med("storert", s.name)), f3(r.med("redisrt", s.name)), r.errs[s.name])
 		}
 		w("\n")
 	}
@@ -192,7 +254,7 @@ func (b *bench) report() string {
 		keys = append(keys, k)
 	}
 	order := map[string]int{"rps": 0, "cores": 1, "cpureq": 2, "p50": 3, "p99": 4, "ttft50": 5, "ttft99": 6, "stream50": 7, "cpu": 8,
-		"cpurps": 9, "rssidle": 10, "rssopen": 11, "streamsopen": 12, "kbps": 13, "livekbps": 14}
+		"cpurps": 9, "rssidle": 10, "rssopen": 11, "streamsopen": 12, "kbps": 13, "livekbps": 14, "storert": 15, "redisrt": 16}
 	slices.SortFunc(keys, func(a, b string) int {
 		ma, ta, _ := strings.Cut(a, "/")
 		mb, tb, _ := strings.Cut(b, "/")
@@ -206,7 +268,7 @@ func (b *bench) report() string {
 		"ttft50": "TTFT p50 ms", "ttft99": "TTFT p99 ms", "stream50": "whole stream p50 ms", "cpu": "µs CPU/request",
 		"cpurps": "req/s in CPU run", "rssidle": "idle VmRSS MB", "rssopen": "VmRSS streams open MB",
 		"streamsopen": "streams open", "kbps": "KB per open stream (VmRSS)",
-		"livekbps": "KB per open stream (Go live)"}
+		"livekbps": "KB per open stream (Go live)", "storert": "store round trips/request", "redisrt": "Redis round trips/request"}
 	for _, k := range keys {
 		m, t, _ := strings.Cut(k, "/")
 		w("| %s | %s |", labels[m], t)

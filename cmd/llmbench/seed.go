@@ -34,6 +34,23 @@ func seedBase(ctx context.Context, path string) (string, error) {
 		return "", err
 	}
 	defer s.Close()
+	key, err := seedStore(ctx, s)
+	if err != nil {
+		return "", err
+	}
+	return key, s.Close()
+}
+
+// seedable is what seeding needs of a store (the SQLite and the PostgreSQL one).
+type seedable interface {
+	CreateUser(ctx context.Context, u identity.User) error
+	Credit(ctx context.Context, account credits.AccountID, amount credits.Amount, reason, idempotencyKey string) (credits.Entry, bool, error)
+	CreateKey(ctx context.Context, k identity.Key) error
+}
+
+// seedStore creates in s the bench user with plenty of credits and one API key, whose full
+// value it returns.
+func seedStore(ctx context.Context, s seedable) (string, error) {
 	now := time.Now().UTC()
 	u := identity.User{ID: benchUserID, Email: "llmbench@example.com", CreatedAt: now}
 	if err := s.CreateUser(ctx, u); err != nil {
@@ -51,7 +68,7 @@ func seedBase(ctx context.Context, path string) (string, error) {
 	if err := s.CreateKey(ctx, k); err != nil {
 		return "", fmt.Errorf("create key: %w", err)
 	}
-	return nk.Full, s.Close()
+	return nk.Full, nil
 }
 
 // addKeys adds n API keys of the benchmark user to the store file at path, made like the store

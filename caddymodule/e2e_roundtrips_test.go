@@ -1,0 +1,135 @@
+package caddymodule_test
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"testing"
+	"time"
+
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/credits"
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/store/postgres"
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/store/postgres/pgtest"
+)
+
+// roundTripWindows is how many measurement windows a round-trip test tries: a window into
+// which the store's background work (the key use times written every 2 s, the sweeper every
+// 10 s) falls counts more than the request made, and is tried again.
+const roundTripWindows = 6
+
+// TestStoreRoundTripsMetric: llm_gateway_store_round_trips_total is at zero right after start
+// on the embedded store, and on a direct (unleased) PostgreSQL store a chat request, its key
+// cached, moves it by exactly the round trips of one Reserve and one Settle of that store
+// (measured on a store of its own, not written down here), plus the scrape's own count of the
+// open reservations.
+func TestStoreRoundTripsMetric(t *testing.T) {
+	t.Run("embedded", func(t *testing.T) {
+		e := startGateway(t, setup{gateway: backendBlock("rt-oai", "oai", "rt-model", "1", "2"),
+			mocks: []mockSpec{{key: "oai", lines: "models rt-model"}}})
+		if v, found := metricSum(e.scrape(), "llm_gateway_store_round_trips_total", nil); !found || v != 0 {
+			t.Fatalf("llm_gateway_store_round_trips_total = %v (found %v) on the embedded store, want 0", v, found)
+		}
+	})
+	t.Run("postgres", func(t *testing.T) {
+		ref := reserveSettleRoundTrips(t)
+		if ref < 2 {
+			t.Fatalf("a Reserve and a Settle on a direct PostgreSQL store made %d round trips, want at least 2", ref)
+		}
+		s := setup{gateway: backendBlock("rt-oai", "oai", "rt-model", "1", "2"),
+			mocks: []mockSpec{{key: "oai", lines: "models rt-model"}}, dsn: pgtest.NewDatabase(t)}
+		e := startGateway(t, s)
+		if _, found := metricSum(e.scrape(), "llm_gateway_store_round_trips_total", nil); !found {
+			t.Fatalf("no llm_gateway_store_round_trips_total right after start")
+		}
+		u, k := e.userWithKey("rt@example.com", "10")
+		body := `{"model":"rt-model","messages":[{"role":"user","content":"one two"}],"max_tokens":4}`
+		if r := e.post("/v1/chat/completions", body, bearer(k.Key)); r.status != http.StatusOK {
+			t.Fatalf("warm-up request: %s", r) // it caches the key
+		}
+		want := float64(ref + 1) // the request's, and the next scrape's count of open reservations
+		var seen []float64
+		for range roundTripWindows {
+			before, _ := metricSum(e.scrape(), "llm_gateway_store_round_trips_total", nil)
+			if r := e.post("/v1/chat/completions", body, bearer(k.Key)); r.status != http.StatusOK {
+				t.Fatalf("request: %s", r)
+			}
+			after, _ := metricSum(e.scrape(), "llm_gateway_store_round_trips_total", nil)
+			d := after - before
+			seen = append(seen, d)
+			if d < want {
+				t.Fatalf("a request moved llm_gateway_store_round_trips_total by %v, want %v (%d for its Reserve and Settle, 1 for the scrape)", d, want, ref)
+			}
+			if d == want {
+				break
+			}
+		}
+		if seen[len(seen)-1] != want {
+			t.Fatalf("no window of one request moved llm_gateway_store_round_trips_total by %v; saw %v", want, seen)
+		}
+		t.Logf("store round trips per request: %d (windows seen: %v, each with 1 for the scrape)", ref, seen)
+		if n := len(e.settlements(u.ID)); n != len(seen)+1 {
+			t.Errorf("%d settle entries, want %d", n, len(seen)+1)
+		}
+		e.checkAllAccounts(0)
+	})
+}
+
+// reserveSettleRoundTrips is the round trips that one Reserve and one Settle make on a direct
+// PostgreSQL store of the test's own.
+func reserveSettleRoundTrips(t *testing.T) uint64 {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	st, err := postgres.Open(ctx, pgtest.NewDatabase(t))
+	if err != nil {
+		t.Fatalf("opening a postgres store: %v", err)
+	}
+	defer st.Close()
+	acct := credits.UserAccount("usr_roundtrips")
+	if _, _, err := st.Credit(ctx, acct, 10*credits.Credit, "test", ""); err != nil {
+		t.Fatal(err)
+	}
+	before := st.RoundTrips()
+	r, _, err := st.Reserve(ctx, acct, credits.Credit, time.Minute, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Settle(ctx, r.ID, 1, credits.Usage{Model: "rt-model", Backend: "rt-oai", InputTokens: 2, OutputTokens: 4}); err != nil {
+		t.Fatal(err)
+	}
+	return st.RoundTrips() - before
+}
+
+// TestRedisRoundTripsMetric: llm_gateway_redis_round_trips_total counts Redis round trips: a
+// request refused by the shared rate limits is one (its admission, every limit of the tier in
+// one script), an admitted one at least one.
+func TestRedisRoundTripsMetric(t *testing.T) {
+	prefix := redisPrefix(t)
+	e := startGateway(t, sharedLimitsSetup(testRedisAddr, prefix, 1, 5))
+	body := `{"model":"mock-small","messages":[{"role":"user","content":"hi"}],"max_tokens":16}`
+	count := func() float64 {
+		v, found := metricSum(e.scrape(), "llm_gateway_redis_round_trips_total", nil)
+		if !found {
+			t.Fatalf("no llm_gateway_redis_round_trips_total")
+		}
+		return v
+	}
+	before := count()
+	if r := e.post("/v1/chat/completions", body, nil); r.status != http.StatusOK {
+		t.Fatalf("first request: %s", r)
+	}
+	admitted := count() - before
+	if admitted < 1 {
+		t.Fatalf("an admitted request moved llm_gateway_redis_round_trips_total by %v, want at least 1", admitted)
+	}
+	for i := range 3 {
+		before = count()
+		if r := e.post("/v1/chat/completions", body, nil); r.status != http.StatusTooManyRequests {
+			t.Fatalf("request %d over a limit of 1 a day: %s", i+2, r)
+		}
+		if d := count() - before; d != 1 {
+			t.Fatalf("a request refused by the rate limits moved llm_gateway_redis_round_trips_total by %v, want 1", d)
+		}
+	}
+	t.Log(fmt.Sprintf("an admitted request: %v Redis round trips", admitted))
+}
