@@ -51,12 +51,12 @@ type storeHandle struct {
 	openReservations func() (int, credits.Amount, error)
 	// roundTrips counts the round trips to the store's database server since it was opened
 	// (for metrics); nil for the embedded store, which makes none.
-	roundTrips       func() uint64
-	close            func() error
-	sweepCtx         context.Context
-	stop             context.CancelFunc
-	done             chan struct{}
-	settling         sync.WaitGroup // the settlements retried in the background
+	roundTrips func() uint64
+	close      func() error
+	sweepCtx   context.Context
+	stop       context.CancelFunc
+	done       chan struct{}
+	settling   sync.WaitGroup // the settlements retried in the background
 
 	touchMu sync.Mutex
 	touched map[string]time.Time // key id -> last use, not yet written
