@@ -133,3 +133,58 @@ func TestRedisRoundTripsMetric(t *testing.T) {
 	}
 	t.Log(fmt.Sprintf("an admitted request: %v Redis round trips", admitted))
 }
+
+// TestRedisRoundTripsPerKeyRequest: a request with an API key is admitted under its key's
+// limits and its user's, both in one Redis round trip, and its two ends go together, with the
+// next admission or on their own: at most 2 round trips a request (each of the four was one
+// before), at least 1. With the key's limit spent, a refusal takes the admission's round trip
+// and gives the user's admission back later (riding with another, or on its own).
+func TestRedisRoundTripsPerKeyRequest(t *testing.T) {
+	prefix := redisPrefix(t)
+	e := startGateway(t, setup{
+		gateway: rateLimitBackend + `
+		failover 1
+		rate_limits {
+			default_tier free
+			tier free {
+				requests_per_day 10
+				tokens_per_minute 100000
+				concurrent 5
+			}
+		}` + redisBlock(testRedisAddr, prefix, "1s"),
+		mocks: []mockSpec{{key: "mock", lines: "models mock-small"}},
+	})
+	_, k := e.userWithKey("rt-key@example.com", "10")
+	body := `{"model":"mock-small","messages":[{"role":"user","content":"hi"}],"max_tokens":16}`
+	count := func() float64 {
+		v, found := metricSum(e.scrape(), "llm_gateway_redis_round_trips_total", nil)
+		if !found {
+			t.Fatalf("no llm_gateway_redis_round_trips_total")
+		}
+		return v
+	}
+	// settled waits until the ends queued on the hub have gone (2 ms), then counts.
+	settled := func() float64 {
+		time.Sleep(50 * time.Millisecond)
+		return count()
+	}
+	const n = 10
+	before := settled()
+	for i := range n {
+		if r := e.post("/v1/chat/completions", body, bearer(k.Key)); r.status != http.StatusOK {
+			t.Fatalf("request %d: %s", i+1, r)
+		}
+	}
+	d := settled() - before
+	if d < n || d > 2*n {
+		t.Fatalf("%d admitted key requests took %v Redis round trips, want %d to %d", n, d, n, 2*n)
+	}
+	t.Logf("%d admitted key requests: %v Redis round trips", n, d)
+	before = settled()
+	if r := e.post("/v1/chat/completions", body, bearer(k.Key)); r.status != http.StatusTooManyRequests {
+		t.Fatalf("request %d over a limit of %d a day: %s", n+1, n, r)
+	}
+	if d := settled() - before; d < 1 || d > 2 {
+		t.Fatalf("a refused key request took %v Redis round trips, want 1 or 2", d)
+	}
+}

@@ -242,6 +242,33 @@ func (t *tierLimiter) admit(ctx context.Context, key string, tokens int64) (rate
 	return tk, d, t.redis.observe("admit", err)
 }
 
+// admitBoth admits key under t and, when u is not nil, userKey under u (its decision
+// computed only when key is admitted, as if made after it): on Redis in one round trip,
+// each decision its own (the caller cancels one admitted beside a refusal). An error takes
+// nothing.
+func admitBoth(ctx context.Context, t *tierLimiter, key string, u *tierLimiter, userKey string, tokens int64) (
+	ratelimit.Ticket, ratelimit.Decision, ratelimit.Ticket, ratelimit.Decision, error) {
+	if u == nil || t.shared == nil || u.shared == nil {
+		tk, d, err := t.admit(ctx, key, tokens)
+		if err != nil || !d.Allowed || u == nil {
+			return tk, d, ratelimit.Ticket{}, ratelimit.Decision{}, err
+		}
+		utk, ud, err := u.admit(ctx, userKey, tokens)
+		if err != nil {
+			tk.Cancel()
+		}
+		return tk, d, utk, ud, err
+	}
+	ctx, cancel := t.redis.context(ctx)
+	defer cancel()
+	tks, ds, err := redislimit.AdmitEach(ctx, redislimit.Call{L: t.shared, Key: key, Tokens: tokens},
+		redislimit.Call{L: u.shared, Key: userKey, Tokens: tokens})
+	if err = t.redis.observe("admit", err); err != nil {
+		return ratelimit.Ticket{}, ratelimit.Decision{}, ratelimit.Ticket{}, ratelimit.Decision{}, err
+	}
+	return tks[0], ds[0], tks[1], ds[1], nil
+}
+
 // peek is where the tightest limit stands for key (ok false when Redis did not answer).
 func (t *tierLimiter) peek(ctx context.Context, key string) (ratelimit.Status, bool) {
 	if t.shared == nil {
@@ -322,6 +349,7 @@ func (g *Gateway) provisionRateLimits(reg prometheus.Registerer) error {
 				SlotTTL:       time.Duration(g.ReservationTTL),
 				FinishTimeout: r.timeout,
 				OnFinishError: func(err error) { _ = r.observe("finish", err) },
+				Hub:           r.hub,
 			})
 		} else {
 			tl.lim, err = shared("tier "+name, p)
@@ -479,20 +507,20 @@ func (ex *exchange) admitLimits() error {
 	}
 	a := &admission{tier: t, key: who.limitKey, headers: true}
 	ex.limits = a
-	ticket, d, err := t.admit(ctx, who.limitKey, tokens)
+	// A key's caller is limited by its user's limits too: its keys together get no more
+	// than one key would. On Redis both admissions are one round trip.
+	var ut *tierLimiter
+	if who.kind == "api_key" && who.userID != "" {
+		ut = g.userLimiter(ctx, who.userID)
+	}
+	ticket, d, uticket, ud, err := admitBoth(ctx, t, who.limitKey, ut, "u:"+who.userID, tokens)
 	if err != nil {
 		a.done = true
 		return err
 	}
-	if d.Allowed && who.kind == "api_key" && who.userID != "" {
-		// The user's limits: its keys together get no more than one key would.
-		ut := g.userLimiter(ctx, who.userID)
-		uticket, ud, err := ut.admit(ctx, "u:"+who.userID, tokens)
-		if err != nil {
-			ticket.Cancel()
-			a.done = true
-			return err
-		}
+	if !d.Allowed {
+		uticket.Cancel() // admitted beside the refused key on Redis: given back
+	} else if ut != nil {
 		if !ud.Allowed {
 			ticket.Cancel()
 			t, d, scope = ut, ud, "user"

@@ -14,6 +14,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/invalidation"
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/ratelimit/redislimit"
 )
 
 // Redis is the Redis server several instances of the gateway share: with it, every rate limit
@@ -108,7 +109,10 @@ var redisPool = caddy.NewUsagePool()
 
 // sharedRedis is a Redis client, its invalidation bus, and whether it answers.
 type sharedRedis struct {
-	rdb     *redis.Client
+	rdb *redis.Client
+	// hub carries the rate limiters' scripts on rdb: a request's key and user admissions in
+	// one round trip, the ends of requests riding with the next admissions.
+	hub     *redislimit.Hub
 	bus     *invalidation.Redis
 	prefix  string
 	timeout time.Duration
@@ -119,6 +123,7 @@ type sharedRedis struct {
 }
 
 func (s *sharedRedis) Destruct() error {
+	s.hub.Close()
 	err := s.bus.Close()
 	return errors.Join(err, s.rdb.Close())
 }
@@ -160,6 +165,8 @@ func openRedis(rc *Redis, logger *zap.Logger) (*sharedRedis, string, error) {
 		rdb := redis.NewClient(opts)
 		rdb.AddHook(roundTripHook{})
 		s := &sharedRedis{rdb: rdb, prefix: prefix, timeout: timeout, logger: logger}
+		s.hub = redislimit.NewHub(rdb, redislimit.HubOptions{Timeout: timeout,
+			OnError: func(err error) { _ = s.observe("finish", err) }})
 		s.bus = invalidation.NewRedis(rdb, prefix+"invalidation", invalidation.RedisOptions{
 			OnReceive: func(m invalidation.Message, lag time.Duration) {
 				metricRevocationLag.Observe(max(lag, 0).Seconds())

@@ -9,7 +9,9 @@
 // is past (a token limit's later: a debt settled after the slot TTL is counted from now). The
 // concurrency slots of a caller are a sorted set of ticket ids scored by their expiry: a slot
 // whose holder never ends it (its instance crashed) is free again after SlotTTL. A ticket's
-// end is one more round trip, none when it changes nothing.
+// end is one more round trip, none when it changes nothing; with a Hub (hub.go), the limiters
+// on one client send the ends in the pipeline of the next admission, and a request's
+// admissions under several limiters (AdmitEach) in one pipeline.
 //
 // It sits beside policies/ratelimit, not in store/, as the same algorithm run elsewhere: the
 // parameters, costs, give-backs and statuses are ratelimit's (Compile, Params, Tightest), and
@@ -68,11 +70,16 @@ type Options struct {
 	// OnFinishError is told of a ticket's end that failed (nil: ignored); its slot comes
 	// back after SlotTTL, and the tokens it would have given back stay taken.
 	OnFinishError func(error)
+	// Hub, when set, carries this limiter's scripts with those of the other limiters on it:
+	// ends queued to ride with the next admission, AdmitEach in one round trip (see Hub).
+	// Its client must be rdb. Nil: each admission and each end is a round trip of its own.
+	Hub *Hub
 }
 
 // Limiter applies one ratelimit.Policy to any number of keys, its state in Redis.
 type Limiter struct {
 	rdb           redis.Scripter
+	hub           *Hub
 	prefix        string
 	limits        []ratelimit.Params
 	pads          []int64 // each limit's expiry pad, ms
@@ -104,7 +111,7 @@ func New(rdb redis.Scripter, p ratelimit.Policy, o Options) (*Limiter, error) {
 	if o.FinishTimeout == 0 {
 		o.FinishTimeout = 2 * time.Second
 	}
-	l := &Limiter{rdb: rdb, prefix: o.Prefix, limits: limits, concurrent: p.Concurrent,
+	l := &Limiter{rdb: rdb, hub: o.Hub, prefix: o.Prefix, limits: limits, concurrent: p.Concurrent,
 		slotTTL: o.SlotTTL, finishTimeout: o.FinishTimeout, onFinishError: o.OnFinishError}
 	seen := map[string]bool{}
 	for _, c := range limits {
@@ -145,11 +152,40 @@ func (l *Limiter) clock() string {
 }
 
 // AdmitContext takes one request of the given token cost for key from every limit and a
-// concurrency slot, or nothing at all, as ratelimit.Limiter.Admit, in one round trip.
+// concurrency slot, or nothing at all, as ratelimit.Limiter.Admit, in one round trip (with
+// the ends its hub holds queued).
 func (l *Limiter) AdmitContext(ctx context.Context, key string, tokens int64) (ratelimit.Ticket, ratelimit.Decision, error) {
+	p, skip := l.prepare(key, tokens)
+	if skip {
+		return ratelimit.NewTicket(&ticket{l: l, key: key}, max(tokens, 0)), ratelimit.Decision{Allowed: true}, nil
+	}
+	var res []int64
+	var err error
+	if l.hub != nil {
+		var replies [][]int64
+		replies, err = l.hub.run(ctx, l.hub.take(), []admitCmd{{keys: l.keys(key), args: p.args}})
+		res = replies[0]
+	} else {
+		res, err = admitScript.Run(ctx, l.rdb, l.keys(key), p.args...).Int64Slice()
+	}
+	if err != nil {
+		return ratelimit.Ticket{}, ratelimit.Decision{}, fmt.Errorf("redislimit: admit: %w", err)
+	}
+	return l.decide(key, p, res)
+}
+
+// prepared is an admission's script arguments and its ticket's slot id.
+type prepared struct {
+	args   []any
+	id     string
+	tokens int64
+}
+
+// prepare builds the admission's arguments; skip: there is nothing to admit (no limits).
+func (l *Limiter) prepare(key string, tokens int64) (prepared, bool) {
 	tokens = max(tokens, 0)
 	if len(l.limits) == 0 && l.concurrent == 0 {
-		return ratelimit.NewTicket(&ticket{l: l, key: key}, tokens), ratelimit.Decision{Allowed: true}, nil
+		return prepared{}, true
 	}
 	id := ""
 	if l.concurrent > 0 {
@@ -161,10 +197,11 @@ func (l *Limiter) AdmitContext(ctx context.Context, key string, tokens int64) (r
 		c := &l.limits[i]
 		args = append(args, c.Cost(tokens), c.Burst, c.Interval, c.Tolerance, l.pads[i])
 	}
-	res, err := admitScript.Run(ctx, l.rdb, l.keys(key), args...).Int64Slice()
-	if err != nil {
-		return ratelimit.Ticket{}, ratelimit.Decision{}, fmt.Errorf("redislimit: admit: %w", err)
-	}
+	return prepared{args: args, id: id, tokens: tokens}, false
+}
+
+// decide reads the admission script's reply.
+func (l *Limiter) decide(key string, p prepared, res []int64) (ratelimit.Ticket, ratelimit.Decision, error) {
 	if len(res) != 3+len(l.limits) {
 		return ratelimit.Ticket{}, ratelimit.Decision{}, fmt.Errorf("redislimit: admit: %d values in the reply", len(res))
 	}
@@ -174,7 +211,7 @@ func (l *Limiter) AdmitContext(ctx context.Context, key string, tokens int64) (r
 	switch {
 	case code == 1:
 		d.Allowed = true
-		return ratelimit.NewTicket(&ticket{l: l, key: key, id: id, tokens: tokens}, tokens), d, nil
+		return ratelimit.NewTicket(&ticket{l: l, key: key, id: p.id, tokens: p.tokens}, p.tokens), d, nil
 	case code == 3:
 		d.Refused, d.RetryAfter = ratelimit.ConcurrentLimit, time.Second
 	case (code == 0 || code == 2) && idx >= 1 && idx <= int64(len(l.limits)):
@@ -227,7 +264,7 @@ type ticket struct {
 }
 
 // Finish gives back what the ratelimit.Ticket's end returns, and frees the slot, in one
-// round trip (none when nothing changes).
+// round trip (none when nothing changes), or queued on the limiter's hub.
 func (t *ticket) Finish(used int64, cancel bool) {
 	l := t.l
 	args := make([]any, 0, 2+2*len(l.limits))
@@ -240,6 +277,10 @@ func (t *ticket) Finish(used int64, cancel bool) {
 		args = append(args, back, l.pads[i])
 	}
 	if !change {
+		return
+	}
+	if l.hub != nil {
+		l.hub.finish(l.keys(t.key), args)
 		return
 	}
 	ctx, cancelCtx := context.WithTimeout(context.Background(), l.finishTimeout)
