@@ -56,7 +56,7 @@ func agentBinary(t *testing.T, name string) string {
 	msg := fmt.Sprintf("%s is not installed (%v): run `make agents` (.ci/agents: npm install of the pinned versions "+
 		"into $%s, by default ${XDG_CACHE_HOME:-$HOME/.cache}/llm-gateway-agents), as .ci/run does", name, err, agentsDirEnv)
 	if !pgtest.InCI() {
-		t.Skip(msg)
+		t.Skipf("outside CI: %s", msg)
 	}
 	t.Fatal(msg)
 	return ""
