@@ -176,7 +176,9 @@ func TestRateLimitConcurrencyE2E(t *testing.T) {
 	u, k := e.userWithKey("conc@example.com", "10")
 	body := `{"model":"mock-small","messages":[{"role":"user","content":"hi"}],"max_tokens":16}`
 	slow := bearer(k.Key)
-	slow["X-Mock-Latency"] = "1500ms"
+	// Long enough that the third request comes while both are held, on a loaded machine too
+	// (1.5 s let both end first once, with CI and a fuzzer sharing 2 cores).
+	slow["X-Mock-Latency"] = "5s"
 
 	gauge := func() float64 {
 		c, _ := metricSum(e.scrape(), "llm_gateway_concurrent_requests", map[string]string{"tier": "solo"})

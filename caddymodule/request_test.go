@@ -3,9 +3,11 @@ package caddymodule
 import (
 	"encoding/json"
 	"errors"
+	"slices"
 	"strings"
 	"testing"
 
+	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/metering"
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/routing"
 )
 
@@ -141,6 +143,8 @@ func FuzzParseInference(f *testing.F) {
 	f.Add(`{"model":"m","prompt":["a","b"],"n":2,"best_of":3,"echo":true,"max_tokens":7}`, "")
 	f.Add(`{"model":"m","prompt":[[1,2],[3]],"stream":true,"Echo":true}`, "")
 	f.Add(`{"model":"e","input":["a"],"prompt":"b"}`, "")
+	f.Add(`{"model":"m","input":"hi","max_tool_calls":3,"tools":[{"type":"web_search"},{"type":"function","name":"f"},{"type":"namespace","name":"n","tools":[{"type":"function","name":"g"}]}]}`, "")
+	f.Add(`{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"hi"}],"tools":[{"type":"web_search_20250305","name":"w","max_uses":2},{"name":"f","input_schema":{}}]}`, "")
 	f.Fuzz(func(t *testing.T, body, header string) {
 		// Every surface: what a Go backend reads of the model and of the choices is what the
 		// gateway billed; a legacy completion's output bound too.
@@ -168,6 +172,11 @@ func FuzzParseInference(f *testing.F) {
 					t.Fatalf("format %d: a Go backend reads %d choices from %s; billed %d", format, *v, out, inf.choices)
 				}
 			}
+		}
+		// The provider tools a Go backend reads are bounded as the gateway reserved for them,
+		// and no tool of a type the surface does not serve gets through.
+		for _, format := range []routing.Format{routing.FormatOpenAIResponses, routing.FormatAnthropicMessages} {
+			checkToolsRead(t, format, body, header)
 		}
 		// What a Go backend reads (encoding/json folds names) is what the gateway billed.
 		if inf, err := parseInference(routing.FormatOllamaChat, []byte(body), header, testLimits); err == nil {
@@ -292,6 +301,58 @@ func BenchmarkParseInference(b *testing.B) {
 		}
 		if _, err := inf.body("mock-small"); err != nil {
 			b.Fatal(err)
+		}
+	}
+}
+
+// checkToolsRead: when parseInference accepts body on format, what a Go backend reads of its
+// tools (encoding/json folds names) has only types the surface serves, and every provider
+// tool's calls are bounded by what was reserved (Responses' max_tool_calls, Messages' max_uses).
+func checkToolsRead(t *testing.T, format routing.Format, body, header string) {
+	t.Helper()
+	inf, err := parseInference(format, []byte(body), header, testLimits)
+	if err != nil {
+		return
+	}
+	out, _ := inf.body("up")
+	var read struct {
+		Tools []struct {
+			Type    string
+			MaxUses *int64 `json:"max_uses"`
+		}
+		MaxToolCalls *int64 `json:"max_tool_calls"`
+	}
+	if err := json.Unmarshal(out, &read); err != nil {
+		t.Fatalf("format %d: a Go backend cannot read the tools of %s: %v", format, out, err)
+	}
+	rules := routing.Surfaces[format].Tools
+	var calls metering.ToolCalls
+	for _, tool := range read.Tools {
+		client := tool.Type == "" && rules.Untyped || slices.Contains(rules.Groups, tool.Type)
+		for _, c := range rules.Client {
+			client = client || c.Matches(tool.Type)
+		}
+		if client {
+			continue
+		}
+		i := slices.IndexFunc(rules.Provider, func(p routing.ProviderTool) bool { return p.Matches(tool.Type) })
+		if i < 0 {
+			t.Fatalf("format %d: a Go backend reads a tool of type %q, which the surface does not serve, from %s", format, tool.Type, out)
+		}
+		counter := rules.Provider[i].Counter
+		switch {
+		case rules.CallsField != "":
+			if read.MaxToolCalls == nil || *read.MaxToolCalls > inf.toolBounds[counter] {
+				t.Fatalf("format %d: a Go backend reads max_tool_calls %v from %s; reserved %d calls of %v", format, read.MaxToolCalls, out, inf.toolBounds[counter], counter)
+			}
+		default:
+			if tool.MaxUses == nil {
+				t.Fatalf("format %d: a Go backend reads a %s tool without max_uses from %s", format, tool.Type, out)
+			}
+			calls[counter] += *tool.MaxUses
+			if calls[counter] > inf.toolBounds[counter] {
+				t.Fatalf("format %d: a Go backend reads %d calls of %v from %s; reserved %d", format, calls[counter], counter, out, inf.toolBounds[counter])
+			}
 		}
 	}
 }
