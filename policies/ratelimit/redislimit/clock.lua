@@ -33,9 +33,8 @@ local function rel(v)
   return (sec - now_sec) * 1000000000 + (nsec - now_nsec)
 end
 
--- store sets key to the time now + r, kept until then plus pad milliseconds: once expired, a
--- TAT in the past is the same as a missing one.
-local function store(key, r, pad)
+-- abs is the stored form of the time now + r.
+local function abs(r)
   local total = now_nsec + r
   local q = math.floor(total / 1000000000)
   local ns = total - q * 1000000000
@@ -44,9 +43,41 @@ local function store(key, r, pad)
   elseif ns >= 1000000000 then
     q, ns = q + 1, ns - 1000000000
   end
-  local ms = math.ceil(r / 1000000)
-  if ms < 0 then
-    ms = 0
+  return string.format('%d%09d', now_sec + q, ns)
+end
+
+-- load is the TATs of a caller, stored in one key as "name=time,name=time", as a table of
+-- limit name to time relative to now (a limit not there is missing).
+local function load(key)
+  local tats = {}
+  local v = redis.call('GET', key)
+  if v then
+    for name, t in string.gmatch(v, '([^=,]+)=(%d+)') do
+      tats[name] = rel(t)
+    end
   end
-  redis.call('SET', key, string.format('%d%09d', now_sec + q, ns), 'PX', ms + pad)
+  return tats
+end
+
+-- save stores in key the TAT now + rels[i] of each limit names[i] (nil: none), kept until
+-- the last of them is past plus its pads[i] milliseconds: once past, a TAT is the same as a
+-- missing one. One write for every limit of the caller.
+local function save(key, n, names, rels, pads)
+  local parts, px = {}, 0
+  for i = 1, n do
+    local r = rels[i]
+    if r then
+      parts[#parts + 1] = names[i] .. '=' .. abs(r)
+      local ms = math.ceil(r / 1000000)
+      if ms < 0 then
+        ms = 0
+      end
+      if ms + pads[i] > px then
+        px = ms + pads[i]
+      end
+    end
+  end
+  if #parts > 0 then
+    redis.call('SET', key, table.concat(parts, ','), 'PX', px)
+  end
 end

@@ -16,11 +16,15 @@ import (
 // Hub sends the scripts of the limiters that share one Redis client so that what may wait
 // rides with what may not, in one round trip: a ticket's end is queued and sent in the
 // pipeline of the next admission through the hub (before it, so a slot freed here is free
-// for it), or on its own after FinishDelay when no admission comes first; and the admissions
+// for it), or on its own after FinishDelay when no admission comes first; the admissions
 // of one request under several limiters (AdmitEach: a key's tier and its user's) go in one
-// pipeline. Without a hub each of these is a round trip of its own.
+// pipeline; and admissions are group-sent: while one pipeline of admissions is on the wire,
+// those that arrive wait for it and then go together in the next one, in the order they
+// came. A lone request waits for nothing; under load a round trip carries many requests.
+// Without a hub each of these is a round trip of its own.
 //
-// What a queued end gives back is not yet given back for up to FinishDelay: meanwhile an
+// What a queued end gives back is not yet given back for up to FinishDelay (or, when a
+// pipeline of admissions is on the wire then, until the next one is sent): meanwhile an
 // admission on another instance (or of a request admitted here before the end was queued)
 // still sees its slot held and its tokens taken. An end queued when the hub is closed, or
 // lost with its pipeline, is reported to OnError: its slot comes back after the slot TTL.
@@ -35,20 +39,41 @@ type Hub struct {
 	timer  *time.Timer
 	closed bool
 	wg     sync.WaitGroup // flushes running on their own
+	busy   bool           // a pipeline of admissions is on the wire
+	next   *admitBatch    // the admissions waiting for it, sent together next
 }
 
-// queuedFinish is one ticket's end waiting for a pipeline.
+// admitBatch is admissions of several callers sent in one pipeline. Its first caller leads:
+// it waits for ready (the pipeline before it is back), sends the batch, and closes done.
+type admitBatch struct {
+	cmds    []admitCmd
+	replies [][]int64
+	errs    []error
+	ready   chan struct{}
+	done    chan struct{}
+}
+
+// queuedFinish is one ticket's end waiting for a pipeline: finish.lua's keys and arguments,
+// and what the admission script needs to apply it first (the slot's ticket id, each
+// limit's change).
 type queuedFinish struct {
-	keys []string
-	args []any
+	l     *Limiter
+	keys  []string
+	args  []any
+	id    string
+	backs []int64
 }
 
 // HubOptions are a Hub's settings.
 type HubOptions struct {
-	// FinishDelay is the longest a ticket's end waits for an admission to ride with before it
-	// is sent on its own. 0: 2 ms.
+	// FinishDelay is how long a ticket's end waits for an admission to ride with before it
+	// is sent on its own; ends whose delay runs out while a pipeline of admissions is on the
+	// wire ride with the next one instead (or are sent after another delay if none comes).
+	// 0: 2 ms.
 	FinishDelay time.Duration
-	// Timeout bounds the round trip of ends sent on their own. 0: 2 seconds.
+	// Timeout bounds each round trip of the hub: a pipeline of admissions (which carries the
+	// admissions of several callers, so no one caller's context cancels it) and ends sent
+	// on their own. 0: 2 seconds.
 	Timeout time.Duration
 	// OnError is told of ends that failed (nil: ignored).
 	OnError func(error)
@@ -83,14 +108,14 @@ func (h *Hub) Close() {
 }
 
 // finish queues a ticket's end.
-func (h *Hub) finish(keys []string, args []any) {
+func (h *Hub) finish(f queuedFinish) {
 	h.mu.Lock()
 	if h.closed {
 		h.mu.Unlock()
-		h.sendOne(keys, args)
+		h.sendOne(f.keys, f.args)
 		return
 	}
-	h.queued = append(h.queued, queuedFinish{keys: keys, args: args})
+	h.queued = append(h.queued, f)
 	switch {
 	case len(h.queued) >= maxQueuedFinishes:
 		if h.timer != nil {
@@ -102,20 +127,35 @@ func (h *Hub) finish(keys []string, args []any) {
 		go func() { defer h.wg.Done(); h.flush() }()
 		return
 	case h.timer == nil:
-		h.timer = time.AfterFunc(h.delay, func() {
-			h.mu.Lock()
-			h.timer = nil
-			h.mu.Unlock()
-			h.flush()
-		})
+		h.armLocked()
 	}
 	h.mu.Unlock()
+}
+
+// armLocked starts the timer that sends the queued ends on their own after the delay, or,
+// when a pipeline of admissions is then on the wire, leaves them to the next one (the timer
+// started again when the hub goes idle with ends queued). h.mu is held.
+func (h *Hub) armLocked() {
+	h.timer = time.AfterFunc(h.delay, func() {
+		h.mu.Lock()
+		h.timer = nil
+		busy := h.busy
+		h.mu.Unlock()
+		if !busy {
+			h.flush()
+		}
+	})
 }
 
 // take empties the queue.
 func (h *Hub) take() []queuedFinish {
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	return h.takeLocked()
+}
+
+// takeLocked is take with h.mu held.
+func (h *Hub) takeLocked() []queuedFinish {
 	q := h.queued
 	h.queued = nil
 	if h.timer != nil {
@@ -133,7 +173,7 @@ func (h *Hub) flush() {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), h.timeout)
 	defer cancel()
-	_, _ = h.run(ctx, q, nil)
+	h.run(ctx, q, nil)
 }
 
 // sendOne sends one end on its own.
@@ -153,47 +193,145 @@ func (h *Hub) report(err error) {
 
 // admitCmd is one admission's script call.
 type admitCmd struct {
+	l    *Limiter
 	keys []string
 	args []any
 }
 
+// admit sends cmds in the hub's next pipeline of admissions (see Hub), with the ends
+// queued, and returns each one's reply or error.
+func (h *Hub) admit(ctx context.Context, cmds []admitCmd) ([][]int64, []error) {
+	h.mu.Lock()
+	if !h.busy {
+		h.busy = true
+		ends := h.takeLocked()
+		h.mu.Unlock()
+		b := &admitBatch{cmds: cmds}
+		h.send(ctx, ends, b)
+		h.handOff()
+		return b.replies, b.errs
+	}
+	b := h.next
+	lead := b == nil
+	if lead {
+		b = &admitBatch{ready: make(chan struct{}), done: make(chan struct{})}
+		h.next = b
+	}
+	off := len(b.cmds)
+	b.cmds = append(b.cmds, cmds...)
+	h.mu.Unlock()
+	if lead {
+		<-b.ready // handOff detached b from h.next and left busy set for it
+		h.mu.Lock()
+		ends := h.takeLocked()
+		h.mu.Unlock()
+		h.send(ctx, ends, b)
+		close(b.done)
+		h.handOff()
+	} else {
+		<-b.done
+	}
+	return b.replies[off : off+len(cmds)], b.errs[off : off+len(cmds)]
+}
+
+// handOff ends a pipeline of admissions: the batch waiting, if any, is sent next (by its
+// leader), else the hub is idle.
+func (h *Hub) handOff() {
+	h.mu.Lock()
+	b := h.next
+	h.next = nil
+	h.busy = b != nil
+	if b == nil && len(h.queued) > 0 && h.timer == nil && !h.closed {
+		h.armLocked()
+	}
+	h.mu.Unlock()
+	if b != nil {
+		close(b.ready)
+	}
+}
+
+// send runs b's admissions, after ends, in one pipeline bounded by the hub's timeout (not by
+// ctx's cancellation: the other callers' admissions ride in it too), and fills b's replies.
+func (h *Hub) send(ctx context.Context, ends []queuedFinish, b *admitBatch) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), h.timeout)
+	defer cancel()
+	b.replies, b.errs = h.run(ctx, ends, b.cmds)
+}
+
 // run sends the ends, then the admissions, in one pipeline, and returns each admission's
-// reply. A script Redis does not hold (NOSCRIPT: it restarted or was flushed) is loaded and
-// that call alone run again, in order, so no end is applied twice. Failed ends are reported.
-func (h *Hub) run(ctx context.Context, ends []queuedFinish, admits []admitCmd) ([][]int64, error) {
+// reply or error. An end whose caller is admitted in the same pipeline is folded into the
+// first such admission's script call (applied first, as if sent before it: the admissions
+// ahead of it are other callers', whose state it does not touch), so that a busy caller's
+// end and next admission are one script, not two. A script Redis does not hold (NOSCRIPT:
+// it restarted or was flushed) is loaded and that call alone run again, in order, so no end
+// is applied twice. Failed ends are reported.
+func (h *Hub) run(ctx context.Context, ends []queuedFinish, admits []admitCmd) ([][]int64, []error) {
+	alone, args := fold(ends, admits)
 	pipe := h.rdb.Pipeline()
-	endCmds := make([]*redis.Cmd, len(ends))
-	for i, f := range ends {
+	endCmds := make([]*redis.Cmd, len(alone))
+	for i, f := range alone {
 		endCmds[i] = finishScript.EvalSha(ctx, pipe, f.keys, f.args...)
 	}
 	admitCmds := make([]*redis.Cmd, len(admits))
 	for i, a := range admits {
-		admitCmds[i] = admitScript.EvalSha(ctx, pipe, a.keys, a.args...)
+		admitCmds[i] = admitScript.EvalSha(ctx, pipe, a.keys, args[i]...)
 	}
 	_, _ = pipe.Exec(ctx) // each command's error is read below
 	for i, c := range endCmds {
 		err := c.Err()
 		if noScript(err) {
-			err = finishScript.Run(ctx, h.rdb, ends[i].keys, ends[i].args...).Err()
+			err = finishScript.Run(ctx, h.rdb, alone[i].keys, alone[i].args...).Err()
 		}
 		if err != nil {
 			h.report(err)
 		}
 	}
 	out := make([][]int64, len(admits))
-	var errs []error
+	errs := make([]error, len(admits))
 	for i, c := range admitCmds {
 		if noScript(c.Err()) {
-			c = admitScript.Run(ctx, h.rdb, admits[i].keys, admits[i].args...)
+			c = admitScript.Run(ctx, h.rdb, admits[i].keys, args[i]...)
 		}
-		res, err := c.Int64Slice()
-		if err != nil {
-			errs = append(errs, err)
+		out[i], errs[i] = c.Int64Slice()
+		if errs[i] != nil && len(args[i]) > len(admits[i].args) {
+			h.report(errs[i]) // the ends folded into it are lost with it
+		}
+	}
+	return out, errs
+}
+
+// fold sorts ends into those sent on their own and those folded into the first admission of
+// their caller, and returns the ones alone and each admission's arguments (admit.lua's: the
+// ends folded in appended, their number in ARGV[6]).
+func fold(ends []queuedFinish, admits []admitCmd) ([]queuedFinish, [][]any) {
+	args := make([][]any, len(admits))
+	for i, a := range admits {
+		args[i] = a.args
+	}
+	if len(ends) == 0 || len(admits) == 0 {
+		return ends, args
+	}
+	first := make(map[string]int, len(admits))
+	for i := len(admits) - 1; i >= 0; i-- {
+		first[admits[i].keys[0]] = i
+	}
+	var alone []queuedFinish
+	for _, f := range ends {
+		i, ok := first[f.keys[0]]
+		if !ok || admits[i].l != f.l {
+			alone = append(alone, f)
 			continue
 		}
-		out[i] = res
+		if len(args[i]) == len(admits[i].args) { // the first end folded here: a copy to extend
+			args[i] = append(make([]any, 0, len(args[i])+2*(1+len(f.backs))), args[i]...)
+		}
+		args[i][5] = args[i][5].(int) + 1
+		args[i] = append(args[i], f.id)
+		for _, b := range f.backs {
+			args[i] = append(args[i], b)
+		}
 	}
-	return out, errors.Join(errs...)
+	return alone, args
 }
 
 func noScript(err error) bool {
@@ -230,17 +368,17 @@ func AdmitEach(ctx context.Context, calls ...Call) ([]ratelimit.Ticket, []rateli
 			return nil, nil, errors.New("redislimit: AdmitEach: the limiters do not share a hub")
 		}
 		prepared[i] = p
-		cmds = append(cmds, admitCmd{keys: c.L.keys(c.Key), args: p.args})
+		cmds = append(cmds, admitCmd{l: c.L, keys: c.L.keys(c.Key), args: p.args})
 		pending = append(pending, i)
 	}
 	if len(cmds) == 0 {
 		return tickets, decisions, nil
 	}
-	replies, err := hub.run(ctx, hub.take(), cmds)
-	if err != nil {
+	replies, errs := hub.admit(ctx, cmds)
+	if err := errors.Join(errs...); err != nil {
 		// Those admitted are given back: nothing was taken.
 		for j, i := range pending {
-			if replies[j] != nil {
+			if errs[j] == nil {
 				if tk, d, derr := calls[i].L.decide(calls[i].Key, prepared[i], replies[j]); derr == nil && d.Allowed {
 					tk.Cancel()
 				}
@@ -248,10 +386,9 @@ func AdmitEach(ctx context.Context, calls ...Call) ([]ratelimit.Ticket, []rateli
 		}
 		return nil, nil, fmt.Errorf("redislimit: admit: %w", err)
 	}
-	var errs []error
 	for j, i := range pending {
 		tk, d, err := calls[i].L.decide(calls[i].Key, prepared[i], replies[j])
-		errs = append(errs, err)
+		errs[j] = err
 		tickets[i], decisions[i] = tk, d
 	}
 	if err := errors.Join(errs...); err != nil {

@@ -3,8 +3,11 @@ package redislimit
 import (
 	"context"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/redis/go-redis/v9"
 
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/ratelimit"
 )
@@ -266,5 +269,196 @@ func TestHubEndMeetsLostScript(t *testing.T) {
 	}
 	if len(a) != len(b) {
 		t.Errorf("with a hub %v, without %v", a, b)
+	}
+}
+
+// TestHubGroupsAdmissions: admissions arriving while a pipeline is on the wire go together
+// in the next one (fewer round trips than requests), and decide as one after the other: of
+// 200 concurrent requests under a limit of 10 a minute and a bound of 5 slots, exactly 5 are
+// admitted, then none while they are held; a caller whose context is cancelled takes the
+// others' admissions down with it no more than it would alone.
+func TestHubGroupsAdmissions(t *testing.T) {
+	rdb := connect(t)
+	var cc commandCounter
+	rdb.AddHook(&cc)
+	h := NewHub(rdb, HubOptions{FinishDelay: time.Hour})
+	t.Cleanup(h.Close)
+	p := ratelimit.Policy{Limits: []ratelimit.Limit{
+		{Name: "requests_per_minute", Quota: 10, Window: time.Minute, Burst: 10},
+	}, Concurrent: 5}
+	prefix := testPrefix(t, rdb)
+	keyL, err := New(rdb, p, Options{Prefix: prefix + "key:", Hub: h})
+	if err != nil {
+		t.Fatal(err)
+	}
+	userL, err := New(rdb, tierPolicy(), Options{Prefix: prefix + "user:", Hub: h})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Warm: the scripts loaded.
+	tks, _, err := AdmitEach(context.Background(), Call{keyL, "warm", 1}, Call{userL, "warm", 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tks[0].Release()
+	tks[1].Release()
+	h.flush()
+
+	const n = 200
+	start := make(chan struct{})
+	type result struct {
+		tks []ratelimit.Ticket
+		ds  []ratelimit.Decision
+		err error
+	}
+	results := make(chan result, n)
+	cancelled, cancel := context.WithCancel(context.Background())
+	cancel()
+	before := cc.n.Load()
+	for i := range n {
+		go func() {
+			<-start
+			ctx := context.Background()
+			if i%10 == 3 {
+				ctx = cancelled // a caller gone before its admission is sent
+			}
+			tks, ds, err := AdmitEach(ctx, Call{keyL, "k", 1}, Call{userL, "u", 1})
+			results <- result{tks, ds, err}
+		}()
+	}
+	close(start)
+	admitted, refused, failed := 0, 0, 0
+	var held []ratelimit.Ticket
+	for range n {
+		r := <-results
+		switch {
+		case r.err != nil:
+			failed++
+		case r.ds[0].Allowed && r.ds[1].Allowed:
+			admitted++
+			held = append(held, r.tks...)
+		default:
+			refused++
+			for _, tk := range r.tks {
+				tk.Cancel()
+			}
+		}
+	}
+	trips := cc.n.Load() - before
+	t.Logf("%d requests: %d admitted, %d refused, %d failed, in %d round trips", n, admitted, refused, failed, trips)
+	if admitted != 5 || failed != 0 {
+		t.Fatalf("%d admitted (want the 5 slots), %d failed (want 0: a cancelled caller's admission is sent all the same)", admitted, failed)
+	}
+	if trips >= n {
+		t.Fatalf("%d round trips for %d concurrent requests: not grouped", trips, n)
+	}
+	if got, err := keyL.InFlight(context.Background(), "k"); err != nil || got != 5 {
+		t.Fatalf("%d slots held (%v), want 5", got, err)
+	}
+	for _, tk := range held {
+		tk.Release()
+	}
+	h.flush()
+	if got, err := keyL.InFlight(context.Background(), "k"); err != nil || got != 0 {
+		t.Fatalf("%d slots held after the ends (%v), want 0", got, err)
+	}
+	// The minute's other 5 requests, then the limit.
+	ok := 0
+	for range 8 {
+		tk, d, err := keyL.AdmitContext(context.Background(), "k", 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if d.Allowed {
+			ok++
+			tk.Release()
+		}
+	}
+	if ok != 5 {
+		t.Fatalf("after the grouped requests, %d of 8 admitted, want the 5 left of 10 a minute", ok)
+	}
+}
+
+// scriptCounter counts the commands sent, those of a pipeline one by one.
+type scriptCounter struct{ n atomic.Int64 }
+
+func (c *scriptCounter) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (c *scriptCounter) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		c.n.Add(1)
+		return next(ctx, cmd)
+	}
+}
+func (c *scriptCounter) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		c.n.Add(int64(len(cmds)))
+		return next(ctx, cmds)
+	}
+}
+
+// TestHubFoldsEnds: a caller's end queued on the hub and its next admission are one script
+// call, and leave the state the same end and admission leave as two calls without a hub
+// (the slot it frees free for the admission, its tokens given back first); an end of
+// another caller rides as a script of its own; a refused admission keeps the ends folded
+// into it.
+func TestHubFoldsEnds(t *testing.T) {
+	rdb := connect(t)
+	var sc scriptCounter
+	rdb.AddHook(&sc)
+	ctx := context.Background()
+	c := newSimClock()
+	h := NewHub(rdb, HubOptions{FinishDelay: time.Hour})
+	t.Cleanup(h.Close)
+	one := tightPolicy()
+	one.Concurrent = 1
+	with := hubbed(t, h, one, c)
+	without := simulated(t, rdb, one, c)
+	admit := func(l *Limiter, key string, tokens int64) (ratelimit.Ticket, ratelimit.Decision) {
+		t.Helper()
+		tk, d, err := l.AdmitContext(ctx, key, tokens)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tk, d
+	}
+	// Warm: the scripts loaded.
+	tk, _ := admit(with, "warm", 0)
+	tk.Release()
+	h.flush()
+	tkW, dW := admit(with, "k", 200)
+	tkO, dO := admit(without, "k", 200)
+	if !dW.Allowed || !dO.Allowed {
+		t.Fatal(dW, dO)
+	}
+	other, _ := admit(with, "other", 10)
+	tkW.Settle(50)
+	tkO.Settle(50)
+	other.Settle(5)
+	before := sc.n.Load()
+	tkW, dW = admit(with, "k", 200) // the one slot: free only if the end came first
+	if got := sc.n.Load() - before; got != 2 {
+		t.Fatalf("%d scripts for two ends (one folded) and an admission, want 2", got)
+	}
+	tkO, dO = admit(without, "k", 200)
+	if !dW.Allowed || !dO.Allowed {
+		t.Fatalf("after the end: with a hub %+v, without %+v", dW, dO)
+	}
+	// A refused admission (too many tokens for the minute) keeps the end folded into it.
+	tkW.Cancel()
+	tkO.Cancel()
+	if _, d := admit(with, "k", 900); d.Allowed {
+		t.Fatal("admitted 900 tokens beside 200 of 1000 a minute")
+	}
+	if _, d := admit(without, "k", 900); d.Allowed {
+		t.Fatal("admitted 900 tokens beside 200 of 1000 a minute, without a hub")
+	}
+	a, b := dump(t, rdb, with, "k"), dump(t, rdb, without, "k")
+	if len(a) != 1 || len(b) != 1 {
+		t.Fatalf("keys and slots left: with a hub %v, without %v", a, b)
+	}
+	for k, v := range b {
+		if got := a[with.prefix+strings.TrimPrefix(k, without.prefix)]; got != v {
+			t.Fatalf("with a hub %v, without %v", a, b)
+		}
 	}
 }

@@ -1,10 +1,11 @@
 -- Where a caller stands, taking nothing (ratelimit.Limiter.Peek and InFlight).
 --
--- KEYS: the TAT of each limit, then the caller's slots. ARGV: [1] clock (clock.lua).
+-- KEYS: [1] the caller's TATs, [2] its slots. ARGV: [1] clock (clock.lua), then the name of
+-- each limit.
 -- Reply: {slots held, TAT of each limit relative to now}.
-local nlim = #KEYS - 1
-local out = {redis.call('ZCOUNT', KEYS[nlim + 1], '(' .. now_ms, '+inf')}
-for i = 1, nlim do
-  out[1 + i] = rel(redis.call('GET', KEYS[i]))
+local out = {redis.call('ZCOUNT', KEYS[2], '(' .. now_ms, '+inf')}
+local tats = load(KEYS[1])
+for i = 2, #ARGV do
+  out[i] = tats[ARGV[i]] or 0
 end
 return out

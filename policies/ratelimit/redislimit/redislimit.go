@@ -5,9 +5,11 @@
 //
 // Admission is one Lua script (EVALSHA; the script is sent once, again only if Redis lost it)
 // reading and writing every limit of the caller at once, on Redis's clock (TIME), so the
-// instances' clocks do not matter. Each limit's state is its TAT, a key expiring once the TAT
-// is past (a token limit's later: a debt settled after the slot TTL is counted from now). The
-// concurrency slots of a caller are a sorted set of ticket ids scored by their expiry: a slot
+// instances' clocks do not matter. Each limit's state is its TAT; a caller's TATs are one
+// key (one read and one write per admission, whatever the number of limits: each command a
+// script calls costs Redis about as much as the script's own work), expiring once the last
+// TAT is past (a token limit's later: a debt settled after the slot TTL is counted from now).
+// The concurrency slots of a caller are a sorted set of ticket ids scored by their expiry: a slot
 // whose holder never ends it (its instance crashed) is free again after SlotTTL. A ticket's
 // end is one more round trip, none when it changes nothing; with a Hub (hub.go), the limiters
 // on one client send the ends in the pipeline of the next admission, and a request's
@@ -17,8 +19,10 @@
 // parameters, costs, give-backs and statuses are ratelimit's (Compile, Params, Tightest), and
 // only the state and its atomicity are Redis's.
 //
-// Keys are Prefix + "{" + caller key + "}:r:" + limit name, and Prefix + "{" + caller key +
-// "}:slots": one caller's keys share a Redis Cluster hash slot.
+// Keys are Prefix + "{" + caller key + "}:tat" (the value "name=TAT,..." over the policy's
+// limits: a limit added to a policy starts from nothing, one removed is dropped at the next
+// write) and Prefix + "{" + caller key + "}:slots": one caller's keys share a Redis Cluster
+// hash slot.
 package redislimit
 
 import (
@@ -115,8 +119,8 @@ func New(rdb redis.Scripter, p ratelimit.Policy, o Options) (*Limiter, error) {
 		slotTTL: o.SlotTTL, finishTimeout: o.FinishTimeout, onFinishError: o.OnFinishError}
 	seen := map[string]bool{}
 	for _, c := range limits {
-		if c.Name == "" || strings.Contains(c.Name, "}") || seen[c.Name] {
-			return nil, fmt.Errorf("redislimit: limit %q: names must be distinct, non-empty, without '}'", c.Name)
+		if c.Name == "" || strings.ContainsAny(c.Name, "}=,") || seen[c.Name] {
+			return nil, fmt.Errorf("redislimit: limit %q: names must be distinct, non-empty, without '}', '=' or ','", c.Name)
 		}
 		seen[c.Name] = true
 		if c.Tolerance > maxTolerance {
@@ -133,14 +137,10 @@ func New(rdb redis.Scripter, p ratelimit.Policy, o Options) (*Limiter, error) {
 	return l, nil
 }
 
-// keys are the Redis keys of key: each limit's TAT, then the slots.
+// keys are the Redis keys of key: its TATs, then its slots.
 func (l *Limiter) keys(key string) []string {
 	base := l.prefix + "{" + key + "}:"
-	ks := make([]string, 0, len(l.limits)+1)
-	for i := range l.limits {
-		ks = append(ks, base+"r:"+l.limits[i].Name)
-	}
-	return append(ks, base+"slots")
+	return []string{base + "tat", base + "slots"}
 }
 
 // clock is the script's clock argument.
@@ -162,9 +162,8 @@ func (l *Limiter) AdmitContext(ctx context.Context, key string, tokens int64) (r
 	var res []int64
 	var err error
 	if l.hub != nil {
-		var replies [][]int64
-		replies, err = l.hub.run(ctx, l.hub.take(), []admitCmd{{keys: l.keys(key), args: p.args}})
-		res = replies[0]
+		replies, errs := l.hub.admit(ctx, []admitCmd{{l: l, keys: l.keys(key), args: p.args}})
+		res, err = replies[0], errs[0]
 	} else {
 		res, err = admitScript.Run(ctx, l.rdb, l.keys(key), p.args...).Int64Slice()
 	}
@@ -191,11 +190,11 @@ func (l *Limiter) prepare(key string, tokens int64) (prepared, bool) {
 	if l.concurrent > 0 {
 		id = rand.Text()
 	}
-	args := make([]any, 0, 4+5*len(l.limits))
-	args = append(args, l.clock(), l.concurrent, l.slotTTL.Milliseconds(), id)
+	args := make([]any, 0, 6+6*len(l.limits))
+	args = append(args, l.clock(), l.concurrent, l.slotTTL.Milliseconds(), id, len(l.limits), 0)
 	for i := range l.limits {
 		c := &l.limits[i]
-		args = append(args, c.Cost(tokens), c.Burst, c.Interval, c.Tolerance, l.pads[i])
+		args = append(args, c.Name, c.Cost(tokens), c.Burst, c.Interval, c.Tolerance, l.pads[i])
 	}
 	return prepared{args: args, id: id, tokens: tokens}, false
 }
@@ -229,7 +228,12 @@ func (l *Limiter) decide(key string, p prepared, res []int64) (ratelimit.Ticket,
 
 // peek is the slots held by key and each limit's TAT relative to now.
 func (l *Limiter) peek(ctx context.Context, key string) (int64, []int64, error) {
-	res, err := peekScript.Run(ctx, l.rdb, l.keys(key), l.clock()).Int64Slice()
+	args := make([]any, 0, 1+len(l.limits))
+	args = append(args, l.clock())
+	for i := range l.limits {
+		args = append(args, l.limits[i].Name)
+	}
+	res, err := peekScript.Run(ctx, l.rdb, l.keys(key), args...).Int64Slice()
 	if err != nil {
 		return 0, nil, fmt.Errorf("redislimit: peek: %w", err)
 	}
@@ -267,20 +271,21 @@ type ticket struct {
 // round trip (none when nothing changes), or queued on the limiter's hub.
 func (t *ticket) Finish(used int64, cancel bool) {
 	l := t.l
-	args := make([]any, 0, 2+2*len(l.limits))
+	args := make([]any, 0, 2+3*len(l.limits))
 	args = append(args, l.clock(), t.id)
+	backs := make([]int64, len(l.limits))
 	change := t.id != ""
 	for i := range l.limits {
 		c := &l.limits[i]
-		back := c.GiveBack(t.tokens, used, cancel) * c.Interval
-		change = change || back != 0
-		args = append(args, back, l.pads[i])
+		backs[i] = c.GiveBack(t.tokens, used, cancel) * c.Interval
+		change = change || backs[i] != 0
+		args = append(args, c.Name, backs[i], l.pads[i])
 	}
 	if !change {
 		return
 	}
 	if l.hub != nil {
-		l.hub.finish(l.keys(t.key), args)
+		l.hub.finish(queuedFinish{l: l, keys: l.keys(t.key), args: args, id: t.id, backs: backs})
 		return
 	}
 	ctx, cancelCtx := context.WithTimeout(context.Background(), l.finishTimeout)
