@@ -7,6 +7,8 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"runtime"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -168,5 +170,23 @@ func TestStreamDone(t *testing.T) {
 		if got := tg.streamDone([]byte(tc.data)); got != tc.want {
 			t.Errorf("%q %s: %v, want %v", tc.surface, tc.data, got, tc.want)
 		}
+	}
+}
+
+// TestProcessesNamed: the multi-instance mode's CPU of PostgreSQL is found by command name;
+// this test binary finds itself so.
+func TestProcessesNamed(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("reads /proc (Linux only; CI runs on Linux)")
+	}
+	comm, err := os.ReadFile("/proc/self/comm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pids := processesNamed(strings.TrimSpace(string(comm))); !slices.Contains(pids, os.Getpid()) {
+		t.Fatalf("processesNamed(%q) = %v, without this process %d", strings.TrimSpace(string(comm)), pids, os.Getpid())
+	}
+	if before, err := cpuTicks(os.Getpid()); err != nil || before < 0 {
+		t.Fatal(before, err)
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"net/http"
 	"os"
@@ -235,6 +236,84 @@ func (p *proc) scrapeRoundTrips(ctx context.Context) (store, rds float64, err er
 	return store, rds, nil
 }
 
+// serviceCPU is the CPU ticks used so far by a configuration's gateway processes, by the
+// Redis server and by every PostgreSQL process (-1 where it cannot be read: a server not on
+// this machine, or not Linux).
+type serviceCPU struct{ gateways, redis, postgres int64 }
+
+// readServiceCPU reads the configuration's serviceCPU; redisPID is the Redis server's (0:
+// unknown).
+func readServiceCPU(s *multiSetup, redisPID int) serviceCPU {
+	c := serviceCPU{redis: -1, postgres: -1}
+	for _, p := range s.procs {
+		t, err := cpuTicks(p.pid())
+		if err != nil {
+			c.gateways = -1
+			break
+		}
+		c.gateways += t
+	}
+	if redisPID > 0 {
+		if t, err := cpuTicks(redisPID); err == nil {
+			c.redis = t
+		}
+	}
+	if pids := processesNamed("postgres"); len(pids) > 0 {
+		c.postgres = 0
+		for _, pid := range pids {
+			if t, err := cpuTicks(pid); err == nil { // one may have ended since
+				c.postgres += t
+			}
+		}
+	}
+	return c
+}
+
+// processesNamed is the pids of the processes whose command name (/proc/<pid>/comm) is name.
+func processesNamed(name string) []int {
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil
+	}
+	var pids []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if b, err := os.ReadFile("/proc/" + e.Name() + "/comm"); err == nil && strings.TrimSpace(string(b)) == name {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+// redisServerPID is the Redis server's process id (INFO server), 0 when unknown.
+func (b *bench) redisServerPID(ctx context.Context) int {
+	rdb := redis.NewClient(&redis.Options{Addr: b.cfg.redisAddr})
+	defer rdb.Close()
+	info, err := rdb.Info(ctx, "server").Result()
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(info, "\n") {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(line), "process_id:"); ok {
+			pid, _ := strconv.Atoi(v)
+			return pid
+		}
+	}
+	return 0
+}
+
+// cpuPerRequest is µs of CPU per request from ticks used over sent requests (NaN when
+// either is unknown).
+func (b *bench) cpuPerRequest(before, after int64, sent float64) float64 {
+	if before < 0 || after < 0 || sent == 0 {
+		return math.NaN()
+	}
+	return float64(after-before) * 1e6 / float64(b.hz) / sent
+}
+
 // multi measures the multi-instance configurations in interleaved rounds: throughput at
 // c=conc (the round trips per request counted over it, from the metrics scraped before and
 // after), then p50/p99 at c=1.
@@ -248,6 +327,7 @@ func (b *bench) multi(ctx context.Context, setups []*multiSetup) error {
 		clients[s.name] = newClient(2*cfg.conc, 60*time.Second)
 		defer clients[s.name].CloseIdleConnections()
 	}
+	redisPID := b.redisServerPID(ctx)
 	logln("warming up the multi-instance configurations")
 	for _, s := range setups {
 		runLoad(ctx, clients[s.name], s.t, cfg.conc, min(2*time.Second, cfg.multiDuration), cfg.maxRequests, false)
@@ -262,12 +342,17 @@ func (b *bench) multi(ctx context.Context, setups []*multiSetup) error {
 			if err != nil {
 				return err
 			}
+			cpu0 := readServiceCPU(s, redisPID)
 			tp := runLoad(ctx, cl, s.t, cfg.conc, cfg.multiDuration, cfg.maxRequests, false)
+			cpu1 := readServiceCPU(s, redisPID)
 			st1, rd1, err := roundTrips(ctx, s.procs)
 			if err != nil {
 				return err
 			}
 			sent := float64(tp.ok + tp.errs)
+			res.add("gwcpu", s.name, b.cpuPerRequest(cpu0.gateways, cpu1.gateways, sent))
+			res.add("rediscpu", s.name, b.cpuPerRequest(cpu0.redis, cpu1.redis, sent))
+			res.add("pgcpu", s.name, b.cpuPerRequest(cpu0.postgres, cpu1.postgres, sent))
 			res.add("rps", s.name, nanIf(tp.ok == 0, tp.rps()))
 			// The scrape after the run counts the open reservations in the store (one query
 			// per process on PostgreSQL): not the requests', taken off.
@@ -283,9 +368,11 @@ func (b *bench) multi(ctx context.Context, setups []*multiSetup) error {
 			res.add("p50", s.name, nanIf(lat.ok == 0, ms(pct(lat.lat, .50))))
 			res.add("p99", s.name, nanIf(lat.ok == 0, ms(pct(lat.lat, .99))))
 			res.fail(s.name, lat.errs, lat.firstErr)
-			logln(fmt.Sprintf("round %d %-19s %8.0f req/s (c=%d)  p50 %.3f ms  p99 %.3f ms (c=1)  store %.3f, redis %.3f round trips/request  errors %d",
+			logln(fmt.Sprintf("round %d %-19s %8.0f req/s (c=%d)  p50 %.3f ms  p99 %.3f ms (c=1)  store %.3f, redis %.3f round trips/request  "+
+				"µs CPU/request: gateways %.0f, Redis %.0f, PostgreSQL %.0f  errors %d",
 				r+1, s.name, tp.rps(), cfg.conc, ms(pct(lat.lat, .5)), ms(pct(lat.lat, .99)),
-				(st1-st0-scrapeQueries)/sent, (rd1-rd0)/sent, tp.errs+lat.errs))
+				(st1-st0-scrapeQueries)/sent, (rd1-rd0)/sent, b.cpuPerRequest(cpu0.gateways, cpu1.gateways, sent),
+				b.cpuPerRequest(cpu0.redis, cpu1.redis, sent), b.cpuPerRequest(cpu0.postgres, cpu1.postgres, sent), tp.errs+lat.errs))
 		}
 	}
 	return nil

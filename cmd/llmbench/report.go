@@ -141,14 +141,21 @@ func (b *bench) report() string {
 		w("Gateways in front of the mock with the same generous rate limits, in interleaved rounds: req/s at c=%d for %s (the load "+
 			"spread over the processes request by request), then p50/p99 at c=1 for %s. Round trips per request: the processes' "+
 			"llm_gateway_store_round_trips_total and llm_gateway_redis_round_trips_total scraped before and after the c=%d run, "+
-			"divided by the requests sent (the scrape's own count of open reservations taken off). Each PostgreSQL configuration had "+
-			"a database of its own (lease_size %s) and a Redis prefix of its own, dropped after.\n\n",
-			cfg.conc, cfg.multiDuration, cfg.multiDuration, cfg.conc, multiLeaseSize)
-		w("| configuration | processes | req/s c=%d | × embedded | p50 ms c=1 | p99 ms c=1 | store round trips/request | Redis round trips/request | failed requests |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n", cfg.conc)
+			"divided by the requests sent (the scrape's own count of open reservations taken off). CPU per request: utime+stime over "+
+			"the c=%d run of the configuration's gateway processes, of the Redis server and of every PostgreSQL process (read from "+
+			"/proc; the servers' CPU is what this configuration's requests cost them, nothing else using them then), divided by the "+
+			"requests sent. Each PostgreSQL configuration had a database of its own (lease_size %s) and a Redis prefix of its own, "+
+			"dropped after.\n\n",
+			cfg.conc, cfg.multiDuration, cfg.multiDuration, cfg.conc, cfg.conc, multiLeaseSize)
+		w("| configuration | processes | req/s c=%d | × embedded | p50 ms c=1 | p99 ms c=1 | store round trips/request | Redis round trips/request | µs CPU/request: gateways | Redis | PostgreSQL | failed requests |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n", cfg.conc)
 		for _, s := range b.multiSetups {
-			w("| %s | %d | %s | ×%s | %s | %s | %s | %s | %d |\n", s.label, len(s.procs), f0(r.med("rps", s.name)),
+			redisCPU, pgCPU := "–", "–"
+			if s.db != "" {
+				redisCPU, pgCPU = f0(r.med("rediscpu", s.name)), f0(r.med("pgcpu", s.name))
+			}
+			w("| %s | %d | %s | ×%s | %s | %s | %s | %s | %s | %s | %s | %d |\n", s.label, len(s.procs), f0(r.med("rps", s.name)),
 				f2(r.pairwise("rps", s.name, multiTargets[0], ratio)), f3(r.med("p50", s.name)), f3(r.med("p99", s.name)),
-				f3(r.med("storert", s.name)), f3(r.med("redisrt", s.name)), r.errs[s.name])
+				f3(r.med("storert", s.name)), f3(r.med("redisrt", s.name)), f0(r.med("gwcpu", s.name)), redisCPU, pgCPU, r.errs[s.name])
 		}
 		w("\n")
 	}
@@ -254,7 +261,8 @@ func (b *bench) report() string {
 		keys = append(keys, k)
 	}
 	order := map[string]int{"rps": 0, "cores": 1, "cpureq": 2, "p50": 3, "p99": 4, "ttft50": 5, "ttft99": 6, "stream50": 7, "cpu": 8,
-		"cpurps": 9, "rssidle": 10, "rssopen": 11, "streamsopen": 12, "kbps": 13, "livekbps": 14, "storert": 15, "redisrt": 16}
+		"cpurps": 9, "rssidle": 10, "rssopen": 11, "streamsopen": 12, "kbps": 13, "livekbps": 14, "storert": 15, "redisrt": 16,
+		"gwcpu": 17, "rediscpu": 18, "pgcpu": 19}
 	slices.SortFunc(keys, func(a, b string) int {
 		ma, ta, _ := strings.Cut(a, "/")
 		mb, tb, _ := strings.Cut(b, "/")
@@ -268,7 +276,8 @@ func (b *bench) report() string {
 		"ttft50": "TTFT p50 ms", "ttft99": "TTFT p99 ms", "stream50": "whole stream p50 ms", "cpu": "µs CPU/request",
 		"cpurps": "req/s in CPU run", "rssidle": "idle VmRSS MB", "rssopen": "VmRSS streams open MB",
 		"streamsopen": "streams open", "kbps": "KB per open stream (VmRSS)",
-		"livekbps": "KB per open stream (Go live)", "storert": "store round trips/request", "redisrt": "Redis round trips/request"}
+		"livekbps": "KB per open stream (Go live)", "storert": "store round trips/request", "redisrt": "Redis round trips/request",
+		"gwcpu": "µs CPU/request, gateways", "rediscpu": "µs CPU/request, Redis server", "pgcpu": "µs CPU/request, PostgreSQL"}
 	for _, k := range keys {
 		m, t, _ := strings.Cut(k, "/")
 		w("| %s | %s |", labels[m], t)
