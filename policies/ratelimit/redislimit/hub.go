@@ -93,15 +93,12 @@ func NewHub(rdb redis.Cmdable, o HubOptions) *Hub {
 	return &Hub{rdb: rdb, delay: o.FinishDelay, timeout: o.Timeout, onError: o.OnError}
 }
 
-// Close sends the ends still queued, and waits for those being sent; later ends are sent
-// at once, each on its own.
+// Close sends the ends still queued, and waits for those being sent (by a flush of its own
+// or by the delay's timer); later ends are sent at once, each on its own.
 func (h *Hub) Close() {
 	h.mu.Lock()
 	h.closed = true
-	if h.timer != nil {
-		h.timer.Stop()
-		h.timer = nil
-	}
+	h.stopTimerLocked()
 	h.mu.Unlock()
 	h.flush()
 	h.wg.Wait()
@@ -118,10 +115,7 @@ func (h *Hub) finish(f queuedFinish) {
 	h.queued = append(h.queued, f)
 	switch {
 	case len(h.queued) >= maxQueuedFinishes:
-		if h.timer != nil {
-			h.timer.Stop()
-			h.timer = nil
-		}
+		h.stopTimerLocked()
 		h.wg.Add(1)
 		h.mu.Unlock()
 		go func() { defer h.wg.Done(); h.flush() }()
@@ -136,15 +130,31 @@ func (h *Hub) finish(f queuedFinish) {
 // when a pipeline of admissions is then on the wire, leaves them to the next one (the timer
 // started again when the hub goes idle with ends queued). h.mu is held.
 func (h *Hub) armLocked() {
-	h.timer = time.AfterFunc(h.delay, func() {
+	var t *time.Timer
+	h.wg.Add(1) // done when it has run, or by stopTimerLocked: Close waits for it
+	t = time.AfterFunc(h.delay, func() {
+		defer h.wg.Done()
 		h.mu.Lock()
-		h.timer = nil
+		if h.timer == t {
+			h.timer = nil
+		}
 		busy := h.busy
 		h.mu.Unlock()
 		if !busy {
 			h.flush()
 		}
 	})
+	h.timer = t
+}
+
+// stopTimerLocked stops the timer, if one is set. h.mu is held.
+func (h *Hub) stopTimerLocked() {
+	if h.timer != nil {
+		if h.timer.Stop() {
+			h.wg.Done() // it will not run
+		}
+		h.timer = nil
+	}
 }
 
 // take empties the queue.
@@ -158,10 +168,7 @@ func (h *Hub) take() []queuedFinish {
 func (h *Hub) takeLocked() []queuedFinish {
 	q := h.queued
 	h.queued = nil
-	if h.timer != nil {
-		h.timer.Stop()
-		h.timer = nil
-	}
+	h.stopTimerLocked()
 	return q
 }
 

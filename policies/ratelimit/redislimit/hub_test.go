@@ -462,3 +462,41 @@ func TestHubFoldsEnds(t *testing.T) {
 		}
 	}
 }
+
+// slowPipelines delays every pipeline by d before it is sent.
+type slowPipelines struct{ d time.Duration }
+
+func (s slowPipelines) DialHook(next redis.DialHook) redis.DialHook          { return next }
+func (s slowPipelines) ProcessHook(next redis.ProcessHook) redis.ProcessHook { return next }
+func (s slowPipelines) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		time.Sleep(s.d)
+		return next(ctx, cmds)
+	}
+}
+
+// TestHubCloseWaitsForTimer: Close returns only once an end that its delay's timer is
+// sending has been applied.
+func TestHubCloseWaitsForTimer(t *testing.T) {
+	rdb := connect(t)
+	rdb.AddHook(slowPipelines{d: 50 * time.Millisecond})
+	one := ratelimit.Policy{Limits: []ratelimit.Limit{
+		{Name: "tokens_per_minute", Unit: ratelimit.Tokens, Quota: 1000000, Window: time.Minute},
+	}, Concurrent: 1}
+	prefix := testPrefix(t, rdb)
+	h := NewHub(rdb, HubOptions{FinishDelay: time.Millisecond})
+	l, err := New(rdb, one, Options{Prefix: prefix, Hub: h})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tk, d, err := l.AdmitContext(context.Background(), "k", 0)
+	if err != nil || !d.Allowed {
+		t.Fatalf("%+v %v", d, err)
+	}
+	tk.Release()
+	time.Sleep(10 * time.Millisecond) // the timer has fired: its pipeline is being sent
+	h.Close()
+	if n, err := l.InFlight(context.Background(), "k"); err != nil || n != 0 {
+		t.Fatalf("%d slots held after Close (%v), want 0", n, err)
+	}
+}
