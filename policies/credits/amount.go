@@ -88,8 +88,22 @@ func (a Amount) String() string {
 	if frac == 0 {
 		return sign + strconv.FormatInt(int64(whole), 10)
 	}
-	f := strings.TrimRight(fmt.Sprintf("%06d", int64(frac)), "0")
-	return sign + strconv.FormatInt(int64(whole), 10) + "." + f
+	// The six fraction digits without trailing zeros, written without fmt (it is on every
+	// response's credit headers).
+	var buf [27]byte // sign, 19 digits, point, 6 digits
+	b := append(buf[:0], sign...)
+	b = strconv.AppendInt(b, int64(whole), 10)
+	b = append(b, '.')
+	digits := [6]byte{}
+	for i := 5; i >= 0; i-- {
+		digits[i] = byte('0' + frac%10)
+		frac /= 10
+	}
+	n := 6
+	for n > 0 && digits[n-1] == '0' {
+		n--
+	}
+	return string(append(b, digits[:n]...))
 }
 
 // MarshalJSON writes the amount as a JSON number of credits.

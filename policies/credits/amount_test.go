@@ -195,3 +195,15 @@ func TestAmountTimes(t *testing.T) {
 		}
 	}
 }
+
+// TestAmountString: the decimal form, without trailing zeros in the fraction.
+func TestAmountString(t *testing.T) {
+	for a, want := range map[Amount]string{
+		0: "0", 1: "0.000001", 10: "0.00001", 1_500_000: "1.5", 10 * Credit: "10", -2_500_001: "-2.500001",
+		123_456_789: "123.456789", 100_010: "0.10001", math.MaxInt64: "9223372036854.775807",
+	} {
+		if got := a.String(); got != want {
+			t.Errorf("Amount(%d).String() = %q, want %q", int64(a), got, want)
+		}
+	}
+}
