@@ -461,10 +461,10 @@ func (ex *exchange) settle(u metering.Usage, reported bool) {
 	}
 	ex.charged, ex.remaining = cost, balance
 	m := ex.g.metrics
-	m.credits.WithLabelValues("settled").Add(cost.Credits())
-	m.credits.WithLabelValues("refunded").Add(max(ex.res.Amount-cost, 0).Credits())
+	creditsSettled.Add(cost.Credits())
+	creditsRefunded.Add(max(ex.res.Amount-cost, 0).Credits())
 	if unbilled > 0 {
-		m.credits.WithLabelValues("unbilled").Add(unbilled.Credits())
+		creditsUnbilled.Add(unbilled.Credits())
 		ex.g.logger.Warn("backend reported usage above the reservation: charged the reservation",
 			zap.String("backend", c.BackendName), zap.String("model", c.Model.Name),
 			zap.Int64("input_tokens", u.InputTokens), zap.Int64("output_tokens", u.OutputTokens),
@@ -513,7 +513,7 @@ func (ex *exchange) release() {
 		return
 	}
 	ex.remaining = balance
-	ex.g.metrics.credits.WithLabelValues("refunded").Add(ex.res.Amount.Credits())
+	creditsRefunded.Add(ex.res.Amount.Credits())
 }
 
 func (ex *exchange) clientGone() bool {

@@ -103,6 +103,14 @@ var (
 	}
 )
 
+// The credits counter of each kind, looked up once: they count on every request.
+var (
+	creditsReserved = metricCredits.WithLabelValues("reserved")
+	creditsSettled  = metricCredits.WithLabelValues("settled")
+	creditsRefunded = metricCredits.WithLabelValues("refunded")
+	creditsUnbilled = metricCredits.WithLabelValues("unbilled")
+)
+
 // storeBuckets span store latencies: 100 µs to 5 s.
 var storeBuckets = []float64{0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5}
 

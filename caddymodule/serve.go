@@ -333,7 +333,7 @@ func (ex *exchange) reserve(choices []routing.Choice) error {
 	if err != nil {
 		return fmt.Errorf("reserving credits: %w", errors.Join(credits.ErrStoreUnavailable, err))
 	}
-	g.metrics.credits.WithLabelValues("reserved").Add(amount.Credits())
+	creditsReserved.Add(amount.Credits())
 	ex.res = res
 	ex.choices = choices
 	return nil
