@@ -3,7 +3,6 @@ package redislimit
 import (
 	"context"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -379,23 +378,6 @@ func TestHubGroupsAdmissions(t *testing.T) {
 	}
 }
 
-// scriptCounter counts the commands sent, those of a pipeline one by one.
-type scriptCounter struct{ n atomic.Int64 }
-
-func (c *scriptCounter) DialHook(next redis.DialHook) redis.DialHook { return next }
-func (c *scriptCounter) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
-	return func(ctx context.Context, cmd redis.Cmder) error {
-		c.n.Add(1)
-		return next(ctx, cmd)
-	}
-}
-func (c *scriptCounter) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return func(ctx context.Context, cmds []redis.Cmder) error {
-		c.n.Add(int64(len(cmds)))
-		return next(ctx, cmds)
-	}
-}
-
 // TestHubFoldsEnds: a caller's end queued on the hub and its next admission are one script
 // call, and leave the state the same end and admission leave as two calls without a hub
 // (the slot it frees free for the admission, its tokens given back first); an end of
@@ -403,7 +385,7 @@ func (c *scriptCounter) ProcessPipelineHook(next redis.ProcessPipelineHook) redi
 // into it.
 func TestHubFoldsEnds(t *testing.T) {
 	rdb := connect(t)
-	var sc scriptCounter
+	sc := commandCounter{each: true}
 	rdb.AddHook(&sc)
 	ctx := context.Background()
 	c := newSimClock()

@@ -547,8 +547,12 @@ func TestRetryAfterOnRedisClock(t *testing.T) {
 	}
 }
 
-// commandCounter counts the commands a client sends.
-type commandCounter struct{ n atomic.Int64 }
+// commandCounter counts round trips (a command, or a pipeline), or with each the commands
+// sent one by one, a pipeline's each counted.
+type commandCounter struct {
+	n    atomic.Int64
+	each bool
+}
 
 func (c *commandCounter) DialHook(next redis.DialHook) redis.DialHook { return next }
 func (c *commandCounter) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
@@ -559,7 +563,11 @@ func (c *commandCounter) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 }
 func (c *commandCounter) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
 	return func(ctx context.Context, cmds []redis.Cmder) error {
-		c.n.Add(1)
+		if c.each {
+			c.n.Add(int64(len(cmds)))
+		} else {
+			c.n.Add(1)
+		}
 		return next(ctx, cmds)
 	}
 }
