@@ -41,7 +41,8 @@ type Redis struct {
 	// '{' or '}'. Default: "llm_gateway:".
 	Prefix string `json:"prefix,omitempty"`
 	// Timeout bounds one Redis round trip of a request; a request whose round trip takes
-	// longer is refused with 503 limits_unavailable. Default: 1s.
+	// longer is refused with 503 limits_unavailable. An admission that waits for the
+	// pipeline ahead of it (admissions are group-sent) waits at most twice this. Default: 1s.
 	Timeout caddy.Duration `json:"timeout,omitempty"`
 }
 

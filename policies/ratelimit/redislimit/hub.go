@@ -72,8 +72,9 @@ type HubOptions struct {
 	// 0: 2 ms.
 	FinishDelay time.Duration
 	// Timeout bounds each round trip of the hub: a pipeline of admissions (which carries the
-	// admissions of several callers, so no one caller's context cancels it) and ends sent
-	// on their own. 0: 2 seconds.
+	// admissions of several callers, so no one caller's context cancels it or sets its
+	// deadline) and ends sent on their own. An admission waiting for the pipeline ahead of it
+	// waits at most twice this. 0: 2 seconds.
 	Timeout time.Duration
 	// OnError is told of ends that failed (nil: ignored).
 	OnError func(error)
