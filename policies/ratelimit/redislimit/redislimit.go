@@ -6,14 +6,15 @@
 // Admission is one Lua script (EVALSHA; the script is sent once, again only if Redis lost it)
 // reading and writing every limit of the caller at once, on Redis's clock (TIME), so the
 // instances' clocks do not matter. Each limit's state is its TAT; a caller's TATs are one
-// key (one read and one write per admission, whatever the number of limits: each command a
-// script calls costs Redis about as much as the script's own work), expiring once the last
-// TAT is past (a token limit's later: a debt settled after the slot TTL is counted from now).
-// The concurrency slots of a caller are a sorted set of ticket ids scored by their expiry: a slot
-// whose holder never ends it (its instance crashed) is free again after SlotTTL. A ticket's
-// end is one more round trip, none when it changes nothing; with a Hub (hub.go), the limiters
-// on one client send the ends in the pipeline of the next admission, and a request's
-// admissions under several limiters (AdmitEach) in one pipeline.
+// key (one read and one write per admission, whatever the number of limits), expiring once
+// the last TAT is past (a token limit's later: a debt settled after the slot TTL is counted
+// from now). The concurrency slots of a caller are a sorted set of ticket ids scored by their
+// expiry: a slot whose holder never ends it (its instance crashed) is free again after
+// SlotTTL. A ticket's end is one more round trip, none when it changes nothing; with a Hub
+// (hub.go), the limiters on one client send the ends in the pipeline of the next admission
+// (in the caller's next admission script when it is in that pipeline), group-send the
+// admissions of concurrent requests, and send a request's admissions under several limiters
+// (AdmitEach) in one pipeline.
 //
 // It sits beside policies/ratelimit, not in store/, as the same algorithm run elsewhere: the
 // parameters, costs, give-backs and statuses are ratelimit's (Compile, Params, Tightest), and
