@@ -188,3 +188,69 @@ func TestRedisRoundTripsPerKeyRequest(t *testing.T) {
 		t.Fatalf("a refused key request took %v Redis round trips, want 1 or 2", d)
 	}
 }
+
+// TestRedisRoundTripsUnderConcurrency: concurrent requests of one key share Redis round trips
+// (admissions group-sent, ends riding with them): 400 requests at concurrency 40 take fewer
+// round trips than requests, every limit kind on; none is refused (40 at once is the bound).
+func TestRedisRoundTripsUnderConcurrency(t *testing.T) {
+	prefix := redisPrefix(t)
+	e := startGateway(t, setup{
+		gateway: rateLimitBackend + `
+		failover 1
+		rate_limits {
+			default_tier free
+			tier free {
+				burst_per_second 100000
+				requests_per_minute 1000000
+				requests_per_hour 10000000
+				requests_per_day 100000000
+				tokens_per_minute 100000000
+				concurrent 40
+			}
+		}` + redisBlock(testRedisAddr, prefix, "5s"),
+		mocks: []mockSpec{{key: "mock", lines: "models mock-small"}},
+	})
+	_, k := e.userWithKey("rt-concurrent@example.com", "100")
+	body := `{"model":"mock-small","messages":[{"role":"user","content":"hi"}],"max_tokens":16}`
+	count := func() float64 {
+		time.Sleep(50 * time.Millisecond) // the ends queued on the hub gone (2 ms)
+		v, found := metricSum(e.scrape(), "llm_gateway_redis_round_trips_total", nil)
+		if !found {
+			t.Fatalf("no llm_gateway_redis_round_trips_total")
+		}
+		return v
+	}
+	if r := e.post("/v1/chat/completions", body, bearer(k.Key)); r.status != http.StatusOK { // warm: scripts loaded, key cached
+		t.Fatal(r)
+	}
+	const n, c = 400, 40
+	before := count()
+	work := make(chan int, n)
+	for i := range n {
+		work <- i
+	}
+	close(work)
+	errs := make(chan error, n)
+	for range c {
+		go func() {
+			for i := range work {
+				r := e.post("/v1/chat/completions", body, bearer(k.Key))
+				if r.status != http.StatusOK {
+					errs <- fmt.Errorf("request %d: %s", i, r)
+					continue
+				}
+				errs <- nil
+			}
+		}()
+	}
+	for range n {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	d := count() - before
+	t.Logf("%d requests at concurrency %d: %v Redis round trips (%.2f a request)", n, c, d, d/n)
+	if d >= n {
+		t.Fatalf("%d concurrent requests took %v Redis round trips: not shared (want fewer than one a request)", n, d)
+	}
+}
