@@ -156,18 +156,7 @@ func TestRedisRoundTripsPerKeyRequest(t *testing.T) {
 	})
 	_, k := e.userWithKey("rt-key@example.com", "10")
 	body := `{"model":"mock-small","messages":[{"role":"user","content":"hi"}],"max_tokens":16}`
-	count := func() float64 {
-		v, found := metricSum(e.scrape(), "llm_gateway_redis_round_trips_total", nil)
-		if !found {
-			t.Fatalf("no llm_gateway_redis_round_trips_total")
-		}
-		return v
-	}
-	// settled waits until the ends queued on the hub have gone (2 ms), then counts.
-	settled := func() float64 {
-		time.Sleep(50 * time.Millisecond)
-		return count()
-	}
+	settled := func() float64 { return settledRedisRoundTrips(t, e) }
 	const n = 10
 	before := settled()
 	for i := range n {
@@ -187,6 +176,18 @@ func TestRedisRoundTripsPerKeyRequest(t *testing.T) {
 	if d := settled() - before; d < 1 || d > 2 {
 		t.Fatalf("a refused key request took %v Redis round trips, want 1 or 2", d)
 	}
+}
+
+// settledRedisRoundTrips waits until the ends queued on the gateway's Redis hub have gone
+// (2 ms), then reads llm_gateway_redis_round_trips_total.
+func settledRedisRoundTrips(t *testing.T, e *env) float64 {
+	t.Helper()
+	time.Sleep(50 * time.Millisecond)
+	v, found := metricSum(e.scrape(), "llm_gateway_redis_round_trips_total", nil)
+	if !found {
+		t.Fatalf("no llm_gateway_redis_round_trips_total")
+	}
+	return v
 }
 
 // TestRedisRoundTripsUnderConcurrency: concurrent requests of one key share Redis round trips
@@ -212,14 +213,7 @@ func TestRedisRoundTripsUnderConcurrency(t *testing.T) {
 	})
 	_, k := e.userWithKey("rt-concurrent@example.com", "100")
 	body := `{"model":"mock-small","messages":[{"role":"user","content":"hi"}],"max_tokens":16}`
-	count := func() float64 {
-		time.Sleep(50 * time.Millisecond) // the ends queued on the hub gone (2 ms)
-		v, found := metricSum(e.scrape(), "llm_gateway_redis_round_trips_total", nil)
-		if !found {
-			t.Fatalf("no llm_gateway_redis_round_trips_total")
-		}
-		return v
-	}
+	count := func() float64 { return settledRedisRoundTrips(t, e) }
 	if r := e.post("/v1/chat/completions", body, bearer(k.Key)); r.status != http.StatusOK { // warm: scripts loaded, key cached
 		t.Fatal(r)
 	}
