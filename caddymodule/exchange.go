@@ -106,11 +106,7 @@ func (ex *exchange) proxy() error {
 	for i := range ex.choices {
 		c := &ex.choices[i]
 		b := g.Backends[c.Backend]
-		body, err := ex.inf.body(c.Model.Upstream)
-		if err != nil {
-			lastErr = err
-			break
-		}
+		body := ex.inf.body(c.Model.Upstream)
 		aw := &attemptWriter{ex: ex, hdr: http.Header{}}
 		actx, acancel := context.WithTimeout(ctx, time.Duration(b.Timeout))
 		req := ex.r.WithContext(actx)
@@ -128,7 +124,7 @@ func (ex *exchange) proxy() error {
 		req.Header.Set("Accept-Encoding", "identity")
 		ex.defaultHeaders(b, req.Header)
 		ex.choice = c
-		err = ex.attempt(b, aw, req)
+		err := ex.attempt(b, aw, req)
 		acancel()
 		if aw.encoded {
 			err = errEncodedAnswer

@@ -217,14 +217,16 @@ func foldsOnto(level, key string) (string, bool) {
 func parseInference(format routing.Format, body []byte, maxPriceHeader string, lim requestLimits) (*inference, error) {
 	sf := format.Surface()
 	inf := &inference{format: format, choices: 1, raw: body}
-	if err := json.Unmarshal(body, &inf.fields); err != nil || inf.fields == nil {
+	fields, ok := objectMembers(body)
+	if !ok {
 		return nil, invalid("", "the request body must be a JSON object")
 	}
+	inf.fields = fields
 	f := inf.fields
 	if err := checkFolding("", f); err != nil {
 		return nil, err
 	}
-	if err := json.Unmarshal(f["model"], &inf.model); err != nil || inf.model == "" {
+	if inf.model, ok = stringValue(f["model"]); !ok || inf.model == "" {
 		return nil, invalid("model", "model is required and must be a string")
 	}
 	if err := checkModelName(inf.model); err != nil {
@@ -251,7 +253,7 @@ func parseInference(format routing.Format, body []byte, maxPriceHeader string, l
 	}
 	inf.stream = sf.StreamDefault
 	if raw, ok := f["stream"]; ok && !isNull(raw) {
-		if err := json.Unmarshal(raw, &inf.stream); err != nil {
+		if inf.stream, ok = boolValue(raw); !ok {
 			return nil, invalid("stream", "stream must be a boolean")
 		}
 	}
@@ -279,8 +281,8 @@ func parseInference(format routing.Format, body []byte, maxPriceHeader string, l
 		inf.choices *= prompts
 	}
 	if raw, ok := f[sf.Echo]; sf.Echo != "" && ok && !isNull(raw) {
-		var echo bool
-		if err := json.Unmarshal(raw, &echo); err != nil {
+		echo, ok := boolValue(raw)
+		if !ok {
 			return nil, invalid(sf.Echo, "%s must be a boolean", sf.Echo)
 		}
 		if echo {
@@ -290,7 +292,7 @@ func parseInference(format routing.Format, body []byte, maxPriceHeader string, l
 	if inf.stream && sf.IncludeUsage {
 		var so map[string]json.RawMessage
 		if raw, ok := f["stream_options"]; ok && !isNull(raw) {
-			if err := json.Unmarshal(raw, &so); err != nil {
+			if so, ok = objectMembers(raw); !ok {
 				return nil, invalid("stream_options", "stream_options must be an object")
 			}
 			if err := checkFolding("stream_options", so); err != nil {
@@ -300,9 +302,7 @@ func parseInference(format routing.Format, body []byte, maxPriceHeader string, l
 		if so == nil {
 			so = map[string]json.RawMessage{}
 		}
-		var want bool
-		_ = json.Unmarshal(so["include_usage"], &want)
-		inf.clientWantsUsage = want
+		inf.clientWantsUsage, _ = boolValue(so["include_usage"])
 		so["include_usage"] = json.RawMessage("true")
 		f["stream_options"], _ = json.Marshal(so)
 	}
@@ -349,8 +349,8 @@ func (inf *inference) readTools(rules *routing.ToolRules, lim requestLimits) err
 	changed := false
 	for i, t := range tools {
 		param := "tools[" + strconv.Itoa(i) + "]"
-		var tool map[string]json.RawMessage
-		if err := json.Unmarshal(t, &tool); err != nil || tool == nil {
+		tool, ok := objectMembers(t)
+		if !ok {
 			return invalid(param, "each tool must be an object")
 		}
 		if err := checkFolding("tools[]", tool); err != nil {
@@ -496,7 +496,8 @@ func (inf *inference) boundOutput(sf *routing.Surface, lim requestLimits) error 
 		prefix = sf.OutputIn + "."
 		obj = nil
 		if raw, ok := inf.fields[sf.OutputIn]; ok && !isNull(raw) {
-			if err := json.Unmarshal(raw, &obj); err != nil {
+			var ok bool
+			if obj, ok = objectMembers(raw); !ok {
 				return invalid(sf.OutputIn, "%s must be an object", sf.OutputIn)
 			}
 			if err := checkFolding(sf.OutputIn, obj); err != nil {
@@ -635,12 +636,8 @@ func checkModelName(name string) error {
 // body encodes the request for one backend, with the model renamed for it. The members are
 // written as they were decoded (one per name: a name sent twice was collapsed by the decoder,
 // so the backend cannot read another model than the one billed).
-func (inf *inference) body(upstreamModel string) ([]byte, error) {
-	model, err := json.Marshal(upstreamModel)
-	if err != nil {
-		return nil, err
-	}
-	inf.fields["model"] = model
+func (inf *inference) body(upstreamModel string) []byte {
+	inf.fields["model"] = appendJSONString(nil, upstreamModel)
 	size := 2
 	for k, v := range inf.fields {
 		size += len(k) + len(v) + 4
@@ -655,7 +652,7 @@ func (inf *inference) body(upstreamModel string) ([]byte, error) {
 		out = append(out, ':')
 		out = append(out, v...)
 	}
-	return append(out, '}'), nil
+	return append(out, '}')
 }
 
 // appendJSONString appends s as a JSON string.

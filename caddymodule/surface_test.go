@@ -139,7 +139,7 @@ func TestParseInferenceSurfaces(t *testing.T) {
 			if inf.inputBound < int64(len(tc.body)) {
 				t.Errorf("input bound %d below the body's %d bytes", inf.inputBound, len(tc.body))
 			}
-			body, _ := inf.body("up")
+			body := inf.body("up")
 			if tc.sent != "" && !strings.Contains(string(body), tc.sent) {
 				t.Errorf("sent %s, want %s in it", body, tc.sent)
 			}

@@ -95,7 +95,7 @@ func TestReadTools(t *testing.T) {
 				inf.toolBounds != tc.bounds {
 				t.Errorf("uses %+v bounds %v, want %+v %v", inf.tools, inf.toolBounds, tc.uses, tc.bounds)
 			}
-			body, _ := inf.body("up")
+			body := inf.body("up")
 			var sent map[string]any
 			if err := json.Unmarshal(body, &sent); err != nil {
 				t.Fatal(err)
