@@ -328,7 +328,7 @@ func pgQueryRow(t testing.TB, dsn, query string, dst ...any) {
 
 // Bounds of what a SIGKILL leaves uncharged. maxUncommittedPerKill: the settlements the killed
 // instance had made in memory and not committed, of requests whose client may have been
-// answered 200 (the leased store's flusher commits every 2 ms, and Settle waits once 2 batches
+// answered 200 (the leased store's flusher commits every 10 ms, and Settle waits once 2 batches
 // of 512 are queued, so at most that plus one settlement per concurrent request, 200).
 // maxLostPerKill: those, and the requests in flight at the killed instance (at most the load's
 // concurrency: forwarded, never answered, their reservations released at their expiry).

@@ -65,7 +65,7 @@ const (
 	DefaultLeaseSize = 10 * credits.Credit
 	// defaultLeaseFlushInterval is how long the flusher gathers settlements before it commits
 	// them, unless Options.FlushInterval says otherwise.
-	defaultLeaseFlushInterval = 2 * time.Millisecond
+	defaultLeaseFlushInterval = 10 * time.Millisecond
 	// settleBatch is the number of queued settlements at which the flusher commits without
 	// waiting for the rest of FlushInterval, and the most one batch commits.
 	settleBatch = 512
@@ -91,7 +91,7 @@ type Options struct {
 	// who holds what). Default: the host name and process id.
 	InstanceID string
 	// FlushInterval is how long settlements are gathered before they are committed in one
-	// batch: the bound of what a crash leaves uncharged. Default 2ms.
+	// batch: the bound of what a crash leaves uncharged. Default 10ms.
 	FlushInterval time.Duration
 	// OnCommit, if set, is called after each attempt to commit a batch of settlements with
 	// the number of settlements and the attempt's error (nil: committed).

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"fmt"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -71,6 +72,46 @@ func BenchmarkReserveSettleParallel(b *testing.B) {
 			}
 		}
 	})
+}
+
+// BenchmarkSettlePaced is the hot path at the pace of a busy gateway, 6,000 requests a second
+// (each Reserve and Settle with a key's usage), so that batches are as large as that pace makes
+// them, for several flush intervals: what the flusher's CPU costs a request at each.
+func BenchmarkSettlePaced(b *testing.B) {
+	const pace = 6000
+	for _, interval := range []time.Duration{2 * time.Millisecond, 10 * time.Millisecond, 20 * time.Millisecond, 50 * time.Millisecond} {
+		b.Run(interval.String(), func(b *testing.B) {
+			ctx := context.Background()
+			s, err := Open(ctx, filepath.Join(b.TempDir(), "gateway.db"), Options{FlushInterval: interval})
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer s.Close()
+			account := credits.UserAccount("bench")
+			credit(b, s, account, credits.MaxAmount)
+			usage := credits.Usage{Model: "mock-small", Backend: "mock", InputTokens: 20, OutputTokens: 12, KeyID: "key00000001"}
+			b.ReportAllocs()
+			b.ResetTimer()
+			stop := reportCPU(b)
+			// Timers are too coarse for one op each 167 µs: every millisecond, its 6 ops.
+			tick := time.NewTicker(time.Millisecond)
+			defer tick.Stop()
+			for i := 0; b.Loop(); i++ {
+				if i%(pace/1000) == 0 {
+					<-tick.C
+				}
+				r, _, err := s.Reserve(ctx, account, 1000, time.Minute, nil)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if _, err := s.Settle(ctx, r.ID, 700, usage); err != nil {
+					b.Fatal(err)
+				}
+			}
+			flushTimed(b, s)
+			stop()
+		})
+	}
 }
 
 // BenchmarkKeyByID measures looking a key up, in a store of 1 and of 100,000 keys.

@@ -16,7 +16,7 @@ import (
 const (
 	// defaultFlushInterval is how long the flusher gathers ops before it commits them, unless
 	// Options.FlushInterval says otherwise.
-	defaultFlushInterval = 2 * time.Millisecond
+	defaultFlushInterval = 10 * time.Millisecond
 	// batchOps is the number of queued ops at which the flusher commits without waiting for
 	// the rest of FlushInterval.
 	batchOps = 512

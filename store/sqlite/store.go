@@ -17,7 +17,7 @@
 // credited - settled. Reserve decides a refill in memory, in the same critical section as the
 // reservation, and queues its grant. Settle updates memory at once and queues its ledger entry
 // and the change of balance. One flusher goroutine commits the queue, one transaction per
-// batch: FlushInterval (2 ms by default) after the first op of a batch was queued, or at once
+// batch: FlushInterval (10 ms by default) after the first op of a batch was queued, or at once
 // when 512 are waiting; when 1,024 wait, Reserve and Settle wait for it (backpressure). A batch
 // only adds deltas to balances ("balance = balance + delta"), and each of its writes is
 // idempotent (a settle entry is unique by reservation id, a grant by refill period), so that a
@@ -106,7 +106,8 @@ type Options struct {
 	Clock func() time.Time
 	// FlushInterval is how long settlements and grants wait in memory, at most, before the
 	// flusher commits them: a crash loses those of the last FlushInterval. Zero or less means
-	// 2 ms.
+	// 10 ms (defaultFlushInterval: measured in BenchmarkSettlePaced, 10 ms batches cost a
+	// request about 10 µs of CPU less than 2 ms ones at 6,000 requests a second).
 	FlushInterval time.Duration
 	// OnCommit, when set, is called by the flusher after each committed batch of queued
 	// settlements and grants, with how long the commit took (retries included) and how many
