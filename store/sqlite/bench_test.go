@@ -24,7 +24,6 @@ func BenchmarkReserveSettle(b *testing.B) {
 		{"anonymous with refill", &credits.Refill{Cap: credits.MaxAmount, Period: 1}},
 	} {
 		b.Run(tc.name, func(b *testing.B) {
-			ctx := context.Background()
 			s, _ := openTestStore(b, nil)
 			account := credits.UserAccount("bench")
 			credit(b, s, account, credits.MaxAmount)
@@ -33,17 +32,23 @@ func BenchmarkReserveSettle(b *testing.B) {
 			b.ResetTimer()
 			stop := reportCPU(b)
 			for b.Loop() {
-				r, _, err := s.Reserve(ctx, account, 1000, time.Minute, tc.refill)
-				if err != nil {
-					b.Fatal(err)
-				}
-				if _, err := s.Settle(ctx, r.ID, 700, usage); err != nil {
-					b.Fatal(err)
-				}
+				reserveSettle(b, s, account, tc.refill, usage)
 			}
 			flushTimed(b, s)
 			stop()
 		})
+	}
+}
+
+// reserveSettle reserves 1,000 micro-credits of account and settles 700 of them with usage.
+func reserveSettle(b *testing.B, s *Store, account credits.AccountID, refill *credits.Refill, usage credits.Usage) {
+	ctx := context.Background()
+	r, _, err := s.Reserve(ctx, account, 1000, time.Minute, refill)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if _, err := s.Settle(ctx, r.ID, 700, usage); err != nil {
+		b.Fatal(err)
 	}
 }
 
@@ -100,13 +105,7 @@ func BenchmarkSettlePaced(b *testing.B) {
 				if i%(pace/1000) == 0 {
 					<-tick.C
 				}
-				r, _, err := s.Reserve(ctx, account, 1000, time.Minute, nil)
-				if err != nil {
-					b.Fatal(err)
-				}
-				if _, err := s.Settle(ctx, r.ID, 700, usage); err != nil {
-					b.Fatal(err)
-				}
+				reserveSettle(b, s, account, nil, usage)
 			}
 			flushTimed(b, s)
 			stop()
