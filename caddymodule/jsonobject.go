@@ -11,46 +11,12 @@ import (
 // object, null) is refused. The values are slices of data, not copies. FuzzObjectMembers holds
 // it to json.Unmarshal on every input.
 func objectMembers(data []byte) (map[string]json.RawMessage, bool) {
-	s := objectScanner{data: data}
+	s := objectScanner{data: data, members: make(map[string]json.RawMessage, 8)}
 	s.space()
-	if s.i >= len(data) || data[s.i] != '{' {
+	if s.i >= len(data) || data[s.i] != '{' || !s.container('{', 1) || !s.end() {
 		return nil, false
 	}
-	s.i++
-	out := make(map[string]json.RawMessage, 8)
-	s.space()
-	if s.next('}') {
-		return out, s.end()
-	}
-	for {
-		s.space()
-		start := s.i
-		plain, ok := s.string()
-		if !ok {
-			return nil, false
-		}
-		name, ok := memberName(data[start:s.i], plain)
-		if !ok {
-			return nil, false
-		}
-		s.space()
-		if !s.next(':') {
-			return nil, false
-		}
-		s.space()
-		start = s.i
-		if !s.value(2) {
-			return nil, false
-		}
-		out[name] = data[start:s.i:s.i]
-		s.space()
-		if s.next('}') {
-			return out, s.end()
-		}
-		if !s.next(',') {
-			return nil, false
-		}
-	}
+	return s.members, true
 }
 
 // maxJSONDepth is encoding/json's bound on nesting: an object or array inside 10,000 others
@@ -61,6 +27,8 @@ const maxJSONDepth = 10000
 type objectScanner struct {
 	data []byte
 	i    int
+	// members, when not nil, gets the members of the outermost object (depth 1).
+	members map[string]json.RawMessage
 }
 
 // space skips JSON's whitespace.
@@ -129,18 +97,31 @@ func (s *objectScanner) container(open byte, depth int) bool {
 	}
 	for {
 		s.space()
+		var name []byte
+		var plain bool
 		if open == '{' {
-			if _, ok := s.string(); !ok {
+			start := s.i
+			var ok bool
+			if plain, ok = s.string(); !ok {
 				return false
 			}
+			name = s.data[start:s.i]
 			s.space()
 			if !s.next(':') {
 				return false
 			}
 			s.space()
 		}
+		start := s.i
 		if !s.value(depth + 1) {
 			return false
+		}
+		if open == '{' && depth == 1 && s.members != nil {
+			n, ok := memberName(name, plain)
+			if !ok {
+				return false
+			}
+			s.members[n] = s.data[start:s.i:s.i]
 		}
 		s.space()
 		if s.next(closing) {
