@@ -337,6 +337,7 @@ func (g *Gateway) provisionRateLimits(reg prometheus.Registerer) error {
 		names = append(names, name)
 	}
 	sort.Strings(names)
+	var onRedis []*redislimit.Limiter
 	for _, name := range names {
 		tl := &tierLimiter{name: name, concurrent: metricConcurrent.WithLabelValues(name)}
 		p := g.RateLimits.Tiers[name].policy()
@@ -358,6 +359,18 @@ func (g *Gateway) provisionRateLimits(reg prometheus.Registerer) error {
 			return fmt.Errorf("rate_limits: tier %s: %w", name, err)
 		}
 		l.tiers[name] = tl
+		if tl.shared != nil {
+			onRedis = append(onRedis, tl.shared)
+		}
+	}
+	if len(onRedis) > 0 {
+		// The tiers' scripts, sent now rather than by the first request of each (a
+		// failure here is only that: they are sent when first needed).
+		ctx, cancel := context.WithTimeout(context.Background(), g.redis.timeout)
+		defer cancel()
+		if err := redislimit.LoadScripts(ctx, g.redis.rdb, onRedis...); err != nil {
+			g.logger.Debug("rate_limits: the scripts will be sent to Redis at first use", zap.Error(err))
+		}
 	}
 	l.def, l.anon = l.tiers[g.RateLimits.DefaultTier], l.tiers[g.RateLimits.AnonymousTier]
 	return nil

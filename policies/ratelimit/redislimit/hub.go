@@ -110,7 +110,7 @@ func (h *Hub) finish(f queuedFinish) {
 	h.mu.Lock()
 	if h.closed {
 		h.mu.Unlock()
-		h.sendOne(f.keys, f.args)
+		h.sendOne(f)
 		return
 	}
 	h.queued = append(h.queued, f)
@@ -185,10 +185,10 @@ func (h *Hub) flush() {
 }
 
 // sendOne sends one end on its own.
-func (h *Hub) sendOne(keys []string, args []any) {
+func (h *Hub) sendOne(f queuedFinish) {
 	ctx, cancel := context.WithTimeout(context.Background(), h.timeout)
 	defer cancel()
-	if err := finishScript.Run(ctx, h.rdb, keys, args...).Err(); err != nil {
+	if err := f.l.scripts.finish.Run(ctx, h.rdb, f.keys, f.args...).Err(); err != nil {
 		h.report(err)
 	}
 }
@@ -278,17 +278,17 @@ func (h *Hub) run(ctx context.Context, ends []queuedFinish, admits []admitCmd) (
 	pipe := h.rdb.Pipeline()
 	endCmds := make([]*redis.Cmd, len(alone))
 	for i, f := range alone {
-		endCmds[i] = finishScript.EvalSha(ctx, pipe, f.keys, f.args...)
+		endCmds[i] = f.l.scripts.finish.EvalSha(ctx, pipe, f.keys, f.args...)
 	}
 	admitCmds := make([]*redis.Cmd, len(admits))
 	for i, a := range admits {
-		admitCmds[i] = admitScript.EvalSha(ctx, pipe, a.keys, args[i]...)
+		admitCmds[i] = a.l.scripts.admit.EvalSha(ctx, pipe, a.keys, args[i]...)
 	}
 	_, _ = pipe.Exec(ctx) // each command's error is read below
 	for i, c := range endCmds {
 		err := c.Err()
 		if noScript(err) {
-			err = finishScript.Run(ctx, h.rdb, alone[i].keys, alone[i].args...).Err()
+			err = alone[i].l.scripts.finish.Run(ctx, h.rdb, alone[i].keys, alone[i].args...).Err()
 		}
 		if err != nil {
 			h.report(err)
@@ -298,7 +298,7 @@ func (h *Hub) run(ctx context.Context, ends []queuedFinish, admits []admitCmd) (
 	errs := make([]error, len(admits))
 	for i, c := range admitCmds {
 		if noScript(c.Err()) {
-			c = admitScript.Run(ctx, h.rdb, admits[i].keys, args[i]...)
+			c = admits[i].l.scripts.admit.Run(ctx, h.rdb, admits[i].keys, args[i]...)
 		}
 		out[i], errs[i] = c.Int64Slice()
 		if errs[i] != nil && len(args[i]) > len(admits[i].args) {
@@ -310,7 +310,7 @@ func (h *Hub) run(ctx context.Context, ends []queuedFinish, admits []admitCmd) (
 
 // fold sorts ends into those sent on their own and those folded into the first admission of
 // their caller, and returns the ones alone and each admission's arguments (admit.lua's: the
-// ends folded in appended, their number in ARGV[6]).
+// ends folded in appended, their number in ARGV[3]).
 func fold(ends []queuedFinish, admits []admitCmd) ([]queuedFinish, [][]any) {
 	args := make([][]any, len(admits))
 	for i, a := range admits {
@@ -333,7 +333,7 @@ func fold(ends []queuedFinish, admits []admitCmd) ([]queuedFinish, [][]any) {
 		if len(args[i]) == len(admits[i].args) { // the first end folded here: a copy to extend
 			args[i] = append(make([]any, 0, len(args[i])+2*(1+len(f.backs))), args[i]...)
 		}
-		args[i][5] = args[i][5].(int) + 1
+		args[i][2] = args[i][2].(int) + 1
 		args[i] = append(args[i], f.id)
 		for _, b := range f.backs {
 			args[i] = append(args[i], b)

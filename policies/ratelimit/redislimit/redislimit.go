@@ -20,16 +20,20 @@
 // parameters, costs, give-backs and statuses are ratelimit's (Compile, Params, Tightest), and
 // only the state and its atomicity are Redis's.
 //
-// Keys are Prefix + "{" + caller key + "}:tat" (the value "name=TAT,..." over the policy's
-// limits: a limit added to a policy starts from nothing, one removed is dropped at the next
-// write) and Prefix + "{" + caller key + "}:slots": one caller's keys share a Redis Cluster
-// hash slot.
+// Keys are Prefix + "{" + caller key + "}:tats" (a MessagePack map of the policy's limits by
+// name to their TATs, after a base time: a limit added to a policy starts from nothing, one
+// removed is dropped at the next write) and Prefix + "{" + caller key + "}:slots": one
+// caller's keys share a Redis Cluster hash slot. (Before this layout the TATs were the text
+// "name=TAT,..." under "}:tat": the new key starts every caller's limits afresh once, and
+// until every instance runs the new layout the old and the new count apart.)
+//
+// The policy is written into the scripts (script.go): a call carries the clock, the ticket
+// id and the costs, not the limits.
 package redislimit
 
 import (
 	"context"
 	"crypto/rand"
-	_ "embed"
 	"errors"
 	"fmt"
 	"strconv"
@@ -39,21 +43,6 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/caddy-llm-gateway/caddy-llm-gateway/policies/ratelimit"
-)
-
-var (
-	//go:embed clock.lua
-	clockLua string
-	//go:embed admit.lua
-	admitLua string
-	//go:embed finish.lua
-	finishLua string
-	//go:embed peek.lua
-	peekLua string
-
-	admitScript  = redis.NewScript(clockLua + admitLua)
-	finishScript = redis.NewScript(clockLua + finishLua)
-	peekScript   = redis.NewScript(clockLua + peekLua)
 )
 
 // maxTolerance is the largest burst tolerance (Burst·T) a limit may have: the script's
@@ -92,6 +81,7 @@ type Limiter struct {
 	slotTTL       time.Duration
 	finishTimeout time.Duration
 	onFinishError func(error)
+	scripts       scripts
 	// now replaces Redis's clock (tests only; nil: TIME).
 	now func() time.Time
 }
@@ -135,13 +125,14 @@ func New(rdb redis.Scripter, p ratelimit.Policy, o Options) (*Limiter, error) {
 		}
 		l.pads = append(l.pads, pad)
 	}
+	l.scripts = newScripts(l)
 	return l, nil
 }
 
 // keys are the Redis keys of key: its TATs, then its slots.
 func (l *Limiter) keys(key string) []string {
 	base := l.prefix + "{" + key + "}:"
-	return []string{base + "tat", base + "slots"}
+	return []string{base + "tats", base + "slots"}
 }
 
 // clock is the script's clock argument.
@@ -166,7 +157,7 @@ func (l *Limiter) AdmitContext(ctx context.Context, key string, tokens int64) (r
 		replies, errs := l.hub.admit(ctx, []admitCmd{{l: l, keys: l.keys(key), args: p.args}})
 		res, err = replies[0], errs[0]
 	} else {
-		res, err = admitScript.Run(ctx, l.rdb, l.keys(key), p.args...).Int64Slice()
+		res, err = l.scripts.admit.Run(ctx, l.rdb, l.keys(key), p.args...).Int64Slice()
 	}
 	if err != nil {
 		return ratelimit.Ticket{}, ratelimit.Decision{}, fmt.Errorf("redislimit: admit: %w", err)
@@ -191,11 +182,10 @@ func (l *Limiter) prepare(key string, tokens int64) (prepared, bool) {
 	if l.concurrent > 0 {
 		id = rand.Text()
 	}
-	args := make([]any, 0, 6+6*len(l.limits))
-	args = append(args, l.clock(), l.concurrent, l.slotTTL.Milliseconds(), id, len(l.limits), 0)
+	args := make([]any, 0, 3+len(l.limits))
+	args = append(args, l.clock(), id, 0)
 	for i := range l.limits {
-		c := &l.limits[i]
-		args = append(args, c.Name, c.Cost(tokens), c.Burst, c.Interval, c.Tolerance, l.pads[i])
+		args = append(args, l.limits[i].Cost(tokens))
 	}
 	return prepared{args: args, id: id, tokens: tokens}, false
 }
@@ -229,12 +219,7 @@ func (l *Limiter) decide(key string, p prepared, res []int64) (ratelimit.Ticket,
 
 // peek is the slots held by key and each limit's TAT relative to now.
 func (l *Limiter) peek(ctx context.Context, key string) (int64, []int64, error) {
-	args := make([]any, 0, 1+len(l.limits))
-	args = append(args, l.clock())
-	for i := range l.limits {
-		args = append(args, l.limits[i].Name)
-	}
-	res, err := peekScript.Run(ctx, l.rdb, l.keys(key), args...).Int64Slice()
+	res, err := l.scripts.peek.Run(ctx, l.rdb, l.keys(key), l.clock()).Int64Slice()
 	if err != nil {
 		return 0, nil, fmt.Errorf("redislimit: peek: %w", err)
 	}
@@ -272,7 +257,7 @@ type ticket struct {
 // round trip (none when nothing changes), or queued on the limiter's hub.
 func (t *ticket) Finish(used int64, cancel bool) {
 	l := t.l
-	args := make([]any, 0, 2+3*len(l.limits))
+	args := make([]any, 0, 2+len(l.limits))
 	args = append(args, l.clock(), t.id)
 	backs := make([]int64, len(l.limits))
 	change := t.id != ""
@@ -280,7 +265,7 @@ func (t *ticket) Finish(used int64, cancel bool) {
 		c := &l.limits[i]
 		backs[i] = c.GiveBack(t.tokens, used, cancel) * c.Interval
 		change = change || backs[i] != 0
-		args = append(args, c.Name, backs[i], l.pads[i])
+		args = append(args, backs[i])
 	}
 	if !change {
 		return
@@ -291,7 +276,7 @@ func (t *ticket) Finish(used int64, cancel bool) {
 	}
 	ctx, cancelCtx := context.WithTimeout(context.Background(), l.finishTimeout)
 	defer cancelCtx()
-	if err := finishScript.Run(ctx, l.rdb, l.keys(t.key), args...).Err(); err != nil && l.onFinishError != nil {
+	if err := l.scripts.finish.Run(ctx, l.rdb, l.keys(t.key), args...).Err(); err != nil && l.onFinishError != nil {
 		l.onFinishError(fmt.Errorf("redislimit: finish: %w", err))
 	}
 }

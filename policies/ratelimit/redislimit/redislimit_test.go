@@ -6,6 +6,9 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -83,6 +86,7 @@ func simulated(t *testing.T, rdb *redis.Client, p ratelimit.Policy, c *simClock)
 	for i := range l.pads {
 		l.pads[i] += time.Hour.Milliseconds()
 	}
+	l.scripts = newScripts(l) // with these pads
 	return l
 }
 
@@ -589,10 +593,16 @@ func TestRoundTrips(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	tk, d, err := l.AdmitContext(ctx, "warm", 0) // loads the scripts if Redis has not got them
+	// Each policy has scripts of its own (script.go): these load them if Redis has not got them.
+	tk, d, err := l.AdmitContext(ctx, "warm", 0)
 	tk.Settle(1)
 	tk, _, _ = l.AdmitContext(ctx, "warm", 0)
 	tk.Cancel()
+	tk, _, _ = lb.AdmitContext(ctx, "warm", 0)
+	tk.Settle(1)
+	if _, err := l.PeekContext(ctx, "warm"); err != nil {
+		t.Fatal(err)
+	}
 	cc.n.Store(0)
 	count := func(what string, want int64, f func()) {
 		t.Helper()
@@ -634,6 +644,31 @@ func TestRoundTrips(t *testing.T) {
 	if s, err := l.PeekContext(ctx, "k"); err != nil || s.Remaining != 8 {
 		t.Fatal(s, err)
 	}
+	// Scripts sent ahead: the first admission after SCRIPT FLUSH is one round trip again.
+	// (A first pipeline may open a connection of its own: its handshake is not counted.)
+	if err := LoadScripts(ctx, rdb, l); err != nil {
+		t.Fatal(err)
+	}
+	if err := rdb.ScriptFlush(ctx).Err(); err != nil {
+		t.Fatal(err)
+	}
+	count("loading the scripts of two limiters", 1, func() {
+		if err := LoadScripts(ctx, rdb, l, lb); err != nil {
+			t.Fatal(err)
+		}
+	})
+	count("admit after LoadScripts", 1, func() {
+		tk, d, err = l.AdmitContext(ctx, "k", 0)
+		if err != nil || !d.Allowed {
+			t.Fatal(d, err)
+		}
+	})
+	count("release after LoadScripts", 1, func() { tk.Release() })
+	count("peek after LoadScripts", 1, func() {
+		if _, err := lb.PeekContext(ctx, "k"); err != nil {
+			t.Fatal(err)
+		}
+	})
 }
 
 // TestUnreachable: without Redis, admission is an error and takes nothing; a ticket's end
@@ -725,8 +760,84 @@ func TestDebtAfterExpiry(t *testing.T) {
 	}
 }
 
+// TestOddLimitNames: the limits' names are written into the scripts (script.go) whatever
+// bytes they hold, and a limit's state is found by its name: a limiter with one limit of a
+// policy, on the same prefix, reads what the policy's limiter took.
+func TestOddLimitNames(t *testing.T) {
+	rdb := connect(t)
+	ctx := context.Background()
+	names := []string{`quo"te`, "it's", `back\slash`, "new\nline", "\x01" + "2", "ü", "--[[", "]] x"}
+	var p ratelimit.Policy
+	for i, n := range names {
+		p.Limits = append(p.Limits, ratelimit.Limit{Name: n, Quota: int64(10 + i), Window: time.Minute})
+	}
+	prefix := testPrefix(t, rdb)
+	l, err := New(rdb, p, Options{Prefix: prefix})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 3 {
+		if _, d, err := l.AdmitContext(ctx, "k", 0); err != nil || !d.Allowed {
+			t.Fatalf("%+v %v", d, err)
+		}
+	}
+	if st, err := l.PeekContext(ctx, "k"); err != nil || st.Limit.Name != names[0] || st.Remaining != 7 {
+		t.Fatalf("tightest %+v %v, want %q with 7 left", st, err, names[0])
+	}
+	// The names as stored, read by Redis's own MessagePack decoder.
+	stored, err := rdb.Eval(ctx, `local out = {}
+for k in pairs(cmsgpack.unpack(redis.call('GET', KEYS[1]))) do
+  if type(k) == 'string' then out[#out + 1] = k end
+end
+return out`, l.keys("k")[:1]).StringSlice()
+	slices.Sort(stored)
+	want := slices.Sorted(slices.Values(names))
+	if err != nil || !slices.Equal(stored, want) {
+		t.Fatalf("names stored %q (%v), want %q", stored, err, want)
+	}
+	for i, lim := range p.Limits {
+		one, err := New(rdb, ratelimit.Policy{Limits: []ratelimit.Limit{lim}}, Options{Prefix: prefix})
+		if err != nil {
+			t.Fatal(err)
+		}
+		st, err := one.PeekContext(ctx, "k")
+		if err != nil || st.Limit.Name != lim.Name || st.Remaining != int64(10+i)-3 {
+			t.Errorf("limit %q alone: %+v %v, want %d left", lim.Name, st, err, 10+i-3)
+		}
+	}
+}
+
+// scriptMicros is the CPU time Redis has spent in scripts (EVALSHA and EVAL), in
+// microseconds, from INFO commandstats: what its interpreter costs, whatever the machine's
+// load (but any other client's scripts count too).
+func scriptMicros(tb testing.TB, rdb *redis.Client) int64 {
+	tb.Helper()
+	info, err := rdb.Info(context.Background(), "commandstats").Result()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	var total int64
+	for line := range strings.Lines(info) {
+		name, stats, ok := strings.Cut(strings.TrimSpace(line), ":")
+		if !ok || (name != "cmdstat_evalsha" && name != "cmdstat_eval") {
+			continue
+		}
+		for field := range strings.SplitSeq(stats, ",") {
+			if v, ok := strings.CutPrefix(field, "usec="); ok {
+				n, err := strconv.ParseInt(v, 10, 64)
+				if err != nil {
+					tb.Fatalf("%s: %v", line, err)
+				}
+				total += n
+			}
+		}
+	}
+	return total
+}
+
 // BenchmarkAdmission is one admission over a tier's five limits and its slot, and its
 // settlement: two round trips to the test Redis, on one key and on many keys in parallel.
+// redis-µs/op is Redis's CPU time in the scripts of one admission and its end.
 func BenchmarkAdmission(b *testing.B) {
 	rdb := connect(b)
 	p := tierPolicy()
@@ -741,6 +852,7 @@ func BenchmarkAdmission(b *testing.B) {
 	}
 	ctx := context.Background()
 	b.Run("one_key", func(b *testing.B) {
+		before := scriptMicros(b, rdb)
 		for b.Loop() {
 			tk, d, err := l.AdmitContext(ctx, "k_0123456789", 500)
 			if err != nil || !d.Allowed {
@@ -748,9 +860,12 @@ func BenchmarkAdmission(b *testing.B) {
 			}
 			tk.Settle(300)
 		}
+		b.ReportMetric(float64(scriptMicros(b, rdb)-before)/float64(b.N), "redis-µs/op")
 	})
 	b.Run("many_keys_parallel", func(b *testing.B) {
 		var next atomic.Int64
+		before := scriptMicros(b, rdb)
+		defer func() { b.ReportMetric(float64(scriptMicros(b, rdb)-before)/float64(b.N), "redis-µs/op") }()
 		b.RunParallel(func(pb *testing.PB) {
 			for pb.Next() {
 				tk, d, err := l.AdmitContext(ctx, fmt.Sprintf("k_%010d", next.Add(1)%1000), 500)
