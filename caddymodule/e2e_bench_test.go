@@ -116,6 +116,35 @@ func BenchmarkRequestPath(b *testing.B) {
 	})
 }
 
+// BenchmarkRequestPathRateLimits is BenchmarkRequestPath's gateway case with a rate_limits
+// tier of every kind (requests per second, minute, hour and day, tokens per minute,
+// concurrency; none reached) on the key and on its user: what admission by the in-process
+// limiters, their headers and their settlement add (issue 14: within 3% of CPU).
+func BenchmarkRequestPathRateLimits(b *testing.B) {
+	e := startGateway(b, setup{
+		gateway: backendBlock("m", "m", "mock-small", "0.1", "0.2") + `
+		rate_limits {
+			default_tier bench
+			tier bench {
+				burst_per_second 100000000
+				requests_per_minute 1000000000
+				requests_per_hour 10000000000
+				requests_per_day 100000000000
+				concurrent 1000000
+				tokens_per_minute 100000000000
+			}
+		}`,
+		mocks: []mockSpec{{key: "m", lines: "models mock-small"}},
+	})
+	_, k := e.userWithKey("bench@example.com", "1000000")
+	h := &hopEnv{env: e, key: k.Key}
+	body := []byte(hopBody)
+	b.ReportAllocs()
+	for b.Loop() {
+		h.do(b, h.gw, true, body)
+	}
+}
+
 // allocBudget is what the gateway may allocate per request beyond plain Caddy's reverse_proxy
 // on the same request (TestAllocationBudget): measured on 2026-12-02 as 180 allocations for a
 // JSON chat (510 for plain Caddy, 690 for the gateway: the key check, the body parsed and
