@@ -119,7 +119,8 @@ func BenchmarkRequestPath(b *testing.B) {
 // BenchmarkRequestPathRateLimits is BenchmarkRequestPath's gateway case with a rate_limits
 // tier of every kind (requests per second, minute, hour and day, tokens per minute,
 // concurrency; none reached) on the key and on its user: what admission by the in-process
-// limiters, their headers and their settlement add (issue 14: within 3% of CPU).
+// limiters, their headers and their settlement add (issue 14: within 3% of CPU). The tier is
+// llmbench's -rate-limits tier (cmd/llmbench/procs.go), so that the two measure the same.
 func BenchmarkRequestPathRateLimits(b *testing.B) {
 	e := startGateway(b, setup{
 		gateway: backendBlock("m", "m", "mock-small", "0.1", "0.2") + `
