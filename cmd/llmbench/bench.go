@@ -41,6 +41,7 @@ type bench struct {
 	start              time.Time
 	loadStart, loadEnd string
 	pprofTop           string
+	pprofMultiTop      string // the PostgreSQL + Redis gateway's (-pprof-multi)
 }
 
 // Time bounds of the steps that are not bounded by -duration.
@@ -163,6 +164,12 @@ func (b *bench) run(ctx context.Context) error {
 			b.multiSetups = setups
 			if err := b.multi(ctx, setups); err != nil {
 				return err
+			}
+			if cfg.pprofMultiFile != "" {
+				s := setups[1] // one gateway on PostgreSQL + Redis
+				if b.pprofMultiTop, err = b.profileProcess(ctx, s.t, s.procs[0].admin, cfg.pprofMultiFile); err != nil {
+					return fmt.Errorf("profile: %w", err)
+				}
 			}
 			for _, s := range setups {
 				for _, p := range s.procs {
@@ -362,35 +369,42 @@ func (b *bench) proxying(ctx context.Context, targets []*target) error {
 // profile takes a CPU profile of the gateway from its admin endpoint during an extra c=conc
 // run, which is not reported, so that the profiler costs no reported figure anything.
 func (b *bench) profile(ctx context.Context, gateway *target) error {
+	top, err := b.profileProcess(ctx, gateway, b.gateway.admin, b.cfg.pprofFile)
+	b.pprofTop = top
+	return err
+}
+
+// profileProcess profiles the process whose admin endpoint is admin during an extra run of
+// t at c=conc into file, and returns the profile's top 15 ("" without the go tool).
+func (b *bench) profileProcess(ctx context.Context, t *target, admin, file string) (string, error) {
 	cfg := b.cfg
 	secs := cfg.pprofSeconds
-	logln(fmt.Sprintf("profiling the gateway for %ds at c=%d", secs, cfg.conc))
+	logln(fmt.Sprintf("profiling %s for %ds at c=%d", t.name, secs, cfg.conc))
 	cl := newClient(2*cfg.conc, 60*time.Second)
 	defer cl.CloseIdleConnections()
 	loadDone := make(chan loadResult, 1)
 	go func() {
-		loadDone <- runLoad(ctx, cl, gateway, cfg.conc, time.Duration(secs)*time.Second+1500*time.Millisecond, cfg.maxRequests, false)
+		loadDone <- runLoad(ctx, cl, t, cfg.conc, time.Duration(secs)*time.Second+1500*time.Millisecond, cfg.maxRequests, false)
 	}()
 	time.Sleep(300 * time.Millisecond) // let the load reach its pace
-	err := fetchProfile(ctx, "http://"+b.gateway.admin+"/debug/pprof/profile?seconds="+strconv.Itoa(secs), cfg.pprofFile,
+	err := fetchProfile(ctx, "http://"+admin+"/debug/pprof/profile?seconds="+strconv.Itoa(secs), file,
 		time.Duration(secs)*time.Second+30*time.Second)
 	lr := <-loadDone
 	if err != nil {
-		return err
+		return "", err
 	}
-	logln(fmt.Sprintf("profile written to %s (%.0f req/s, %d errors during it)", cfg.pprofFile, lr.rps(), lr.errs))
-	b.res.fail("gateway (profiled run)", lr.errs, lr.firstErr)
+	logln(fmt.Sprintf("profile written to %s (%.0f req/s, %d errors during it)", file, lr.rps(), lr.errs))
+	b.res.fail(t.name+" (profiled run)", lr.errs, lr.firstErr)
 
 	// Its top, when the go tool is at hand.
 	tctx, cancel := context.WithTimeout(ctx, 60*time.Second)
 	defer cancel()
-	out, err := exec.CommandContext(tctx, "go", "tool", "pprof", "-top", "-nodecount=15", cfg.pprofFile).Output()
+	out, err := exec.CommandContext(tctx, "go", "tool", "pprof", "-top", "-nodecount=15", file).Output()
 	if err != nil {
-		b.res.notes = append(b.res.notes, "go tool pprof -top failed ("+err.Error()+"): no profile summary in this report")
-		return nil
+		b.res.notes = append(b.res.notes, "go tool pprof -top "+file+" failed ("+err.Error()+"): no profile summary in this report")
+		return "", nil
 	}
-	b.pprofTop = strings.TrimSpace(string(out))
-	return nil
+	return strings.TrimSpace(string(out)), nil
 }
 
 func fetchProfile(ctx context.Context, url, file string, timeout time.Duration) error {

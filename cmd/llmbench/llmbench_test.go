@@ -53,6 +53,15 @@ func TestValidateBackendsAndPeers(t *testing.T) {
 			t.Errorf("-backends %v -peers %v: got %v, want %q", tc.backends, tc.peers, err, tc.wantErr)
 		}
 	}
+	c := base
+	c.backends, c.pprofMultiFile = []string{"mock"}, "multi.prof"
+	if err := c.validate(); err != nil {
+		t.Errorf("-pprof-multi with -multi: %v", err)
+	}
+	c.multi = false
+	if err := c.validate(); err == nil || !strings.Contains(err.Error(), "needs -multi") {
+		t.Errorf("-pprof-multi without -multi: got %v", err)
+	}
 }
 
 // The fake runs as a process of this program and answers what every target must: a chat

@@ -42,6 +42,7 @@ type config struct {
 	caddyBin       string
 	out            string
 	pprofFile      string
+	pprofMultiFile string
 	pprofSeconds   int
 	quick          bool
 	rounds         int
@@ -81,6 +82,7 @@ func parseFlags() config {
 	fs.StringVar(&c.caddyBin, "caddy", "bin/caddy", "the Caddy binary with the llm_gateway and llm_mock_backend modules (make build); every server is a process of it")
 	fs.StringVar(&c.out, "out", "bench-results.md", "file the markdown report is written to (it is printed too); empty: print only")
 	fs.StringVar(&c.pprofFile, "pprof", "", "when set, write a CPU profile of the gateway, taken from its admin endpoint (/debug/pprof/profile) during an extra,\nunreported c=-conc non-streaming run, to this file, and add its top 15 functions to the report (go tool pprof, when go is on PATH)")
+	fs.StringVar(&c.pprofMultiFile, "pprof-multi", "", "as -pprof, for the multi-instance mode's one gateway on PostgreSQL + Redis, after its rounds")
 	fs.IntVar(&c.pprofSeconds, "pprof-seconds", 10, "length of the -pprof profile, in seconds (-quick: 3)")
 	fs.BoolVar(&c.quick, "quick", false, "a fast smoke run: -rounds 1 -duration 1s -ttft-n 30 -streams 50 -cpu-requests 1000 -pprof-seconds 3,\neach unless given explicitly; its figures are rough")
 	fs.IntVar(&c.rounds, "rounds", 3, "interleaved rounds of every measurement; the report gives medians over rounds")
@@ -205,6 +207,8 @@ func (c config) validate() error {
 		return fmt.Errorf("-multi-duration must be at least 100ms")
 	case c.surfaces && (c.surfaceDur < 100*time.Millisecond || c.surfaceTTFTN < 1):
 		return fmt.Errorf("-surface-duration must be at least 100ms, -surface-ttft-n at least 1")
+	case c.pprofMultiFile != "" && !c.multi:
+		return fmt.Errorf("-pprof-multi profiles a gateway of the multi-instance mode: it needs -multi")
 	case c.pprofSeconds < 1:
 		return fmt.Errorf("-pprof-seconds must be at least 1")
 	case !slices.Contains(c.backends, "mock"):

@@ -231,6 +231,11 @@ func (b *bench) report() string {
 		w("`go tool pprof -top -nodecount=15 %s`, %ds taken during an extra (unreported) c=%d non-streaming run:\n\n```\n%s\n```\n\n",
 			cfg.pprofFile, cfg.pprofSeconds, cfg.conc, b.pprofTop)
 	}
+	if b.pprofMultiTop != "" {
+		w("## PostgreSQL + Redis gateway CPU profile under load\n\n")
+		w("`go tool pprof -top -nodecount=15 %s`, %ds taken during an extra (unreported) c=%d run after the multi-instance rounds:\n\n```\n%s\n```\n\n",
+			cfg.pprofMultiFile, cfg.pprofSeconds, cfg.conc, b.pprofMultiTop)
+	}
 
 	// Failures and notes.
 	if len(r.errs) > 0 || len(r.notes) > 0 {
