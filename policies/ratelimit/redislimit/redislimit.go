@@ -38,6 +38,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -82,6 +83,11 @@ type Limiter struct {
 	finishTimeout time.Duration
 	onFinishError func(error)
 	scripts       scripts
+	// ticketPrefix and tickets make the ticket ids: a random prefix of this limiter's (130
+	// bits: no two limiters, on any instance, draw the same) and a count, unique without
+	// asking the system for randomness on every admission.
+	ticketPrefix string
+	tickets      atomic.Uint64
 	// now replaces Redis's clock (tests only; nil: TIME).
 	now func() time.Time
 }
@@ -107,7 +113,8 @@ func New(rdb redis.Scripter, p ratelimit.Policy, o Options) (*Limiter, error) {
 		o.FinishTimeout = 2 * time.Second
 	}
 	l := &Limiter{rdb: rdb, hub: o.Hub, prefix: o.Prefix, limits: limits, concurrent: p.Concurrent,
-		slotTTL: o.SlotTTL, finishTimeout: o.FinishTimeout, onFinishError: o.OnFinishError}
+		slotTTL: o.SlotTTL, finishTimeout: o.FinishTimeout, onFinishError: o.OnFinishError,
+		ticketPrefix: rand.Text() + "."}
 	seen := map[string]bool{}
 	for _, c := range limits {
 		if c.Name == "" || strings.ContainsAny(c.Name, "}=,") || seen[c.Name] {
@@ -180,7 +187,7 @@ func (l *Limiter) prepare(key string, tokens int64) (prepared, bool) {
 	}
 	id := ""
 	if l.concurrent > 0 {
-		id = rand.Text()
+		id = l.ticketPrefix + strconv.FormatUint(l.tickets.Add(1), 36)
 	}
 	args := make([]any, 0, 3+len(l.limits))
 	args = append(args, l.clock(), id, 0)
