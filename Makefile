@@ -28,12 +28,11 @@ test-unit:
 ## fails runs that found nothing: "context deadline exceeded" when the time ends while a worker
 ## minimises, and "fuzzing process hung or terminated unexpectedly" with an input written that
 ## does not fail (golang/go#56238, #52569). So a failed run is judged by its input: one written
-## and failing again on its own fails the target (it stays in testdata/fuzz for the seed
-## corpus); none written, or one that passes on its own (deleted), and the target is fuzzed
-## once more, whose failure fails.
+## and failing again on its own, or taking more than the engine's 10 s an input, fails the
+## target (it stays in testdata/fuzz for the seed corpus); none written, or one that passes on
+## its own (deleted), and the target is fuzzed once more, whose failure fails.
 fuzz:
 	@set -e; for pkg in $$($(GO) list ./...); do \
-	  dir=$$($(GO) list -f '{{.Dir}}' $$pkg); \
 	  for f in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz' || true); do \
 	    echo "fuzz $$pkg $$f"; \
 	    if $(GO) test -run '^$$' -fuzz "^$$f\$$" -fuzztime $(FUZZTIME) $$pkg > fuzz.out 2>&1; then \
@@ -41,9 +40,9 @@ fuzz:
 	    cat fuzz.out; \
 	    input=$$(sed -n 's|.*Failing input written to testdata/fuzz/[^/]*/\([0-9a-f]*\)$$|\1|p' fuzz.out | head -n 1); \
 	    if [ -n "$$input" ]; then \
-	      if $(GO) test -count=1 -run "^$$f/$$input\$$" $$pkg; then \
+	      if $(GO) test -count=1 -timeout 10s -run "^$$f/$$input\$$" $$pkg; then \
 	        echo "fuzz $$pkg $$f: input $$input passes on its own: the engine's report, not a finding"; \
-	        rm -f "$$dir/testdata/fuzz/$$f/$$input"; \
+	        rm -f "$$($(GO) list -f '{{.Dir}}' $$pkg)/testdata/fuzz/$$f/$$input"; \
 	      else rm -f fuzz.out; exit 1; fi; \
 	    fi; \
 	    echo "fuzz $$pkg $$f: once more"; \
