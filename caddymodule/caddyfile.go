@@ -57,6 +57,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		redis <url> {
 //			prefix <prefix>
 //			timeout <duration>
+//			lease_divisor <n>|-1
 //		}
 //		rate_limits {
 //			default_tier <name>
@@ -239,8 +240,9 @@ func (g *Gateway) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 // unmarshalRedis parses
 //
 //	redis <url> {
-//		prefix  <prefix>
-//		timeout <duration>
+//		prefix        <prefix>
+//		timeout       <duration>
+//		lease_divisor <n>|-1
 //	}
 func unmarshalRedis(d *caddyfile.Dispenser) (*Redis, error) {
 	rc := new(Redis)
@@ -259,6 +261,10 @@ func unmarshalRedis(d *caddyfile.Dispenser) (*Redis, error) {
 			}
 		case "timeout":
 			if err := oneDuration(d, &rc.Timeout); err != nil {
+				return nil, err
+			}
+		case "lease_divisor":
+			if err := oneInt64(d, &rc.LeaseDivisor); err != nil {
 				return nil, err
 			}
 		default:

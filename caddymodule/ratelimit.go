@@ -148,6 +148,10 @@ var (
 		Namespace: "llm_gateway", Name: "rate_limited_total",
 		Help: "Requests refused with 429 rate_limit_exceeded, by tier (or sign-in limiter: signin_account, signin_account_wide, signin_ip, signup_ip) and the limit that refused (burst_per_second, requests_per_minute, requests_per_hour, requests_per_day, tokens_per_minute, concurrent, signin_per_15m, signup_per_hour).",
 	}, []string{"tier", "limit"})
+	metricLimitAdmissions = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "llm_gateway", Name: "rate_limit_admissions_total",
+		Help: "Admissions by the rate limits shared on Redis, by where they were decided: lease (from budget this instance leased, no round trip) or redis (a script on Redis; the lease it took, if any, included).",
+	}, []string{"source"})
 	metricConcurrent = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Namespace: "llm_gateway", Name: "concurrent_requests",
 		Help: "Requests admitted by the rate limits and not finished yet, by tier.",
@@ -160,7 +164,7 @@ func registerRateLimitMetrics(reg prometheus.Registerer, logger *zap.Logger) {
 	if reg == nil {
 		return
 	}
-	for _, c := range []prometheus.Collector{metricRateLimited, metricConcurrent} {
+	for _, c := range []prometheus.Collector{metricRateLimited, metricLimitAdmissions, metricConcurrent} {
 		if err := reg.Register(c); err != nil {
 			var are prometheus.AlreadyRegisteredError
 			if !errors.As(err, &are) {
@@ -173,6 +177,9 @@ func registerRateLimitMetrics(reg prometheus.Registerer, logger *zap.Logger) {
 // rateLimitClock, when set, is the clock of every gateway's rate limits (tests only, through
 // export_test.go, so an end-to-end test need not wait for windows to pass).
 var rateLimitClock atomic.Pointer[func() time.Time]
+
+// defaultLeaseDivisor is Redis.LeaseDivisor's default.
+const defaultLeaseDivisor = 64
 
 // limiterPool shares each tier's limiter between the configurations that define the tier the
 // same way, so a config reload does not make every caller's limits whole again (nor forget the
@@ -338,6 +345,21 @@ func (g *Gateway) provisionRateLimits(reg prometheus.Registerer) error {
 	}
 	sort.Strings(names)
 	var onRedis []*redislimit.Limiter
+	var lease redislimit.LeaseOptions
+	if g.Redis != nil && g.Redis.LeaseDivisor != -1 {
+		lease.Divisor = g.Redis.LeaseDivisor
+		if lease.Divisor == 0 {
+			lease.Divisor = defaultLeaseDivisor
+		}
+		fromLease, onRedis := metricLimitAdmissions.WithLabelValues("lease"), metricLimitAdmissions.WithLabelValues("redis")
+		lease.OnAdmit = func(local bool) {
+			if local {
+				fromLease.Inc()
+			} else {
+				onRedis.Inc()
+			}
+		}
+	}
 	for _, name := range names {
 		tl := &tierLimiter{name: name, concurrent: metricConcurrent.WithLabelValues(name)}
 		p := g.RateLimits.Tiers[name].policy()
@@ -350,6 +372,7 @@ func (g *Gateway) provisionRateLimits(reg prometheus.Registerer) error {
 				SlotTTL:       time.Duration(g.ReservationTTL),
 				FinishTimeout: r.timeout,
 				OnFinishError: func(err error) { _ = r.observe("finish", err) },
+				Lease:         lease,
 				Hub:           r.hub,
 			})
 		} else {
@@ -429,6 +452,11 @@ func (g *Gateway) cleanupRateLimits() {
 		_, _ = limiterPool.Delete(key)
 	}
 	g.limits.pooled = nil
+	for _, t := range g.limits.tiers {
+		if t.shared != nil {
+			t.shared.Close() // its leases given back: the next configuration takes its own
+		}
+	}
 }
 
 // tierOf is the caller's tier: the key's, else its user's, else the default (also for names

@@ -44,6 +44,14 @@ type Redis struct {
 	// longer is refused with 503 limits_unavailable. An admission that waits for the
 	// pipeline ahead of it (admissions are group-sent) waits at most twice this. Default: 1s.
 	Timeout caddy.Duration `json:"timeout,omitempty"`
+	// LeaseDivisor sizes the rate limit leases: an instance takes a caller's budget from
+	// Redis at most 1/LeaseDivisor of each limit's burst (and of its concurrency bound) at a
+	// time, at most 64 requests, and admits the caller's next requests from it without a
+	// round trip; what a lease leaves unspent is given back after a second. A tier with a
+	// limit too small to split (a share under 2 requests, or under one slot: a burst or a
+	// concurrency bound under 128 and 64 at the default) is admitted on Redis request by
+	// request. -1: no leases, every admission is a round trip. Default: 64.
+	LeaseDivisor int64 `json:"lease_divisor,omitempty"`
 }
 
 // errLimitsUnavailable: Redis, which holds the shared rate limits and key caps, did not
@@ -59,6 +67,9 @@ func (rc *Redis) validate() error {
 	}
 	if rc.Timeout < 0 {
 		return errors.New("redis: the timeout must not be negative")
+	}
+	if rc.LeaseDivisor < -1 {
+		return errors.New("redis: lease_divisor is a positive number, or -1 for no leases")
 	}
 	return nil
 }

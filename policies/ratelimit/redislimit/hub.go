@@ -362,48 +362,51 @@ func AdmitEach(ctx context.Context, calls ...Call) ([]ratelimit.Ticket, []rateli
 	decisions := make([]ratelimit.Decision, len(calls))
 	var hub *Hub
 	var cmds []admitCmd
-	pending := make([]int, 0, len(calls)) // the calls with a script, in cmds' order
-	prepared := make([]prepared, len(calls))
+	var pending []*pendingAdmit
+	var at []int // the calls pending, in cmds' order
 	for i, c := range calls {
-		p, skip := c.L.prepare(c.Key, c.Tokens)
-		if skip {
-			tickets[i], decisions[i] = ratelimit.NewTicket(&ticket{l: c.L, key: c.Key}, max(c.Tokens, 0)), ratelimit.Decision{Allowed: true}
+		tk, d, pa := c.L.begin(ctx, c.Key, c.Tokens)
+		if pa == nil {
+			tickets[i], decisions[i] = tk, d
 			continue
 		}
 		if hub == nil {
 			hub = c.L.hub
-		} else if c.L.hub != hub {
+		}
+		if c.L.hub != hub || hub == nil {
+			for _, p := range append(pending, pa) {
+				_, _, _ = p.cmd.l.end(p, nil, errNotSent)
+			}
+			for _, t := range tickets {
+				t.Cancel()
+			}
 			return nil, nil, errors.New("redislimit: AdmitEach: the limiters do not share a hub")
 		}
-		prepared[i] = p
-		cmds = append(cmds, admitCmd{l: c.L, keys: c.L.keys(c.Key), args: p.args})
-		pending = append(pending, i)
+		cmds = append(cmds, pa.cmd)
+		pending = append(pending, pa)
+		at = append(at, i)
 	}
 	if len(cmds) == 0 {
 		return tickets, decisions, nil
 	}
 	replies, errs := hub.admit(ctx, cmds)
-	if err := errors.Join(errs...); err != nil {
+	var failed error
+	for j, pa := range pending {
+		tk, d, err := pa.cmd.l.end(pa, replies[j], errs[j])
+		tickets[at[j]], decisions[at[j]] = tk, d
+		if err != nil && failed == nil {
+			failed = err
+		}
+	}
+	if failed != nil {
 		// Those admitted are given back: nothing was taken.
-		for j, i := range pending {
-			if errs[j] == nil {
-				if tk, d, derr := calls[i].L.decide(calls[i].Key, prepared[i], replies[j]); derr == nil && d.Allowed {
-					tk.Cancel()
-				}
-			}
-		}
-		return nil, nil, fmt.Errorf("redislimit: admit: %w", err)
-	}
-	for j, i := range pending {
-		tk, d, err := calls[i].L.decide(calls[i].Key, prepared[i], replies[j])
-		errs[j] = err
-		tickets[i], decisions[i] = tk, d
-	}
-	if err := errors.Join(errs...); err != nil {
 		for _, t := range tickets {
-			t.Cancel() // those admitted; the zero ticket of a refused one is a no-op
+			t.Cancel() // the zero ticket of a refused one is a no-op
 		}
-		return nil, nil, err
+		return nil, nil, failed
 	}
 	return tickets, decisions, nil
 }
+
+// errNotSent ends an admission whose script was never sent.
+var errNotSent = errors.New("not sent")

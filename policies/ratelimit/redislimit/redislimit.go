@@ -65,6 +65,9 @@ type Options struct {
 	// OnFinishError is told of a ticket's end that failed (nil: ignored); its slot comes
 	// back after SlotTTL, and the tokens it would have given back stay taken.
 	OnFinishError func(error)
+	// Lease, when its Divisor is set, lets the limiter take a caller's budget in leases and
+	// admit from them here, without a round trip (lease.go).
+	Lease LeaseOptions
 	// Hub, when set, carries this limiter's scripts with those of the other limiters on it:
 	// ends queued to ride with the next admission, AdmitEach in one round trip (see Hub).
 	// Its client must be rdb. Nil: each admission and each end is a round trip of its own.
@@ -83,6 +86,7 @@ type Limiter struct {
 	finishTimeout time.Duration
 	onFinishError func(error)
 	scripts       scripts
+	leasing       *leasing // nil: no leases
 	// ticketPrefix and tickets make the ticket ids: a random prefix of this limiter's (130
 	// bits: no two limiters, on any instance, draw the same) and a count, unique without
 	// asking the system for randomness on every admission.
@@ -133,6 +137,7 @@ func New(rdb redis.Scripter, p ratelimit.Policy, o Options) (*Limiter, error) {
 		l.pads = append(l.pads, pad)
 	}
 	l.scripts = newScripts(l)
+	l.leasing = newLeasing(l, o.Lease)
 	return l, nil
 }
 
@@ -154,22 +159,67 @@ func (l *Limiter) clock() string {
 // concurrency slot, or nothing at all, as ratelimit.Limiter.Admit, in one round trip (with
 // the ends its hub holds queued).
 func (l *Limiter) AdmitContext(ctx context.Context, key string, tokens int64) (ratelimit.Ticket, ratelimit.Decision, error) {
-	p, skip := l.prepare(key, tokens)
-	if skip {
-		return ratelimit.NewTicket(&ticket{l: l, key: key}, max(tokens, 0)), ratelimit.Decision{Allowed: true}, nil
+	tk, d, pa := l.begin(ctx, key, tokens)
+	if pa == nil {
+		return tk, d, nil
 	}
 	var res []int64
 	var err error
 	if l.hub != nil {
-		replies, errs := l.hub.admit(ctx, []admitCmd{{l: l, keys: l.keys(key), args: p.args}})
+		replies, errs := l.hub.admit(ctx, []admitCmd{pa.cmd})
 		res, err = replies[0], errs[0]
 	} else {
-		res, err = l.scripts.admit.Run(ctx, l.rdb, l.keys(key), p.args...).Int64Slice()
+		res, err = l.scripts.admit.Run(ctx, l.rdb, pa.cmd.keys, pa.cmd.args...).Int64Slice()
+	}
+	return l.end(pa, res, err)
+}
+
+// pendingAdmit is an admission that needs its script on Redis: the call, and what its
+// reply is read with.
+type pendingAdmit struct {
+	cmd   admitCmd
+	key   string
+	p     prepared   // a request's own script
+	lease *leasePlan // or a lease's
+}
+
+// begin starts an admission: decided here (no limits, or admitted from a lease), or the
+// script it needs (pa), to be run and read by end.
+func (l *Limiter) begin(ctx context.Context, key string, tokens int64) (ratelimit.Ticket, ratelimit.Decision, *pendingAdmit) {
+	if l.leasing != nil {
+		tk, d, plan, ok := l.fromLease(ctx, key, tokens)
+		if ok {
+			return tk, d, nil
+		}
+		if plan != nil {
+			return tk, d, &pendingAdmit{key: key, lease: plan,
+				cmd: admitCmd{l: l, keys: l.keys(key), args: l.leaseArgs(plan)}}
+		}
+	}
+	p, skip := l.prepare(key, tokens)
+	if skip {
+		return ratelimit.NewTicket(&ticket{l: l, key: key}, max(tokens, 0)), ratelimit.Decision{Allowed: true}, nil
+	}
+	return ratelimit.Ticket{}, ratelimit.Decision{}, &pendingAdmit{key: key, p: p,
+		cmd: admitCmd{l: l, keys: l.keys(key), args: p.args}}
+}
+
+// end reads the reply of pa's script, or its error (wrapped; nothing was taken).
+func (l *Limiter) end(pa *pendingAdmit, res []int64, err error) (ratelimit.Ticket, ratelimit.Decision, error) {
+	var tk ratelimit.Ticket
+	var d ratelimit.Decision
+	if pa.lease != nil {
+		tk, d, err = l.leased(pa.lease, res, err)
+	} else if err == nil {
+		tk, d, err = l.decide(pa.key, pa.p, res)
 	}
 	if err != nil {
 		return ratelimit.Ticket{}, ratelimit.Decision{}, fmt.Errorf("redislimit: admit: %w", err)
 	}
-	return l.decide(key, p, res)
+	if d.Allowed && l.leasing != nil && l.leasing.onAdmit != nil {
+		l.leasing.onAdmit(false)
+	}
+	return tk, d, nil
 }
 
 // prepared is an admission's script arguments and its ticket's slot id.
@@ -189,26 +239,41 @@ func (l *Limiter) prepare(key string, tokens int64) (prepared, bool) {
 	if l.concurrent > 0 {
 		id = l.ticketPrefix + strconv.FormatUint(l.tickets.Add(1), 36)
 	}
-	args := make([]any, 0, 3+len(l.limits))
-	args = append(args, l.clock(), id, 0)
+	need := 0
+	if l.concurrent > 0 {
+		need = 1
+	}
+	args := make([]any, 0, 8+2*len(l.limits))
+	args = append(args, l.clock(), id, 0, 0, need, 0, 0, 0)
 	for i := range l.limits {
 		args = append(args, l.limits[i].Cost(tokens))
+	}
+	for range l.limits {
+		args = append(args, 0)
 	}
 	return prepared{args: args, id: id, tokens: tokens}, false
 }
 
 // decide reads the admission script's reply.
 func (l *Limiter) decide(key string, p prepared, res []int64) (ratelimit.Ticket, ratelimit.Decision, error) {
-	if len(res) != 3+len(l.limits) {
-		return ratelimit.Ticket{}, ratelimit.Decision{}, fmt.Errorf("redislimit: admit: %d values in the reply", len(res))
+	d, err := l.decision(res)
+	if err != nil || !d.Allowed {
+		return ratelimit.Ticket{}, d, err
+	}
+	return ratelimit.NewTicket(&ticket{l: l, key: key, id: p.id, tokens: p.tokens}, p.tokens), d, nil
+}
+
+// decision reads the admission script's reply (for any admission: a request's, a lease's).
+func (l *Limiter) decision(res []int64) (ratelimit.Decision, error) {
+	if len(res) != 5+len(l.limits) {
+		return ratelimit.Decision{}, fmt.Errorf("redislimit: admit: %d values in the reply", len(res))
 	}
 	var d ratelimit.Decision
 	code, idx, wait := res[0], res[1], res[2]
-	d.Tightest = ratelimit.Tightest(l.limits, res[3:], 0)
+	d.Tightest = ratelimit.Tightest(l.limits, res[5:], 0)
 	switch {
 	case code == 1:
 		d.Allowed = true
-		return ratelimit.NewTicket(&ticket{l: l, key: key, id: p.id, tokens: p.tokens}, p.tokens), d, nil
 	case code == 3:
 		d.Refused, d.RetryAfter = ratelimit.ConcurrentLimit, time.Second
 	case (code == 0 || code == 2) && idx >= 1 && idx <= int64(len(l.limits)):
@@ -219,9 +284,9 @@ func (l *Limiter) decide(key string, p prepared, res []int64) (ratelimit.Ticket,
 			d.RetryAfter = time.Duration(wait)
 		}
 	default:
-		return ratelimit.Ticket{}, ratelimit.Decision{}, fmt.Errorf("redislimit: admit: reply code %d, limit %d", code, idx)
+		return ratelimit.Decision{}, fmt.Errorf("redislimit: admit: reply code %d, limit %d", code, idx)
 	}
-	return ratelimit.Ticket{}, d, nil
+	return d, nil
 }
 
 // peek is the slots held by key and each limit's TAT relative to now.
@@ -264,8 +329,8 @@ type ticket struct {
 // round trip (none when nothing changes), or queued on the limiter's hub.
 func (t *ticket) Finish(used int64, cancel bool) {
 	l := t.l
-	args := make([]any, 0, 2+len(l.limits))
-	args = append(args, l.clock(), t.id)
+	args := make([]any, 0, 5+len(l.limits))
+	args = append(args, l.clock(), t.id, 0, 0, 0)
 	backs := make([]int64, len(l.limits))
 	change := t.id != ""
 	for i := range l.limits {
