@@ -113,7 +113,7 @@ type lease struct {
 	inFlight int64
 	// tats are the caller's TATs (Unix ns) as the lease's script left them, its own units
 	// included (for the rate limit headers of the requests admitted here).
-	tats [ratelimit.MaxLimits]int64
+	tats  [ratelimit.MaxLimits]int64
 	busy  bool          // a script of the lease is on the wire
 	ready chan struct{} // closed when it is back
 	dead  bool          // removed from the map: look it up again
