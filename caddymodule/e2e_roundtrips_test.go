@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/http"
+	"strconv"
 	"testing"
 	"time"
 
@@ -247,4 +248,107 @@ func TestRedisRoundTripsUnderConcurrency(t *testing.T) {
 	if d >= n {
 		t.Fatalf("%d concurrent requests took %v Redis round trips: not shared (want fewer than one a request)", n, d)
 	}
+}
+
+// TestRedisLeasedLimitsAcrossSites: with leases (lease_divisor 8: leases of 32 requests of a
+// limit of 256 an hour), two gateways on one Redis, each with a client of its own, admit at
+// most 256 requests of one key in total, not 512, and no fewer than the limit less a lease
+// on each; most of them without a Redis round trip; each gateway's rate limit headers count
+// down.
+func TestRedisLeasedLimitsAcrossSites(t *testing.T) {
+	prefix := redisPrefix(t)
+	limits := `
+		rate_limits {
+			default_tier free
+			tier free {
+				requests_per_hour 256
+			}
+		}`
+	leasing := func(addr string) string {
+		return fmt.Sprintf(`
+		redis redis://%s {
+			prefix %s
+			timeout 1s
+			lease_divisor 8
+		}`, addr, prefix)
+	}
+	proxy := newFaultProxy(t, testRedisAddr) // another address: a client of its own
+	e := startGateway(t, setup{
+		gateway: rateLimitBackend + `
+		failover 1` + limits + leasing(proxy.Addr()),
+		sites: secondSite(limits + leasing(testRedisAddr)),
+		mocks: []mockSpec{{key: "mock", lines: "models mock-small"}},
+	})
+	_, k := e.userWithKey("leased@example.com", "100")
+	body := `{"model":"mock-small","messages":[{"role":"user","content":"hi"}],"max_tokens":16}`
+	gw := []string{e.gw, fmt.Sprintf("http://127.0.0.1:%d", e.port("gw2"))}
+	fromLease := func() float64 {
+		n, _ := metricSum(e.scrape(), "llm_gateway_rate_limit_admissions_total", map[string]string{"source": "lease"})
+		return n
+	}
+	before, leasedBefore := settledRedisRoundTrips(t, e), fromLease()
+	admitted := 0
+	last := []int64{-1, -1}
+	for i := range 300 {
+		r := e.request(http.MethodPost, gw[i%2]+"/v1/chat/completions", body, bearer(k.Key))
+		switch r.status {
+		case http.StatusOK:
+			admitted++
+			rem, err := strconv.ParseInt(r.header.Get("X-Ratelimit-Remaining"), 10, 64)
+			if err != nil {
+				t.Fatalf("request %d: X-RateLimit-Remaining %q", i, r.header.Get("X-Ratelimit-Remaining"))
+			}
+			if last[i%2] >= 0 && rem >= last[i%2] {
+				t.Fatalf("request %d on gateway %d: X-RateLimit-Remaining %d after %d", i, i%2, rem, last[i%2])
+			}
+			last[i%2] = rem
+		case http.StatusTooManyRequests:
+		default:
+			t.Fatalf("request %d: %s", i, r)
+		}
+	}
+	if admitted > 256 || admitted < 256-2*32 {
+		t.Fatalf("two leasing gateways admitted %d requests of a limit of 256", admitted)
+	}
+	trips, leased := settledRedisRoundTrips(t, e)-before, fromLease()-leasedBefore
+	t.Logf("300 requests over two gateways: %d admitted, %v from leases, %v Redis round trips", admitted, leased, trips)
+	if leased < float64(admitted)/2 || trips > 150 {
+		t.Fatalf("%v of %d admissions from leases, %v Redis round trips for 300 requests", leased, admitted, trips)
+	}
+
+	// Redis cut: a caller with a lease here is admitted from it for at most its life (a
+	// second), at most what it holds, then refused with 503 limits_unavailable, as a caller
+	// without one is at once.
+	_, k2 := e.userWithKey("leased-cut@example.com", "100")
+	_, k3 := e.userWithKey("unleased-cut@example.com", "100")
+	if r := e.post("/v1/chat/completions", body, bearer(k2.Key)); r.status != http.StatusOK {
+		t.Fatalf("before the cut: %s", r)
+	}
+	if r := e.post("/v1/chat/completions", body, bearer(k3.Key)); r.status != http.StatusOK { // cached, no lease left: it has one
+		t.Fatalf("before the cut: %s", r)
+	}
+	for range 31 { // k3's lease spent: its next request needs Redis
+		if r := e.post("/v1/chat/completions", body, bearer(k3.Key)); r.status != http.StatusOK {
+			t.Fatalf("before the cut: %s", r)
+		}
+	}
+	proxy.Cut()
+	cut := time.Now()
+	errorOf(t, e.post("/v1/chat/completions", body, bearer(k3.Key)), http.StatusServiceUnavailable, "limits_unavailable")
+	passed := 0
+	for {
+		r := e.post("/v1/chat/completions", body, bearer(k2.Key))
+		if r.status == http.StatusServiceUnavailable {
+			errorOf(t, r, http.StatusServiceUnavailable, "limits_unavailable")
+			break
+		}
+		if r.status != http.StatusOK {
+			t.Fatalf("after the cut: %s", r)
+		}
+		passed++
+		if passed > 31 || time.Since(cut) > 3*time.Second {
+			t.Fatalf("after the cut: %d admitted from a lease of 32 in %s", passed, time.Since(cut))
+		}
+	}
+	t.Logf("after the cut: %d admitted from the lease in %s, then 503", passed, time.Since(cut).Round(time.Millisecond))
 }
