@@ -19,7 +19,9 @@ import (
 
 // Redis is the Redis server several instances of the gateway share: with it, every rate limit
 // of a caller (rate_limits) is admitted on Redis, all of a caller's limits at once in one
-// round trip on Redis's clock, so N instances together admit what one would; the credit caps
+// round trip on Redis's clock, so N instances together admit what one would (a tier large
+// enough is leased to each instance in chunks, and most admissions are then decided here from
+// the lease, see LeaseDivisor); the credit caps
 // of API keys count every instance's spending and reservations; and a key revoked or rotated,
 // or the signing keys rotated, on one instance is forgotten by every other at once (pub/sub;
 // the key cache TTL stays the bound when a message is lost). The ledger of the store stays the
