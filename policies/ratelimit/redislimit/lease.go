@@ -153,6 +153,7 @@ func (l *Limiter) fromLease(ctx context.Context, key string, tokens int64) (rate
 	if s.isClosed() {
 		return ratelimit.Ticket{}, ratelimit.Decision{}, nil, false
 	}
+	tokens = max(tokens, 0)
 	waited := false
 	for {
 		v, ok := s.leases.Load(key)

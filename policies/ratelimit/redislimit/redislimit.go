@@ -29,6 +29,10 @@
 //
 // The policy is written into the scripts (script.go): a call carries the clock, the ticket
 // id and the costs, not the limits.
+//
+// With leases (Options.Lease, lease.go), an admission's script also takes a share of each
+// limit and of the slots for this instance, and the caller's next requests are admitted here
+// from it, with no round trip; the share is given back when it is not spent.
 package redislimit
 
 import (
