@@ -199,37 +199,14 @@ func TestLeaseSlots(t *testing.T) {
 	prefix := testPrefix(t, rdb)
 	c := newSimClock()
 	p := ratelimit.Policy{Limits: perHour(1 << 20).Limits, Concurrent: bound}
-	var ls []*leasingLimiter
+	var ls []*Limiter
 	for range 3 {
 		cl := redis.NewClient(&redis.Options{Addr: redisAddr})
 		t.Cleanup(func() { _ = cl.Close() })
-		ls = append(ls, leasingFor(t, cl, prefix, p, c, LeaseOptions{Life: time.Hour}))
+		ls = append(ls, leasingFor(t, cl, prefix, p, c, LeaseOptions{Life: time.Hour}).Limiter)
 	}
 	ctx := context.Background()
-	var mu sync.Mutex
-	var held []ratelimit.Ticket
-	var wg sync.WaitGroup
-	for _, l := range ls {
-		for range 4 {
-			wg.Go(func() {
-				for range 75 {
-					tk, d, err := l.AdmitContext(ctx, "k", 0)
-					if err != nil {
-						t.Error(err)
-						return
-					}
-					if d.Allowed {
-						mu.Lock()
-						held = append(held, tk)
-						mu.Unlock()
-					} else if d.Refused != ratelimit.ConcurrentLimit {
-						t.Errorf("refusal %+v", d)
-					}
-				}
-			})
-		}
-	}
-	wg.Wait()
+	held := holdConcurrently(t, ls, 4, 75)
 	if len(held) > bound || len(held) < bound-3*10 {
 		t.Fatalf("900 held at once over three instances: %d admitted, bound %d", len(held), bound)
 	}

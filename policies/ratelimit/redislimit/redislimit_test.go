@@ -365,34 +365,45 @@ func TestLimitSharedAcrossInstances(t *testing.T) {
 	}
 }
 
+// holdConcurrently has workers goroutines on each limiter ask times each for a slot of "k" at
+// once, and returns every ticket admitted (none ended); each refusal must be the concurrency
+// bound's.
+func holdConcurrently(t *testing.T, ls []*Limiter, workers, times int) []ratelimit.Ticket {
+	t.Helper()
+	var mu sync.Mutex
+	var held []ratelimit.Ticket
+	var wg sync.WaitGroup
+	for _, l := range ls {
+		for range workers {
+			wg.Go(func() {
+				for range times {
+					tk, d, err := l.AdmitContext(context.Background(), "k", 0)
+					if err != nil {
+						t.Error(err)
+						return
+					}
+					if d.Allowed {
+						mu.Lock()
+						held = append(held, tk)
+						mu.Unlock()
+					} else if d.Refused != ratelimit.ConcurrentLimit || d.RetryAfter != time.Second {
+						t.Errorf("refusal %+v", d)
+					}
+				}
+			})
+		}
+	}
+	wg.Wait()
+	return held
+}
+
 // TestConcurrencySharedAcrossInstances: a concurrency bound of C holds over three instances;
 // a slot freed on one lets one more in on another.
 func TestConcurrencySharedAcrossInstances(t *testing.T) {
 	const c = 3
 	ls := instances(t, 3, ratelimit.Policy{Concurrent: c}, Options{})
 	ctx := context.Background()
-	var mu sync.Mutex
-	var held []ratelimit.Ticket
-	var wg sync.WaitGroup
-	for _, l := range ls {
-		for range 10 {
-			wg.Go(func() {
-				tk, d, err := l.AdmitContext(ctx, "k", 0)
-				if err != nil {
-					t.Error(err)
-					return
-				}
-				if d.Allowed {
-					mu.Lock()
-					held = append(held, tk)
-					mu.Unlock()
-				} else if d.Refused != ratelimit.ConcurrentLimit || d.RetryAfter != time.Second {
-					t.Errorf("refusal %+v", d)
-				}
-			})
-		}
-	}
-	wg.Wait()
+	held := holdConcurrently(t, ls, 10, 1)
 	if len(held) != c {
 		t.Fatalf("30 at once over three instances: %d admitted, want %d", len(held), c)
 	}
