@@ -32,8 +32,11 @@ import (
 // its lease unspent, for at most the lease's life plus the sweep's period. A limit too small
 // to split (a share below 2 requests, or below 1 slot or token) is admitted on Redis request
 // by request, exactly, as without leases; so is every request near a limit (a lease that does
-// not fit is not taken: the request alone is). While one lease is being taken, other requests
-// of the caller are admitted on Redis on their own.
+// not fit is not taken: the request alone is). A request that finds its caller's lease being
+// taken waits for that script and takes from the lease it brings, or, when it cannot, is
+// admitted on Redis on its own. A lease's slots are named (prefix.1 to prefix.n) and scored by
+// their expiry like a ticket's; those in use are given a new one while this instance lives
+// (renewDue), so only a crashed instance's slots come back after the slot TTL.
 
 // LeaseOptions are how a Limiter leases budget (Options.Lease).
 type LeaseOptions struct {
@@ -49,18 +52,18 @@ type LeaseOptions struct {
 	OnAdmit func(fromLease bool)
 }
 
-// leasing is a limiter's lease sizes, fixed by its policy; zero when it does not lease.
+// leasing is a limiter's lease sizes, fixed by its policy, and its leases (nil on a limiter
+// that does not lease).
 type leasing struct {
-	requests  int64 // requests per lease (the request's own included)
-	tokens    int64 // the most tokens in a lease beside the request's own
-	slots     int64 // the most slots a lease holds free
-	life      time.Duration
-	onAdmit   func(bool)
-	leases    sync.Map // caller key -> *lease
-	mu        sync.Mutex
-	sweeping  bool // a sweep is armed or running
-	closed    bool
-	sweepWait sync.WaitGroup
+	requests int64 // requests per lease (the request's own included)
+	tokens   int64 // the most tokens in a lease beside the request's own
+	slots    int64 // the most slots a lease holds free
+	life     time.Duration
+	onAdmit  func(bool)
+	leases   sync.Map // caller key -> *lease
+	mu       sync.Mutex
+	sweeping bool // a sweep is armed or running
+	closed   bool
 }
 
 // newLeasing sizes l's leases, or returns nil when its policy cannot be split.
@@ -357,8 +360,7 @@ func (s *leasing) armSweep(l *Limiter) {
 		return
 	}
 	s.sweeping = true
-	s.sweepWait.Add(1)
-	time.AfterFunc(s.life, func() { defer s.sweepWait.Done(); l.sweepLeases(false) })
+	time.AfterFunc(s.life, func() { l.sweepLeases(false) })
 }
 
 // leaseReturn is one lease's return: finish.lua's arguments.
