@@ -145,7 +145,7 @@ func (b *bench) report() string {
 			"the c=%d run of the configuration's gateway processes, of the Redis server and of every PostgreSQL process (read from "+
 			"/proc; the servers' CPU is what this configuration's requests cost them, nothing else using them then), divided by the "+
 			"requests sent. Each PostgreSQL configuration had a database of its own (lease_size %s) and a Redis prefix of its own, "+
-			"dropped after.\n\n",
+			"dropped after; its rate limits were leased to each process (the redis block's default lease_divisor).\n\n",
 			cfg.conc, cfg.multiDuration, cfg.multiDuration, cfg.conc, cfg.conc, multiLeaseSize)
 		w("| configuration | processes | req/s c=%d | × embedded | p50 ms c=1 | p99 ms c=1 | store round trips/request | Redis round trips/request | µs CPU/request: gateways | Redis | PostgreSQL | failed requests |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n", cfg.conc)
 		for _, s := range b.multiSetups {
