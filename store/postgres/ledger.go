@@ -3,7 +3,6 @@ package postgres
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
 	"crypto/sha256"
 	"errors"
 	"fmt"
@@ -19,8 +18,9 @@ import (
 // refillReason is the reason recorded on the grant entries of refills.
 const refillReason = "refill"
 
-// newReservationID is 128 random bits in base32: it cannot be guessed.
-func newReservationID() string { return rand.Text() }
+// newReservationID is an id sorting by time, then 128 random bits (credits.NewReservationID):
+// the ledger's unique index on reservation_id grows at its end.
+func newReservationID() string { return credits.NewReservationID(time.Now()) }
 
 // refillStatement creates the account full (balance = cap) or, when it was last refilled
 // before the period, grants it cap - max(balance, 0), nothing at cap or above (see

@@ -3,7 +3,6 @@ package sqlite
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
 	"crypto/sha256"
 	"database/sql"
 	"errors"
@@ -16,30 +15,6 @@ import (
 
 // refillReason is the reason recorded on the grant entries of refills.
 const refillReason = "refill"
-
-// sortable is the base32hex alphabet, whose order is the order of its ASCII bytes.
-const sortable = "0123456789ABCDEFGHIJKLMNOPQRSTUV"
-
-// newReservationID is 11 characters telling the time in unix microseconds, so that the ids of
-// new settle entries land at the end of the ledger's unique index on reservation_id (random
-// ids would dirty a random index page each, on every batch), then 26 characters of 128
-// random bits: the id cannot be guessed.
-func newReservationID(now time.Time) string {
-	var id [11 + 26]byte
-	t := uint64(now.UnixMicro())
-	for i := 10; i >= 0; i-- {
-		id[i] = sortable[t&31]
-		t >>= 5
-	}
-	var random [17]byte // 128 bits, and 8 zero bits to pad the last character
-	rand.Read(random[:16])
-	for i := range 26 {
-		bit := i * 5
-		v := (uint16(random[bit/8])<<8 | uint16(random[bit/8+1])) >> (11 - bit%8) & 31
-		id[11+i] = sortable[v]
-	}
-	return string(id[:])
-}
 
 // Reserve moves amount from the account's balance into a new open reservation that expires
 // after ttl, in memory, under the account's lock: the refill first (when refill is not nil),
@@ -70,7 +45,7 @@ func (s *Store) Reserve(ctx context.Context, account credits.AccountID, amount c
 	}
 	now := s.now()
 	r := credits.Reservation{
-		ID:        newReservationID(now),
+		ID:        credits.NewReservationID(now),
 		Account:   account,
 		Amount:    amount,
 		CreatedAt: fromMicros(micros(now)),
