@@ -351,12 +351,12 @@ func (g *Gateway) provisionRateLimits(reg prometheus.Registerer) error {
 		if lease.Divisor == 0 {
 			lease.Divisor = defaultLeaseDivisor
 		}
-		fromLease, onRedis := metricLimitAdmissions.WithLabelValues("lease"), metricLimitAdmissions.WithLabelValues("redis")
+		fromLease, byScript := metricLimitAdmissions.WithLabelValues("lease"), metricLimitAdmissions.WithLabelValues("redis")
 		lease.OnAdmit = func(local bool) {
 			if local {
 				fromLease.Inc()
 			} else {
-				onRedis.Inc()
+				byScript.Inc()
 			}
 		}
 	}
