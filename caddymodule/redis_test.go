@@ -5,6 +5,7 @@ import (
 	"testing"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 )
 
 // TestRedisValidate: the redis block's settings are checked at load, with an error naming the
@@ -27,4 +28,28 @@ func TestRedisValidate(t *testing.T) {
 			t.Errorf("%+v: %v, want %q", tc.rc, err, tc.want)
 		}
 	}
+}
+
+// FuzzRedisCaddyfile: whatever the redis block, parsing does not panic, and what it accepts
+// either validates or is refused by validate with an error; a lease_divisor below -1 is refused.
+func FuzzRedisCaddyfile(f *testing.F) {
+	f.Add("redis redis://127.0.0.1:6379 {\n prefix gw:\n timeout 250ms\n lease_divisor 32\n}")
+	f.Add("redis {env.REDIS_URL}")
+	f.Add("redis redis://h {\n lease_divisor -1\n}")
+	f.Add("redis redis://h {\n lease_divisor -9223372036854775808\n prefix {a}\n}")
+	f.Fuzz(func(t *testing.T, src string) {
+		d := caddyfile.NewTestDispenser(src)
+		d.Next()
+		rc, err := unmarshalRedis(d)
+		if err != nil {
+			return
+		}
+		err = rc.validate()
+		if rc.LeaseDivisor < -1 && err == nil {
+			t.Fatalf("lease_divisor %d validated", rc.LeaseDivisor)
+		}
+		if err == nil && (rc.URL == "" || rc.Timeout < 0 || strings.ContainsAny(rc.Prefix, "{}")) {
+			t.Fatalf("validated %+v", rc)
+		}
+	})
 }
