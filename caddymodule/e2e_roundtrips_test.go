@@ -312,8 +312,9 @@ func TestRedisLeasedLimitsAcrossSites(t *testing.T) {
 	}
 	trips, leased := settledRedisRoundTrips(t, e)-before, fromLease()-leasedBefore
 	t.Logf("300 requests over two gateways: %d admitted, %v from leases, %v Redis round trips", admitted, leased, trips)
-	if leased < float64(admitted)/2 || trips > 150 {
-		t.Fatalf("%v of %d admissions from leases, %v Redis round trips for 300 requests", leased, admitted, trips)
+	// Two admissions a request (the key's and its user's); a lease of 32 covers 31 more of each.
+	if leased < 1.5*float64(admitted) || trips > 100 {
+		t.Fatalf("%v of %d admissions from leases, %v Redis round trips for 300 requests", leased, 2*admitted, trips)
 	}
 
 	// Redis cut: a caller with a lease here is admitted from it for at most its life (a

@@ -49,7 +49,8 @@ type Redis struct {
 	// LeaseDivisor sizes the rate limit leases: an instance takes a caller's budget from
 	// Redis at most 1/LeaseDivisor of each limit's burst (and of its concurrency bound) at a
 	// time, at most 64 requests, and admits the caller's next requests from it without a
-	// round trip; what a lease leaves unspent is given back after a second. A tier with a
+	// round trip; what a lease leaves unspent is given back within two
+	// seconds (its second of life, then the next sweep). A tier with a
 	// limit too small to split (a share under 2 requests, or under one slot: a burst or a
 	// concurrency bound under 128 and 64 at the default) is admitted on Redis request by
 	// request. -1: no leases, every admission is a round trip. Default: 64.

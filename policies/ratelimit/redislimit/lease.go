@@ -2,6 +2,7 @@ package redislimit
 
 import (
 	"context"
+	"fmt"
 	"strconv"
 	"sync"
 	"time"
@@ -21,7 +22,8 @@ import (
 // share or none of it. The requests that follow are admitted from the lease here, with no
 // round trip, until one finds a share used up or the lease older than its life; that one
 // takes the next lease in its script and gives back what the last one left, in the same
-// script. What a lease leaves when no request comes is given back by a sweep after its life.
+// script. What a lease leaves when no request comes is given back by the sweep, which runs
+// every life: at most two lives after the lease was taken.
 // A ticket admitted from a lease ends here: its slot and what its end gives back (a token
 // limit's unused tokens, a cancelled request's units) return to the lease.
 //
@@ -141,8 +143,10 @@ type leasePlan struct {
 	returned [ratelimit.MaxLimits]int64
 	extra    [ratelimit.MaxLimits]int64
 	need     int64 // 1: the request needs a new slot; 0: it took one the lease held free
+	want     int64 // slots asked for beside it, as far as free
+	first    int64 // the index of the lease's first new slot (0: no concurrency bound)
+	renew    bool  // the slots held are given a new expiry
 	tokens   int64
-	renew    bool // the slots held are given a new expiry
 }
 
 // fromLease admits the request from key's lease here; or, when the lease cannot, returns the
@@ -222,6 +226,11 @@ func (l *Limiter) fromLease(ctx context.Context, key string, tokens int64) (rate
 		} else {
 			ls.inFlight++ // a slot the lease holds, taken now: no other request gets it meanwhile
 		}
+		if l.concurrent > 0 {
+			p.want = max(s.slots-(ls.slots-ls.inFlight)-p.need, 0)
+			p.first = ls.slots + 1
+			p.renew = ls.slots > 0 && l.renewDue(ls, now)
+		}
 		ls.mu.Unlock()
 		return ratelimit.Ticket{}, ratelimit.Decision{}, p, false
 	}
@@ -248,22 +257,13 @@ func (l *Limiter) renewDue(ls *lease, now int64) bool {
 
 // leaseArgs are the admission script's arguments for plan p (admit.lua).
 func (l *Limiter) leaseArgs(p *leasePlan) []any {
-	ls := p.ls
-	ls.mu.Lock()
-	want, first := int64(0), int64(0)
-	if l.concurrent > 0 {
-		want = max(l.leasing.slots-(ls.slots-ls.inFlight)-p.need, 0)
-		first = ls.slots + 1
-		p.renew = ls.slots > 0 && l.renewDue(ls, time.Now().UnixNano())
-	}
-	ls.mu.Unlock()
 	renew := 0
 	if p.renew {
 		renew = 1
 	}
 	id := ""
 	if l.concurrent > 0 {
-		id = ls.slotID
+		id = p.ls.slotID
 	}
 	ends := 0
 	for i := range l.limits {
@@ -272,7 +272,7 @@ func (l *Limiter) leaseArgs(p *leasePlan) []any {
 		}
 	}
 	args := make([]any, 0, 8+2*len(l.limits)+ends*(1+len(l.limits)))
-	args = append(args, l.clock(), id, ends, 1, p.need, want, first, renew)
+	args = append(args, l.clock(), id, ends, 1, p.need, p.want, p.first, renew)
 	for i := range l.limits {
 		args = append(args, l.limits[i].Cost(p.tokens))
 	}
@@ -467,7 +467,7 @@ func (l *Limiter) sendReturns(returns []leaseReturn) {
 			err = cmds[i].Err()
 		}
 		if err != nil && l.onFinishError != nil {
-			l.onFinishError(err)
+			l.onFinishError(fmt.Errorf("redislimit: returning a lease: %w", err))
 		}
 		r.ls.mu.Lock()
 		r.ls.clearBusy()

@@ -160,8 +160,9 @@ func (l *Limiter) clock() string {
 }
 
 // AdmitContext takes one request of the given token cost for key from every limit and a
-// concurrency slot, or nothing at all, as ratelimit.Limiter.Admit, in one round trip (with
-// the ends its hub holds queued).
+// concurrency slot, or nothing at all, as ratelimit.Limiter.Admit: from the caller's lease
+// here with no round trip (with leases, lease.go), else in one round trip (with the ends its
+// hub holds queued).
 func (l *Limiter) AdmitContext(ctx context.Context, key string, tokens int64) (ratelimit.Ticket, ratelimit.Decision, error) {
 	tk, d, pa := l.begin(ctx, key, tokens)
 	if pa == nil {
@@ -314,8 +315,9 @@ func (l *Limiter) PeekContext(ctx context.Context, key string) (ratelimit.Status
 	return ratelimit.Tightest(l.limits, tats, 0), nil
 }
 
-// InFlight is how many concurrency slots of key are held and not expired (0 without a
-// concurrency bound: slots are kept only under one).
+// InFlight is how many concurrency slots of key are held on Redis and not expired (0 without
+// a concurrency bound: slots are kept only under one); with leases, the slots an instance's
+// lease holds free are counted too.
 func (l *Limiter) InFlight(ctx context.Context, key string) (int64, error) {
 	n, _, err := l.peek(ctx, key)
 	return n, err
